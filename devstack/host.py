@@ -1,0 +1,446 @@
+"""A development Functions host for ``function_app.py`` (Core Tools cannot be installed everywhere).
+
+It does what the Azure Functions host does for this app, reading only the environment:
+
+* serves every HTTP trigger under the ``routePrefix`` of ``host.json`` (route templates with
+  ``{param}``, ``{param?}``, ``{param:constraint}`` and ``{*rest}``), with the host's 100 MB
+  request cap (https://learn.microsoft.com/azure/azure-functions/functions-scale#service-limits);
+* runs timer triggers on their NCRONTAB schedule (``%SETTING%`` placeholders resolved from the
+  environment);
+* polls Azure Storage queues for queue triggers with the ``host.json`` queue options: base64
+  messages, batch size, visibility timeout on failure, ``maxDequeueCount`` then ``<queue>-poison``
+  (https://learn.microsoft.com/azure/azure-functions/functions-bindings-storage-queue-trigger);
+* answers ``POST /admin/functions/{name}`` with body ``{"input": "..."}`` to run a non-HTTP
+  function now (https://learn.microsoft.com/azure/azure-functions/functions-manually-run-non-http).
+  Unlike the real host it answers 202 *after* the function has run, so callers can rely on it.
+
+With Core Tools installed, ``func start`` runs the same ``function_app.py`` and ``local.settings.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import azure.functions as func
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from devstack.ncrontab import NCrontab
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_REQUEST_BYTES = 100 * 1024 * 1024
+log = logging.getLogger("devstack.host")
+
+
+def _timespan_seconds(value: str, default: float) -> float:
+    """host.json timespans are ``hh:mm:ss``."""
+    try:
+        h, m, s = value.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    except (ValueError, AttributeError):
+        return default
+
+
+def load_host_json(root: Path = ROOT) -> dict[str, Any]:
+    try:
+        return json.loads((root / "host.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def resolve_setting(value: str) -> str:
+    """Resolve ``%NAME%`` like the Functions host (app settings = environment variables)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in os.environ:
+            return os.environ[name]
+        from shared.config import SETTINGS  # defaults the app documents
+
+        for s in SETTINGS:
+            if s.name == name and s.default is not None:
+                return s.default
+        raise KeyError(f"app setting {name} referenced by a trigger is not set")
+
+    return re.sub(r"%([^%]+)%", sub, value)
+
+
+def compile_route(template: str) -> tuple[re.Pattern[str], list[str]]:
+    names: list[str] = []
+    out = ""
+    pos = 0
+    for m in re.finditer(r"/?\{(\*)?([A-Za-z_][A-Za-z0-9_]*)(?::[^}?]+)?(\?)?\}", template):
+        out += re.escape(template[pos : m.start()])
+        catch_all, name, optional = m.group(1), m.group(2), m.group(3)
+        names.append(name)
+        slash = "/" if m.group(0).startswith("/") else ""
+        body = f"(?P<{name}>.*)" if catch_all else f"(?P<{name}>[^/]+)"
+        out += f"(?:{re.escape(slash)}{body})?" if (optional or catch_all) else re.escape(slash) + body
+        pos = m.end()
+    out += re.escape(template[pos:])
+    return re.compile("^" + out + "/?$", re.IGNORECASE), names
+
+
+@dataclass
+class HttpRoute:
+    name: str
+    methods: set[str]
+    pattern: re.Pattern[str]
+    template: str
+    fn: Callable[..., Any]
+    arg: str
+
+
+@dataclass
+class TimerFunction:
+    name: str
+    schedule: str
+    fn: Callable[..., Any]
+    arg: str
+    run_on_startup: bool = False
+
+
+@dataclass
+class QueueFunction:
+    name: str
+    queue: str
+    connection: str
+    fn: Callable[..., Any]
+    arg: str
+
+
+@dataclass
+class _Timer:
+    past_due: bool = False
+    schedule_status: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    result = fn(**kwargs)
+    if inspect.iscoroutine(result):
+        result = asyncio.run(result)
+    return result
+
+
+class DevHost:
+    def __init__(self, app: func.FunctionApp, *, host: str = "127.0.0.1", port: int = 7071,
+                 root: Path = ROOT, static: dict[str, Path] | None = None) -> None:
+        self.host, self.port = host, port
+        cfg = load_host_json(root)
+        ext = cfg.get("extensions", {})
+        self.route_prefix = ext.get("http", {}).get("routePrefix", "api").strip("/")
+        q = ext.get("queues", {})
+        self.q_batch = int(q.get("batchSize", 16))
+        self.q_max_dequeue = int(q.get("maxDequeueCount", 5))
+        self.q_visibility = _timespan_seconds(q.get("visibilityTimeout", "00:00:00"), 0.0)
+        self.q_max_poll = _timespan_seconds(q.get("maxPollingInterval", "00:01:00"), 60.0)
+        self.q_base64 = q.get("messageEncoding", "base64") == "base64"
+        self.static = static or {}
+        self.http: list[HttpRoute] = []
+        self.timers: list[TimerFunction] = []
+        self.queues: list[QueueFunction] = []
+        self.by_name: dict[str, Any] = {}
+        for f in app.get_functions():
+            self._index(f)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+
+    # -- indexing ---------------------------------------------------------------------------
+    def _index(self, f: Any) -> None:
+        trig = f.get_trigger()
+        d = trig.get_dict_repr()
+        name, fn = f.get_function_name(), f.get_user_function()
+        kind = d["type"]
+        if kind == "httpTrigger":
+            template = d.get("route") or name
+            pattern, _ = compile_route(template)
+            methods = {str(getattr(m, "value", m)).upper() for m in (d.get("methods") or [])} or {
+                "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
+            item: Any = HttpRoute(name, methods, pattern, template, fn, d["name"])
+            self.http.append(item)
+        elif kind == "timerTrigger":
+            item = TimerFunction(name, resolve_setting(d["schedule"]), fn, d["name"], bool(d.get("runOnStartup")))
+            NCrontab(item.schedule)  # fail fast on a bad schedule
+            self.timers.append(item)
+        elif kind == "queueTrigger":
+            item = QueueFunction(name, resolve_setting(d["queueName"]), d.get("connection") or "AzureWebJobsStorage",
+                                 fn, d["name"])
+            self.queues.append(item)
+        else:
+            raise ValueError(f"devstack host: trigger type {kind} of {name} is not supported")
+        self.by_name[name.lower()] = item
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        req = Request(environ)
+        t0 = time.perf_counter()
+        try:
+            resp = self._dispatch(req)
+        except Exception:  # the host never crashes on a request; the app logs its own errors
+            log.error("devstack host: unhandled error\n%s", traceback.format_exc())
+            resp = _problem(500, "Internal error", "The host could not run the function.")
+        log.debug("%s %s -> %s in %.1f ms", req.method, req.path, resp.status_code, (time.perf_counter() - t0) * 1e3)
+        return resp(environ, start_response)
+
+    def _dispatch(self, req: Request) -> Response:
+        path = req.path
+        if path.startswith("/admin/functions/") and req.method == "POST":
+            return self._admin(path.rsplit("/", 1)[-1], req)
+        for prefix, folder in self.static.items():
+            if path == prefix.rstrip("/"):
+                return Response(status=302, headers={"Location": prefix})
+            if path.startswith(prefix):
+                return _static(folder, path[len(prefix):] or "index.html")
+        prefix = "/" + self.route_prefix + "/" if self.route_prefix else "/"
+        if not path.startswith(prefix):
+            return _problem(404, "Not found", f"No function serves {path}.")
+        sub = path[len(prefix):]
+        allowed: set[str] = set()
+        for route in self.http:
+            m = route.pattern.match(sub)
+            if not m:
+                continue
+            if req.method not in route.methods:
+                allowed |= route.methods
+                continue
+            return self._invoke_http(route, req, {k: v for k, v in m.groupdict().items() if v is not None})
+        if allowed:
+            return _problem(405, "Method not allowed", f"{req.method} is not allowed on {path}.",
+                            {"Allow": ", ".join(sorted(allowed))})
+        return _problem(404, "Not found", f"No function serves {path}.")
+
+    def _invoke_http(self, route: HttpRoute, req: Request, params: dict[str, str]) -> Response:
+        length = req.content_length or 0
+        if length > MAX_REQUEST_BYTES:
+            return _problem(413, "Payload too large", "The Functions host accepts requests up to 100 MB.")
+        body = req.get_data(cache=False)
+        if len(body) > MAX_REQUEST_BYTES:
+            return _problem(413, "Payload too large", "The Functions host accepts requests up to 100 MB.")
+        url = req.url
+        if req.headers.get("X-Forwarded-Host"):
+            url = f"{req.scheme}://{req.headers['X-Forwarded-Host']}{req.full_path.rstrip('?')}"
+        freq = func.HttpRequest(
+            method=req.method,
+            url=url,
+            headers=dict(req.headers.items()),
+            params=dict(parse_qsl(req.query_string.decode("latin-1"), keep_blank_values=True)),
+            route_params=params,
+            body=body,
+        )
+        out = _call(route.fn, {route.arg: freq})
+        if out is None:
+            return Response(status=204)
+        if not isinstance(out, func.HttpResponse):
+            return _problem(500, "Internal error", f"{route.name} did not return an HttpResponse.")
+        headers = list(out.headers.items())
+        if not any(k.lower() == "content-type" for k, _ in headers) and out.mimetype:
+            headers.append(("Content-Type", f"{out.mimetype}; charset={out.charset}"))
+        return Response(out.get_body(), status=out.status_code, headers=headers)
+
+    def _admin(self, name: str, req: Request) -> Response:
+        item = self.by_name.get(name.lower())
+        if item is None:
+            return _problem(404, "Not found", f"No function named {name}.")
+        try:
+            raw = req.get_data() or b"{}"
+            payload = json.loads(raw)
+            if not isinstance(payload, dict):
+                raise ValueError
+        except ValueError:
+            return _problem(400, "Bad request", 'The body must be JSON like {"input": "..."}.')
+        if isinstance(item, TimerFunction):
+            self._run_timer(item, past_due=False)
+        elif isinstance(item, QueueFunction):
+            data = str(payload.get("input", "")).encode()
+            msg = func.QueueMessage(id="admin", body=data, dequeue_count=1, pop_receipt=None)
+            _call(item.fn, {item.arg: msg})
+        else:
+            return _problem(400, "Bad request", f"{name} is an HTTP function; call its route instead.")
+        return Response(status=202)
+
+    # -- timers -------------------------------------------------------------------------------
+    def _run_timer(self, t: TimerFunction, *, past_due: bool) -> None:
+        try:
+            _call(t.fn, {t.arg: _Timer(past_due=past_due)})
+        except Exception:
+            log.error("devstack host: timer %s failed\n%s", t.name, traceback.format_exc())
+
+    def _timer_loop(self, t: TimerFunction) -> None:
+        cron = NCrontab(t.schedule)
+        if t.run_on_startup:
+            self._run_timer(t, past_due=False)
+        while not self._stop.is_set():
+            now = dt.datetime.now(dt.timezone.utc)
+            nxt = cron.next_after(now)
+            if self._stop.wait((nxt - now).total_seconds()):
+                return
+            self._run_timer(t, past_due=False)
+
+    # -- queues -------------------------------------------------------------------------------
+    def _queue_client(self, q: QueueFunction, name: str) -> Any:
+        from azure.storage.queue import QueueClient
+
+        conn = os.environ.get(q.connection)
+        if not conn:
+            raise KeyError(f"queue trigger {q.name}: connection setting {q.connection} is not set")
+        client = QueueClient.from_connection_string(conn, name, connection_timeout=10, read_timeout=30)
+        try:
+            client.create_queue()
+        except Exception as e:  # already exists
+            if "QueueAlreadyExists" not in str(e):
+                raise
+        return client
+
+    def _queue_loop(self, q: QueueFunction) -> None:
+        client = self._queue_client(q, q.queue)
+        poison = None
+        delay = 0.1
+        pool = ThreadPoolExecutor(self.q_batch, thread_name_prefix=f"q-{q.queue}")
+        vt = max(int(self.q_visibility), 0)
+        while not self._stop.is_set():
+            try:
+                msgs = list(client.receive_messages(messages_per_page=self.q_batch, max_messages=self.q_batch,
+                                                    visibility_timeout=600))
+            except Exception as e:
+                log.warning("devstack host: polling %s failed: %s", q.queue, type(e).__name__)
+                msgs = []
+            if not msgs:
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, self.q_max_poll)
+                continue
+            delay = 0.1
+
+            def handle(m: Any) -> None:
+                nonlocal poison
+                content = m.content if isinstance(m.content, str) else m.content.decode()
+                try:
+                    body = base64.b64decode(content, validate=True) if self.q_base64 else content.encode()
+                except (binascii.Error, ValueError):
+                    body = content.encode()
+                fm = func.QueueMessage(id=m.id, body=body, dequeue_count=m.dequeue_count, pop_receipt=m.pop_receipt,
+                                       insertion_time=m.inserted_on, expiration_time=m.expires_on)
+                try:
+                    _call(q.fn, {q.arg: fm})
+                except Exception:
+                    log.error("devstack host: %s failed (dequeue %s)\n%s", q.name, m.dequeue_count,
+                              traceback.format_exc(limit=3))
+                    if m.dequeue_count >= self.q_max_dequeue:
+                        if poison is None:
+                            poison = self._queue_client(q, q.queue + "-poison")
+                        poison.send_message(content)
+                        client.delete_message(m)
+                    else:
+                        client.update_message(m, visibility_timeout=vt)
+                    return
+                client.delete_message(m)
+
+            list(pool.map(handle, msgs))
+        pool.shutdown(wait=False)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> DevHost:
+        self._server = make_server(self.host, self.port, self.wsgi, threaded=True)
+        self.port = self._server.server_port
+        th = threading.Thread(target=self._server.serve_forever, name="devhost-http", daemon=True)
+        th.start()
+        self._threads.append(th)
+        for t in self.timers:
+            self._spawn(f"timer-{t.name}", self._timer_loop, t)
+        for q in self.queues:
+            self._spawn(f"queue-{q.name}", self._queue_loop, q)
+        return self
+
+    def _spawn(self, name: str, target: Callable[..., None], arg: Any) -> None:
+        th = threading.Thread(target=target, args=(arg,), name=name, daemon=True)
+        th.start()
+        self._threads.append(th)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    return Response(body, status=status, headers=headers or {}, content_type="application/problem+json")
+
+
+_MIME = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+         ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+
+
+def _static(folder: Path, rel: str) -> Response:
+    target = (folder / rel).resolve()
+    if folder.resolve() not in target.parents or not target.is_file():
+        return _problem(404, "Not found", "No such file.")
+    return Response(target.read_bytes(), content_type=_MIME.get(target.suffix, "application/octet-stream"),
+                    headers={"Cache-Control": "no-store"})
+
+
+def load_app(module: str = "function_app") -> func.FunctionApp:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    mod = importlib.import_module(module)
+    return mod.app  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from devstack.azurite import port_in_use
+
+    p = argparse.ArgumentParser(prog="python -m devstack host", description="Serve function_app.py locally.")
+    p.add_argument("--host", default=os.environ.get("DEVHOST_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("DEVHOST_PORT", 7071)))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if a.port and port_in_use(a.port, a.host):
+        print(f"devstack host: port {a.port} is already in use (another host or `func start`?). "
+              "Stop it or pass --port.", file=sys.stderr)
+        return 1
+    try:
+        app = load_app()
+    except Exception as e:  # a configuration error names its setting; show it plainly
+        print(f"devstack host: cannot load function_app: {e}", file=sys.stderr)
+        return 1
+    static = {}
+    demo = ROOT / "devstack" / "demo"
+    if demo.is_dir():
+        static["/demo/"] = demo
+    h = DevHost(app, host=a.host, port=a.port, static=static).start()
+    print(f"devstack host: serving {len(h.http)} HTTP, {len(h.timers)} timer and {len(h.queues)} queue "
+          f"functions on {h.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        h.stop()
+    return 0

@@ -1,0 +1,204 @@
+"""An Outlook mailbox as Graph exposes it: folders, messages, attachments, sent items.
+
+Resource shapes follow https://learn.microsoft.com/en-us/graph/api/resources/message and
+https://learn.microsoft.com/en-us/graph/api/resources/mailfolder; well-known folder names from
+https://learn.microsoft.com/en-us/graph/api/resources/mailfolder (inbox, drafts, sentitems, ...).
+Not thread-safe by itself: callers hold ``SandboxState.lock``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+from typing import Any
+
+from .users import TestUser
+
+WELL_KNOWN_FOLDERS = {
+    "inbox": "Inbox",
+    "drafts": "Drafts",
+    "sentitems": "Sent Items",
+    "deleteditems": "Deleted Items",
+    "archive": "Archive",
+    "junkemail": "Junk Email",
+    "outbox": "Outbox",
+}
+
+# Properties of microsoft.graph.message accepted in $select and in request bodies.
+MESSAGE_PROPERTIES = {
+    "id", "createdDateTime", "lastModifiedDateTime", "changeKey", "categories", "receivedDateTime",
+    "sentDateTime", "hasAttachments", "internetMessageId", "subject", "bodyPreview", "importance",
+    "parentFolderId", "conversationId", "conversationIndex", "isDeliveryReceiptRequested",
+    "isReadReceiptRequested", "isRead", "isDraft", "webLink", "inferenceClassification", "body",
+    "uniqueBody", "sender", "from", "toRecipients", "ccRecipients", "bccRecipients", "replyTo",
+    "flag", "internetMessageHeaders", "attachments", "singleValueExtendedProperties",
+    "multiValueExtendedProperties", "extensions", "mentions",
+}
+_NOT_SELECTED_BY_DEFAULT = {"internetMessageHeaders", "uniqueBody", "attachments", "extensions",
+                            "singleValueExtendedProperties", "multiValueExtendedProperties", "mentions"}
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_message_id() -> str:
+    return "AAMkAG" + base64.urlsafe_b64encode(secrets.token_bytes(45)).decode() + "AAA="
+
+
+def new_attachment_id() -> str:
+    return "AAMkAG" + base64.urlsafe_b64encode(secrets.token_bytes(60)).decode() + "="
+
+
+def _folder_id(user: TestUser, name: str) -> str:
+    digest = hashlib.sha256(f"{user.oid}/{name}".encode()).digest()
+    return "AQMkAD" + base64.urlsafe_b64encode(digest + digest[:12]).decode() + "AAA="
+
+
+def email(address: str, name: str | None = None) -> dict[str, Any]:
+    return {"emailAddress": {"name": name or address, "address": address}}
+
+
+class Mailbox:
+    def __init__(self, user: TestUser) -> None:
+        self.user = user
+        self.folders: dict[str, dict[str, Any]] = {}
+        for wk, display in WELL_KNOWN_FOLDERS.items():
+            fid = _folder_id(user, wk)
+            self.folders[fid] = {"id": fid, "displayName": display, "wellKnownName": wk}
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.sent: list[dict[str, Any]] = []
+        self._seq = 0
+
+    # -- folders -------------------------------------------------------------------------
+    def folder_id(self, ref: str) -> str | None:
+        if ref in self.folders:
+            return ref
+        wk = ref.lower()
+        for fid, f in self.folders.items():
+            if f["wellKnownName"] == wk:
+                return fid
+        return None
+
+    def folder_resource(self, fid: str) -> dict[str, Any]:
+        f = self.folders[fid]
+        msgs = [m for m in self.messages.values() if m["parentFolderId"] == fid]
+        return {
+            "id": fid,
+            "displayName": f["displayName"],
+            "parentFolderId": _folder_id(self.user, "msgfolderroot"),
+            "childFolderCount": 0,
+            "unreadItemCount": sum(1 for m in msgs if not m["isRead"]),
+            "totalItemCount": len(msgs),
+            "sizeInBytes": sum(len(m["body"]["content"]) for m in msgs),
+            "isHidden": False,
+        }
+
+    # -- messages ------------------------------------------------------------------------
+    def add_message(self, folder_ref: str, fields: dict[str, Any], now: float) -> dict[str, Any]:
+        fid = self.folder_id(folder_ref)
+        if fid is None:
+            raise KeyError(folder_ref)
+        self._seq += 1
+        mid = new_message_id()
+        received = fields.get("receivedDateTime") or iso(now - self._seq)
+        body = fields.get("body") or {"contentType": "text", "content": f"Message body {self._seq}"}
+        attachments = [self.make_attachment(a, now) for a in fields.get("attachments") or []]
+        msg: dict[str, Any] = {
+            "id": mid,
+            "createdDateTime": received,
+            "lastModifiedDateTime": received,
+            "changeKey": base64.b64encode(secrets.token_bytes(12)).decode(),
+            "categories": list(fields.get("categories") or []),
+            "receivedDateTime": received,
+            "sentDateTime": fields.get("sentDateTime") or received,
+            "hasAttachments": bool(attachments),
+            "internetMessageId": fields.get("internetMessageId") or f"<{uuid.uuid4().hex}@sandbox.local>",
+            "subject": fields.get("subject", f"Seeded message {self._seq}"),
+            "bodyPreview": str(body.get("content", ""))[:255],
+            "importance": fields.get("importance", "normal"),
+            "parentFolderId": fid,
+            "conversationId": "AAQkAG" + base64.urlsafe_b64encode(secrets.token_bytes(24)).decode(),
+            "isDeliveryReceiptRequested": False,
+            "isReadReceiptRequested": False,
+            "isRead": bool(fields.get("isRead", False)),
+            "isDraft": bool(fields.get("isDraft", False)),
+            "webLink": f"https://outlook.office365.com/owa/?ItemID={mid}&exvsurl=1&viewmodel=ReadMessageItem",
+            "inferenceClassification": "focused",
+            "body": body,
+            "sender": fields.get("sender") or fields.get("from") or email("sender@example.com", "Sender"),
+            "from": fields.get("from") or email("sender@example.com", "Sender"),
+            "toRecipients": fields.get("toRecipients") or [email(self.user.upn, self.user.display_name)],
+            "ccRecipients": fields.get("ccRecipients") or [],
+            "bccRecipients": fields.get("bccRecipients") or [],
+            "replyTo": fields.get("replyTo") or [],
+            "flag": {"flagStatus": "notFlagged"},
+            "internetMessageHeaders": fields.get("internetMessageHeaders") or [],
+            "_attachments": attachments,
+        }
+        self.messages[mid] = msg
+        return msg
+
+    def seed(self, count_or_list: int | list[dict[str, Any]], folder: str, now: float) -> list[str]:
+        items = count_or_list if isinstance(count_or_list, list) else [{} for _ in range(count_or_list)]
+        return [self.add_message(folder, dict(item), now)["id"] for item in items]
+
+    @staticmethod
+    def make_attachment(att: dict[str, Any], now: float, raw: bytes | None = None,
+                        sha256: str | None = None, size: int | None = None) -> dict[str, Any]:
+        if raw is None and att.get("contentBytes") is not None:
+            raw = base64.b64decode(att["contentBytes"], validate=True)
+        if raw is not None:
+            sha256 = hashlib.sha256(raw).hexdigest()
+            size = len(raw)
+        return {
+            "@odata.type": att.get("@odata.type", "#microsoft.graph.fileAttachment"),
+            "id": new_attachment_id(),
+            "lastModifiedDateTime": iso(now),
+            "name": att.get("name", "attachment.bin"),
+            "contentType": att.get("contentType") or "application/octet-stream",
+            "size": int(size or 0),
+            "isInline": bool(att.get("isInline", False)),
+            "contentId": att.get("contentId"),
+            "sha256": sha256,
+            # Bytes are kept only for small attachments (reads); large ones keep size + SHA-256.
+            "_bytes": raw if raw is not None and len(raw) <= 16 * 1024 * 1024 else None,
+        }
+
+    @staticmethod
+    def attachment_resource(att: dict[str, Any], with_content: bool = True) -> dict[str, Any]:
+        out = {k: v for k, v in att.items() if not k.startswith("_") and k != "sha256"}
+        if with_content and att.get("_bytes") is not None:
+            out["contentBytes"] = base64.b64encode(att["_bytes"]).decode()
+        return out
+
+    @staticmethod
+    def attachment_metadata(att: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "@odata.type": att["@odata.type"], "name": att["name"], "contentType": att["contentType"],
+            "size": att["size"], "isInline": att["isInline"], "contentId": att.get("contentId"),
+            "sha256": att["sha256"],
+        }
+
+    def message_resource(self, msg: dict[str, Any], select: list[str] | None = None,
+                         expand_attachments: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"@odata.etag": f'W/"{msg["changeKey"]}"', "id": msg["id"]}
+        for k, v in msg.items():
+            if k.startswith("_") or k == "id":
+                continue
+            if select is not None:
+                if k in select:
+                    out[k] = v
+            elif k not in _NOT_SELECTED_BY_DEFAULT:
+                out[k] = v
+        if select is not None and "internetMessageHeaders" in select:
+            out["internetMessageHeaders"] = msg["internetMessageHeaders"]
+        if expand_attachments:
+            out["attachments"] = [self.attachment_resource(a) for a in msg["_attachments"]]
+        return out
+
+    def total_size(self, msg: dict[str, Any]) -> int:
+        return len(str(msg["body"].get("content", "")).encode()) + sum(a["size"] for a in msg["_attachments"])

@@ -1,0 +1,248 @@
+"""Thread-safe shared state of one sandbox instance (one lock, one condition)."""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mailbox import Mailbox
+from .users import TEST_USERS, TestUser
+
+CODE_LIFETIME_S = 600  # authorization codes live 10 minutes
+RT_INACTIVITY_S = 90 * 24 * 3600  # refresh tokens expire after 90 days of inactivity
+MAX_CONCURRENT_PER_MAILBOX = 4
+MAILBOX_REQUESTS_PER_10_MIN = 10_000
+DEFAULT_SEED = 3  # messages seeded in each mailbox's inbox at start and on reset
+
+
+@dataclass
+class ClientApp:
+    client_id: str
+    name: str
+    redirect_uris: list[str]
+    secrets: dict[str, bool] = field(default_factory=dict)  # secret -> valid (False = expired)
+
+
+@dataclass
+class AuthCode:
+    client_id: str
+    user: TestUser
+    scopes: list[str]
+    redirect_uri: str
+    code_challenge: str | None
+    code_challenge_method: str | None
+    nonce: str | None
+    issued_at: float
+    redeemed: bool = False
+
+
+@dataclass
+class RefreshTokenRecord:
+    client_id: str
+    user: TestUser
+    scopes: list[str]
+    issued_at: float  # of the original grant (sign-in)
+    last_used: float
+    rotated: bool = False  # replaced by a newer one (only enforced in strict mode)
+
+
+@dataclass
+class AccessTokenRecord:
+    client_id: str
+    user: TestUser
+    scopes: list[str]
+    expires_at: float
+    expired: bool = False
+
+
+@dataclass
+class Injection:
+    pattern: str
+    status: int | None
+    retry_after: int | None
+    latency_ms: int | None
+    remaining: int
+    body: Any = None
+    user: str | None = None  # only requests for this mailbox (Graph) match, when set
+
+    def matches(self, path: str, user: str | None) -> bool:
+        if self.user is not None and self.user != user:
+            return False
+        if any(c in self.pattern for c in "*?["):
+            return fnmatch.fnmatchcase(path, self.pattern)
+        return path.startswith(self.pattern)
+
+
+@dataclass
+class PendingAuth:
+    """An /authorize request waiting for the HTML sign-in / consent pages (like Entra's ``ctx``)."""
+
+    params: dict[str, str]
+    tenant: str
+    user: TestUser | None = None
+
+
+class SandboxState:
+    def __init__(self, default_client: ClientApp) -> None:
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self._default_client = default_client
+        self.reset()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def reset(self, clients: bool = False) -> None:
+        """Back to the start state. App registrations survive (their secrets become valid again)
+        unless ``clients`` is true, which also restores the registrations given at start-up."""
+        with self.lock:
+            dc = self._default_client
+            if clients or not hasattr(self, "clients"):
+                self.clients: dict[str, ClientApp] = {
+                    dc.client_id: ClientApp(dc.client_id, dc.name, list(dc.redirect_uris), dict(dc.secrets))
+                }
+            else:
+                for app in self.clients.values():
+                    app.secrets = {s: True for s in app.secrets}
+            self.codes: dict[str, AuthCode] = {}
+            self.refresh_tokens: dict[str, RefreshTokenRecord] = {}
+            self.access_tokens: dict[str, AccessTokenRecord] = {}
+            self.pending: dict[str, PendingAuth] = {}
+            self.tokens_valid_from: dict[str, float] = {}  # upn -> revocation time
+            self.ca_blocked: dict[str, bool] = {u.upn: u.ca_blocked for u in TEST_USERS.values()}
+            self.admin_consented: set[tuple[str, str]] = set()  # (tenant id, client id)
+            self.strict_rotation = True
+            self.clock_offset = 0.0
+            self.token_latency_ms = 0
+            self.injections: list[Injection] = []
+            self.release_generation = getattr(self, "release_generation", 0) + 1
+            self.counters: Counter[str] = Counter()
+            self.inflight: Counter[tuple[str, str]] = Counter()
+            self.max_inflight: dict[str, int] = {}
+            self.request_log: dict[tuple[str, str], deque[float]] = {}
+            self.mailboxes: dict[str, Mailbox] = {}
+            for u in TEST_USERS.values():
+                if u.has_mailbox:
+                    mb = Mailbox(u)
+                    mb.seed(DEFAULT_SEED, "inbox", now=self.now())
+                    self.mailboxes[u.upn] = mb
+            self.uploads: dict[str, Any] = {}
+            self.cond.notify_all()
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    # -- injections ------------------------------------------------------------------------
+    def take_injection(self, path: str, user: str | None = None) -> Injection | None:
+        with self.lock:
+            for inj in self.injections:
+                if inj.remaining > 0 and inj.matches(path, user):
+                    inj.remaining -= 1
+                    self.counters["injected"] += 1
+                    if inj.remaining == 0:
+                        self.injections.remove(inj)
+                    return inj
+        return None
+
+    def injected_sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; ``release()`` (control API) ends every such sleep at once."""
+        deadline = time.monotonic() + seconds
+        with self.cond:
+            gen = self.release_generation
+            while self.release_generation == gen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.cond.wait(remaining)
+
+    def release(self) -> None:
+        with self.cond:
+            self.release_generation += 1
+            self.cond.notify_all()
+
+    # -- per-mailbox concurrency (Outlook service limits) ------------------------------------
+    def enter_mailbox(self, client_id: str, upn: str) -> str | None:
+        """Register an in-flight request; returns a throttling reason or None."""
+        key = (client_id, upn)
+        with self.cond:
+            now = time.monotonic()
+            log = self.request_log.setdefault(key, deque())
+            while log and now - log[0] > 600:
+                log.popleft()
+            if len(log) >= MAILBOX_REQUESTS_PER_10_MIN:
+                return "MailboxRequests"
+            if self.inflight[key] >= MAX_CONCURRENT_PER_MAILBOX:
+                return "MailboxConcurrency"
+            log.append(now)
+            self.inflight[key] += 1
+            self.max_inflight[upn] = max(self.max_inflight.get(upn, 0), self.inflight[key])
+            self.cond.notify_all()
+            return None
+
+    def leave_mailbox(self, client_id: str, upn: str) -> None:
+        key = (client_id, upn)
+        with self.cond:
+            self.inflight[key] -= 1
+            if self.inflight[key] <= 0:
+                del self.inflight[key]
+            self.cond.notify_all()
+
+    def wait_inflight(self, upn: str, n: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(
+                lambda: sum(v for (c, u), v in self.inflight.items() if u == upn) >= n, timeout
+            )
+
+    # -- grants ----------------------------------------------------------------------------
+    def live_refresh_tokens(self, upn: str, client_id: str | None = None) -> int:
+        with self.lock:
+            now = self.now()
+            valid_from = self.tokens_valid_from.get(upn, 0.0)
+            return sum(
+                1 for r in self.refresh_tokens.values()
+                if r.user.upn == upn
+                and (client_id is None or r.client_id == client_id)
+                and not (r.rotated and self.strict_rotation)
+                and r.issued_at >= valid_from
+                and now - r.last_used <= RT_INACTIVITY_S
+            )
+
+    def revoke_grants(self, upn: str) -> None:
+        with self.lock:
+            self.tokens_valid_from[upn] = self.now()
+
+    def expire_access_tokens(self, upn: str) -> int:
+        with self.lock:
+            n = 0
+            for rec in self.access_tokens.values():
+                if rec.user.upn == upn and not rec.expired:
+                    rec.expired = True
+                    n += 1
+            return n
+
+    def counters_snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            token_by_grant = {
+                k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("token:")
+            }
+            graph_by_user = {
+                k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("graph_user:")
+            }
+            return {
+                "token_requests": sum(token_by_grant.values()),
+                "token_requests_by_grant_type": token_by_grant,
+                "token_errors": {
+                    k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("token_error:")
+                },
+                "authorize_requests": self.counters["authorize"],
+                "graph_requests": self.counters["graph"],
+                "graph_requests_by_user": graph_by_user,
+                "throttled_429": self.counters["throttled_429"],
+                "injected": self.counters["injected"],
+                "sendmail": self.counters["sendmail"],
+                "upload_chunks": self.counters["upload_chunks"],
+                "max_concurrent_per_mailbox": dict(self.max_inflight),
+                "inflight": {u: n for (c, u), n in self.inflight.items()},
+            }

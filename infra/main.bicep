@@ -1,0 +1,349 @@
+// Outlook / Microsoft 365 mailbox connector: everything it runs on, provisioned by `azd up`.
+//
+//   resource group
+//   ├── user-assigned managed identity          (modules/identity.bicep)
+//   ├── storage account, shared key OFF         (modules/storage.bicep)
+//   │     deployment container, tables, queues
+//   ├── Key Vault, RBAC, purge protection        (modules/keyvault.bicep)
+//   ├── Log Analytics + Application Insights     (modules/monitoring.bicep)
+//   ├── role assignments, least privilege        (modules/roles.bicep)
+//   └── Flex Consumption plan + function app     (modules/functionapp.bicep)
+//
+// The token key ring is created by the azd postprovision hook (scripts/postprovision.*), never
+// here, so that it is truly random and re-provisioning never rotates it.
+
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('azd environment name (AZURE_ENV_NAME); names and tags every resource.')
+param environmentName string
+
+@minLength(1)
+@description('Region for all resources (AZURE_LOCATION). It must offer the Flex Consumption plan.')
+param location string
+
+@description('Object id of the principal running azd (AZURE_PRINCIPAL_ID). Granted Key Vault Secrets Officer so the postprovision hook can write the token key ring. Empty to skip.')
+param principalId string = ''
+
+@description('Type of principalId: User for a person, ServicePrincipal for a CI identity.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param principalType string = 'User'
+
+@description('Resource group name; empty for rg-<environmentName>.')
+param resourceGroupName string = ''
+
+// ---- Entra app registration ------------------------------------------------------------------
+
+@minLength(1)
+@description('Application (client) id of the Entra app registration (MS_CLIENT_ID).')
+param msClientId string
+
+@secure()
+@description('Entra client secret. Written to Key Vault as ms-client-secret only when non-empty; never an output, never an app setting.')
+param msClientSecret string = ''
+
+@description('Tenant segment: common, organizations, consumers or a tenant id (MS_TENANT).')
+param msTenant string = 'common'
+
+@description('Entra authority host (MS_AUTHORITY_HOST).')
+param msAuthorityHost string = 'https://login.microsoftonline.com'
+
+@description('Delegated Graph scopes requested (MS_SCOPES); offline_access is always added by the app.')
+param msScopes string = 'User.Read Mail.ReadWrite Mail.Send'
+
+@description('Microsoft Graph base URL (GRAPH_BASE_URL).')
+param graphBaseUrl string = 'https://graph.microsoft.com/v1.0'
+
+// ---- Callers of the connector ----------------------------------------------------------------
+
+@minLength(1)
+@description('Expected iss of caller JWTs (AUTH_ISSUER).')
+param authIssuer string
+
+@minLength(1)
+@description('Expected aud of caller JWTs (AUTH_AUDIENCE).')
+param authAudience string
+
+@minLength(1)
+@description('JWKS URL of the caller token issuer (AUTH_JWKS_URL).')
+param authJwksUrl string
+
+@description('Comma-separated allowed returnUrl prefixes (ALLOWED_RETURN_URLS).')
+param allowedReturnUrls string = ''
+
+@description('Receiver of account lifecycle webhooks (WEBHOOK_URL); empty turns webhooks off.')
+param webhookUrl string = ''
+
+@secure()
+@description('Webhook HMAC secret. Written to Key Vault when non-empty; otherwise the postprovision hook generates one once.')
+param webhookSecret string = ''
+
+@description('Public base URL override (PUBLIC_BASE_URL), e.g. a custom domain. Empty: the function app\'s https default host name.')
+param publicBaseUrl string = ''
+
+// ---- Behaviour -------------------------------------------------------------------------------
+
+@description('NCRONTAB of the proactive refresh timer (REFRESH_SCHEDULE).')
+param refreshSchedule string = '0 */5 * * * *'
+
+@description('NCRONTAB of the clean-up timer (CLEANUP_SCHEDULE).')
+param cleanupSchedule string = '0 17 * * * *'
+
+@description('Idle accounts get a refresh-token keep-alive this often, in days (KEEPALIVE_DAYS).')
+param keepaliveDays string = '7'
+
+@description('Cap on one send request\'s attachments in bytes (SEND_MAX_TOTAL_BYTES).')
+param sendMaxTotalBytes string = '104857600'
+
+@description('Serve the demo web client (DEMO_ENABLED).')
+@allowed([
+  'true'
+  'false'
+])
+param demoEnabled string = 'false'
+
+// ---- Sizing ----------------------------------------------------------------------------------
+
+@description('Maximum instances Flex Consumption scales out to.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Instance memory size in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Storage replication. Use Standard_LRS in a region without availability zones.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSkuName string = 'Standard_ZRS'
+
+@description('Days a deleted Key Vault or secret stays recoverable (7-90).')
+@minValue(7)
+@maxValue(90)
+param keyVaultSoftDeleteRetentionInDays int = 90
+
+// ---- Names -----------------------------------------------------------------------------------
+
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+var serviceName = 'api'
+var functionAppName = 'func-${resourceToken}'
+var deploymentContainerName = 'app-package-${resourceToken}'
+var clientSecretName = 'ms-client-secret'
+var tokenKeysSecretName = 'token-encryption-keys'
+var webhookSecretName = 'webhook-secret'
+var tableNames = [
+  'accounts'
+  'oauthstates'
+  'refreshindex'
+  'idempotency'
+]
+var queueNames = [
+  'refresh-jobs'
+  'refresh-jobs-poison'
+  'webhook-deliveries'
+  'webhook-deliveries-poison'
+]
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: empty(resourceGroupName) ? 'rg-${environmentName}' : resourceGroupName
+  location: location
+  tags: tags
+}
+
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: 'id-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: 'st${resourceToken}'
+    location: location
+    tags: tags
+    skuName: storageSkuName
+    deploymentContainerName: deploymentContainerName
+    tableNames: tableNames
+    queueNames: queueNames
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  scope: rg
+  params: {
+    name: 'kv-${resourceToken}'
+    location: location
+    tags: tags
+    softDeleteRetentionInDays: keyVaultSoftDeleteRetentionInDays
+    clientSecretName: clientSecretName
+    clientSecretValue: msClientSecret
+    webhookSecretName: webhookSecretName
+    webhookSecretValue: webhookSecret
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: 'log-${resourceToken}'
+    applicationInsightsName: 'appi-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module roles 'modules/roles.bicep' = {
+  name: 'roles'
+  scope: rg
+  params: {
+    appPrincipalId: identity.outputs.principalId
+    deployerPrincipalId: principalId
+    deployerPrincipalType: principalType
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVault.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+  }
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  scope: rg
+  dependsOn: [
+    roles
+  ]
+  params: {
+    name: functionAppName
+    planName: 'plan-${resourceToken}'
+    location: location
+    tags: tags
+    appTags: union(tags, {
+      'azd-service-name': serviceName
+    })
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: storage.outputs.deploymentContainerName
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    keyVaultUri: keyVault.outputs.uri
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    webhookSecretName: webhookSecretName
+    publicBaseUrl: publicBaseUrl
+    // The app's own settings (shared/config.py SETTINGS, non-local). KEY_VAULT_URL,
+    // PUBLIC_BASE_URL, WEBHOOK_SECRET and the platform settings are added by the module.
+    appSettings: [
+      {
+        name: 'MS_CLIENT_ID'
+        value: msClientId
+      }
+      {
+        name: 'MS_CLIENT_SECRET_NAME'
+        value: clientSecretName
+      }
+      {
+        name: 'TOKEN_KEYS_SECRET_NAME'
+        value: tokenKeysSecretName
+      }
+      {
+        name: 'MS_AUTHORITY_HOST'
+        value: msAuthorityHost
+      }
+      {
+        name: 'MS_TENANT'
+        value: msTenant
+      }
+      {
+        name: 'MS_SCOPES'
+        value: msScopes
+      }
+      {
+        name: 'GRAPH_BASE_URL'
+        value: graphBaseUrl
+      }
+      {
+        name: 'AUTH_ISSUER'
+        value: authIssuer
+      }
+      {
+        name: 'AUTH_AUDIENCE'
+        value: authAudience
+      }
+      {
+        name: 'AUTH_JWKS_URL'
+        value: authJwksUrl
+      }
+      {
+        name: 'ALLOWED_RETURN_URLS'
+        value: allowedReturnUrls
+      }
+      {
+        name: 'WEBHOOK_URL'
+        value: webhookUrl
+      }
+      {
+        name: 'REFRESH_SCHEDULE'
+        value: refreshSchedule
+      }
+      {
+        name: 'CLEANUP_SCHEDULE'
+        value: cleanupSchedule
+      }
+      {
+        name: 'KEEPALIVE_DAYS'
+        value: keepaliveDays
+      }
+      {
+        name: 'SEND_MAX_TOTAL_BYTES'
+        value: sendMaxTotalBytes
+      }
+      {
+        name: 'DEMO_ENABLED'
+        value: demoEnabled
+      }
+    ]
+  }
+}
+
+// ---- Outputs (azd stores them in the environment; none is a secret) ---------------------------
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output FUNCTION_APP_URL string = functionApp.outputs.url
+output PUBLIC_BASE_URL string = functionApp.outputs.publicBaseUrl
+@description('Register exactly this as a Web redirect URI of the Entra app.')
+output REDIRECT_URI string = '${functionApp.outputs.publicBaseUrl}/api/connect/microsoft/callback'
+output KEY_VAULT_NAME string = keyVault.outputs.name
+output KEY_VAULT_URL string = keyVault.outputs.uri
+output MS_CLIENT_SECRET_NAME string = clientSecretName
+output TOKEN_KEYS_SECRET_NAME string = tokenKeysSecretName
+output WEBHOOK_SECRET_NAME string = webhookSecretName
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName

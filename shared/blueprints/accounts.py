@@ -1,0 +1,35 @@
+"""GET/DELETE /api/accounts[/{accountId}] and POST /api/accounts/{accountId}/refresh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import azure.functions as func
+
+from shared.blueprints._http import Context, handle
+
+bp = func.Blueprint()
+
+
+@bp.route(route="accounts", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def list_accounts(req: func.HttpRequest) -> func.HttpResponse:
+    return handle(req, "list_accounts", lambda c, ctx: {"accounts": c.list_accounts(ctx.owner)})
+
+
+@bp.route(route="accounts/{accountId}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def get_account(req: func.HttpRequest) -> func.HttpResponse:
+    return handle(req, "get_account", lambda c, ctx: c.get_account(ctx.owner, ctx.account_id))
+
+
+@bp.route(route="accounts/{accountId}", methods=["DELETE"], auth_level=func.AuthLevel.ANONYMOUS)
+def delete_account(req: func.HttpRequest) -> func.HttpResponse:
+    def run(c: Any, ctx: Context) -> func.HttpResponse:
+        c.delete_account(ctx.owner, ctx.account_id)
+        return func.HttpResponse(status_code=204)
+
+    return handle(req, "delete_account", run)
+
+
+@bp.route(route="accounts/{accountId}/refresh", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def refresh_account(req: func.HttpRequest) -> func.HttpResponse:
+    return handle(req, "refresh_account", lambda c, ctx: c.refresh_account(ctx.owner, ctx.account_id))

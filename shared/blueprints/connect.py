@@ -1,0 +1,100 @@
+"""GET /api/connect/microsoft and its Entra redirect URI, /api/connect/microsoft/callback."""
+
+from __future__ import annotations
+
+import html
+import json
+import secrets
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import azure.functions as func
+
+from shared.blueprints._http import Context, handle, query
+
+bp = func.Blueprint()
+
+# The callback URL carries the authorization code: never leak it through Referer or caches.
+_NO_LEAK = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+@bp.route(route="connect/microsoft", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def connect_microsoft(req: func.HttpRequest) -> func.HttpResponse:
+    def run(c: Any, ctx: Context) -> Any:
+        assert ctx.owner is not None
+        ctx.account_id = query(req, "accountId", max_len=64)
+        return c.start_connect(
+            ctx.owner, return_url=query(req, "returnUrl"), login_hint=query(req, "loginHint", max_len=256),
+            domain_hint=query(req, "domainHint", max_len=256), prompt=query(req, "prompt", max_len=32),
+            account_id=ctx.account_id,
+        )
+
+    return handle(req, "connect_microsoft", run)
+
+
+@bp.route(route="connect/microsoft/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def connect_microsoft_callback(req: func.HttpRequest) -> func.HttpResponse:
+    def run(c: Any, ctx: Context) -> func.HttpResponse:
+        params = {k: v for k, v in req.params.items() if len(v) < 8192}
+        outcome = c.complete_connect(params)
+        ctx.account_id = outcome.account_id
+        result: dict[str, str] = {"status": outcome.status}
+        if outcome.account_id:
+            result["accountId"] = outcome.account_id
+        if outcome.status == "error":
+            result["code"] = outcome.code or "error"
+            result["message"] = (outcome.message or "")[:300]
+        if outcome.return_url:
+            return func.HttpResponse(status_code=302, headers={"Location": _append(outcome.return_url, result),
+                                                               **_NO_LEAK})
+        origins = sorted({_origin(u) for u in c.settings.allowed_return_urls})
+        return _result_page(result, outcome.hint, origins)
+
+    return handle(req, "connect_microsoft_callback", run, auth=False)
+
+
+def _append(url: str, params: dict[str, str]) -> str:
+    parts = urlsplit(url)
+    q = parts.query + ("&" if parts.query else "") + urlencode(params)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, q, parts.fragment))
+
+
+def _origin(url: str) -> str:
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.netloc}"
+
+
+def _result_page(result: dict[str, str], hint: str | None, origins: list[str]) -> func.HttpResponse:
+    """A small page for popups and Office dialogs: shows the result and posts it to the opener.
+
+    ``postMessage`` targets only the origins of ALLOWED_RETURN_URLS, so another site that opened
+    the popup learns nothing. In an Office dialog, ``Office.context.ui.messageParent`` carries it.
+    """
+    nonce = secrets.token_urlsafe(16)
+    ok = result["status"] == "connected"
+    title = "Mailbox connected" if ok else "Could not connect the mailbox"
+    detail = "You can close this window." if ok else result.get("message", "")
+    payload = json.dumps({"type": "outlook-connector/connect", **result}).replace("<", "\\u003c")
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem}}
+.err{{color:#a4262c}}.ok{{color:#107c10}}code{{background:#f3f2f1;padding:0 .2rem}}</style></head>
+<body><h1 class="{'ok' if ok else 'err'}" id="title">{html.escape(title)}</h1>
+<p id="detail">{html.escape(detail)}</p>
+{'' if ok else f'<p>Code: <code id="code">{html.escape(result.get("code", ""))}</code></p>'}
+{f'<p id="hint">{html.escape(hint)}</p>' if hint and not ok else ''}
+<script nonce="{nonce}">
+(function () {{
+  var result = {payload};
+  var origins = {json.dumps(origins)};
+  try {{ if (window.opener) origins.forEach(function (o) {{ window.opener.postMessage(result, o); }}); }} catch (e) {{}}
+  window.__connectResult = result;
+  if (window.Office && Office.onReady) {{
+    Office.onReady(function () {{ try {{ Office.context.ui.messageParent(JSON.stringify(result)); }} catch (e) {{}} }});
+  }}
+}})();
+</script></body></html>"""
+    csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'"
+    return func.HttpResponse(body, status_code=200 if ok else 400, mimetype="text/html", charset="utf-8",
+                             headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", **_NO_LEAK})

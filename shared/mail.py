@@ -1,0 +1,272 @@
+"""Send requests → Graph payloads; inline vs upload-session attachments (SPEC §4).
+
+Graph facts encoded here:
+* ``POST /me/sendMail`` answers 202 with no body; a request over 4 MB is refused, so attachments
+  go inline only while they total ≤ 3 MB
+  (https://learn.microsoft.com/graph/api/user-sendmail).
+* Larger files: create a draft, ``createUploadSession`` per file, ranged ``PUT``s of < 4 MB to the
+  returned URL **without** an Authorization header, then ``POST /messages/{id}/send``; up to 150 MB
+  a file (https://learn.microsoft.com/graph/outlook-large-attachments).
+* Custom internet headers must start with ``X-`` (https://learn.microsoft.com/graph/api/resources/internetmessageheader).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import PayloadTooLargeError, ValidationError
+
+INLINE_ATTACHMENTS_MAX = 3 * 1024 * 1024
+GRAPH_REQUEST_MAX = 4 * 1024 * 1024
+ATTACHMENT_MAX = 150 * 1024 * 1024
+# Multiple of 320 KiB as Graph recommends for upload sessions, and under the 4 MB per-PUT limit.
+UPLOAD_CHUNK = 320 * 1024 * 12
+TRACKING_HEADER = "X-Connector-Tracking-Id"
+MAX_RECIPIENTS = 500
+
+# RFC 5322 addr-spec (dot-atom local part or quoted string) with an RFC 1035-style domain.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL = rf"(?:{_ATEXT}+(?:\.{_ATEXT}+)*|\"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+_ADDR_RE = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+_NAMED_RE = re.compile(r'^\s*"?(?P<name>[^"<>]*?)"?\s*<(?P<addr>[^<>]+)>\s*$')
+_TRACKING_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(?:\s*;.*)?$")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    name: str | None = None
+
+    def to_graph(self) -> dict[str, Any]:
+        ea: dict[str, str] = {"address": self.address}
+        if self.name:
+            ea["name"] = self.name
+        return {"emailAddress": ea}
+
+
+@dataclass
+class Attachment:
+    name: str
+    content_type: str
+    data: bytes | memoryview = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass
+class SendRequest:
+    to: list[Recipient]
+    cc: list[Recipient]
+    bcc: list[Recipient]
+    reply_to: list[Recipient]
+    subject: str
+    body_html: str | None
+    body_text: str | None
+    attachments: list[Attachment]
+    importance: str
+    tracking_id: str
+    save_to_sent_items: bool
+
+    @property
+    def attachment_bytes(self) -> int:
+        return sum(a.size for a in self.attachments)
+
+
+def _no_control(field_name: str, value: str) -> None:
+    if any(c in value for c in "\r\n\x00"):
+        raise ValidationError(field_name, f"{field_name} must not contain line breaks (header injection).")
+
+
+def parse_recipient(value: Any, field_name: str) -> Recipient:
+    if isinstance(value, dict):
+        address, name = value.get("address"), value.get("name")
+        if not isinstance(address, str) or (name is not None and not isinstance(name, str)):
+            raise ValidationError(field_name, f"{field_name} must be {{\"address\": str, \"name\"?: str}}.")
+    elif isinstance(value, str):
+        m = _NAMED_RE.match(value)
+        address, name = (m.group("addr"), m.group("name").strip() or None) if m else (value, None)
+    else:
+        raise ValidationError(field_name, f"{field_name} must be an address string or an object.")
+    address = address.strip()
+    _no_control(field_name, address)
+    if name is not None:
+        _no_control(field_name, name)
+        if len(name) > 256:
+            raise ValidationError(field_name, f"{field_name}: the display name is too long.")
+    if len(address) > 254 or not _ADDR_RE.match(address):
+        raise ValidationError(field_name, f"{field_name}: {address[:80]!r} is not a valid email address.")
+    return Recipient(address, name)
+
+
+def _recipients(body: dict[str, Any], key: str, *, required: bool = False) -> list[Recipient]:
+    raw = body.get(key)
+    if raw is None:
+        if required:
+            raise ValidationError(key, f"{key} is required (at least one recipient).")
+        return []
+    if isinstance(raw, (str, dict)):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ValidationError(key, f"{key} must be a list of recipients.")
+    if required and not raw:
+        raise ValidationError(key, f"{key} needs at least one recipient.")
+    if len(raw) > MAX_RECIPIENTS:
+        raise ValidationError(key, f"{key} has more than {MAX_RECIPIENTS} recipients.")
+    return [parse_recipient(v, f"{key}[{i}]") for i, v in enumerate(raw)]
+
+
+def _opt_str(body: dict[str, Any], key: str, max_len: int) -> str | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValidationError(key, f"{key} must be a string.")
+    if len(v) > max_len:
+        raise ValidationError(key, f"{key} is longer than {max_len} characters.")
+    return v
+
+
+KNOWN_FIELDS = {"to", "cc", "bcc", "replyTo", "subject", "bodyHtml", "bodyText", "attachments", "importance",
+                "trackingId", "saveToSentItems"}
+
+
+def parse_send_request(body: Any, *, files: list[Attachment] | None = None, max_total: int) -> SendRequest:
+    """Validate a send body (SPEC §4); raise ValidationError naming the field, 413 beyond caps."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "The request body must be a JSON object.")
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise ValidationError(unknown[0], f"Unknown field {unknown[0]!r}.")
+    subject = _opt_str(body, "subject", 998) or ""
+    _no_control("subject", subject)
+    html = _opt_str(body, "bodyHtml", 4 * 1024 * 1024)
+    text = _opt_str(body, "bodyText", 4 * 1024 * 1024)
+    importance = body.get("importance", "normal")
+    if importance not in ("low", "normal", "high"):
+        raise ValidationError("importance", "importance must be low, normal or high.")
+    tracking = body.get("trackingId")
+    if tracking is None:
+        tracking = uuid.uuid4().hex
+    elif not isinstance(tracking, str) or not _TRACKING_RE.match(tracking):
+        raise ValidationError("trackingId", "trackingId must be 1-128 characters of letters, digits, . _ : -")
+    save = body.get("saveToSentItems", True)
+    if not isinstance(save, bool):
+        raise ValidationError("saveToSentItems", "saveToSentItems must be true or false.")
+    attachments = list(_attachments(body.get("attachments")))
+    attachments += files or []
+    total = sum(a.size for a in attachments)
+    for i, a in enumerate(attachments):
+        if a.size > ATTACHMENT_MAX:
+            raise PayloadTooLargeError(f"Attachment {a.name!r} is larger than Graph's 150 MB limit.",
+                                       extra={"field": f"attachments[{i}]"})
+    if total > max_total:
+        raise PayloadTooLargeError(f"Attachments total {total} bytes; this connector accepts up to {max_total}.",
+                                   hint="Raise SEND_MAX_TOTAL_BYTES or send fewer/smaller files.",
+                                   extra={"field": "attachments"})
+    return SendRequest(
+        to=_recipients(body, "to", required=True), cc=_recipients(body, "cc"), bcc=_recipients(body, "bcc"),
+        reply_to=_recipients(body, "replyTo"), subject=subject, body_html=html, body_text=text,
+        attachments=attachments, importance=importance, tracking_id=tracking, save_to_sent_items=save)
+
+
+def _attachments(raw: Any) -> Iterator[Attachment]:
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        raise ValidationError("attachments", "attachments must be a list.")
+    for i, a in enumerate(raw):
+        f = f"attachments[{i}]"
+        if not isinstance(a, dict):
+            raise ValidationError(f, f"{f} must be an object with name, contentType, contentBytes.")
+        name, ctype, content = a.get("name"), a.get("contentType", "application/octet-stream"), a.get("contentBytes")
+        make_attachment(name, ctype, None, f)  # validate name and type before decoding a large payload
+        if not isinstance(content, str):
+            raise ValidationError(f"{f}.contentBytes", f"{f}.contentBytes must be a base64 string.")
+        try:
+            data = base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError(f"{f}.contentBytes", f"{f}.contentBytes is not valid base64.") from None
+        yield make_attachment(name, ctype, data, f)
+
+
+def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | None, f: str) -> Attachment:
+    if not isinstance(name, str) or not name.strip() or len(name) > 255:
+        raise ValidationError(f"{f}.name", f"{f}.name must be a non-empty file name (≤ 255 characters).")
+    _no_control(f"{f}.name", name)
+    if not isinstance(ctype, str) or not _CONTENT_TYPE_RE.match(ctype) or len(ctype) > 255:
+        raise ValidationError(f"{f}.contentType", f"{f}.contentType must be a MIME type like application/pdf.")
+    _no_control(f"{f}.contentType", ctype)
+    return Attachment(name, ctype, data if data is not None else b"")
+
+
+def message_payload(req: SendRequest, *, inline: list[Attachment]) -> dict[str, Any]:
+    """The Graph ``message`` resource for this request (without large attachments)."""
+    if req.body_html is not None:
+        body = {"contentType": "HTML", "content": req.body_html}
+    else:
+        body = {"contentType": "Text", "content": req.body_text or ""}
+    msg: dict[str, Any] = {
+        "subject": req.subject,
+        "body": body,
+        "toRecipients": [r.to_graph() for r in req.to],
+        "importance": req.importance,
+        "internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}],
+    }
+    if req.cc:
+        msg["ccRecipients"] = [r.to_graph() for r in req.cc]
+    if req.bcc:
+        msg["bccRecipients"] = [r.to_graph() for r in req.bcc]
+    if req.reply_to:
+        msg["replyTo"] = [r.to_graph() for r in req.reply_to]
+    if inline:
+        msg["attachments"] = [
+            {"@odata.type": "#microsoft.graph.fileAttachment", "name": a.name, "contentType": a.content_type,
+             "contentBytes": base64.b64encode(a.data).decode("ascii")}
+            for a in inline
+        ]
+    return msg
+
+
+def plan_attachments(req: SendRequest) -> tuple[list[Attachment], list[Attachment]]:
+    """Split into (inline, upload-session) so the Graph request stays under 4 MB."""
+    inline: list[Attachment] = []
+    large: list[Attachment] = []
+    budget = INLINE_ATTACHMENTS_MAX
+    body_len = len((req.body_html or req.body_text or "").encode())
+    for a in sorted(req.attachments, key=lambda x: x.size):
+        encoded = (a.size + 2) // 3 * 4
+        if a.size <= budget and body_len + encoded < GRAPH_REQUEST_MAX - 256 * 1024:
+            inline.append(a)
+            budget -= a.size
+            body_len += encoded
+        else:
+            large.append(a)
+    return inline, large
+
+
+def chunks(data: bytes | memoryview, size: int = UPLOAD_CHUNK) -> Iterator[tuple[int, memoryview]]:
+    """Zero-copy slices of ``data`` for ranged PUTs."""
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield start, view[start : start + size]
+
+
+def canonical_hash(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()

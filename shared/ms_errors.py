@@ -1,0 +1,204 @@
+"""One table from Microsoft's error codes to product errors (code, status, hint, who acts).
+
+Entra token-endpoint errors are JSON ``{error, error_description: "AADSTSnnnn: ...", error_codes,
+trace_id, correlation_id, suberror?, claims?}``
+(https://learn.microsoft.com/entra/identity-platform/reference-error-codes). Graph errors are
+``{"error": {"code", "message", "innerError": {"request-id", "client-request-id", "date"}}}``
+(https://learn.microsoft.com/graph/errors). Only the first line of ``error_description`` is kept:
+the rest (trace, timestamps) travels in structured fields.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import (
+    ConnectorError,
+    MicrosoftDetails,
+    MicrosoftError,
+    OperatorError,
+    ReauthRequiredError,
+    ThrottledError,
+    UpstreamUnavailableError,
+)
+
+
+@dataclass(frozen=True)
+class Mapping_:
+    code: str
+    status: int
+    hint: str
+    kind: str = "user"  # "user": the user acts; "reauth": grant dead; "operator": our app registration
+
+
+# https://learn.microsoft.com/entra/identity-platform/reference-error-codes#aadsts-error-codes
+AADSTS: dict[int, Mapping_] = {
+    50011: Mapping_("redirect_uri_mismatch", 502,
+                    "The redirect URI sent does not match the app registration. Register exactly "
+                    "{redirect_uri} as a Web redirect URI in Entra (PUBLIC_BASE_URL must match).", "operator"),
+    65001: Mapping_("consent_required", 403,
+                    "The user or an administrator has not consented to the app's permissions. Ask a tenant "
+                    "administrator to grant consent: {admin_consent_url}"),
+    90094: Mapping_("admin_consent_required", 403,
+                    "This tenant requires an administrator to approve the app. Send this link to a tenant "
+                    "administrator: {admin_consent_url}"),
+    700016: Mapping_("unknown_client", 502,
+                     "The client id is not registered in this tenant (or the tenant segment is wrong). Check "
+                     "MS_CLIENT_ID and MS_TENANT, and that the app is multi-tenant if users come from other tenants.",
+                     "operator"),
+    90099: Mapping_("app_not_authorized_in_tenant", 403,
+                    "The application has not been authorized in this tenant. An administrator must consent: "
+                    "{admin_consent_url}"),
+    50020: Mapping_("account_not_allowed", 403,
+                    "This account type or tenant is not allowed by the app registration (e.g. a personal "
+                    "account on a work-only app, or a guest). Use a supported account or change "
+                    "'Supported account types'."),
+    50076: Mapping_("mfa_required", 401,
+                    "Multi-factor authentication is required. Re-connect the mailbox interactively.", "reauth"),
+    50079: Mapping_("mfa_registration_required", 401,
+                    "The user must register for multi-factor authentication, then re-connect.", "reauth"),
+    53003: Mapping_("blocked_by_conditional_access", 403,
+                    "A Conditional Access policy blocked the sign-in. The tenant administrator must allow this "
+                    "app, device or location."),
+    54005: Mapping_("code_already_redeemed", 400,
+                    "The authorization code was already used. Start the connect flow again."),
+    70008: Mapping_("grant_expired", 401,
+                    "The refresh token or code expired (90 days of inactivity, or a 10-minute code). "
+                    "Re-connect the mailbox.", "reauth"),
+    700082: Mapping_("grant_expired", 401,
+                     "The refresh token expired after 90 days of inactivity. Re-connect the mailbox.", "reauth"),
+    50173: Mapping_("grant_revoked", 401,
+                    "The grant was revoked (password reset, admin revocation or session policy). "
+                    "Re-connect the mailbox.", "reauth"),
+    7000215: Mapping_("invalid_client_secret", 502,
+                      "The client secret is wrong. Put the current secret's VALUE (not its id) in Key Vault "
+                      "secret MS_CLIENT_SECRET_NAME.", "operator"),
+    7000222: Mapping_("client_secret_expired", 502,
+                      "The client secret has expired. Create a new secret in Entra and store it in Key Vault.",
+                      "operator"),
+    501481: Mapping_("pkce_mismatch", 400, "The PKCE verifier did not match. Start the connect flow again."),
+    65004: Mapping_("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
+}
+
+# https://learn.microsoft.com/graph/errors and the Outlook mail API error codes
+GRAPH: dict[str, Mapping_] = {
+    "InvalidAuthenticationToken": Mapping_(
+        "graph_token_rejected", 401,
+        "Graph rejected the access token even after a refresh. Re-connect the mailbox.", "reauth"),
+    "ErrorAccessDenied": Mapping_(
+        "mail_access_denied", 403,
+        "The granted permissions do not allow this (e.g. Mail.Send was not consented). Re-connect with consent "
+        "for {scopes}, or ask an administrator to grant it."),
+    "ErrorSendAsDenied": Mapping_(
+        "send_as_denied", 403,
+        "The mailbox may not send as the given address. Send from the connected mailbox itself."),
+    "ErrorInvalidRecipients": Mapping_(
+        "invalid_recipients", 400, "At least one recipient address was refused by Exchange. Check the addresses."),
+    "ErrorMessageSizeExceeded": Mapping_(
+        "message_too_large", 413,
+        "The message exceeds the mailbox's size limit. Send smaller attachments or share a link instead."),
+    "MailboxNotEnabledForRESTAPI": Mapping_(
+        "mailbox_not_available", 404,
+        "This account has no Exchange Online mailbox reachable through Graph: the user is unlicensed, a guest, "
+        "hosted on-premises, or the mailbox is inactive. Assign an Exchange Online licence or connect "
+        "another account."),
+    "ErrorItemNotFound": Mapping_("message_not_found", 404, "The message or folder does not exist in this mailbox."),
+    "ResourceNotFound": Mapping_("not_found", 404, "The mailbox resource does not exist."),
+    "ErrorInvalidIdMalformed": Mapping_("invalid_id", 400, "The message or folder id is malformed."),
+    "ErrorQuotaExceeded": Mapping_("mailbox_full", 507, "The mailbox is full. The user must free space."),
+}
+
+_AADSTS_RE = re.compile(r"AADSTS(\d+)")
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0][:400] if text and text.strip() else ""
+
+
+def _fmt(hint: str, ctx: Mapping[str, Any]) -> str:
+    for k, v in ctx.items():
+        hint = hint.replace("{" + k + "}", str(v))
+    return hint
+
+
+def from_token_error(body: Mapping[str, Any], *, context: Mapping[str, Any] | None = None) -> ConnectorError:
+    """A typed error from an Entra token / authorize error (MSAL result dict or redirect params)."""
+    ctx = dict(context or {})
+    error = str(body.get("error") or "unknown_error")
+    desc = _first_line(body.get("error_description"))
+    codes: list[int] = []
+    for c in body.get("error_codes") or []:
+        try:
+            codes.append(int(c))
+        except (TypeError, ValueError):
+            pass
+    if not codes:
+        codes = [int(x) for x in _AADSTS_RE.findall(desc)[:1]]
+    details = MicrosoftDetails(error=error, codes=tuple(codes), trace_id=body.get("trace_id"),
+                               correlation_id=body.get("correlation_id"))
+    m = next((AADSTS[c] for c in codes if c in AADSTS), None)
+    detail = desc or f"Microsoft returned {error}."
+    if m is not None:
+        hint = _fmt(m.hint, ctx)
+        if m.kind == "operator":
+            return OperatorError(detail, code=m.code, hint=hint, microsoft=details)
+        if m.kind == "reauth":
+            return ReauthRequiredError(detail, hint=hint, microsoft=details, extra={"reason": m.code})
+        return MicrosoftError(detail, code=m.code, status=m.status, hint=hint, microsoft=details)
+    if error == "invalid_client" or error == "unauthorized_client":
+        return OperatorError(detail, code="invalid_client", microsoft=details,
+                             hint="The app registration rejected our credentials. Check MS_CLIENT_ID and the "
+                                  "client secret in Key Vault.")
+    if error == "invalid_grant" or error == "interaction_required":
+        return ReauthRequiredError(detail, microsoft=details, hint="Re-connect the mailbox.",
+                                   extra={"reason": "invalid_grant"})
+    if error == "access_denied":
+        return MicrosoftError(detail or "The user cancelled or was denied.", code="access_denied", status=403,
+                              microsoft=details, hint="The user cancelled sign-in or consent. Connect again.")
+    if error == "consent_required":
+        return MicrosoftError(detail, code="consent_required", status=403, microsoft=details,
+                              hint=_fmt(AADSTS[65001].hint, ctx))
+    if error in ("temporarily_unavailable", "server_error"):
+        return UpstreamUnavailableError(detail or "Microsoft sign-in is temporarily unavailable.", microsoft=details,
+                                        hint="Try again in a minute.")
+    return MicrosoftError(detail, code=error, status=502, microsoft=details)
+
+
+def is_invalid_client(err: ConnectorError) -> bool:
+    return isinstance(err, OperatorError) and err.code in ("invalid_client", "invalid_client_secret",
+                                                            "client_secret_expired", "unknown_client")
+
+
+def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,
+                        context: Mapping[str, Any] | None = None) -> ConnectorError:
+    ctx = dict(context or {})
+    err = body.get("error") if isinstance(body, dict) else None
+    gcode = str(err.get("code")) if isinstance(err, dict) and err.get("code") else f"HTTP{status}"
+    message = _first_line(str(err.get("message"))) if isinstance(err, dict) and err.get("message") else ""
+    inner = (err.get("innerError") or {}) if isinstance(err, dict) else {}
+    details = MicrosoftDetails(error=gcode, request_id=headers.get("request-id") or inner.get("request-id"),
+                               correlation_id=headers.get("client-request-id") or inner.get("client-request-id"))
+    detail = message or f"Microsoft Graph answered {status}."
+    if status in (429, 503):
+        ra = _retry_after(headers)
+        return ThrottledError(detail, retry_after=ra, microsoft=details,
+                              hint="Microsoft Graph is throttling this mailbox; retry after the given delay.")
+    m = GRAPH.get(gcode)
+    if m is not None:
+        if m.kind == "reauth":
+            return ReauthRequiredError(detail, hint=m.hint, microsoft=details, extra={"reason": m.code})
+        return MicrosoftError(detail, code=m.code, status=m.status, hint=_fmt(m.hint, ctx), microsoft=details)
+    if status >= 500:
+        return UpstreamUnavailableError(detail, microsoft=details, hint="Microsoft Graph failed; try again later.")
+    return MicrosoftError(detail, code="graph_error", status=502 if status >= 500 else status, microsoft=details)
+
+
+def _retry_after(headers: Mapping[str, str], default: int = 5) -> int:
+    raw = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return max(1, int(float(raw))) if raw else default
+    except ValueError:
+        return default

@@ -1,0 +1,357 @@
+"""The OAuth client secret and the token key ring: Key Vault (Azure) or environment (local only).
+
+With ``KEY_VAULT_URL`` set, both values are Key Vault secrets (``MS_CLIENT_SECRET_NAME``,
+``TOKEN_KEYS_SECRET_NAME``) read through ``azure-keyvault-secrets`` with an azure-identity credential:
+
+* **Credential.** :func:`default_credential`: when the App Service / Functions managed-identity
+  endpoint is present (``IDENTITY_ENDPOINT``, or the older ``MSI_ENDPOINT``), a
+  ``ManagedIdentityCredential`` — user-assigned when ``AZURE_CLIENT_ID`` is set, system-assigned
+  otherwise; anywhere else ``DefaultAzureCredential(exclude_interactive_browser_credential=True)``
+  (environment service principal, workload identity, IMDS, ``az login`` …) so a developer can point
+  a local host at a real vault. Pass ``credential=`` to choose another.
+  (https://learn.microsoft.com/azure/app-service/overview-managed-identity#rest-endpoint-reference)
+* **Transport.** The SDK runs on ``shared._http.new_session`` (``trust_env=False``) and gets the
+  same CA file as ``connection_verify``: azure-core passes ``verify=`` on every request, which would
+  otherwise be ``True`` (certifi only, or whatever ``REQUESTS_CA_BUNDLE`` says when ``trust_env`` is
+  on). Bounded retries (the SDK default is 10 with exponential back-off) so a dead vault fails a
+  health check in seconds, not minutes.
+* **Challenge auth.** ``SecretClient`` discovers the vault's tenant and resource from a 401
+  challenge and checks that the resource's domain is a parent of the vault host. A loopback vault
+  (the ``devstack.keyvault`` double) can never pass that check, so — only for ``localhost`` /
+  ``127.0.0.1`` / ``::1`` vault URLs — the client is built with ``verify_challenge_resource=False``.
+  (https://aka.ms/azsdk/blog/vault-uri)
+* **Caching.** Each value is kept in memory for ``ttl_seconds`` (failures for ``error_ttl_seconds``,
+  so a vault outage does not turn every request into a vault call); concurrent callers share one
+  read. :meth:`SecretStore.invalidate_client_secret` drops the cached secret: the OAuth module calls
+  it once when Entra answers AADSTS7000215 / AADSTS7000222 (invalid / expired secret) and retries
+  once, which picks up a secret rotated in the vault without a restart.
+* **Errors.** Anything that stops a read (not found, forbidden, no identity, network) raises
+  :class:`SecretUnavailableError` (``secret_unavailable``, 503) naming the secret and the vault —
+  never a value. :meth:`SecretStore.check` is what ``/api/health`` calls.
+
+Without ``KEY_VAULT_URL`` the values come from ``MS_CLIENT_SECRET`` and ``TOKEN_ENCRYPTION_KEYS``
+(local development only; ``shared.config`` requires them then).
+
+Azure SDK modules are imported lazily, on the first read: cold start matters on Functions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigurationError, ConnectorError
+
+if TYPE_CHECKING:
+    from shared.config import Settings
+    from shared.crypto import KeyRing
+
+#: Retry settings for the Key Vault client (azure-core RetryPolicy keywords).
+SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
+#: (connect, read) timeouts in seconds for Key Vault requests.
+SDK_TIMEOUTS: dict[str, float] = {"connection_timeout": 5, "read_timeout": 30}
+
+_RBAC_HINT = (
+    "Grant the function app's managed identity the 'Key Vault Secrets User' role on the vault "
+    "(or a 'get' secret permission in its access policy)."
+)
+
+
+class SecretUnavailableError(ConnectorError):
+    """A secret the connector needs could not be read. Names the secret and vault, never a value."""
+
+    status = 503
+    code = "secret_unavailable"
+    title = "A secret the connector needs is unavailable"
+
+    def __init__(
+        self, detail: str, *, secret_name: str, vault: str | None, reason: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(detail, hint=hint)
+        self.secret_name = secret_name
+        self.vault = vault
+        self.reason = reason
+
+    def copy(self) -> SecretUnavailableError:
+        return SecretUnavailableError(
+            self.detail, secret_name=self.secret_name, vault=self.vault, reason=self.reason, hint=self.hint
+        )
+
+
+SecretClientFactory = Callable[[str, Any], Any]
+"""``factory(vault_url, credential)`` → an object with ``get_secret(name)`` (a ``SecretClient``)."""
+
+
+def default_credential() -> Any:
+    """Managed identity on App Service / Functions, ``DefaultAzureCredential`` elsewhere."""
+    if os.environ.get("IDENTITY_ENDPOINT") or os.environ.get("MSI_ENDPOINT"):
+        from azure.identity import ManagedIdentityCredential
+
+        return ManagedIdentityCredential(client_id=os.environ.get("AZURE_CLIENT_ID") or None)
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(exclude_interactive_browser_credential=True)
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Entry:
+    expires_at: float
+    value: Any = None
+    error: SecretUnavailableError | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error.copy()
+        return self.value
+
+
+class SecretStore:
+    """Client secret + token key ring with an in-memory TTL cache. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential: Any = None,
+        ttl_seconds: float = 300,
+        clock: Callable[[], float] = time.monotonic,
+        secret_client_factory: SecretClientFactory | None = None,
+        error_ttl_seconds: float = 5,
+    ) -> None:
+        self._settings = settings
+        self._vault = settings.key_vault_url
+        self._credential = credential
+        self._ttl = ttl_seconds
+        self._error_ttl = error_ttl_seconds
+        self._clock = clock
+        self._factory = secret_client_factory
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._locks = {
+            settings.client_secret_name: threading.Lock(),
+            settings.token_keys_secret_name: threading.Lock(),
+        }
+        self._cache: dict[str, _Entry] = {}
+        self._env_ring: KeyRing | None = None
+
+    def __repr__(self) -> str:
+        source = self._vault or "environment"
+        return f"SecretStore(source={source!r}, ttl_seconds={self._ttl})"
+
+    @property
+    def uses_key_vault(self) -> bool:
+        return bool(self._vault)
+
+    # ------------------------------------------------------------------ public API
+    def client_secret(self) -> str:
+        """The Entra app's client secret."""
+        if not self._vault:
+            if not self._settings.client_secret:
+                raise SecretUnavailableError(
+                    "MS_CLIENT_SECRET is not set and KEY_VAULT_URL is not configured.",
+                    secret_name="MS_CLIENT_SECRET", vault=None, reason="not_set",
+                    hint="Set KEY_VAULT_URL (Azure) or MS_CLIENT_SECRET (local development).",
+                )
+            return self._settings.client_secret
+        return self._get(self._settings.client_secret_name, self._as_client_secret)
+
+    def key_ring(self) -> KeyRing:
+        """The token encryption key ring (see ``shared.crypto``)."""
+        if not self._vault:
+            if self._env_ring is None:
+                from shared.crypto import KeyRing
+
+                raw = self._settings.token_encryption_keys
+                if not raw:
+                    raise SecretUnavailableError(
+                        "TOKEN_ENCRYPTION_KEYS is not set and KEY_VAULT_URL is not configured.",
+                        secret_name="TOKEN_ENCRYPTION_KEYS", vault=None, reason="not_set",
+                        hint="Set KEY_VAULT_URL (Azure) or TOKEN_ENCRYPTION_KEYS (local development).",
+                    )
+                self._env_ring = KeyRing.from_json(raw, setting="TOKEN_ENCRYPTION_KEYS")
+            return self._env_ring
+        return self._get(self._settings.token_keys_secret_name, self._as_key_ring)
+
+    def invalidate_client_secret(self) -> None:
+        """Forget the cached client secret; the next :meth:`client_secret` reads the vault again."""
+        self._invalidate(self._settings.client_secret_name)
+
+    def invalidate_key_ring(self) -> None:
+        """Forget the cached key ring (e.g. a record names a key id this instance has not seen yet)."""
+        self._invalidate(self._settings.token_keys_secret_name)
+
+    def check(self) -> None:
+        """Raise :class:`SecretUnavailableError` unless the client secret can be read (``/api/health``).
+
+        Served from the cache like any read, so a vault that stops answering (or an identity that loses
+        access) fails the health check within ``ttl_seconds``; failures stay cached ``error_ttl_seconds``.
+        """
+        self.client_secret()
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None and hasattr(client, "close"):
+            client.close()
+
+    # ------------------------------------------------------------------ cache
+    def _invalidate(self, name: str) -> None:
+        if not self._vault:
+            return
+        with self._locks[name]:  # waits for a read in flight, so the next call really re-reads
+            self._cache.pop(name, None)
+
+    def _get(self, name: str, transform: Callable[[str, str], Any]) -> Any:
+        entry = self._cache.get(name)
+        if entry is not None and self._clock() < entry.expires_at:
+            return entry.unwrap()
+        with self._locks[name]:  # single flight: concurrent callers wait for one read
+            entry = self._cache.get(name)
+            if entry is not None and self._clock() < entry.expires_at:
+                return entry.unwrap()
+            try:
+                value = transform(name, self._fetch(name))
+            except SecretUnavailableError as exc:
+                self._cache[name] = _Entry(expires_at=self._clock() + self._error_ttl, error=exc.copy())
+                raise
+            self._cache[name] = _Entry(expires_at=self._clock() + self._ttl, value=value)
+            return value
+
+    # ------------------------------------------------------------------ Key Vault
+    def _secret_client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                credential = self._credential if self._credential is not None else default_credential()
+                self._credential = credential
+                factory = self._factory or self._default_factory
+                self._client = factory(self._vault or "", credential)
+            return self._client
+
+    def _default_factory(self, vault_url: str, credential: Any) -> Any:
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.keyvault.secrets import SecretClient
+
+        from shared._http import ca_bundle_path, new_session
+
+        ca = self._settings.ca_bundle
+        transport = RequestsTransport(
+            session=new_session(ca, pool_size=4),
+            session_owner=True,
+            connection_verify=ca_bundle_path(ca),  # azure-core sends verify= on every request
+            **SDK_TIMEOUTS,
+        )
+        kwargs: dict[str, Any] = {"transport": transport, **SDK_RETRY}
+        if _is_loopback(vault_url):
+            # The challenge's resource (https://vault.azure.net) can't be a parent domain of a loopback
+            # host; only the local Key Vault double lives there. Real vaults keep the check.
+            kwargs["verify_challenge_resource"] = False
+        return SecretClient(vault_url, credential, **kwargs)
+
+    def _fetch(self, name: str) -> str:
+        from azure.core.exceptions import AzureError
+
+        try:
+            secret = self._secret_client().get_secret(name)
+        except AzureError as exc:
+            raise self._map_error(name, exc) from None
+        value = getattr(secret, "value", None)
+        if not value:
+            raise SecretUnavailableError(
+                f"The Key Vault secret '{name}' in {self._vault} has no value.",
+                secret_name=name, vault=self._vault, reason="empty",
+                hint=f"Set a value for the secret '{name}' in {self._vault}.",
+            )
+        return value
+
+    def _map_error(self, name: str, exc: Exception) -> SecretUnavailableError:
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceNotFoundError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
+
+        vault = self._vault
+        where = f"the Key Vault secret '{name}' in {vault}"
+        status = getattr(exc, "status_code", None)
+        error = getattr(exc, "error", None)
+        kv_code = getattr(error, "code", None) if error is not None else None
+        if isinstance(exc, ResourceNotFoundError) or status == 404:
+            return SecretUnavailableError(
+                f"Could not read {where}: it does not exist ({kv_code or 'NotFound'}, 404).",
+                secret_name=name, vault=vault, reason="not_found",
+                hint=f"Create the secret '{name}' in {vault}, or set the app setting that names it.",
+            )
+        if status == 403:
+            return SecretUnavailableError(
+                f"Could not read {where}: access denied ({kv_code or 'Forbidden'}, 403).",
+                secret_name=name, vault=vault, reason="forbidden", hint=_RBAC_HINT,
+            )
+        if isinstance(exc, ClientAuthenticationError):
+            from azure.identity import CredentialUnavailableError
+
+            if isinstance(exc, CredentialUnavailableError):
+                return SecretUnavailableError(
+                    f"Could not read {where}: no Azure identity is available to authenticate to the vault.",
+                    secret_name=name, vault=vault, reason="no_identity",
+                    hint="Enable a managed identity on the function app (set AZURE_CLIENT_ID for a user-assigned "
+                    "one); locally, sign in with 'az login' or unset KEY_VAULT_URL.",
+                )
+            return SecretUnavailableError(
+                f"Could not read {where}: the vault did not accept the app's identity (401).",
+                secret_name=name, vault=vault, reason="unauthenticated",
+                hint="Check that the vault is in the managed identity's tenant. " + _RBAC_HINT,
+            )
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+            return SecretUnavailableError(
+                f"Could not read {where}: the vault is unreachable ({type(exc).__name__}).",
+                secret_name=name, vault=vault, reason="unreachable",
+                hint=f"Check that {vault} resolves and is reachable from the function app (DNS, private "
+                "endpoint, firewall) and that its TLS certificate is trusted.",
+            )
+        if isinstance(exc, HttpResponseError):
+            return SecretUnavailableError(
+                f"Could not read {where}: the vault answered {status} ({kv_code or 'error'}).",
+                secret_name=name, vault=vault, reason="vault_error",
+                hint="Key Vault may be throttling or unavailable; the connector retries on the next request.",
+            )
+        return SecretUnavailableError(
+            f"Could not read {where} ({type(exc).__name__}).", secret_name=name, vault=vault, reason="error",
+            hint=f"Check the vault {vault} and the function app's identity.",
+        )
+
+    # ------------------------------------------------------------------ transforms
+    @staticmethod
+    def _as_client_secret(name: str, raw: str) -> str:
+        # Entra client secrets contain no whitespace; a trailing newline pasted into the vault would break
+        # every token request.
+        return raw.strip()
+
+    def _as_key_ring(self, name: str, raw: str) -> KeyRing:
+        from shared.crypto import KeyRing
+
+        try:
+            return KeyRing.from_json(raw, setting=name)
+        except ConfigurationError as exc:
+            raise SecretUnavailableError(
+                f"The Key Vault secret '{name}' in {self._vault} is not a valid token key ring: {exc.detail}",
+                secret_name=name, vault=self._vault, reason="malformed",
+                hint=f'Store JSON {{"active":"<kid>","keys":{{"<kid>":"<base64 of 32 random bytes>"}}}} as {name}.',
+            ) from None

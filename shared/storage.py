@@ -1,0 +1,119 @@
+"""Table and queue clients: a connection string locally (Azurite), managed identity in Azure.
+
+Identity-based settings follow the Functions convention ``AzureWebJobsStorage__accountName`` (or
+``__tableServiceUri`` / ``__queueServiceUri``) with ``__clientId`` for a user-assigned identity:
+https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity
+SDK imports are lazy so that importing ``function_app`` stays cheap (cold start, SPEC §9).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from shared.config import Settings
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
+    from azure.storage.queue import QueueClient
+
+ACCOUNTS_TABLE = "accounts"
+STATES_TABLE = "oauthstates"
+REFRESH_INDEX_TABLE = "refreshindex"
+IDEMPOTENCY_TABLE = "idempotency"
+TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE)
+REFRESH_QUEUE = "refresh-jobs"
+WEBHOOK_QUEUE = "webhook-deliveries"
+QUEUES = (REFRESH_QUEUE, WEBHOOK_QUEUE)
+
+# Every storage call has a timeout (seconds); the SDK's own retry policy handles transient faults.
+_CLIENT_KW: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20, "retry_total": 3}
+
+
+class Storage:
+    """Lazily created, cached clients for the app's tables and queues (thread-safe)."""
+
+    def __init__(self, settings: Settings, *, credential: Any = None, environ: dict[str, str] | None = None) -> None:
+        self._settings = settings
+        self._credential = credential
+        self._env = dict(os.environ if environ is None else environ)
+        self._lock = threading.Lock()
+        self._tables: dict[str, TableClient] = {}
+        self._queues: dict[str, QueueClient] = {}
+        self._ensured = False
+
+    def _get_credential(self) -> Any:
+        if self._credential is None:
+            from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+            client_id = self._env.get("AzureWebJobsStorage__clientId")
+            self._credential = (
+                ManagedIdentityCredential(client_id=client_id) if client_id else DefaultAzureCredential()
+            )
+        return self._credential
+
+    def _endpoint(self, kind: str) -> str:
+        explicit = self._env.get(f"AzureWebJobsStorage__{kind}ServiceUri")
+        if explicit:
+            return explicit
+        return f"https://{self._settings.storage_account_name}.{kind}.core.windows.net"
+
+    def table(self, name: str) -> TableClient:
+        client = self._tables.get(name)
+        if client is None:
+            from azure.data.tables import TableClient
+
+            with self._lock:
+                client = self._tables.get(name)
+                if client is None:
+                    cs = self._settings.storage_connection_string
+                    if cs:
+                        client = TableClient.from_connection_string(cs, name, **_CLIENT_KW)
+                    else:
+                        client = TableClient(self._endpoint("table"), name, credential=self._get_credential(),
+                                             **_CLIENT_KW)
+                    self._tables[name] = client
+        return client
+
+    def queue(self, name: str) -> QueueClient:
+        client = self._queues.get(name)
+        if client is None:
+            from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+
+            # The Functions queue trigger expects base64 messages by default (host.json messageEncoding).
+            kw = dict(_CLIENT_KW, message_encode_policy=BinaryBase64EncodePolicy(),
+                      message_decode_policy=BinaryBase64DecodePolicy())
+            with self._lock:
+                client = self._queues.get(name)
+                if client is None:
+                    cs = self._settings.storage_connection_string
+                    if cs:
+                        client = QueueClient.from_connection_string(cs, name, **kw)
+                    else:
+                        client = QueueClient(self._endpoint("queue"), name, credential=self._get_credential(), **kw)
+                    self._queues[name] = client
+        return client
+
+    def ensure(self) -> None:
+        """Create missing tables and queues (Bicep creates them in Azure; Azurite starts empty)."""
+        if self._ensured:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        for t in TABLES:
+            try:
+                self.table(t).create_table()
+            except ResourceExistsError:
+                pass
+        for q in QUEUES:
+            try:
+                self.queue(q).create_queue()
+            except ResourceExistsError:
+                pass
+        self._ensured = True
+
+    def check(self) -> None:
+        """Raise if the accounts table cannot be read (health check)."""
+        self.ensure()
+        next(iter(self.table(ACCOUNTS_TABLE).query_entities("PartitionKey eq 'health'", results_per_page=1)), None)

@@ -1,0 +1,203 @@
+"""Access tokens for an account: use the stored one while fresh, refresh safely when not.
+
+Rotation safety (SPEC §5, §6): each refresh returns a new refresh token that must replace the
+stored one, and with strict rotation the old one dies at once. Two refreshers that both use the
+same refresh token would lose the grant, so a refresh first takes a short **lease** on the
+account row with an ETag-conditional write (Table Storage ETags are per-entity optimistic
+concurrency: https://learn.microsoft.com/rest/api/storageservices/update-entity2). Only the lease
+holder calls the token endpoint; others wait for the lease to clear and use what it stored. A
+per-account lock in the process spares the table when many local callers collide. The final
+write is conditional too and retried while the lease is still ours, so a concurrent
+``lastUsedAt`` merge never drops a rotated token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
+from shared.errors import ConflictError, ReauthRequiredError, UpstreamUnavailableError
+
+log = logging.getLogger("connector.tokens")
+
+REFRESH_MARGIN = dt.timedelta(minutes=5)  # renew an access token this long before it expires
+LEASE = dt.timedelta(seconds=60)  # > token request timeout, so a live holder never loses its lease
+WAIT_FOR_LEASE_S = 45.0
+
+
+class TokenManager:
+    def __init__(self, store: AccountStore, oauth: Any, *, keepalive: dt.timedelta,
+                 on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
+                 on_refreshed: Callable[[Account], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._store = store
+        self._oauth = oauth
+        self._keepalive = keepalive
+        self._on_reauth = on_reauth
+        self._on_refreshed = on_refreshed
+        self._sleep = sleep
+        self._locks_guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def _local_lock(self, account_id: str) -> threading.Lock:
+        with self._locks_guard:
+            lock = self._locks.get(account_id)
+            if lock is None:
+                if len(self._locks) > 10_000:  # bound memory: drop idle locks
+                    self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+                lock = self._locks[account_id] = threading.Lock()
+            return lock
+
+    @staticmethod
+    def _fresh(tokens: Tokens, now: dt.datetime) -> bool:
+        return tokens.expires_at - now > REFRESH_MARGIN
+
+    def next_due(self, tokens: Tokens, now: dt.datetime, *, active_use: bool) -> dt.datetime:
+        """When the refresher should next look at this account (SPEC §6 policy)."""
+        keepalive = tokens.refresh_token_issued_at + self._keepalive
+        if active_use:
+            return min(tokens.expires_at - REFRESH_MARGIN * 2, keepalive)
+        return keepalive
+
+    def access_token(self, account: Account) -> tuple[str, Account]:
+        """A valid access token; refreshing only when it is about to expire (no write otherwise)."""
+        if account.status != ACTIVE:
+            raise _reauth_error(account)
+        tokens = self._store.open_tokens(account)
+        if self._fresh(tokens, utcnow()):
+            return tokens.access_token, account
+        account = self.refresh(account.owner, account.id, force=False)
+        return self._store.open_tokens(account).access_token, account
+
+    def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None) -> Account:
+        """Refresh the account's tokens now (or only if needed when ``force`` is False)."""
+        with self._local_lock(account_id):
+            deadline = time.monotonic() + WAIT_FOR_LEASE_S
+            delay = 0.05
+            while True:
+                acc = self._store.get_account(owner, account_id)
+                if acc.status != ACTIVE:
+                    raise _reauth_error(acc)
+                tokens = self._store.open_tokens(acc)
+                now = utcnow()
+                if stale_access_token is not None and tokens.access_token != stale_access_token \
+                        and self._fresh(tokens, now):
+                    return acc  # someone refreshed since the caller's token was rejected
+                if not force and stale_access_token is None and self._fresh(tokens, now):
+                    return acc
+                if acc.lease_id and acc.lease_until and acc.lease_until > now:
+                    if time.monotonic() > deadline:
+                        raise UpstreamUnavailableError("Another refresh of this account is taking too long.",
+                                                       hint="Retry shortly.")
+                    self._sleep(delay)  # another instance holds the lease: wait for its result
+                    delay = min(delay * 2, 1.0)
+                    if force:
+                        force = False  # the holder's refresh is as good as ours
+                        stale_access_token = tokens.access_token
+                    continue
+                lease = secrets.token_hex(8)
+                try:
+                    acc = self._store.update_account(replace(acc, lease_id=lease, lease_until=now + LEASE),
+                                                     etag=acc.etag)
+                except ConflictError:
+                    continue
+                break
+            return self._refresh_with_lease(acc, tokens, lease)
+
+    def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str) -> Account:
+        try:
+            result = self._oauth.refresh(tokens.refresh_token, acc.scopes or None)
+        except ReauthRequiredError as err:
+            return self._mark_reauth(acc, lease, err)
+        except Exception:
+            self._release(acc, lease)
+            raise
+        now = utcnow()
+        new_tokens = Tokens(
+            access_token=result.access_token,
+            refresh_token=result.refresh_token or tokens.refresh_token,
+            expires_at=result.expires_at,
+            scopes=result.scopes or tokens.scopes,
+            refresh_token_issued_at=now if result.refresh_token else tokens.refresh_token_issued_at,
+        )
+        sealed = self._store.seal_tokens(acc.owner, acc.id, new_tokens)
+        while True:
+            fresh = replace(acc, sealed_tokens=sealed, lease_id=None, lease_until=None, last_refreshed_at=now,
+                            access_token_expires_at=new_tokens.expires_at, scopes=new_tokens.scopes or acc.scopes,
+                            last_error=None,
+                            refresh_due_at=self.next_due(new_tokens, now, active_use=_recently_used(acc, now)))
+            try:
+                saved = self._store.update_account(fresh, etag=acc.etag)
+                break
+            except ConflictError:
+                acc = self._store.get_account(acc.owner, acc.id)
+                if acc.lease_id != lease:
+                    # Our lease expired and someone else took over: their tokens are newer (or they
+                    # will find the grant revoked by our use); never overwrite them.
+                    log.warning("lost the refresh lease on %s; keeping the other writer's tokens", acc.id)
+                    return acc
+        if self._on_refreshed:
+            self._on_refreshed(saved)
+        return saved
+
+    def _release(self, acc: Account, lease: str) -> None:
+        for _ in range(5):
+            try:
+                self._store.update_account(replace(acc, lease_id=None, lease_until=None), etag=acc.etag)
+                return
+            except ConflictError:
+                acc = self._store.get_account(acc.owner, acc.id)
+                if acc.lease_id != lease:
+                    return
+
+    def _mark_reauth(self, acc: Account, lease: str, err: ReauthRequiredError) -> Account:
+        now = utcnow()
+        reason = str(err.extra.get("reason") or err.code)
+        while True:
+            dead = replace(acc, status=REAUTH_REQUIRED, sealed_tokens=None, lease_id=None, lease_until=None,
+                           refresh_due_at=None,
+                           last_error={"code": reason, "message": err.detail[:300], "at": iso(now)})
+            try:
+                saved = self._store.update_account(dead, etag=acc.etag)
+                break
+            except ConflictError:
+                acc = self._store.get_account(acc.owner, acc.id)
+                if acc.lease_id != lease:
+                    return acc
+        log.warning("account %s needs re-authentication: %s", acc.id, reason)
+        if self._on_reauth:
+            self._on_reauth(saved, err)
+        raise err
+
+
+def _recently_used(acc: Account, now: dt.datetime) -> bool:
+    return bool(acc.last_used_at and now - acc.last_used_at < dt.timedelta(days=1))
+
+
+def _reauth_error(acc: Account) -> ReauthRequiredError:
+    return ReauthRequiredError("The mailbox must be re-connected before it can be used.",
+                               hint="Start the connect flow again with accountId to keep the account id.",
+                               extra={"accountId": acc.id})
+
+
+class AccountTokenSource:
+    """The :class:`shared.graph.TokenSource` for one account."""
+
+    def __init__(self, manager: TokenManager, account: Account) -> None:
+        self._m = manager
+        self.account = account
+
+    def get(self) -> str:
+        token, self.account = self._m.access_token(self.account)
+        return token
+
+    def refresh(self, stale: str) -> str:
+        self.account = self._m.refresh(self.account.owner, self.account.id, force=False, stale_access_token=stale)
+        return self._m._store.open_tokens(self.account).access_token

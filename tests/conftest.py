@@ -1,0 +1,237 @@
+"""Session fixtures: one Azurite, one Microsoft sandbox, one dev host (a real subprocess).
+
+Nothing here patches the app: the host runs ``function_app.py`` against Azurite and the sandbox
+over HTTPS, exactly as a developer's ``make dev`` does, with settings from the environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def wait_for(condition: Any, *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``condition()`` until it returns a truthy value (never a blind sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Any]:
+    from devstack.azurite import Azurite
+
+    az = Azurite().start()
+    yield az
+    az.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Any]:
+    from devstack.sandbox import SandboxServer
+
+    sb = SandboxServer(port=0).start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="session")
+def control(sandbox: Any) -> Any:
+    from devstack.sandbox import SandboxControl
+
+    return SandboxControl(sandbox.url, verify=sandbox.ca_path)
+
+
+class WebhookReceiver:
+    """A local webhook endpoint that records deliveries; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.fail_next = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    if outer.fail_next > 0:
+                        outer.fail_next -= 1
+                        self.send_response(500)
+                        self.end_headers()
+                        return
+                    outer.events.append({"body": body, "headers": dict(self.headers.items())})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def of_type(self, event_type: str, account_id: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        with self.lock:
+            for e in self.events:
+                doc = json.loads(e["body"])
+                if doc["type"] == event_type and (account_id is None or doc["data"]["account"]["id"] == account_id):
+                    out.append({**e, "doc": doc})
+        return out
+
+
+@pytest.fixture(scope="session")
+def webhooks() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver()
+    yield r
+    r.server.shutdown()
+
+
+def free_port() -> int:
+    from devstack.azurite import free_port as fp
+
+    return fp()
+
+
+class Host:
+    def __init__(self, url: str, env: dict[str, str], log_path: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.url = url
+        self.env = env
+        self.log_path = log_path
+        self.proc = proc
+        self.http = requests.Session()
+        self.http.trust_env = False
+
+    def settings(self) -> Any:
+        from shared.config import load_settings
+
+        return load_settings(self.env)
+
+    def token(self, sub: str, **overrides: Any) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {"sub": sub, "iss": self.env["AUTH_ISSUER"], "aud": self.env["AUTH_AUDIENCE"], "iat": now,
+                  "nbf": now, "exp": now + 3600}
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, self.env["AUTH_HS256_SECRET"], algorithm="HS256")
+
+    def api(self, method: str, path: str, sub: str | None = "owner-a", **kw: Any) -> requests.Response:
+        headers = kw.pop("headers", {})
+        if sub is not None:
+            headers.setdefault("Authorization", f"Bearer {self.token(sub)}")
+        kw.setdefault("timeout", 120)
+        kw.setdefault("allow_redirects", False)
+        return self.http.request(method, self.url + path, headers=headers, **kw)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) -> Iterator[Host]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    control.register_client(os.environ.get("TEST_CLIENT_ID", "5a1b0c3d-0000-4000-8000-00000000c0de"),
+                            "sandbox-client-secret-not-a-real-secret",
+                            [f"{base}/api/connect/microsoft/callback"])
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "AUTH_", "GRAPH_", "WEBHOOK_"))}
+    env.update({
+        "MS_CLIENT_ID": "5a1b0c3d-0000-4000-8000-00000000c0de",
+        "MS_CLIENT_SECRET": "sandbox-client-secret-not-a-real-secret",
+        "MS_AUTHORITY_HOST": sandbox.url,
+        "MS_TENANT": "common",
+        "GRAPH_BASE_URL": sandbox.url + "/v1.0",
+        "MS_CA_BUNDLE": sandbox.ca_path,
+        "PUBLIC_BASE_URL": base,
+        "AzureWebJobsStorage": azurite.connection_string,
+        "AUTH_ISSUER": "https://issuer.test",
+        "AUTH_AUDIENCE": "outlook-connector-tests",
+        "AUTH_HS256_SECRET": secrets.token_urlsafe(32),
+        "ALLOWED_RETURN_URLS": f"https://app.example.com/connected,{base}/demo/",
+        "TOKEN_ENCRYPTION_KEYS": json.dumps({"active": "k1", "keys": {"k1": key}}),
+        "WEBHOOK_URL": webhooks.url,
+        "WEBHOOK_SECRET": secrets.token_urlsafe(24),
+        "REFRESH_SCHEDULE": "0 0 0 1 1 *",
+        "CLEANUP_SCHEDULE": "0 0 0 1 1 *",
+        "PYTHONUNBUFFERED": "1",
+    })
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "host.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    h = Host(base, env, log_path, proc)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"dev host exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            return h.http.get(base + "/api/health", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(healthy, timeout=60, what="the dev host to answer /api/health")
+    yield h
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def browser_session(sandbox: Any) -> requests.Session:
+    """What the user's browser does at the sandbox: follow /authorize to the redirect."""
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = sandbox.ca_path
+    return s
+
+
+def connect(host: Host, browser: requests.Session, *, sub: str = "owner-a", login_hint: str,
+            return_url: str | None = "https://app.example.com/connected", **extra: str) -> dict[str, Any]:
+    """Run the whole connect journey; return the parsed redirect (or the HTML page response)."""
+    params = {"loginHint": login_hint, **extra}
+    if return_url:
+        params["returnUrl"] = return_url
+    r = host.api("GET", "/api/connect/microsoft", sub=sub, params=params)
+    assert r.status_code == 200, r.text
+    start = r.json()
+    auth = browser.get(start["authUrl"], allow_redirects=False, timeout=30)
+    assert auth.status_code == 302, auth.text[:500]
+    callback = auth.headers["Location"]
+    assert callback.startswith(host.url + "/api/connect/microsoft/callback"), callback
+    cb = host.http.get(callback, allow_redirects=False, timeout=60)
+    out: dict[str, Any] = {"start": start, "callback_url": callback, "response": cb}
+    if cb.status_code == 302:
+        loc = cb.headers["Location"]
+        out["location"] = loc
+        out["result"] = {k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()}
+    return out

@@ -1,0 +1,293 @@
+"""Connect journey end to end: dev host + Azurite + sandbox over HTTPS with real MSAL inside."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests.conftest import Host, connect
+
+WORK = "adele@contoso.onmicrosoft.com"
+WORK2 = "megan@contoso.onmicrosoft.com"
+PERSONAL = "pat@outlook.com"
+CONSENT = "user@fabrikam.onmicrosoft.com"
+BLOCKED = "blocked@contoso.onmicrosoft.com"
+CONSUMER_TID = "9188040d-6c67-4c5b-b112-36a304b66dad"
+ACCOUNT_FIELDS = {"id", "provider", "email", "displayName", "tenantId", "accountType", "status", "scopes",
+                  "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError"}
+
+
+def _states(host: Host) -> list[dict[str, Any]]:
+    from azure.data.tables import TableClient
+
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "oauthstates")
+    return list(t.list_entities())
+
+
+def _account_rows(host: Host) -> int:
+    from azure.data.tables import TableClient
+
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "accounts")
+    return len(list(t.list_entities()))
+
+
+def test_work_account_connects_and_is_listed(host: Host, browser_session: Any) -> None:
+    out = connect(host, browser_session, sub="owner-work", login_hint=WORK)
+    assert out["location"].startswith("https://app.example.com/connected?")
+    assert out["result"]["status"] == "connected"
+    account_id = out["result"]["accountId"]
+    assert "no-referrer" in out["response"].headers.get("Referrer-Policy", "")
+    r = host.api("GET", "/api/accounts", sub="owner-work")
+    assert r.status_code == 200
+    accounts = r.json()["accounts"]
+    assert [a["id"] for a in accounts] == [account_id]
+    acc = accounts[0]
+    assert set(acc) == ACCOUNT_FIELDS
+    assert acc["email"] == WORK and acc["accountType"] == "work" and acc["status"] == "active"
+    assert acc["tenantId"] and acc["tenantId"] != CONSUMER_TID
+    assert {"Mail.Send", "Mail.ReadWrite", "User.Read"} <= set(acc["scopes"])
+    assert acc["provider"] == "microsoft" and acc["lastError"] is None
+    one = host.api("GET", f"/api/accounts/{account_id}", sub="owner-work")
+    assert one.status_code == 200 and one.json() == acc
+    assert one.headers["x-correlation-id"]
+
+
+def test_personal_account_is_told_apart(host: Host, browser_session: Any) -> None:
+    out = connect(host, browser_session, sub="owner-personal", login_hint=PERSONAL)
+    assert out["result"]["status"] == "connected", out
+    acc = host.api("GET", f"/api/accounts/{out['result']['accountId']}", sub="owner-personal").json()
+    assert acc["accountType"] == "personal" and acc["tenantId"] == CONSUMER_TID and acc["email"] == PERSONAL
+
+
+def test_reconnect_keeps_id_and_same_mailbox_is_not_duplicated(host: Host, browser_session: Any) -> None:
+    first = connect(host, browser_session, sub="owner-re", login_hint=WORK2)["result"]["accountId"]
+    again = connect(host, browser_session, sub="owner-re", login_hint=WORK2)["result"]["accountId"]
+    assert again == first
+    kept = connect(host, browser_session, sub="owner-re", login_hint=WORK2, accountId=first)["result"]
+    assert kept == {"status": "connected", "accountId": first}
+    assert [a["id"] for a in host.api("GET", "/api/accounts", sub="owner-re").json()["accounts"]] == [first]
+    # Re-connecting an account id with another Microsoft account is refused, and changes nothing.
+    wrong = connect(host, browser_session, sub="owner-re", login_hint=WORK, accountId=first)["result"]
+    assert wrong["status"] == "error" and wrong["code"] == "account_mismatch"
+    assert host.api("GET", f"/api/accounts/{first}", sub="owner-re").json()["email"] == WORK2
+
+
+def test_delete_destroys_the_record(host: Host, browser_session: Any) -> None:
+    acc_id = connect(host, browser_session, sub="owner-del", login_hint=WORK)["result"]["accountId"]
+    assert host.api("DELETE", f"/api/accounts/{acc_id}", sub="owner-del").status_code == 204
+    assert host.api("GET", f"/api/accounts/{acc_id}", sub="owner-del").status_code == 404
+    assert host.api("DELETE", f"/api/accounts/{acc_id}", sub="owner-del").status_code == 404
+    from azure.data.tables import TableClient
+
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "accounts")
+    assert not [e for e in t.list_entities() if e["RowKey"] == acc_id]
+
+
+def test_refresh_now_rotates_and_updates_account(host: Host, browser_session: Any, control: Any) -> None:
+    acc_id = connect(host, browser_session, sub="owner-rn", login_hint=WORK2)["result"]["accountId"]
+    before = host.api("GET", f"/api/accounts/{acc_id}", sub="owner-rn").json()
+    r = host.api("POST", f"/api/accounts/{acc_id}/refresh", sub="owner-rn")
+    assert r.status_code == 200, r.text
+    after = r.json()
+    assert after["status"] == "active" and after["lastRefreshedAt"] >= before["lastRefreshedAt"]
+    assert control.live_refresh_tokens(WORK2) >= 1
+
+
+@pytest.mark.parametrize(("hint", "codes"), [
+    (CONSENT, {"consent_required", "admin_consent_required"}),
+    (BLOCKED, {"blocked_by_conditional_access"}),
+])
+def test_failure_users_end_in_clear_error_redirect(host: Host, browser_session: Any, hint: str,
+                                                   codes: set[str]) -> None:
+    sub = "owner-fail-" + hint.split("@")[0]
+    r = host.api("GET", "/api/connect/microsoft", sub=sub,
+                 params={"loginHint": hint, "returnUrl": "https://app.example.com/connected"})
+    auth = browser_session.get(r.json()["authUrl"], allow_redirects=False, timeout=30)
+    if auth.status_code == 302 and auth.headers["Location"].startswith(host.url):
+        cb = host.http.get(auth.headers["Location"], allow_redirects=False, timeout=60)
+        assert cb.status_code == 302
+        result = {k: v[0] for k, v in parse_qs(urlsplit(cb.headers["Location"]).query).items()}
+        assert result["status"] == "error" and result["code"] in codes, result
+        assert result["message"].startswith("AADSTS"), result
+    else:  # Entra shows some failures on its own page; the sandbox must say which code
+        pytest.fail(f"sandbox did not redirect back for {hint}: {auth.status_code}")
+    assert host.api("GET", "/api/accounts", sub=sub).json()["accounts"] == []
+
+
+def test_callback_without_return_url_renders_page_for_opener(host: Host, browser_session: Any) -> None:
+    out = connect(host, browser_session, sub="owner-popup", login_hint=WORK, return_url=None)
+    page = out["response"]
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "Mailbox connected" in page.text and "window.opener" in page.text and "messageParent" in page.text
+    assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
+    assert '"*"' not in page.text  # postMessage is aimed at allowed origins only
+
+
+# -- attacks ----------------------------------------------------------------------------------------
+
+def test_forged_state_is_rejected(host: Host) -> None:
+    before = _account_rows(host)
+    for state in ("forged", "A" * 43 + "." + "0" * 40, "", "x" * 500):
+        r = host.http.get(host.url + "/api/connect/microsoft/callback", params={"state": state, "code": "abc"},
+                          timeout=30, allow_redirects=False)
+        assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/problem+json")
+        assert r.json()["code"] == "invalid_state"
+    assert _account_rows(host) == before
+
+
+def _authorize(host: Host, browser: Any, sub: str, hint: str = WORK) -> tuple[dict[str, Any], str]:
+    start = host.api("GET", "/api/connect/microsoft", sub=sub,
+                     params={"loginHint": hint, "returnUrl": "https://app.example.com/connected"}).json()
+    auth = browser.get(start["authUrl"], allow_redirects=False, timeout=30)
+    return start, auth.headers["Location"]
+
+
+def test_replayed_state_is_rejected(host: Host, browser_session: Any) -> None:
+    _, callback = _authorize(host, browser_session, "owner-replay")
+    assert host.http.get(callback, allow_redirects=False, timeout=60).status_code == 302
+    before = _account_rows(host)
+    again = host.http.get(callback, allow_redirects=False, timeout=60)
+    assert again.status_code == 400 and again.json()["code"] == "invalid_state"
+    assert _account_rows(host) == before
+
+
+def test_two_concurrent_callbacks_with_one_state_one_wins(host: Host, browser_session: Any) -> None:
+    _, callback = _authorize(host, browser_session, "owner-race", WORK2)
+    results: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def hit() -> None:
+        barrier.wait()
+        results.append(host.http.get(callback, allow_redirects=False, timeout=60).status_code)
+
+    threads = [threading.Thread(target=hit) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [302, 400]
+    assert len(host.api("GET", "/api/accounts", sub="owner-race").json()["accounts"]) == 1
+
+
+def test_expired_state_is_rejected(host: Host, browser_session: Any) -> None:
+    from azure.data.tables import TableClient, UpdateMode
+
+    start, callback = _authorize(host, browser_session, "owner-expired")
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "oauthstates")
+    import hashlib
+
+    rk = hashlib.sha256(start["state"].encode()).hexdigest()
+    row = next(e for e in t.list_entities() if e["RowKey"] == rk)
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)).isoformat()
+    t.update_entity({"PartitionKey": row["PartitionKey"], "RowKey": rk, "expiresAt": past}, mode=UpdateMode.MERGE)
+    r = host.http.get(callback, allow_redirects=False, timeout=60)
+    assert r.status_code == 400 and r.json()["code"] == "expired_state"
+    assert host.api("GET", "/api/accounts", sub="owner-expired").json()["accounts"] == []
+
+
+def test_replayed_code_is_rejected(host: Host, browser_session: Any) -> None:
+    _, first = _authorize(host, browser_session, "owner-code")
+    assert host.http.get(first, allow_redirects=False, timeout=60).status_code == 302
+    code = parse_qs(urlsplit(first).query)["code"][0]
+    start2, _ = _authorize(host, browser_session, "owner-code")
+    r = host.http.get(host.url + "/api/connect/microsoft/callback", params={"state": start2["state"], "code": code},
+                      allow_redirects=False, timeout=60)
+    result = parse_qs(urlsplit(r.headers["Location"]).query)
+    assert result["status"] == ["error"]
+    assert result["code"][0] in ("code_already_redeemed", "pkce_mismatch")
+
+
+def test_pkce_mismatch_code_injection_is_rejected(host: Host, browser_session: Any) -> None:
+    """A code obtained for flow A, injected into flow B (another verifier), must not redeem."""
+    _, cb_a = _authorize(host, browser_session, "owner-pkce")
+    code_a = parse_qs(urlsplit(cb_a).query)["code"][0]
+    start_b, _ = _authorize(host, browser_session, "owner-pkce")
+    r = host.http.get(host.url + "/api/connect/microsoft/callback", params={"state": start_b["state"], "code": code_a},
+                      allow_redirects=False, timeout=60)
+    result = parse_qs(urlsplit(r.headers["Location"]).query)
+    assert result["status"] == ["error"] and result["code"] == ["pkce_mismatch"], result
+    assert host.api("GET", "/api/accounts", sub="owner-pkce").json()["accounts"] == []
+
+
+@pytest.mark.parametrize("url", [
+    "https://evil.example.com/connected", "https://app.example.com/other", "https://app.example.com/connectedX",
+    "https://app.example.com.evil.com/connected", "http://app.example.com/connected", "//evil.com/connected",
+    "javascript:alert(1)", "https://user@app.example.com/connected", "https://app.example.com:444/connected",
+])
+def test_open_redirect_is_refused(host: Host, url: str) -> None:
+    r = host.api("GET", "/api/connect/microsoft", sub="owner-redirect", params={"returnUrl": url})
+    assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/problem+json")
+    assert r.json()["field"] == "returnUrl"
+
+
+def test_return_url_below_allowed_prefix_is_accepted(host: Host) -> None:
+    r = host.api("GET", "/api/connect/microsoft", sub="owner-redirect",
+                 params={"returnUrl": "https://app.example.com/connected/team?x=1"})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"authUrl", "state", "expiresAt"} and len(body["state"]) >= 43
+    q = parse_qs(urlsplit(body["authUrl"]).query)
+    assert q["code_challenge_method"] == ["S256"] and q["code_challenge"]
+    assert "offline_access" in q["scope"][0].split()
+
+
+def test_bad_prompt_names_the_field(host: Host) -> None:
+    r = host.api("GET", "/api/connect/microsoft", sub="o", params={"prompt": "none"})
+    assert r.status_code == 400 and r.json()["field"] == "prompt"
+
+
+def test_cross_owner_access_is_404(host: Host, browser_session: Any) -> None:
+    acc_id = connect(host, browser_session, sub="owner-x", login_hint=WORK)["result"]["accountId"]
+    for method, path in (("GET", f"/api/accounts/{acc_id}"), ("DELETE", f"/api/accounts/{acc_id}"),
+                         ("POST", f"/api/accounts/{acc_id}/refresh")):
+        r = host.api(method, path, sub="owner-y")
+        assert r.status_code == 404, (method, r.text)
+        assert r.json()["code"] == "account_not_found"
+    r = host.api("GET", "/api/connect/microsoft", sub="owner-y", params={"accountId": acc_id})
+    assert r.status_code == 404
+    assert host.api("GET", f"/api/accounts/{acc_id}", sub="owner-x").status_code == 200
+    assert host.api("GET", "/api/accounts", sub="owner-y").json()["accounts"] == []
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "expired", "audience", "issuer", "signature", "nbf",
+                                  "basic"])
+def test_caller_jwt_is_required_and_checked(host: Host, case: str) -> None:
+    import time
+
+    import jwt
+
+    headers: dict[str, str] = {}
+    if case == "garbage":
+        headers["Authorization"] = "Bearer not.a.jwt"
+    elif case == "expired":
+        headers["Authorization"] = "Bearer " + host.token("o", exp=int(time.time()) - 3600, iat=int(time.time()) - 7200,
+                                                          nbf=int(time.time()) - 7200)
+    elif case == "audience":
+        headers["Authorization"] = "Bearer " + host.token("o", aud="someone-else")
+    elif case == "issuer":
+        headers["Authorization"] = "Bearer " + host.token("o", iss="https://evil.test")
+    elif case == "signature":
+        headers["Authorization"] = "Bearer " + jwt.encode(
+            {"sub": "o", "iss": host.env["AUTH_ISSUER"], "aud": host.env["AUTH_AUDIENCE"],
+             "exp": int(time.time()) + 60}, "another-secret-of-at-least-32-bytes!!", algorithm="HS256")
+    elif case == "nbf":
+        headers["Authorization"] = "Bearer " + host.token("o", nbf=int(time.time()) + 3600)
+    elif case == "basic":
+        headers["Authorization"] = "Basic b3duZXI6cGFzcw=="
+    r = host.api("GET", "/api/accounts", sub=None, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+
+
+def test_pending_states_per_owner_are_bounded(host: Host) -> None:
+    for _ in range(15):
+        assert host.api("GET", "/api/connect/microsoft", sub="owner-flood").status_code == 200
+    from shared.accounts import owner_partition
+
+    mine = [e for e in _states(host) if e["PartitionKey"] == owner_partition("owner-flood")]
+    assert 0 < len(mine) <= 10
