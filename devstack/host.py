@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import azure.functions as func
+from azure.functions.queue import QueueMessage  # the worker's concrete type (carries dequeue_count)
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -273,7 +274,7 @@ class DevHost:
             self._run_timer(item, past_due=False)
         elif isinstance(item, QueueFunction):
             data = str(payload.get("input", "")).encode()
-            msg = func.QueueMessage(id="admin", body=data, dequeue_count=1, pop_receipt=None)
+            msg = QueueMessage(id="admin", body=data, dequeue_count=1, pop_receipt=None)
             _call(item.fn, {item.arg: msg})
         else:
             return _problem(400, "Bad request", f"{name} is an HTTP function; call its route instead.")
@@ -339,8 +340,9 @@ class DevHost:
                     body = base64.b64decode(content, validate=True) if self.q_base64 else content.encode()
                 except (binascii.Error, ValueError):
                     body = content.encode()
-                fm = func.QueueMessage(id=m.id, body=body, dequeue_count=m.dequeue_count, pop_receipt=m.pop_receipt,
-                                       insertion_time=m.inserted_on, expiration_time=m.expires_on)
+                fm = QueueMessage(id=m.id, body=body, dequeue_count=m.dequeue_count, pop_receipt=m.pop_receipt,
+                                       insertion_time=m.inserted_on, expiration_time=m.expires_on,
+                                  time_next_visible=m.next_visible_on)
                 try:
                     _call(q.fn, {q.arg: fm})
                 except Exception:

@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -154,10 +155,15 @@ class OAuthClient:
         partition = owner_partition(owner)
         state = secrets.token_urlsafe(32) + "." + partition[2:]
         app = self._msal_app()
-        flow = app.initiate_auth_code_flow(
-            self.resource_scopes, redirect_uri=self._s.redirect_uri, state=state,
-            prompt=prompt, login_hint=login_hint or None, domain_hint=domain_hint or None,
-        )
+        with warnings.catch_warnings():
+            # MSAL suggests response_mode=form_post (RFC 9700 §4.3.1); the SPEC's callback is a GET
+            # with query parameters, so the code is kept out of logs (path-only) and out of
+            # Referer headers (Referrer-Policy: no-referrer) instead.
+            warnings.filterwarnings("ignore", message=".*form_post.*")
+            flow = app.initiate_auth_code_flow(
+                self.resource_scopes, redirect_uri=self._s.redirect_uri, state=state,
+                prompt=prompt, login_hint=login_hint or None, domain_hint=domain_hint or None,
+            )
         now = utcnow()
         expires = now + STATE_TTL
         row = _state_key(state)

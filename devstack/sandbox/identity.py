@@ -137,7 +137,7 @@ def instance_discovery(tenant: str) -> Response:
     host = _host()
     netloc = urlparse(host).netloc
     parsed = urlparse(auth_ep)
-    if parsed.netloc and parsed.netloc != netloc:
+    if parsed.hostname and parsed.hostname not in (urlparse(host).hostname, "127.0.0.1", "localhost", "::1"):
         return jsonify({
             "error": "invalid_instance",
             "error_description": "AADSTS50049: Unknown or invalid instance.",

@@ -12,6 +12,9 @@ from typing import Any
 
 import azure.functions as func
 
+from shared.logs import configure as _configure_logging
+
+_configure_logging()
 log = logging.getLogger("connector.http")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
