@@ -27,7 +27,7 @@ from shared.errors import (
 
 
 @dataclass(frozen=True)
-class Mapping_:
+class ErrorInfo:
     code: str
     status: int
     hint: str
@@ -35,80 +35,83 @@ class Mapping_:
 
 
 # https://learn.microsoft.com/entra/identity-platform/reference-error-codes#aadsts-error-codes
-AADSTS: dict[int, Mapping_] = {
-    50011: Mapping_("redirect_uri_mismatch", 502,
+AADSTS: dict[int, ErrorInfo] = {
+    50011: ErrorInfo("redirect_uri_mismatch", 502,
                     "The redirect URI sent does not match the app registration. Register exactly "
                     "{redirect_uri} as a Web redirect URI in Entra (PUBLIC_BASE_URL must match).", "operator"),
-    65001: Mapping_("consent_required", 403,
+    65001: ErrorInfo("consent_required", 403,
                     "The user or an administrator has not consented to the app's permissions. Ask a tenant "
                     "administrator to grant consent: {admin_consent_url}"),
-    90094: Mapping_("admin_consent_required", 403,
+    90094: ErrorInfo("admin_consent_required", 403,
                     "This tenant requires an administrator to approve the app. Send this link to a tenant "
                     "administrator: {admin_consent_url}"),
-    700016: Mapping_("unknown_client", 502,
+    700016: ErrorInfo("unknown_client", 502,
                      "The client id is not registered in this tenant (or the tenant segment is wrong). Check "
                      "MS_CLIENT_ID and MS_TENANT, and that the app is multi-tenant if users come from other tenants.",
                      "operator"),
-    90099: Mapping_("app_not_authorized_in_tenant", 403,
+    90099: ErrorInfo("app_not_authorized_in_tenant", 403,
                     "The application has not been authorized in this tenant. An administrator must consent: "
                     "{admin_consent_url}"),
-    50020: Mapping_("account_not_allowed", 403,
+    50020: ErrorInfo("account_not_allowed", 403,
                     "This account type or tenant is not allowed by the app registration (e.g. a personal "
                     "account on a work-only app, or a guest). Use a supported account or change "
                     "'Supported account types'."),
-    50076: Mapping_("mfa_required", 401,
+    50076: ErrorInfo("mfa_required", 401,
                     "Multi-factor authentication is required. Re-connect the mailbox interactively.", "reauth"),
-    50079: Mapping_("mfa_registration_required", 401,
+    50079: ErrorInfo("mfa_registration_required", 401,
                     "The user must register for multi-factor authentication, then re-connect.", "reauth"),
-    53003: Mapping_("blocked_by_conditional_access", 403,
+    53003: ErrorInfo("blocked_by_conditional_access", 403,
                     "A Conditional Access policy blocked the sign-in. The tenant administrator must allow this "
                     "app, device or location."),
-    54005: Mapping_("code_already_redeemed", 400,
+    54005: ErrorInfo("code_already_redeemed", 400,
                     "The authorization code was already used. Start the connect flow again."),
-    70008: Mapping_("grant_expired", 401,
+    70008: ErrorInfo("grant_expired", 401,
                     "The refresh token or code expired (90 days of inactivity, or a 10-minute code). "
                     "Re-connect the mailbox.", "reauth"),
-    700082: Mapping_("grant_expired", 401,
+    700082: ErrorInfo("grant_expired", 401,
                      "The refresh token expired after 90 days of inactivity. Re-connect the mailbox.", "reauth"),
-    50173: Mapping_("grant_revoked", 401,
+    50173: ErrorInfo("grant_revoked", 401,
                     "The grant was revoked (password reset, admin revocation or session policy). "
                     "Re-connect the mailbox.", "reauth"),
-    7000215: Mapping_("invalid_client_secret", 502,
+    7000215: ErrorInfo("invalid_client_secret", 502,
                       "The client secret is wrong. Put the current secret's VALUE (not its id) in Key Vault "
                       "secret MS_CLIENT_SECRET_NAME.", "operator"),
-    7000222: Mapping_("client_secret_expired", 502,
+    7000222: ErrorInfo("client_secret_expired", 502,
                       "The client secret has expired. Create a new secret in Entra and store it in Key Vault.",
                       "operator"),
-    501481: Mapping_("pkce_mismatch", 400, "The PKCE verifier did not match. Start the connect flow again."),
-    65004: Mapping_("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
+    501481: ErrorInfo("pkce_mismatch", 400, "The PKCE verifier did not match. Start the connect flow again."),
+    65004: ErrorInfo("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
 }
 
 # https://learn.microsoft.com/graph/errors and the Outlook mail API error codes
-GRAPH: dict[str, Mapping_] = {
-    "InvalidAuthenticationToken": Mapping_(
-        "graph_token_rejected", 401,
-        "Graph rejected the access token even after a refresh. Re-connect the mailbox.", "reauth"),
-    "ErrorAccessDenied": Mapping_(
+GRAPH: dict[str, ErrorInfo] = {
+    # Only reached after one refresh + retry: the grant itself refreshed fine, so this is not
+    # (yet) a dead grant; the refresher decides that, not a Graph 401.
+    "InvalidAuthenticationToken": ErrorInfo(
+        "graph_token_rejected", 502,
+        "Graph rejected a freshly refreshed access token. Retry; if it persists, re-connect the mailbox "
+        "(a Conditional Access or token-protection policy may apply)."),
+    "ErrorAccessDenied": ErrorInfo(
         "mail_access_denied", 403,
         "The granted permissions do not allow this (e.g. Mail.Send was not consented). Re-connect with consent "
         "for {scopes}, or ask an administrator to grant it."),
-    "ErrorSendAsDenied": Mapping_(
+    "ErrorSendAsDenied": ErrorInfo(
         "send_as_denied", 403,
         "The mailbox may not send as the given address. Send from the connected mailbox itself."),
-    "ErrorInvalidRecipients": Mapping_(
+    "ErrorInvalidRecipients": ErrorInfo(
         "invalid_recipients", 400, "At least one recipient address was refused by Exchange. Check the addresses."),
-    "ErrorMessageSizeExceeded": Mapping_(
+    "ErrorMessageSizeExceeded": ErrorInfo(
         "message_too_large", 413,
         "The message exceeds the mailbox's size limit. Send smaller attachments or share a link instead."),
-    "MailboxNotEnabledForRESTAPI": Mapping_(
+    "MailboxNotEnabledForRESTAPI": ErrorInfo(
         "mailbox_not_available", 404,
         "This account has no Exchange Online mailbox reachable through Graph: the user is unlicensed, a guest, "
         "hosted on-premises, or the mailbox is inactive. Assign an Exchange Online licence or connect "
         "another account."),
-    "ErrorItemNotFound": Mapping_("message_not_found", 404, "The message or folder does not exist in this mailbox."),
-    "ResourceNotFound": Mapping_("not_found", 404, "The mailbox resource does not exist."),
-    "ErrorInvalidIdMalformed": Mapping_("invalid_id", 400, "The message or folder id is malformed."),
-    "ErrorQuotaExceeded": Mapping_("mailbox_full", 507, "The mailbox is full. The user must free space."),
+    "ErrorItemNotFound": ErrorInfo("message_not_found", 404, "The message or folder does not exist in this mailbox."),
+    "ResourceNotFound": ErrorInfo("not_found", 404, "The mailbox resource does not exist."),
+    "ErrorInvalidIdMalformed": ErrorInfo("invalid_id", 400, "The message or folder id is malformed."),
+    "ErrorQuotaExceeded": ErrorInfo("mailbox_full", 507, "The mailbox is full. The user must free space."),
 }
 
 _AADSTS_RE = re.compile(r"AADSTS(\d+)")

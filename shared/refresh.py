@@ -46,11 +46,6 @@ def bucket_of(t: dt.datetime) -> str:
     return t.replace(minute=t.minute - t.minute % 5, second=0, microsecond=0).strftime("%Y%m%d%H%M")
 
 
-def jittered(due: dt.datetime, spread: dt.timedelta) -> dt.datetime:
-    """Move ``due`` earlier by a random part of ``spread`` (never later: renewals stay in time)."""
-    return due - spread * random.random()  # noqa: S311  (load spreading, not security)
-
-
 def _row_key(account: Account) -> str:
     return f"{owner_partition(account.owner)}|{account.id}"
 
@@ -128,7 +123,7 @@ def process(connector: Any, message: bytes, *, now: dt.datetime | None = None) -
                         attempt, e.code)
             _reindex_at(connector, acc, now + dt.timedelta(minutes=30))
             return "deferred"
-        delay = min(3600, int(2 ** attempt * 10 * (0.5 + random.random())))  # noqa: S311
+        delay = min(3600, max(1, round(2 ** attempt * (0.5 + random.random()))))  # noqa: S311  backoff+jitter
         if isinstance(e, ThrottledError):
             delay = max(delay, e.retry_after)
         connector.storage.queue(REFRESH_QUEUE).send_message(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import secrets
 import threading
 import time
@@ -61,9 +62,11 @@ class TokenManager:
 
     def next_due(self, tokens: Tokens, now: dt.datetime, *, active_use: bool) -> dt.datetime:
         """When the refresher should next look at this account (SPEC §6 policy)."""
-        keepalive = tokens.refresh_token_issued_at + self._keepalive
+        # Jitter moves due times earlier by a random amount so that accounts connected together
+        # do not renew together (SPEC §6: spread load instead of synchronised bursts).
+        keepalive = tokens.refresh_token_issued_at + self._keepalive - self._keepalive / 14 * random.random()
         if active_use:
-            return min(tokens.expires_at - REFRESH_MARGIN * 2, keepalive)
+            return min(tokens.expires_at - REFRESH_MARGIN * (2 + random.random()), keepalive)
         return keepalive
 
     def access_token(self, account: Account) -> tuple[str, Account]:

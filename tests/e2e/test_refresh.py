@@ -1,0 +1,222 @@
+"""Proactive refresh end to end: timer → index → queue → worker, against Azurite and the sandbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Host, connect, free_port, wait_for
+
+CONTOSO = ("adele@contoso.onmicrosoft.com", "megan@contoso.onmicrosoft.com")
+
+
+def _tables(host: Host) -> tuple[Any, Any]:
+    from azure.data.tables import TableClient
+
+    cs = host.env["AzureWebJobsStorage"]
+    return (TableClient.from_connection_string(cs, "accounts"), TableClient.from_connection_string(cs, "refreshindex"))
+
+
+def _entity(host: Host, owner: str, account_id: str) -> Any:
+    from shared.accounts import owner_partition
+
+    return _tables(host)[0].get_entity(owner_partition(owner), account_id)
+
+
+def make_due(host: Host, owner: str, account_id: str) -> None:
+    """Stand-in for the passage of time: the account's due time is now in the past."""
+    from azure.data.tables import UpdateMode
+
+    from shared.accounts import owner_partition
+    from shared.refresh import bucket_of
+
+    accounts, index = _tables(host)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
+    pk = owner_partition(owner)
+    accounts.update_entity({"PartitionKey": pk, "RowKey": account_id, "refreshDueAt": past.isoformat()},
+                           mode=UpdateMode.MERGE)
+    index.upsert_entity({"PartitionKey": bucket_of(past), "RowKey": f"{pk}|{account_id}", "owner": owner,
+                         "accountId": account_id})
+
+
+def run_timer(host: Host) -> dict[str, Any]:
+    r = host.http.post(host.url + "/admin/functions/refresh_timer", json={"input": ""}, timeout=60)
+    assert r.status_code == 202
+    lines = [json.loads(line) for line in host.log_text().splitlines() if '"refresh.enqueued"' in line]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def fleet(host: Host, browser_session: Any) -> list[tuple[str, str]]:
+    out = []
+    for i in range(6):
+        owner = f"owner-fleet-{i}"
+        acc = connect(host, browser_session, sub=owner, login_hint=CONTOSO[i % 2])["result"]["accountId"]
+        out.append((owner, acc))
+    return out
+
+
+def test_new_account_is_indexed_for_keepalive_with_jitter(host: Host, fleet: list[tuple[str, str]]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    dues = []
+    for owner, acc in fleet:
+        due = dt.datetime.fromisoformat(_entity(host, owner, acc)["refreshDueAt"].replace("Z", "+00:00"))
+        assert now + dt.timedelta(days=6, hours=11) < due <= now + dt.timedelta(days=7, minutes=1)
+        dues.append(due)
+    assert len(set(dues)) == len(dues)  # jitter spreads them
+
+
+def test_due_accounts_are_refreshed_and_others_not_read(host: Host, fleet: list[tuple[str, str]],
+                                                        control: Any) -> None:
+    due, idle = fleet[:3], fleet[3:]
+    before = {acc: _entity(host, o, acc)["lastRefreshedAt"] for o, acc in fleet}
+    for owner, acc in due:
+        make_due(host, owner, acc)
+    summary = run_timer(host)
+    assert summary["indexRowsRead"] == len(due)
+
+    def all_refreshed() -> bool:
+        return all(_entity(host, o, a)["lastRefreshedAt"] != before[a] for o, a in due)
+
+    wait_for(all_refreshed, what="due accounts to be refreshed by the queue worker")
+    for owner, acc in idle:
+        assert _entity(host, owner, acc)["lastRefreshedAt"] == before[acc]
+    for owner, acc in due:
+        e = _entity(host, owner, acc)
+        assert e["status"] == "active"
+        assert dt.datetime.fromisoformat(e["refreshDueAt"].replace("Z", "+00:00")) > dt.datetime.now(dt.UTC)
+    assert run_timer(host)["indexRowsRead"] == 0  # the rows were consumed
+
+
+def test_revoked_grant_found_early_with_signed_webhook(host: Host, browser_session: Any, control: Any,
+                                                       webhooks: Any) -> None:
+    user = "pat@outlook.com"
+    owner = "owner-refresh-revoked"
+    acc = connect(host, browser_session, sub=owner, login_hint=user)["result"]["accountId"]
+    control.revoke_grants(user)
+    make_due(host, owner, acc)
+    run_timer(host)
+    wait_for(lambda: _entity(host, owner, acc)["status"] == "reauth_required", what="reauth_required")
+    e = _entity(host, owner, acc)
+    assert json.loads(e["lastError"])["code"] in ("grant_revoked", "invalid_grant")
+    assert e["tokens"] == ""  # the dead grant's tokens are destroyed
+    [hook] = wait_for(lambda: webhooks.of_type("account.reauth_required", acc), what="webhook")
+    from shared.webhooks import verify
+
+    assert verify(host.env["WEBHOOK_SECRET"], hook["body"], hook["headers"]["X-Connector-Signature"])
+    assert not verify("wrong-secret", hook["body"], hook["headers"]["X-Connector-Signature"])
+    assert hook["doc"]["data"]["account"]["status"] == "reauth_required"
+    # A webhook receiver that fails does not block anything, and gets it again later.
+    webhooks.fail_next = 1
+    r = host.api("DELETE", f"/api/accounts/{acc}", sub=owner)
+    assert r.status_code == 204
+    wait_for(lambda: webhooks.of_type("account.disconnected", acc), timeout=30, what="retried webhook")
+
+
+def test_token_endpoint_503_is_retried_and_leaves_account_active(host: Host, fleet: list[tuple[str, str]],
+                                                                 control: Any) -> None:
+    owner, acc = fleet[4]
+    before = _entity(host, owner, acc)["lastRefreshedAt"]
+    control.inject("/common/oauth2/v2.0/token", status=503, retry_after=1, count=1)
+    make_due(host, owner, acc)
+    run_timer(host)
+    wait_for(lambda: _entity(host, owner, acc)["lastRefreshedAt"] != before, what="retry after a 503")
+    assert _entity(host, owner, acc)["status"] == "active"
+    assert "retry 1" in host.log_text()
+
+
+def test_wrong_client_secret_fails_health_and_touches_no_account(host: Host, fleet: list[tuple[str, str]],
+                                                                 control: Any) -> None:
+    owner, acc = fleet[5]
+    client_id = host.env["MS_CLIENT_ID"]
+    secret = host.env["MS_CLIENT_SECRET"]
+    before = dict(_entity(host, owner, acc))
+    control.set_client_secret_valid(client_id, secret, False)
+    try:
+        r = host.api("POST", f"/api/accounts/{acc}/refresh", sub=owner)
+        assert r.status_code >= 500, r.text
+        assert r.json()["code"] != "reauth_required"
+        health = host.http.get(host.url + "/api/health", timeout=30)
+        assert health.status_code == 503
+        assert health.json()["checks"]["appRegistration"]["ok"] is False
+        after = _entity(host, owner, acc)
+        assert after["status"] == "active" and after["tokens"] == before["tokens"]
+        assert "rejected the app's client credentials" in host.log_text()
+    finally:
+        control.set_client_secret_valid(client_id, secret, True)
+    assert host.api("POST", f"/api/accounts/{acc}/refresh", sub=owner).status_code == 200
+    assert host.http.get(host.url + "/api/health", timeout=30).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def second_host(host: Host) -> Any:
+    """A second instance on the same storage: refresh races cross process boundaries."""
+    port = free_port()
+    env = dict(host.env)
+    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = Host(f"http://127.0.0.1:{port}", env, host.log_path, proc)
+
+    def up() -> bool:
+        try:
+            return other.http.get(other.url + "/api/health", timeout=5).status_code == 200
+        except Exception:
+            return False
+
+    wait_for(up, timeout=60, what="second host")
+    yield other
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_200_concurrent_refresh_and_send_keep_one_live_refresh_token(host: Host, second_host: Host,
+                                                                     browser_session: Any, control: Any) -> None:
+    user = "megan@contoso.onmicrosoft.com"
+    owner = "owner-race"
+    acc = connect(host, browser_session, sub=owner, login_hint=user)["result"]["accountId"]
+    control.set_rotation(True)
+    # Other tests hold grants for this user too; this account's grant is exactly one live token.
+    live_before = control.live_refresh_tokens(user)
+    control.expire_access_tokens(user)  # every operation starts with a token Graph will refuse
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def op(i: int) -> None:
+        h = host if i % 2 else second_host
+        if i % 3 == 0:
+            r = h.api("POST", f"/api/accounts/{acc}/send", sub=owner, json={"to": ["r@example.com"]})
+        else:
+            r = h.api("POST", f"/api/accounts/{acc}/refresh", sub=owner)
+        with lock:
+            statuses.append(r.status_code)
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        list(pool.map(op, range(200)))
+    assert len(statuses) == 200
+    assert set(statuses) <= {200, 202}, sorted(set(statuses))
+    state = host.api("GET", f"/api/accounts/{acc}", sub=owner).json()
+    assert state["status"] == "active" and state["lastError"] is None
+    assert control.live_refresh_tokens(user) == live_before  # none lost, none leaked
+    assert host.api("POST", f"/api/accounts/{acc}/send", sub=owner, json={"to": ["r@example.com"]}).status_code == 202
+    # The stored refresh token is the live one: a further rotation works.
+    assert host.api("POST", f"/api/accounts/{acc}/refresh", sub=owner).status_code == 200
+    assert control.live_refresh_tokens(user) == live_before
+
+
+def test_cleanup_purges_expired_states(host: Host) -> None:
+    from azure.data.tables import TableClient
+
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "oauthstates")
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+    t.upsert_entity({"PartitionKey": "o-" + "f" * 40, "RowKey": "expired-row", "owner": "x", "expiresAt": past,
+                     "createdAt": past, "flow": "v1.x.y.z"})
+    r = host.http.post(host.url + "/admin/functions/cleanup_timer", json={}, timeout=60)
+    assert r.status_code == 202
+    assert not [e for e in t.list_entities() if e["RowKey"] == "expired-row"]
