@@ -253,6 +253,64 @@ class Connector:
 
         return run_once(self.storage.table(IDEMPOTENCY_TABLE), owner, account_id, idempotency_key, body_hash, action)
 
+    def _mail_call(self, owner: str, account_id: str, path: str, **kw: Any) -> tuple[Any, Account]:
+        account = self.accounts.get_account(owner, account_id)
+        token = self._token_source(account)
+        resp = self.graph.request("GET", path, mailbox=account.id, token=token, context=self._graph_context(), **kw)
+        self.accounts.touch_last_used(token.account, utcnow())
+        return resp, token.account
+
+    def list_messages(self, owner: str, account_id: str, *, folder: str | None, top: int, cursor: str | None,
+                      unread_only: bool) -> dict[str, Any]:
+        from shared import messages as m
+
+        ring = self.secrets.key_ring()
+        if cursor:
+            path, params = m.open_cursor(ring, owner, account_id, cursor), None
+        else:
+            path = f"me/mailFolders/{m.folder_segment(folder)}/messages"
+            params = {"$top": str(top), "$select": ",".join(m.LIST_FIELDS), "$orderby": "receivedDateTime desc"}
+            if unread_only:
+                params["$filter"] = "isRead eq false"
+        resp, _ = self._mail_call(owner, account_id, path, params=params)
+        body = resp.json()
+        next_link = body.get("@odata.nextLink")
+        return {"messages": [m.map_summary(x) for x in body.get("value", [])],
+                "nextCursor": m.seal_cursor(ring, owner, account_id, next_link) if next_link else None}
+
+    def get_message(self, owner: str, account_id: str, message_id: str) -> dict[str, Any]:
+        from shared import messages as m
+
+        mid = m.check_id(message_id, "messageId")
+        msg, _ = self._mail_call(owner, account_id, f"me/messages/{mid}",
+                                 params={"$select": ",".join(m.DETAIL_FIELDS)})
+        atts, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments",
+                                  params={"$select": "id,name,contentType,size,isInline"})
+        return m.map_detail(msg.json(), atts.json().get("value", []))
+
+    def get_attachment(self, owner: str, account_id: str, message_id: str,
+                       attachment_id: str) -> tuple[bytes, str, str]:
+        from shared import messages as m
+
+        mid = m.check_id(message_id, "messageId")
+        aid = m.check_id(attachment_id, "attachmentId")
+        meta, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments/{aid}",
+                                  params={"$select": "id,name,contentType,size"})
+        info = meta.json()
+        raw, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments/{aid}/$value")
+        return raw.content, str(info.get("contentType") or "application/octet-stream"), str(info.get("name") or "")
+
+    def list_folders(self, owner: str, account_id: str) -> dict[str, Any]:
+        from shared import messages as m
+
+        resp, _ = self._mail_call(owner, account_id, "me/mailFolders", params={"$top": "100"})
+        return {"folders": [m.map_folder(f) for f in resp.json().get("value", [])]}
+
+    def diagnose(self, owner: str, account_id: str) -> dict[str, Any]:
+        from shared.diagnose import run_diagnosis
+
+        return run_diagnosis(self, owner, account_id)
+
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {}
