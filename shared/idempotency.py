@@ -40,7 +40,7 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
     """Run ``action`` at most once per (owner, account, key); replay its result for duplicates."""
     if key is None:
         return action()
-    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+    from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
     pk, rk = _row(owner, account_id, key)
     now = utcnow()
@@ -59,8 +59,10 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
             continue  # removed meanwhile (failed first attempt): try to claim it again
         expires = parse_iso(existing.get("expiresAt"))
         if expires and expires <= utcnow():
-            table.delete_entity(pk, rk, etag=existing.metadata["etag"],
-                                match_condition=_if_not_modified())
+            try:
+                table.delete_entity(pk, rk, etag=existing.metadata["etag"], match_condition=_if_not_modified())
+            except ResourceModifiedError:
+                pass  # someone else replaced the expired record; look again
             continue
         if existing.get("bodyHash") != body_hash:
             raise ConflictError("This Idempotency-Key was already used with a different request body.",

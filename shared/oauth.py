@@ -205,12 +205,20 @@ class OAuthClient:
         if len(part) != 40 or any(c not in "0123456789abcdef" for c in part):
             raise invalid
         pk, rk = "o-" + part, _state_key(state)
+        from azure.data.tables import UpdateMode
+
         try:
             e = self._states.get_entity(pk, rk)
-            # Conditional delete: of two concurrent callbacks with one state, only one succeeds.
-            self._states.delete_entity(pk, rk, etag=e.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+            if e.get("consumed"):
+                raise invalid
+            # Claim the state with an ETag-conditional write: of two concurrent callbacks with one
+            # state, exactly one succeeds (the other gets 412). A conditional *delete* cannot do
+            # this here: azure-data-tables' delete_entity does not raise when the row is gone.
+            self._states.update_entity({"PartitionKey": pk, "RowKey": rk, "consumed": True}, mode=UpdateMode.MERGE,
+                                       etag=e.metadata["etag"], match_condition=MatchConditions.IfNotModified)
         except (ResourceNotFoundError, ResourceModifiedError):
             raise invalid from None
+        self._delete_quietly(pk, rk)
         expires = parse_iso(e.get("expiresAt"))
         if expires is None or expires <= utcnow():
             raise OAuthError("The sign-in link expired (10 minutes). Start the connect flow again.",

@@ -110,5 +110,9 @@ class SandboxControl:
         return bool(self._call("GET", "/wait_inflight", params={"user": user, "n": n, "timeout": timeout},
                                timeout=timeout + self.timeout)["reached"])
 
+    def issued_secrets(self) -> list[str]:
+        """Every authorization code and token the sandbox issued since it started."""
+        return list(self._call("GET", "/issued")["issued"])
+
     def counters(self) -> dict[str, Any]:
         return self._call("GET", "/counters")

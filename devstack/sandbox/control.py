@@ -251,6 +251,14 @@ def counters() -> Response:
     return jsonify(_state().counters_snapshot())
 
 
+@bp.get("/issued")
+def issued() -> Response:
+    """Every secret the sandbox ever issued (codes, tokens): for leak scans in tests only."""
+    state = _state()
+    with state.lock:
+        return jsonify({"issued": list(state.issued)})
+
+
 @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def unknown(rest: str) -> tuple[Response, int]:
     return jsonify({"error": "not_found", "message": f"no control endpoint '/_sandbox/{rest}'"}), 404

@@ -413,6 +413,7 @@ def _issue_code(params: dict[str, str], user: TestUser, scopes: list[str]) -> Re
     granted = [s for s in scopes if s.lower() not in user.denied_scopes]
     code = tokens.opaque_code()
     with state.lock:
+        state.issued.append(code)
         state.codes[code] = AuthCode(
             client_id=params["client_id"], user=user, scopes=granted, redirect_uri=params["redirect_uri"],
             code_challenge=params.get("code_challenge"), code_challenge_method=params.get("code_challenge_method"),
@@ -679,6 +680,7 @@ def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: s
         at = tokens.access_token(key, user=user, client_id=client_id, app_name=app_name, scopes=res,
                                  now=int(now), expires_in=expires_in)
         state.access_tokens[at] = AccessTokenRecord(client_id, user, res, now + expires_in)
+        state.issued.append(at)
         body: dict[str, Any] = {
             "token_type": "Bearer",
             "scope": " ".join(res + [s for s in ("profile", "openid", "email") if s in scopes]),
@@ -694,9 +696,11 @@ def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: s
                 last_used=now,
             )
             body["refresh_token"] = rt
+            state.issued.append(rt)
         if "openid" in scopes:
             body["id_token"] = tokens.id_token(key, host=host, user=user, client_id=client_id, nonce=nonce,
                                                now=int(now), scopes=set(scopes))
+            state.issued.append(body["id_token"])
         if request.form.get("client_info") == "1":
             body["client_info"] = tokens.client_info(user)
     resp = jsonify(body)

@@ -91,6 +91,9 @@ class SandboxState:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self._default_client = default_client
+        # Every code, access, refresh and id token ever issued (never reset): lets tests prove
+        # that none of them reaches a log line or a stored entity of the product.
+        self.issued: list[str] = []
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GET /api/health — anonymous; 200 when storage and the client secret are reachable, else 503."""
+"""GET /api/health (200 when storage and the client secret are reachable, else 503) and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
         return json_response({"status": "ok" if ok else "unhealthy", "checks": checks}, 200 if ok else 503)
 
     return handle(req, "health", run, auth=False)
+
+
+@bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def openapi(req: func.HttpRequest) -> func.HttpResponse:
+    def run(c: Any, ctx: Context) -> Any:
+        from shared.openapi import document
+
+        return document()
+
+    return handle(req, "openapi", run, auth=False)

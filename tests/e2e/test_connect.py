@@ -158,18 +158,21 @@ def test_replayed_state_is_rejected(host: Host, browser_session: Any) -> None:
 def test_two_concurrent_callbacks_with_one_state_one_wins(host: Host, browser_session: Any) -> None:
     _, callback = _authorize(host, browser_session, "owner-race", WORK2)
     results: list[int] = []
+    locations: list[str] = []
     barrier = threading.Barrier(2)
 
     def hit() -> None:
         barrier.wait()
-        results.append(host.http.get(callback, allow_redirects=False, timeout=60).status_code)
+        r = host.http.get(callback, allow_redirects=False, timeout=60)
+        results.append(r.status_code)
+        locations.append(r.headers.get("Location", ""))
 
     threads = [threading.Thread(target=hit) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == [302, 400]
+    assert sorted(results) == [302, 400], locations
     assert len(host.api("GET", "/api/accounts", sub="owner-race").json()["accounts"]) == 1
 
 

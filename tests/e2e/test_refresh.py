@@ -160,9 +160,11 @@ def second_host(host: Host) -> Any:
     """A second instance on the same storage: refresh races cross process boundaries."""
     port = free_port()
     env = dict(host.env)
+    log_path = host.log_path.with_name("host2.log")
+    log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    other = Host(f"http://127.0.0.1:{port}", env, host.log_path, proc)
+                            stdout=log, stderr=subprocess.STDOUT)
+    other = Host(f"http://127.0.0.1:{port}", env, log_path, proc)
 
     def up() -> bool:
         try:
@@ -174,6 +176,7 @@ def second_host(host: Host) -> Any:
     yield other
     proc.terminate()
     proc.wait(10)
+    log.close()
 
 
 def test_200_concurrent_refresh_and_send_keep_one_live_refresh_token(host: Host, second_host: Host,

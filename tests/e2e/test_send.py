@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from tests.conftest import Host, connect, wait_for
 
 USER = "megan@contoso.onmicrosoft.com"
 OWNER = "owner-send"
+TRACKING = "crm-" + uuid.uuid4().hex[:12]
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,14 @@ def test_full_send_keeps_every_field(host: Host, account: str, control: Any) -> 
         "cc": ["carol@example.net"], "bcc": [{"address": "dan@example.com"}],
         "replyTo": ["Support <support@example.com>"],
         "subject": "Quarterly report ✓", "bodyHtml": "<p>See <b>attached</b></p>", "importance": "high",
-        "trackingId": "crm-4711", "saveToSentItems": False,
+        "trackingId": TRACKING, "saveToSentItems": False,
         "attachments": [{"name": "r.pdf", "contentType": "application/pdf",
                          "contentBytes": base64.b64encode(pdf).decode()}],
     }
     r = _send(host, account, body)
     assert r.status_code == 202, r.text
-    assert r.json()["trackingId"] == "crm-4711"
-    [sent] = _sent_by_tracking(control, "crm-4711")
+    assert r.json()["trackingId"] == TRACKING
+    [sent] = _sent_by_tracking(control, TRACKING)
     m = sent["message"]
     assert m["toRecipients"] == [{"emailAddress": {"address": "ann@example.com", "name": "Ann Example"}},
                                  {"emailAddress": {"address": "bob@example.org", "name": "Bob"}}]
