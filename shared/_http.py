@@ -20,7 +20,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from typing import Any, Union
+from typing import Any
 
 import certifi
 import requests
@@ -28,7 +28,7 @@ from requests.adapters import HTTPAdapter
 
 from shared.errors import ConfigurationError
 
-Timeout = Union[float, tuple[float, float]]
+Timeout = float | tuple[float, float]
 
 #: (connect, read) seconds applied to every request that does not pass ``timeout=``.
 DEFAULT_TIMEOUT: Timeout = (5, 30)
@@ -44,7 +44,7 @@ class TimeoutSession(requests.Session):
         super().__init__()
         self.default_timeout = default_timeout
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         # After method and url, Session.request takes params, data, headers, cookies, files, auth,
         # timeout: a 7th extra positional argument is the timeout. Only fill it when absent.
         if len(args) < 7 and kwargs.get("timeout") is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -252,8 +253,8 @@ class AccountStore:
         try:
             self._table.update_entity({"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
                                        "lastUsedAt": iso(now)}, mode=UpdateMode.MERGE)
-        except Exception:  # best effort: usage tracking never fails a send
-            pass
+        except Exception as e:  # best effort: usage tracking never fails a send
+            logging.getLogger("connector.accounts").debug("lastUsedAt not updated: %s", type(e).__name__)
 
     def delete_account(self, owner: str, account_id: str) -> Account:
         """Destroy the tokens at once, then delete the record."""

@@ -137,6 +137,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def get(name: str) -> str | None:
         raw = env.get(name)
         value = raw.strip() if raw is not None else None
+        if value and value.startswith("@Microsoft.KeyVault("):
+            # App Service passes the reference itself through when it cannot resolve it.
+            raise ConfigurationError(f"{name} is an unresolved Key Vault reference: check the app identity's "
+                                     "access to the vault", setting=name)
         if not value:
             value = _BY_NAME[name].default or None
         if value is None and _BY_NAME[name].required:
@@ -253,6 +257,9 @@ def parse_key_ring(raw: str, *, setting: str) -> KeyRingConfig:
         raise ConfigurationError(
             f'{setting} must be JSON {{"active":"kid","keys":{{"kid":"base64"}}}}', setting=setting
         ) from None
+    bad = next((k for k in keys if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", k)), None)
+    if bad is not None:
+        raise ConfigurationError(f"{setting}: key ids must be 1-64 of A-Z a-z 0-9 _ - ({bad!r} is not)", setting=setting)
     if active not in keys:
         raise ConfigurationError(f"{setting}: the active key id is not in keys", setting=setting)
     if any(len(k) != 32 for k in keys.values()):

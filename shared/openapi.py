@@ -159,6 +159,8 @@ def _op(op_id: str, summary: str, responses: dict[str, Any], *, params: list[Any
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses, "tags": list(tags)}
     if params:
         op["parameters"] = params
+        if any(p.get("in") == "query" for p in params):
+            responses.setdefault("414", {"description": "URI too long (the Functions host's request-line limit)."})
     if body:
         op["requestBody"] = body
     if not secured:

@@ -123,7 +123,7 @@ def process(connector: Any, message: bytes, *, now: dt.datetime | None = None) -
                         attempt, e.code)
             _reindex_at(connector, acc, now + dt.timedelta(minutes=30))
             return "deferred"
-        delay = min(3600, max(1, round(2 ** attempt * (0.5 + random.random()))))  # noqa: S311  backoff+jitter
+        delay = min(3600, max(1, round(2 ** attempt * (0.5 + random.random()))))
         if isinstance(e, ThrottledError):
             delay = max(delay, e.retry_after)
         connector.storage.queue(REFRESH_QUEUE).send_message(

@@ -25,7 +25,7 @@ def ring(active="A", **keys):
 def test_round_trip_and_format():
     r = ring()
     sealed = r.seal(TOKEN, aad=AAD)
-    version, kid, nonce, body = sealed.split(".")
+    version, kid, nonce, _body = sealed.split(".")
     assert (version, kid) == ("v1", "A")
     assert len(base64.urlsafe_b64decode(nonce + "==")) == 12
     assert "=" not in sealed and TOKEN.decode("latin-1") not in sealed

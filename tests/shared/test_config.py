@@ -1,0 +1,63 @@
+"""Settings validation: fail fast, naming the bad setting (pure logic, no I/O)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from shared.config import SETTINGS, load_settings, setting_names
+from shared.errors import ConfigurationError
+
+KEY = base64.b64encode(b"k" * 32).decode()
+GOOD = {
+    "MS_CLIENT_ID": "cid", "MS_CLIENT_SECRET": "s", "PUBLIC_BASE_URL": "http://localhost:7071",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true", "AUTH_ISSUER": "i", "AUTH_AUDIENCE": "a",
+    "AUTH_HS256_SECRET": "x" * 32, "TOKEN_ENCRYPTION_KEYS": json.dumps({"active": "k1", "keys": {"k1": KEY}}),
+}
+
+
+def test_good_settings_load_with_defaults() -> None:
+    s = load_settings(GOOD)
+    assert s.authority == "https://login.microsoftonline.com/common"
+    assert s.scopes == ("User.Read", "Mail.ReadWrite", "Mail.Send")
+    assert s.redirect_uri == "http://localhost:7071/api/connect/microsoft/callback"
+    assert "s" not in repr(s).split("client_secret")[0][-5:]
+    assert "x" * 32 not in repr(s) and KEY not in repr(s)
+
+
+@pytest.mark.parametrize(("change", "setting"), [
+    ({"MS_CLIENT_ID": ""}, "MS_CLIENT_ID"),
+    ({"MS_CLIENT_SECRET": ""}, "MS_CLIENT_SECRET"),
+    ({"PUBLIC_BASE_URL": "localhost:7071"}, "PUBLIC_BASE_URL"),
+    ({"MS_AUTHORITY_HOST": "http://login.example.com"}, "MS_AUTHORITY_HOST"),
+    ({"GRAPH_BASE_URL": "ftp://graph"}, "GRAPH_BASE_URL"),
+    ({"AzureWebJobsStorage": ""}, "AzureWebJobsStorage"),
+    ({"AUTH_HS256_SECRET": "short"}, "AUTH_HS256_SECRET"),
+    ({"AUTH_HS256_SECRET": ""}, "AUTH_JWKS_URL"),
+    ({"TOKEN_ENCRYPTION_KEYS": "{}"}, "TOKEN_ENCRYPTION_KEYS"),
+    ({"TOKEN_ENCRYPTION_KEYS": json.dumps({"active": "k.1", "keys": {"k.1": KEY}})}, "TOKEN_ENCRYPTION_KEYS"),
+    ({"TOKEN_ENCRYPTION_KEYS": json.dumps({"active": "k1", "keys": {"k1": "c2hvcnQ="}})}, "TOKEN_ENCRYPTION_KEYS"),
+    ({"REFRESH_SCHEDULE": "*/5 * * * *"}, "REFRESH_SCHEDULE"),
+    ({"KEEPALIVE_DAYS": "100"}, "KEEPALIVE_DAYS"),
+    ({"WEBHOOK_URL": "https://hooks.example.com"}, "WEBHOOK_SECRET"),
+    ({"MS_CA_BUNDLE": "/nonexistent.pem"}, "MS_CA_BUNDLE"),
+    ({"WEBHOOK_URL": "https://h.example.com", "WEBHOOK_SECRET": "@Microsoft.KeyVault(SecretUri=https://v/x)"},
+     "WEBHOOK_SECRET"),
+])
+def test_bad_setting_is_named(change: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigurationError) as ei:
+        load_settings({**GOOD, **change})
+    assert ei.value.setting == setting
+    assert setting in str(ei.value)
+    for v in change.values():
+        if len(v) > 8 and v.startswith(("{", "@")):
+            assert KEY not in str(ei.value)
+
+
+def test_every_setting_is_declared_once() -> None:
+    names = [s.name for s in SETTINGS]
+    assert len(names) == len(set(names))
+    assert {"MS_CLIENT_ID", "KEY_VAULT_URL", "REFRESH_SCHEDULE"} <= setting_names(include_local=False)
+    assert "MS_CLIENT_SECRET" not in setting_names(include_local=False)
