@@ -628,16 +628,13 @@ def test_checkov_skips_are_documented() -> None:
     assert documented == set(skips), "infra/README.md and infra/.checkov.yaml list different skips"
 
 
-@pytest.mark.skipif(
-    not (ROOT / ".venv-checkov" / "bin" / "checkov").exists() or os.environ.get("SKIP_CHECKOV_TEST") == "1",
-    reason="checkov venv not installed (tests/infra/run_checkov.sh creates it); CI runs the script directly",
-)
 def test_checkov_passes() -> None:
+    """checkov runs in its own venv (it pins an old `packaging`); the script creates it on first use."""
     proc = subprocess.run(
         ["bash", str(ROOT / "tests" / "infra" / "run_checkov.sh")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
