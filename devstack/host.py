@@ -150,7 +150,11 @@ class DevHost:
         cfg = load_host_json(root)
         ext = cfg.get("extensions", {})
         self.route_prefix = ext.get("http", {}).get("routePrefix", "api").strip("/")
-        q = ext.get("queues", {})
+        q = dict(ext.get("queues", {}))
+        # App settings override host.json like on Azure: AzureFunctionsJobHost__extensions__queues__<name>
+        # (https://learn.microsoft.com/azure/azure-functions/functions-host-json#override-hostjson-values)
+        prefix = "AzureFunctionsJobHost__extensions__queues__"
+        q.update({k[len(prefix):]: v for k, v in os.environ.items() if k.startswith(prefix)})
         self.q_batch = int(q.get("batchSize", 16))
         self.q_max_dequeue = int(q.get("maxDequeueCount", 5))
         self.q_visibility = _timespan_seconds(q.get("visibilityTimeout", "00:00:00"), 0.0)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shared.crypto import KeyRing, account_aad
+from shared.crypto import KeyRing, account_aad, kid_of
 from shared.errors import ConflictError, NotFoundError
 
 CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts (SPEC §2)
@@ -113,9 +113,10 @@ def account_type_for(tenant_id: str) -> str:
 
 
 class AccountStore:
-    def __init__(self, table: Any, key_ring: Any) -> None:
+    def __init__(self, table: Any, key_ring: Any, *, on_unknown_key: Any = None) -> None:
         self._table = table
         self._key_ring = key_ring  # callable returning the current KeyRing (Key Vault backed, cached)
+        self._on_unknown_key = on_unknown_key  # forget the cached ring: a key was added in the vault
 
     # -- encryption ---------------------------------------------------------------------------
     def _ring(self) -> KeyRing:
@@ -128,8 +129,13 @@ class AccountStore:
     def open_tokens(self, account: Account) -> Tokens:
         if not account.sealed_tokens:
             raise NotFoundError("The account has no tokens.", code="no_tokens")
-        raw = self._ring().open(account.sealed_tokens, aad=account_aad(account.owner, account.id, "tokens"))
-        return Tokens.from_json(raw)
+        aad = account_aad(account.owner, account.id, "tokens")
+        ring = self._ring()
+        if self._on_unknown_key is not None and kid_of(account.sealed_tokens) not in ring.kids:
+            # Another instance sealed with a key this one has not loaded yet: re-read the ring once.
+            self._on_unknown_key()
+            ring = self._ring()
+        return Tokens.from_json(ring.open(account.sealed_tokens, aad=aad))
 
     # -- mapping ------------------------------------------------------------------------------
     @staticmethod

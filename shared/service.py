@@ -76,7 +76,8 @@ class Connector:
 
     @cached_property
     def accounts(self) -> AccountStore:
-        return AccountStore(self.storage.table(ACCOUNTS_TABLE), self.secrets.key_ring)
+        return AccountStore(self.storage.table(ACCOUNTS_TABLE), self.secrets.key_ring,
+                            on_unknown_key=self.secrets.invalidate_key_ring)
 
     @cached_property
     def oauth(self) -> Any:

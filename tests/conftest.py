@@ -180,6 +180,10 @@ def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) ->
         "REFRESH_SCHEDULE": "0 0 0 1 1 *",
         "CLEANUP_SCHEDULE": "0 0 0 1 1 *",
         "PYTHONUNBUFFERED": "1",
+        "DEMO_ENABLED": "true",
+        # Failed queue messages become visible again at once (host.json says 10 s), so poison
+        # handling is observable quickly; the same override syntax works on Azure.
+        "AzureFunctionsJobHost__extensions__queues__visibilityTimeout": "00:00:00",
     })
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "host.log"

@@ -223,3 +223,32 @@ def test_cleanup_purges_expired_states(host: Host) -> None:
     r = host.http.post(host.url + "/admin/functions/cleanup_timer", json={}, timeout=60)
     assert r.status_code == 202
     assert not [e for e in t.list_entities() if e["RowKey"] == "expired-row"]
+
+
+def test_poison_refresh_message_ends_in_poison_queue(host: Host) -> None:
+    """A job that keeps failing unexpectedly is retried maxDequeueCount times, then parked."""
+    import base64
+    import uuid
+
+    from azure.storage.queue import QueueClient
+
+    from shared.accounts import owner_partition
+
+    accounts, _ = _tables(host)
+    owner, acc = "owner-poison", "acc_" + uuid.uuid4().hex[:24]
+    accounts.create_entity({"PartitionKey": owner_partition(owner), "RowKey": acc, "owner": owner, "status": "active",
+                            "tokens": "v1.k1.AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                            "connectedAt": dt.datetime.now(dt.UTC).isoformat()})
+    cs = host.env["AzureWebJobsStorage"]
+    body = json.dumps({"owner": owner, "accountId": acc, "attempt": 0}).encode()
+    QueueClient.from_connection_string(cs, "refresh-jobs").send_message(base64.b64encode(body).decode())
+    poison = QueueClient.from_connection_string(cs, "refresh-jobs-poison")
+
+    def parked() -> bool:
+        try:
+            return any(acc in base64.b64decode(m.content).decode() for m in poison.peek_messages(max_messages=32))
+        except Exception:
+            return False
+
+    wait_for(parked, timeout=60, what="the job to reach refresh-jobs-poison")
+    assert _entity(host, owner, acc)["status"] == "active"  # untouched
