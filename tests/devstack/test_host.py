@@ -1,0 +1,139 @@
+"""The dev Functions host on its own: routing, admin calls, timers on schedule, bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import azure.functions as func
+import pytest
+import requests
+
+from devstack.host import DevHost, compile_route
+from devstack.ncrontab import CronError, NCrontab
+from tests.conftest import wait_for
+
+
+def _app(fired: threading.Event, seen: list[Any]) -> func.FunctionApp:
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+    @app.route(route="items/{itemId}/parts/{partId?}", methods=["GET", "POST"])
+    def items(req: func.HttpRequest) -> func.HttpResponse:
+        seen.append(req)
+        return func.HttpResponse(json.dumps({"route": dict(req.route_params), "q": dict(req.params),
+                                             "body": req.get_body().decode(), "h": req.headers.get("x-test")}),
+                                 mimetype="application/json")
+
+    @app.route(route="boom", methods=["GET"])
+    def boom(req: func.HttpRequest) -> func.HttpResponse:
+        raise RuntimeError("kaboom")
+
+    @app.timer_trigger(schedule="* * * * * *", arg_name="t")
+    def every_second(t: Any) -> None:
+        fired.set()
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def devhost() -> Any:
+    fired, seen = threading.Event(), []
+    h = DevHost(_app(fired, seen), port=0).start()
+    h.fired, h.seen = fired, seen  # type: ignore[attr-defined]
+    s = requests.Session()
+    s.trust_env = False
+    h.s = s  # type: ignore[attr-defined]
+    yield h
+    h.stop()
+
+
+def test_routes_params_query_headers_body(devhost: Any) -> None:
+    r = devhost.s.post(devhost.url + "/api/items/42/parts/7?x=1&y=two", data=b"hello", headers={"x-test": "yes"},
+                       timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {"route": {"itemId": "42", "partId": "7"}, "q": {"x": "1", "y": "two"}, "body": "hello",
+                        "h": "yes"}
+    r = devhost.s.get(devhost.url + "/api/items/42/parts", timeout=10)
+    assert r.json()["route"] == {"itemId": "42"}
+
+
+def test_unknown_route_and_wrong_method_are_clear(devhost: Any) -> None:
+    r = devhost.s.get(devhost.url + "/api/nothing", timeout=10)
+    assert r.status_code == 404 and r.headers["Content-Type"] == "application/problem+json"
+    r = devhost.s.delete(devhost.url + "/api/items/1/parts", timeout=10)
+    assert r.status_code == 405 and "GET" in r.headers["Allow"]
+
+
+def test_function_exception_is_500_and_host_survives(devhost: Any) -> None:
+    r = devhost.s.get(devhost.url + "/api/boom", timeout=10)
+    assert r.status_code == 500 and "kaboom" not in r.text
+    assert devhost.s.get(devhost.url + "/api/items/1/parts", timeout=10).status_code == 200
+
+
+def test_timer_runs_on_schedule(devhost: Any) -> None:
+    assert devhost.fired.wait(5), "the every-second timer did not fire"
+
+
+def test_admin_endpoint(devhost: Any) -> None:
+    devhost.fired.clear()
+    r = devhost.s.post(devhost.url + "/admin/functions/every_second", json={"input": ""}, timeout=10)
+    assert r.status_code == 202 and devhost.fired.is_set()
+    r = devhost.s.post(devhost.url + "/admin/functions/nope", json={}, timeout=10)
+    assert r.status_code == 404
+    r = devhost.s.post(devhost.url + "/admin/functions/every_second", data=b"[not json", timeout=10)
+    assert r.status_code == 400
+    r = devhost.s.post(devhost.url + "/admin/functions/items", json={}, timeout=10)
+    assert r.status_code == 400
+
+
+def test_route_templates() -> None:
+    rx, names = compile_route("accounts/{accountId}/messages/{messageId}")
+    assert names == ["accountId", "messageId"]
+    assert rx.match("accounts/a/messages/b").groupdict() == {"accountId": "a", "messageId": "b"}
+    assert not rx.match("accounts/a/messages")
+    rx, _ = compile_route("files/{*path}")
+    assert rx.match("files/a/b/c").group("path") == "a/b/c"
+    rx, _ = compile_route("n/{id:int}")
+    assert rx.match("n/5")
+
+
+def test_ncrontab() -> None:
+    import datetime as dt
+
+    t = dt.datetime(2026, 11, 22, 10, 3, 7, tzinfo=dt.UTC)
+    assert NCrontab("0 */5 * * * *").next_after(t) == t.replace(minute=5, second=0)
+    assert NCrontab("30 30 3 * * *").next_after(t) == dt.datetime(2026, 11, 23, 3, 30, 30, tzinfo=dt.UTC)
+    assert NCrontab("0 0 9 * * mon-fri").next_after(t).weekday() == 0  # Sunday → Monday
+    assert NCrontab("0 0 0 1 1 *").next_after(t) == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    for bad in ("* * * * *", "61 * * * * *", "a b c d e f", "*/0 * * * * *"):
+        with pytest.raises(CronError):
+            NCrontab(bad)
+
+
+def test_devstack_cli_errors_are_clear(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "already in use" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "devstack", "bogus"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "unknown command" in p.stderr
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "devstack", "host", "--port", "0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert p.returncode == 1 and "MS_CLIENT_ID" in p.stderr  # fails fast, naming the setting
+
+
+def test_wait_for_helper_times_out() -> None:
+    with pytest.raises(AssertionError):
+        wait_for(lambda: False, timeout=0.2, what="nothing")
