@@ -96,8 +96,13 @@ class Storage:
         return client
 
     def ensure(self) -> None:
-        """Create missing tables and queues (Bicep creates them in Azure; Azurite starts empty)."""
-        if self._ensured:
+        """Create missing tables and queues when running on a connection string (Azurite starts empty).
+
+        In Azure, Bicep provisions them and the app's identity holds data-plane roles only, so
+        nothing is created (or attempted) there.
+        """
+        if self._ensured or not self._settings.storage_connection_string:
+            self._ensured = True
             return
         from azure.core.exceptions import ResourceExistsError
 
