@@ -1,0 +1,90 @@
+"""A host configured for Azure: secrets from Key Vault through a managed identity (real SDK,
+real azure-identity, a Key Vault double speaking the REST API with challenge auth), including a
+client-secret rotation picked up on AADSTS7000215 without a restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import ARTIFACTS, ROOT, Host, connect, free_port, wait_for
+
+
+@pytest.fixture(scope="module")
+def vault() -> Any:
+    from devstack.keyvault import KeyVaultDouble
+
+    kv = KeyVaultDouble().start()
+    yield kv
+    kv.stop()
+
+
+@pytest.fixture(scope="module")
+def vault_host(host: Host, vault: Any, control: Any) -> Any:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    control.register_client(host.env["MS_CLIENT_ID"], host.env["MS_CLIENT_SECRET"],
+                            [f"{base}/api/connect/microsoft/callback"])
+    ring = {"active": "kv1", "keys": {"kv1": base64.b64encode(secrets.token_bytes(32)).decode()}}
+    vault.set_secret("token-encryption-keys", json.dumps(ring))
+    vault.set_secret("ms-client-secret", "an-old-secret-that-entra-no-longer-accepts")
+    env = {k: v for k, v in host.env.items() if k not in ("MS_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS")}
+    env.update(vault.identity_env())
+    env.update({"KEY_VAULT_URL": vault.url, "PUBLIC_BASE_URL": base, "ALLOWED_RETURN_URLS":
+                "https://app.example.com/connected"})
+    log_path = ARTIFACTS / "host-keyvault.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    h = Host(base, env, log_path, proc)
+
+    def up() -> bool:
+        try:
+            return h.http.get(base + "/api/health", timeout=5).status_code in (200, 503)
+        except Exception:
+            return False
+
+    wait_for(up, timeout=60, what="the Key Vault host")
+    yield h
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def test_secrets_come_from_key_vault_and_rotation_is_picked_up(vault_host: Host, vault: Any,
+                                                               browser_session: Any) -> None:
+    # The vault holds a stale client secret: Entra says AADSTS7000215, the host re-reads the vault
+    # once (same stale value), and reports an operator error — not a user error.
+    out = connect(vault_host, browser_session, sub="owner-kv", login_hint="adele@contoso.onmicrosoft.com")
+    assert out["result"]["status"] == "error" and out["result"]["code"] == "invalid_client_secret", out["result"]
+    health = vault_host.http.get(vault_host.url + "/api/health", timeout=30).json()
+    assert health["checks"]["appRegistration"]["ok"] is False
+    assert health["checks"]["clientSecret"]["ok"] is True  # the vault is reachable; the value is wrong
+    reads_before = vault.reads("ms-client-secret")
+    # The operator rotates the secret in Key Vault. No restart: the next AADSTS7000215 re-reads it.
+    vault.set_secret("ms-client-secret", vault_host_secret(vault_host))
+    out = connect(vault_host, browser_session, sub="owner-kv", login_hint="adele@contoso.onmicrosoft.com")
+    assert out["result"]["status"] == "connected", out["result"]
+    assert vault.reads("ms-client-secret") > reads_before
+    assert vault_host.http.get(vault_host.url + "/api/health", timeout=30).status_code == 200
+    # Tokens are sealed with the key ring from the vault.
+    from azure.data.tables import TableClient
+
+    t = TableClient.from_connection_string(vault_host.env["AzureWebJobsStorage"], "accounts")
+    row = next(e for e in t.list_entities() if e["RowKey"] == out["result"]["accountId"])
+    assert row["tokensKid"] == "kv1"
+    # The challenge flow really ran: unauthenticated first, then with a managed-identity token.
+    auths = [r.auth for r in vault.requests]
+    assert "none" in auths and "valid" in auths and vault.token_requests
+
+
+def vault_host_secret(h: Host) -> str:
+    from devstack.sandbox import DEFAULT_CLIENT_SECRET
+
+    return DEFAULT_CLIENT_SECRET
