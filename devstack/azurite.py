@@ -34,9 +34,22 @@ def connection_string(host: str = "127.0.0.1", blob: int = 10000, queue: int = 1
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all sockets stay bound until every port is picked, so the
+    kernel cannot hand the same ephemeral port out twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -70,9 +83,13 @@ class Azurite:
         in_memory: bool = True,
         location: str | None = None,
     ) -> None:
-        self.blob_port = blob_port or free_port()
-        self.queue_port = queue_port or free_port()
-        self.table_port = table_port or free_port()
+        # Ports we picked ourselves may be taken by someone else before Azurite binds them; then
+        # start() picks new ones. Ports the caller chose are never changed behind their back.
+        self._own_ports = not (blob_port or queue_port or table_port)
+        picked = free_ports(3)
+        self.blob_port = blob_port or picked[0]
+        self.queue_port = queue_port or picked[1]
+        self.table_port = table_port or picked[2]
         self.in_memory = in_memory
         self.location = location or str(ROOT / ".devstack" / "azurite")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,6 +99,16 @@ class Azurite:
         return connection_string(blob=self.blob_port, queue=self.queue_port, table=self.table_port)
 
     def start(self, timeout: float = 60.0) -> Azurite:
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except DevstackError as e:
+                if not (self._own_ports and "EADDRINUSE" in str(e)) or attempt == 2:
+                    raise
+                self.blob_port, self.queue_port, self.table_port = free_ports(3)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Azurite:
         for port in (self.blob_port, self.queue_port, self.table_port):
             if port_in_use(port):
                 raise DevstackError(

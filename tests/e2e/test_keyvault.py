@@ -29,8 +29,9 @@ def vault() -> Any:
 def vault_host(host: Host, vault: Any, control: Any) -> Any:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # One Entra app, two redirect URIs: the session host keeps working beside this one.
     control.register_client(host.env["MS_CLIENT_ID"], host.env["MS_CLIENT_SECRET"],
-                            [f"{base}/api/connect/microsoft/callback"])
+                            [f"{host.url}/api/connect/microsoft/callback", f"{base}/api/connect/microsoft/callback"])
     ring = {"active": "kv1", "keys": {"kv1": base64.b64encode(secrets.token_bytes(32)).decode()}}
     vault.set_secret("token-encryption-keys", json.dumps(ring))
     vault.set_secret("ms-client-secret", "an-old-secret-that-entra-no-longer-accepts")
