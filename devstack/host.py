@@ -212,6 +212,8 @@ class DevHost:
         path = req.path
         if path.startswith("/admin/functions/") and req.method == "POST":
             return self._admin(path.rsplit("/", 1)[-1], req)
+        if path == DEMO_TOKEN_PATH and "/demo/" in self.static:
+            return _demo_token(req)
         for prefix, folder in self.static.items():
             if path == prefix.rstrip("/"):
                 return Response(status=302, headers={"Location": prefix})
@@ -310,15 +312,25 @@ class DevHost:
         if not conn:
             raise KeyError(f"queue trigger {q.name}: connection setting {q.connection} is not set")
         client = QueueClient.from_connection_string(conn, name, connection_timeout=10, read_timeout=30)
+        from azure.core.exceptions import ResourceExistsError
+
         try:
             client.create_queue()
-        except Exception as e:  # already exists
-            if "QueueAlreadyExists" not in str(e):
-                raise
+        except ResourceExistsError:  # another instance (or the app itself) created it first
+            pass
         return client
 
     def _queue_loop(self, q: QueueFunction) -> None:
-        client = self._queue_client(q, q.queue)
+        while True:  # storage may not be up yet: keep trying, never let the trigger thread die
+            try:
+                client = self._queue_client(q, q.queue)
+                break
+            except KeyError:
+                raise
+            except Exception as e:
+                log.warning("devstack host: queue %s not reachable yet (%s); retrying", q.queue, type(e).__name__)
+                if self._stop.wait(2.0):
+                    return
         poison = None
         delay = 0.1
         pool = ThreadPoolExecutor(self.q_batch, thread_name_prefix=f"q-{q.queue}")
@@ -410,6 +422,46 @@ def _static(folder: Path, rel: str) -> Response:
                     headers={"Cache-Control": "no-store"})
 
 
+DEMO_DIR = ROOT / "devstack" / "demo"
+DEMO_TOKEN_PATH = "/demo/token"
+_SUB_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
+
+
+def demo_static() -> dict[str, Path]:
+    """``/demo/`` (the demo web client and its token endpoint) when DEMO_ENABLED is true.
+
+    Only the dev host serves it: ``devstack/`` is never deployed (.funcignore)."""
+    from shared.config import get_settings
+
+    return {"/demo/": DEMO_DIR} if get_settings().demo_enabled and DEMO_DIR.is_dir() else {}
+
+
+def _demo_token(req: Request) -> Response:
+    """``POST /demo/token {"sub": "..."}``: a development caller token for the demo page.
+
+    It stands in for the integrating product's back end, which issues its users' JWTs."""
+    from shared.auth import issue_dev_token
+    from shared.config import get_settings
+
+    if req.method != "POST":
+        return _problem(405, "Method not allowed", "Use POST.", {"Allow": "POST"})
+    try:
+        doc = json.loads(req.get_data() or b"{}")
+        sub = doc.get("sub", "demo-user") if isinstance(doc, dict) else None
+    except ValueError:
+        sub = None
+    if not isinstance(sub, str) or not _SUB_RE.match(sub):
+        return _problem(400, "Bad request",
+                        'The body must be JSON like {"sub": "demo-user"}: 1-128 of A-Z a-z 0-9 . _ @ -.')
+    settings = get_settings()
+    if not settings.auth_hs256_secret:
+        return _problem(409, "Not available", "AUTH_HS256_SECRET is not set, so the dev host cannot issue tokens.")
+    lifetime = 12 * 3600
+    token = issue_dev_token(settings, sub, lifetime_s=lifetime)
+    body = json.dumps({"token": token, "sub": sub, "exp": int(time.time()) + lifetime})
+    return Response(body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
 def load_app(module: str = "function_app") -> func.FunctionApp:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -436,11 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a configuration error names its setting; show it plainly
         print(f"devstack host: cannot load function_app: {e}", file=sys.stderr)
         return 1
-    static = {}
-    demo = ROOT / "devstack" / "demo"
-    if demo.is_dir():
-        static["/demo/"] = demo
-    h = DevHost(app, host=a.host, port=a.port, static=static).start()
+    h = DevHost(app, host=a.host, port=a.port, static=demo_static()).start()
     print(f"devstack host: serving {len(h.http)} HTTP, {len(h.timers)} timer and {len(h.queues)} queue "
           f"functions on {h.url}", flush=True)
     try:

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     certs = ensure_certs()
     values = seed_local_settings()
+    os.environ.setdefault("DEMO_ENABLED", "true")  # the local stack shows the demo client unless told not to
     apply_settings(values)
     for port, what in ((a.port, "dev host"), (a.sandbox_port, "sandbox")):
         if port_in_use(port):
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"http://127.0.0.1:{a.port}/api/connect/microsoft/callback")
     sandbox = SandboxServer(port=a.sandbox_port, client_id=os.environ["MS_CLIENT_ID"],
                             client_secret=os.environ.get("MS_CLIENT_SECRET") or "", redirect_uris=redirects).start()
-    from devstack.host import DevHost, load_app
+    from devstack.host import DevHost, demo_static, load_app
 
     try:
         app = load_app()
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox.stop()
         az.stop()
         return 1
-    static = {"/demo/": ROOT / "devstack" / "demo"} if (ROOT / "devstack" / "demo").is_dir() else {}
+    static = demo_static()
     host = DevHost(app, port=a.port, static=static).start()
     from shared.auth import issue_dev_token
     from shared.config import get_settings
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"""
 Outlook connector is running locally ({time.monotonic() - t0:.1f} s).
   API          {host.url}/api/health
-  Demo page    http://localhost:{a.port}/demo/
+  Demo page    {f"http://localhost:{a.port}/demo/" if static else "(off: DEMO_ENABLED=false)"}
   Sandbox      {sandbox.url}   (test users: adele@contoso.onmicrosoft.com, pat@outlook.com, ...)
   Storage      Azurite on 127.0.0.1:10000-10002 (in memory)
 Development caller token (sub=dev-user, 12 h):

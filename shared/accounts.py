@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.crypto import KeyRing, account_aad, kid_of
-from shared.errors import ConflictError, NotFoundError
+from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
 
 CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts (SPEC §2)
 ACTIVE = "active"
@@ -123,8 +123,12 @@ class AccountStore:
         ring: KeyRing = self._key_ring()
         return ring
 
-    def seal_tokens(self, owner: str, account_id: str, tokens: Tokens) -> str:
-        return self._ring().seal(tokens.to_json(), aad=account_aad(owner, account_id, "tokens"))
+    def key_ring(self) -> KeyRing:
+        """The current key ring (Key Vault backed, cached): load it before spending a refresh token."""
+        return self._ring()
+
+    def seal_tokens(self, owner: str, account_id: str, tokens: Tokens, *, ring: KeyRing | None = None) -> str:
+        return (ring or self._ring()).seal(tokens.to_json(), aad=account_aad(owner, account_id, "tokens"))
 
     def open_tokens(self, account: Account) -> Tokens:
         if not account.sealed_tokens:
@@ -231,7 +235,13 @@ class AccountStore:
     def update_account(self, account: Account, *, etag: str | None) -> Account:
         """Replace the record; conditional on ``etag`` when given (412 → ConflictError)."""
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+        from azure.core.exceptions import (
+            HttpResponseError,
+            ResourceModifiedError,
+            ResourceNotFoundError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
         from azure.data.tables import UpdateMode
 
         try:
@@ -244,6 +254,12 @@ class AccountStore:
             raise ConflictError("The account changed concurrently.", code="etag_conflict") from None
         except ResourceNotFoundError:
             raise NotFoundError("No such account.", code="account_not_found") from None
+        except (ServiceRequestError, ServiceResponseError) as e:
+            raise StorageUnavailableError(f"Table storage could not be reached ({type(e).__name__}).") from None
+        except HttpResponseError as e:
+            if (e.status_code or 0) >= 500:
+                raise StorageUnavailableError(f"Table storage answered {e.status_code}.") from None
+            raise
         return replace(account, etag=meta.get("etag"))
 
     def touch_last_used(self, account: Account, now: dt.datetime) -> None:

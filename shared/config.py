@@ -269,5 +269,5 @@ def parse_key_ring(raw: str, *, setting: str) -> KeyRingConfig:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, loaded on first use."""
+    """The process-wide settings, read from the environment once (on first use) and then reused."""
     return load_settings()

@@ -14,7 +14,8 @@
     │   ├── ReauthRequiredError (409)   the grant is dead: the user must re-connect
     │   ├── OperatorError (500/502)     our app registration is broken (invalid_client, 7000215…)
     │   └── ThrottledError (503)        Retry-After budget spent; ``retry_after`` seconds
-    └── UpstreamUnavailableError (503)  network errors / 5xx from Microsoft after retries
+    ├── UpstreamUnavailableError (503)  network errors / 5xx from Microsoft after retries
+    └── StorageUnavailableError (503)   Table/Queue storage unreachable or failing after SDK retries
 
 ``to_problem`` turns any of them into an RFC 9457 ``application/problem+json`` body. Messages
 never contain tokens, codes or secrets: Microsoft's ``error_description`` is reduced to its
@@ -174,6 +175,12 @@ class UpstreamUnavailableError(ConnectorError):
     status = 503
     code = "upstream_unavailable"
     title = "Microsoft is unavailable"
+
+
+class StorageUnavailableError(ConnectorError):
+    status = 503
+    code = "storage_unavailable"
+    title = "Storage is unavailable"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from shared.errors import (
     NotFoundError,
     OperatorError,
     ReauthRequiredError,
+    StorageUnavailableError,
     ThrottledError,
     UpstreamUnavailableError,
 )
@@ -37,6 +38,7 @@ from shared.storage import ACCOUNTS_TABLE, REFRESH_INDEX_TABLE, REFRESH_QUEUE
 log = logging.getLogger("connector.refresh")
 
 BUCKET = dt.timedelta(minutes=5)
+REARM = dt.timedelta(minutes=30)  # an enqueued account comes back this much later unless its worker finishes
 MAX_TRANSIENT_ATTEMPTS = 6
 OPERATOR_RETRY = dt.timedelta(minutes=15)
 
@@ -50,43 +52,67 @@ def _row_key(account: Account) -> str:
     return f"{owner_partition(account.owner)}|{account.id}"
 
 
-def index_account(connector: Any, account: Account) -> None:
-    """Write the index row for the account's next due time (idempotent upsert)."""
-    if account.status != ACTIVE or account.refresh_due_at is None:
-        return
-    table = connector.storage.table(REFRESH_INDEX_TABLE)
-    table.upsert_entity({"PartitionKey": bucket_of(account.refresh_due_at), "RowKey": _row_key(account),
-                         "owner": account.owner, "accountId": account.id})
+def index_account(connector: Any, account: Account, *, previous_due: dt.datetime | None = None) -> None:
+    """Write the index row for the account's next due time (idempotent upsert).
+
+    ``previous_due`` is the due time the row was indexed under before: its row is removed, so that
+    refreshes outside the timer (a send, refresh-now, a re-connect) leave no stale row for the
+    timer to read (SPEC §9: entities read ≈ accounts due).
+    """
+    if account.status == ACTIVE and account.refresh_due_at is not None:
+        connector.storage.table(REFRESH_INDEX_TABLE).upsert_entity(
+            {"PartitionKey": bucket_of(account.refresh_due_at), "RowKey": _row_key(account),
+             "owner": account.owner, "accountId": account.id})
+    if previous_due is not None and (account.refresh_due_at is None or account.status != ACTIVE
+                                     or bucket_of(previous_due) != bucket_of(account.refresh_due_at)):
+        _delete_row(connector, bucket_of(previous_due), _row_key(account))
 
 
 def unindex_account(connector: Any, account: Account) -> None:
-    if account.refresh_due_at is None:
-        return
+    if account.refresh_due_at is not None:
+        _delete_row(connector, bucket_of(account.refresh_due_at), _row_key(account))
+
+
+def _delete_row(connector: Any, bucket: str, row_key: str) -> None:
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
-        connector.storage.table(REFRESH_INDEX_TABLE).delete_entity(bucket_of(account.refresh_due_at),
-                                                                   _row_key(account))
+        connector.storage.table(REFRESH_INDEX_TABLE).delete_entity(bucket, row_key)
     except ResourceNotFoundError:
         pass
 
 
 def enqueue_due(connector: Any, now: dt.datetime | None = None) -> dict[str, int]:
-    """Timer body: move every due index row into the refresh queue. Returns counts."""
+    """Timer body: move every due index row into the refresh queue. Returns counts.
+
+    Each due row moves to a *re-arm* bucket ``REARM`` ahead rather than being deleted: the worker
+    deletes it when it is done with the account, so a message lost to a crash or the poison queue
+    brings the account back on a later timer run instead of waiting for the daily reconciliation.
+    """
     now = now or utcnow()
     table = connector.storage.table(REFRESH_INDEX_TABLE)
     queue = connector.storage.queue(REFRESH_QUEUE)
     rows = list(table.query_entities("PartitionKey le @b", parameters={"b": bucket_of(now)},
                                      select=["PartitionKey", "RowKey", "owner", "accountId"]))
+    rearm = bucket_of(now + REARM)
     by_partition: dict[str, list[Any]] = defaultdict(list)
     for r in rows:
-        queue.send_message(json.dumps({"owner": r["owner"], "accountId": r["accountId"], "attempt": 0}).encode())
         by_partition[r["PartitionKey"]].append(r)
+    # Entity group transactions: ≤ 100 operations, all in one partition.
+    unique = list({r["RowKey"]: r for r in rows}.values())
+    for i in range(0, len(unique), 100):
+        table.submit_transaction([("upsert", {"PartitionKey": rearm, "RowKey": e["RowKey"], "owner": e["owner"],
+                                              "accountId": e["accountId"]}) for e in unique[i:i + 100]])
+    for r in unique:
+        queue.send_message(json.dumps({"owner": r["owner"], "accountId": r["accountId"], "attempt": 0,
+                                       "rearm": rearm}).encode())
     for pk, items in by_partition.items():
-        for i in range(0, len(items), 100):  # entity group transactions: ≤ 100 ops, one partition
+        if pk == rearm:
+            continue
+        for i in range(0, len(items), 100):
             table.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": e["RowKey"]}) for e in items[i:i + 100]])
-    log.info(json.dumps({"event": "refresh.enqueued", "indexRowsRead": len(rows), "enqueued": len(rows)}))
-    return {"read": len(rows), "enqueued": len(rows)}
+    log.info(json.dumps({"event": "refresh.enqueued", "indexRowsRead": len(rows), "enqueued": len(unique)}))
+    return {"read": len(rows), "enqueued": len(unique)}
 
 
 def process(connector: Any, message: bytes, *, now: dt.datetime | None = None) -> str:
@@ -94,50 +120,62 @@ def process(connector: Any, message: bytes, *, now: dt.datetime | None = None) -
     try:
         job = json.loads(message)
         owner, account_id, attempt = str(job["owner"]), str(job["accountId"]), int(job.get("attempt", 0))
-    except (ValueError, KeyError, TypeError):
+        rearm = job.get("rearm")
+        if rearm is not None and not (isinstance(rearm, str) and rearm.isdigit()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
         log.error("dropping a malformed refresh message")
         return "malformed"
     now = now or utcnow()
+    outcome, acc = _process(connector, owner, account_id, attempt, rearm, now)
+    if rearm and outcome != "retry_scheduled":  # a retry keeps the re-arm row as its safety net
+        due = acc.refresh_due_at if acc is not None and acc.status == ACTIVE else None
+        if due is None or bucket_of(due) != rearm:
+            _delete_row(connector, rearm, f"{owner_partition(owner)}|{account_id}")
+    return outcome
+
+
+def _process(connector: Any, owner: str, account_id: str, attempt: int, rearm: str | None,
+             now: dt.datetime) -> tuple[str, Account | None]:
     try:
         acc = connector.accounts.get_account(owner, account_id)
     except NotFoundError:
-        return "gone"
+        return "gone", None
     if acc.status != ACTIVE:
-        return "inactive"
+        return "inactive", acc
     due = acc.refresh_due_at
     if due is not None and due > now + BUCKET:
         index_account(connector, acc)  # refreshed meanwhile: make sure its next row exists
-        return "not_due"
+        return "not_due", acc
     try:
-        connector.tokens.refresh(owner, account_id, force=True)
+        return "refreshed", connector.tokens.refresh(owner, account_id, force=True)
     except ReauthRequiredError:
-        return "reauth_required"
+        return "reauth_required", None
     except OperatorError as e:
         log.error("refresh of %s skipped: the app registration is rejected (%s)", account_id, e.code)
-        _reindex_at(connector, acc, now + OPERATOR_RETRY)
-        return "operator_error"
-    except (UpstreamUnavailableError, ThrottledError) as e:
+        return "operator_error", _reindex_at(connector, acc, now + OPERATOR_RETRY)
+    except (UpstreamUnavailableError, ThrottledError, StorageUnavailableError) as e:
         attempt += 1
         if attempt >= MAX_TRANSIENT_ATTEMPTS:
             log.warning("refresh of %s still failing after %d attempts (%s); back to the index", account_id,
                         attempt, e.code)
-            _reindex_at(connector, acc, now + dt.timedelta(minutes=30))
-            return "deferred"
+            return "deferred", _reindex_at(connector, acc, now + dt.timedelta(minutes=30))
         delay = min(3600, max(1, round(2 ** attempt * (0.5 + random.random()))))
         if isinstance(e, ThrottledError):
             delay = max(delay, e.retry_after)
         connector.storage.queue(REFRESH_QUEUE).send_message(
-            json.dumps({"owner": owner, "accountId": account_id, "attempt": attempt}).encode(),
+            json.dumps({"owner": owner, "accountId": account_id, "attempt": attempt, "rearm": rearm}).encode(),
             visibility_timeout=delay)
         log.warning("refresh of %s failed transiently (%s); retry %d in %d s", account_id, e.code, attempt, delay)
-        return "retry_scheduled"
-    return "refreshed"
+        return "retry_scheduled", acc
 
 
-def _reindex_at(connector: Any, acc: Account, when: dt.datetime) -> None:
+def _reindex_at(connector: Any, acc: Account, when: dt.datetime) -> Account:
     from dataclasses import replace
 
-    index_account(connector, replace(acc, refresh_due_at=when))
+    later = replace(acc, refresh_due_at=when)
+    index_account(connector, later)
+    return later
 
 
 def reconcile(connector: Any) -> int:

@@ -113,11 +113,11 @@ class Connector:
 
         return CallerAuth(self.settings, session=self.session)
 
-    def _index_refresh(self, account: Account) -> None:
-        """Hook for the refresh due-time index (see shared.refresh)."""
-        refresh = _refresh_module()
-        if refresh is not None:
-            refresh.index_account(self, account)
+    def _index_refresh(self, account: Account, previous_due: dt.datetime | None = None) -> None:
+        """Keep the refresh due-time index in step with the account (see shared.refresh)."""
+        from shared.refresh import index_account
+
+        index_account(self, account, previous_due=previous_due)
 
     # -- callers ------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> str:
@@ -191,7 +191,7 @@ class Connector:
         else:
             saved = self.accounts.create_account(record)
             event = "account.connected"
-        self._index_refresh(saved)
+        self._index_refresh(saved, existing.refresh_due_at if existing else None)
         self.webhooks.emit(event, saved.to_public())
         return saved
 
@@ -216,9 +216,9 @@ class Connector:
 
     def delete_account(self, owner: str, account_id: str) -> None:
         acc = self.accounts.delete_account(owner, account_id)
-        refresh = _refresh_module()
-        if refresh is not None:
-            refresh.unindex_account(self, acc)
+        from shared.refresh import unindex_account
+
+        unindex_account(self, acc)
         self.webhooks.emit("account.disconnected", replace(acc, status="disconnected").to_public())
 
     def refresh_account(self, owner: str, account_id: str) -> dict[str, Any]:
@@ -327,14 +327,6 @@ class Connector:
         checks["appRegistration"] = ({"ok": True} if alert is None else
                                      {"ok": False, "code": alert.code, "detail": alert.detail, "hint": alert.hint})
         return all(c["ok"] for c in checks.values()), checks
-
-
-def _refresh_module() -> Any:
-    try:
-        import shared.refresh as refresh
-    except ImportError:
-        return None
-    return refresh
 
 
 _lock = threading.Lock()

@@ -24,21 +24,24 @@ from dataclasses import replace
 from typing import Any
 
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
-from shared.errors import ConflictError, ReauthRequiredError, UpstreamUnavailableError
+from shared.errors import ConflictError, ReauthRequiredError, StorageUnavailableError, UpstreamUnavailableError
 
 log = logging.getLogger("connector.tokens")
 
 REFRESH_MARGIN = dt.timedelta(minutes=5)  # renew an access token this long before it expires
-LEASE = dt.timedelta(seconds=60)  # > token request timeout, so a live holder never loses its lease
+# Longer than the slowest token request a holder can make (two attempts of (5 s, 30 s) when Entra
+# says the client secret is stale and the vault is re-read), so a live holder keeps its lease.
+LEASE = dt.timedelta(seconds=120)
 WAIT_FOR_LEASE_S = 45.0
 
 
 class TokenManager:
     def __init__(self, store: AccountStore, oauth: Any, *, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
-                 on_refreshed: Callable[[Account], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 on_refreshed: Callable[[Account, dt.datetime | None], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE) -> None:
         self._store = store
+        self._lease = lease
         self._oauth = oauth
         self._keepalive = keepalive
         self._on_reauth = on_reauth
@@ -107,18 +110,27 @@ class TokenManager:
                     continue
                 lease = secrets.token_hex(8)
                 try:
-                    acc = self._store.update_account(replace(acc, lease_id=lease, lease_until=now + LEASE),
+                    acc = self._store.update_account(replace(acc, lease_id=lease, lease_until=now + self._lease),
                                                      etag=acc.etag)
                 except ConflictError:
-                    continue
+                    # The SDK retries a write whose response was lost; the retry then fails its ETag
+                    # check although the first attempt took the lease. A row carrying our lease is ours.
+                    mine = self._store.get_account(owner, account_id)
+                    if mine.lease_id != lease:
+                        continue
+                    acc = mine
                 break
             return self._refresh_with_lease(acc, tokens, lease)
 
     def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str) -> Account:
+        previous_due = acc.refresh_due_at
         try:
+            # Load the key ring first (it may come from Key Vault): once the old refresh token is
+            # spent, nothing that could have been done before may stand between the answer and its write.
+            ring = self._store.key_ring()
             result = self._oauth.refresh(tokens.refresh_token, acc.scopes or None)
         except ReauthRequiredError as err:
-            return self._mark_reauth(acc, lease, err)
+            return self._on_dead_grant(acc, tokens, lease, err)
         except Exception:
             self._release(acc, lease)
             raise
@@ -130,7 +142,8 @@ class TokenManager:
             scopes=result.scopes or tokens.scopes,
             refresh_token_issued_at=now if result.refresh_token else tokens.refresh_token_issued_at,
         )
-        sealed = self._store.seal_tokens(acc.owner, acc.id, new_tokens)
+        sealed = self._store.seal_tokens(acc.owner, acc.id, new_tokens, ring=ring)
+        transient_failures = 0
         while True:
             fresh = replace(acc, sealed_tokens=sealed, lease_id=None, lease_until=None, last_refreshed_at=now,
                             access_token_expires_at=new_tokens.expires_at, scopes=new_tokens.scopes or acc.scopes,
@@ -141,14 +154,32 @@ class TokenManager:
                 break
             except ConflictError:
                 acc = self._store.get_account(acc.owner, acc.id)
-                if acc.lease_id != lease:
-                    # Our lease expired and someone else took over: their tokens are newer (or they
-                    # will find the grant revoked by our use); never overwrite them.
+                if acc.lease_id != lease and not self._still_ours_to_write(acc, tokens):
+                    # Our lease expired and someone else stored newer tokens: never overwrite them.
                     log.warning("lost the refresh lease on %s; keeping the other writer's tokens", acc.id)
                     return acc
+            except StorageUnavailableError:
+                # The new refresh token exists only in this process now: keep trying while the lease
+                # is ours (the SDK has already retried each attempt).
+                transient_failures += 1
+                if transient_failures > 5 or (acc.lease_until and utcnow() > acc.lease_until):
+                    log.error("could not store the rotated tokens of %s: storage unavailable", acc.id)
+                    raise
+                self._sleep(min(0.5 * 2 ** transient_failures, 8.0) * (0.5 + random.random()))
         if self._on_refreshed:
-            self._on_refreshed(saved)
+            self._on_refreshed(saved, previous_due)
         return saved
+
+    def _still_ours_to_write(self, acc: Account, used: Tokens) -> bool:
+        """After losing the lease: may we still store our fresh tokens?
+
+        Yes while the row still holds the refresh token we redeemed. Then nobody has stored a newer
+        one, and with rotation ours is the live one: a later holder of the lease that redeems the
+        old token gets ``invalid_grant`` and, re-reading, finds ours (:meth:`_on_dead_grant`).
+        """
+        if acc.status != ACTIVE or not acc.sealed_tokens:
+            return False
+        return self._store.open_tokens(acc).refresh_token == used.refresh_token
 
     def _release(self, acc: Account, lease: str) -> None:
         for _ in range(5):
@@ -159,6 +190,20 @@ class TokenManager:
                 acc = self._store.get_account(acc.owner, acc.id)
                 if acc.lease_id != lease:
                     return
+
+    def _on_dead_grant(self, acc: Account, used: Tokens, lease: str, err: ReauthRequiredError) -> Account:
+        """``invalid_grant`` for the refresh token we used: a dead grant, or a lost rotation race.
+
+        If another writer stored a different refresh token meanwhile (our lease ran out and it
+        rotated first, or the account was re-connected), the grant is alive: use what it stored
+        (SPEC §6: "a refresher that loses a rotation race re-reads the stored tokens").
+        """
+        current = self._store.get_account(acc.owner, acc.id)
+        if current.status == ACTIVE and current.sealed_tokens and current.lease_id != lease:
+            if self._store.open_tokens(current).refresh_token != used.refresh_token:
+                log.info("lost a rotation race on %s; using the tokens the other refresher stored", acc.id)
+                return current
+        return self._mark_reauth(current if current.lease_id == lease else acc, lease, err)
 
     def _mark_reauth(self, acc: Account, lease: str, err: ReauthRequiredError) -> Account:
         now = utcnow()

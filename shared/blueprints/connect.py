@@ -44,11 +44,13 @@ def connect_microsoft_callback(req: func.HttpRequest) -> func.HttpResponse:
         if outcome.status == "error":
             result["code"] = outcome.code or "error"
             result["message"] = (outcome.message or "")[:300]
+            if outcome.hint:  # e.g. the admin-consent URL for consent_required: the product can show it
+                result["hint"] = outcome.hint[:600]
         if outcome.return_url:
             return func.HttpResponse(status_code=302, headers={"Location": _append(outcome.return_url, result),
                                                                **_NO_LEAK})
         origins = sorted({_origin(u) for u in c.settings.allowed_return_urls})
-        return _result_page(result, outcome.hint, origins)
+        return _result_page(result, origins)
 
     return handle(req, "connect_microsoft_callback", run, auth=False)
 
@@ -64,16 +66,24 @@ def _origin(url: str) -> str:
     return f"{p.scheme}://{p.netloc}"
 
 
-def _result_page(result: dict[str, str], hint: str | None, origins: list[str]) -> func.HttpResponse:
+# office.js must be loaded from Microsoft's CDN for Office.context.ui.messageParent to exist in a dialog
+# opened with displayDialogAsync. https://learn.microsoft.com/office/dev/add-ins/develop/dialog-api-in-office-add-ins
+_OFFICE_JS_ORIGIN = "https://appsforoffice.microsoft.com"
+_OFFICE_JS = _OFFICE_JS_ORIGIN + "/lib/1/hosted/office.js"
+
+
+def _result_page(result: dict[str, str], origins: list[str]) -> func.HttpResponse:
     """A small page for popups and Office dialogs: shows the result and posts it to the opener.
 
     ``postMessage`` targets only the origins of ALLOWED_RETURN_URLS, so another site that opened
-    the popup learns nothing. In an Office dialog, ``Office.context.ui.messageParent`` carries it.
+    the popup learns nothing (with none configured, nothing is posted). In an Office dialog,
+    ``Office.context.ui.messageParent`` carries it; office.js is a no-op in a plain browser.
     """
     nonce = secrets.token_urlsafe(16)
     ok = result["status"] == "connected"
     title = "Mailbox connected" if ok else "Could not connect the mailbox"
     detail = "You can close this window." if ok else result.get("message", "")
+    hint = result.get("hint")
     payload = json.dumps({"type": "outlook-connector/connect", **result}).replace("<", "\\u003c")
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -84,6 +94,7 @@ def _result_page(result: dict[str, str], hint: str | None, origins: list[str]) -
 <p id="detail">{html.escape(detail)}</p>
 {'' if ok else f'<p>Code: <code id="code">{html.escape(result.get("code", ""))}</code></p>'}
 {f'<p id="hint">{html.escape(hint)}</p>' if hint and not ok else ''}
+<script nonce="{nonce}" src="{_OFFICE_JS}"></script>
 <script nonce="{nonce}">
 (function () {{
   var result = {payload};
@@ -95,6 +106,7 @@ def _result_page(result: dict[str, str], hint: str | None, origins: list[str]) -
   }}
 }})();
 </script></body></html>"""
-    csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'"
+    csp = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}' {_OFFICE_JS_ORIGIN}; "
+           "base-uri 'none'; form-action 'none'")
     return func.HttpResponse(body, status_code=200 if ok else 400, mimetype="text/html", charset="utf-8",
                              headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", **_NO_LEAK})

@@ -113,6 +113,8 @@ def test_failure_users_end_in_clear_error_redirect(host: Host, browser_session: 
         result = {k: v[0] for k, v in parse_qs(urlsplit(cb.headers["Location"]).query).items()}
         assert result["status"] == "error" and result["code"] in codes, result
         assert result["message"].startswith("AADSTS"), result
+        if "consent_required" in codes:  # the product gets the link to send to a tenant administrator
+            assert "/v2.0/adminconsent?client_id=" in result["hint"], result
     else:  # Entra shows some failures on its own page; the sandbox must say which code
         pytest.fail(f"sandbox did not redirect back for {hint}: {auth.status_code}")
     assert host.api("GET", "/api/accounts", sub=sub).json()["accounts"] == []

@@ -40,6 +40,9 @@ def make_due(host: Host, owner: str, account_id: str) -> None:
     accounts, index = _tables(host)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
     pk = owner_partition(owner)
+    old = accounts.get_entity(pk, account_id).get("refreshDueAt")
+    if old:  # the row moves with the due time, as it does when time really passes
+        index.delete_entity(bucket_of(dt.datetime.fromisoformat(old.replace("Z", "+00:00"))), f"{pk}|{account_id}")
     accounts.update_entity({"PartitionKey": pk, "RowKey": account_id, "refreshDueAt": past.isoformat()},
                            mode=UpdateMode.MERGE)
     index.upsert_entity({"PartitionKey": bucket_of(past), "RowKey": f"{pk}|{account_id}", "owner": owner,
@@ -211,6 +214,9 @@ def test_200_concurrent_refresh_and_send_keep_one_live_refresh_token(host: Host,
     # The stored refresh token is the live one: a further rotation works.
     assert host.api("POST", f"/api/accounts/{acc}/refresh", sub=owner).status_code == 200
     assert control.live_refresh_tokens(user) == live_before
+    # The second instance, started after the queues existed, runs its queue triggers too.
+    assert "Exception in thread" not in second_host.log_text()
+    assert "serving" in second_host.log_text() and "queue functions" in second_host.log_text()
 
 
 def test_cleanup_purges_expired_states(host: Host) -> None:
@@ -252,3 +258,62 @@ def test_poison_refresh_message_ends_in_poison_queue(host: Host) -> None:
 
     wait_for(parked, timeout=60, what="the job to reach refresh-jobs-poison")
     assert _entity(host, owner, acc)["status"] == "active"  # untouched
+
+
+def _index_rows(host: Host, owner: str, account_id: str) -> list[str]:
+    from shared.accounts import owner_partition
+
+    rk = f"{owner_partition(owner)}|{account_id}"
+    return sorted(e["PartitionKey"] for e in _tables(host)[1].query_entities("RowKey eq @rk", parameters={"rk": rk}))
+
+
+def _due_bucket(host: Host, owner: str, account_id: str) -> str:
+    from shared.refresh import bucket_of
+
+    return bucket_of(dt.datetime.fromisoformat(_entity(host, owner, account_id)["refreshDueAt"].replace("Z", "+00:00")))
+
+
+def test_refresh_outside_the_timer_leaves_exactly_one_index_row(host: Host, browser_session: Any) -> None:
+    owner = "owner-index-hygiene"
+    acc = connect(host, browser_session, sub=owner, login_hint=CONTOSO[0])["result"]["accountId"]
+    assert _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)]
+    make_due(host, owner, acc)  # a row in a past bucket, as if the account had come due
+    assert host.api("POST", f"/api/accounts/{acc}/refresh", sub=owner).status_code == 200
+    # The refresh moved the row: no stale row for the timer to read again.
+    assert _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)]
+    # Re-connecting the same mailbox moves it too.
+    connect(host, browser_session, sub=owner, login_hint=CONTOSO[0])
+    assert _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)]
+
+
+def test_a_lost_refresh_message_brings_the_account_back_later(host: Host, browser_session: Any) -> None:
+    """The timer re-arms each row instead of deleting it; a worker that finishes removes the re-arm row.
+    A message that never reaches a worker (a crash, the poison queue) is therefore not the end of it."""
+    from shared.config import load_settings
+    from shared.refresh import REARM, bucket_of, enqueue_due
+    from shared.service import Connector
+    from shared.storage import Storage
+
+    class LostMessages(Storage):
+        """Storage whose refresh queue nobody reads: the timer's message is lost."""
+
+        def queue(self, name: str) -> Any:
+            return super().queue(name + "-lost" if name == "refresh-jobs" else name)
+
+    owner = "owner-lost-message"
+    acc = connect(host, browser_session, sub=owner, login_hint=CONTOSO[1])["result"]["accountId"]
+    before = _entity(host, owner, acc)["lastRefreshedAt"]
+    make_due(host, owner, acc)
+    settings = load_settings(host.env)
+    lossy = Connector(settings, storage=LostMessages(settings))
+    now = dt.datetime.now(dt.UTC)
+    enqueue_due(lossy, now)
+    lossy.storage.queue("refresh-jobs").delete_queue()  # the message is gone for good
+    rearm = bucket_of(now + REARM)
+    assert _index_rows(host, owner, acc) == [rearm]  # moved ahead, not deleted
+    # Half an hour later the timer finds the account again and the host's worker refreshes it.
+    enqueue_due(Connector(settings), now + REARM + dt.timedelta(minutes=1))
+    wait_for(lambda: _entity(host, owner, acc)["lastRefreshedAt"] != before, what="the re-armed account's refresh")
+    wait_for(lambda: _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)],
+             what="only the new due row to remain")
+    assert _entity(host, owner, acc)["status"] == "active"

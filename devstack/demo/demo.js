@@ -1,0 +1,228 @@
+// Demo web client: uses only the connector's public API, as a product's front end would.
+// The caller token comes from POST /demo/token, which only the dev host serves (a stand-in for
+// the product's own back end, which would mint or forward its users' JWTs).
+"use strict";
+
+const SUB = "demo-user";
+const $ = (id) => document.getElementById(id);
+let token = null;
+let accounts = [];
+let nextCursor = null;
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
+  return e;
+}
+
+function banner(kind, text, hint) {
+  const b = $("banner");
+  b.hidden = false;
+  b.className = kind;
+  b.replaceChildren(el("span", { "data-testid": "banner-text" }, text));
+  if (hint) b.append(el("span", { class: "hint", "data-testid": "banner-hint" }, hint));
+}
+
+async function getToken(force) {
+  const saved = JSON.parse(sessionStorage.getItem("demoToken") || "null");
+  if (!force && saved && saved.exp > Date.now() / 1000 + 60) return saved.token;
+  const r = await fetch("/demo/token", { method: "POST", headers: { "Content-Type": "application/json" },
+                                         body: JSON.stringify({ sub: SUB }) });
+  if (!r.ok) throw new Error("The dev host did not issue a caller token (is DEMO_ENABLED set?)");
+  const doc = await r.json();
+  sessionStorage.setItem("demoToken", JSON.stringify(doc));
+  return doc.token;
+}
+
+class ApiError extends Error {
+  constructor(problem) {
+    super(problem.detail || problem.title || "Request failed");
+    this.problem = problem;
+  }
+}
+
+async function api(method, path, body) {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const headers = { Authorization: "Bearer " + token };
+    let payload = body;
+    if (body && !(body instanceof FormData)) { headers["Content-Type"] = "application/json"; payload = JSON.stringify(body); }
+    const r = await fetch(path, { method, headers, body: payload });
+    if (r.status === 401 && attempt === 0) { token = await getToken(true); continue; }
+    if (r.status === 204) return null;
+    const type = r.headers.get("Content-Type") || "";
+    const doc = type.includes("json") ? await r.json() : { title: await r.text() };
+    if (!r.ok) throw new ApiError(Object.assign({ status: r.status }, doc));
+    return doc;
+  }
+}
+
+function showProblem(err, where) {
+  const p = err.problem || {};
+  const text = (p.title ? p.title + ": " : "") + (p.detail || err.message) + (p.code ? " (" + p.code + ")" : "");
+  if (where) { where.className = "error-text"; where.textContent = text + (p.hint ? " — " + p.hint : ""); }
+  else banner("error", text, p.hint);
+}
+
+function selected() {
+  const id = sessionStorage.getItem("demoAccount");
+  return accounts.find((a) => a.id === id) || accounts.find((a) => a.status === "active") || accounts[0] || null;
+}
+
+function select(id) {
+  sessionStorage.setItem("demoAccount", id);
+  render();
+}
+
+async function loadAccounts() {
+  try {
+    accounts = (await api("GET", "/api/accounts")).accounts;
+  } catch (e) { showProblem(e); accounts = []; }
+  render();
+}
+
+function render() {
+  const sel = selected();
+  const rows = accounts.map((a) => el("tr", { class: sel && sel.id === a.id ? "selected" : "", "data-account-id": a.id },
+    el("td", { class: "email" }, a.email), el("td", {}, a.displayName), el("td", { class: "type" }, a.accountType),
+    el("td", { class: "status status-" + a.status }, a.status === "active" ? "active" : "re-connect needed"),
+    el("td", { class: "last-error" }, a.lastError ? a.lastError.code + ": " + a.lastError.message : ""),
+    el("td", {},
+      el("button", { type: "button", class: "use", onclick: () => select(a.id) }, "Use"),
+      el("button", { type: "button", class: "refresh", onclick: () => refreshAccount(a) }, "Refresh"),
+      el("button", { type: "button", class: "reconnect", onclick: () => startConnect(a.id) }, "Re-connect"),
+      el("button", { type: "button", class: "disconnect", onclick: () => disconnect(a) }, "Disconnect"))));
+  $("accounts").tBodies[0].replaceChildren(...rows);
+  $("no-accounts").hidden = accounts.length > 0;
+  $("send").disabled = $("load-messages").disabled = !sel;
+  $("send-as").textContent = $("read-as").textContent = sel ? "as " + sel.email : "";
+}
+
+async function startConnect(accountId) {
+  const q = new URLSearchParams({ returnUrl: location.origin + location.pathname });
+  const hint = $("login-hint").value.trim();
+  if (hint) q.set("loginHint", hint);
+  if ($("prompt").value) q.set("prompt", $("prompt").value);
+  if (accountId) q.set("accountId", accountId);
+  try {
+    const start = await api("GET", "/api/connect/microsoft?" + q);
+    location.assign(start.authUrl); // the Microsoft (sandbox) sign-in page
+  } catch (e) { showProblem(e); }
+}
+
+let popup = null;
+
+async function startPopup() {
+  // Without returnUrl the callback renders a small result page that posts the result to its opener
+  // (only to the origins of ALLOWED_RETURN_URLS) — the pattern for popups and Office dialogs.
+  const q = new URLSearchParams();
+  const hint = $("login-hint").value.trim();
+  if (hint) q.set("loginHint", hint);
+  if ($("prompt").value) q.set("prompt", $("prompt").value);
+  popup = window.open("about:blank", "outlook-connect", "width=560,height=680");
+  try {
+    const start = await api("GET", "/api/connect/microsoft?" + q);
+    popup.location.href = start.authUrl;
+  } catch (e) { popup.close(); showProblem(e); }
+}
+
+window.addEventListener("message", async (ev) => {
+  // The result page is served by the connector; accept its messages only.
+  if (ev.origin !== location.origin || !ev.data || ev.data.type !== "outlook-connector/connect") return;
+  if (popup) popup.close();
+  if (ev.data.status === "connected") {
+    sessionStorage.setItem("demoAccount", ev.data.accountId);
+    banner("ok", "Mailbox connected (popup).");
+  } else {
+    banner("error", "Could not connect the mailbox: " + (ev.data.message || "unknown error"),
+           (ev.data.hint ? ev.data.hint + " " : "") + "(error code: " + ev.data.code + ")");
+  }
+  await loadAccounts();
+});
+
+async function refreshAccount(a) {
+  try { await api("POST", `/api/accounts/${encodeURIComponent(a.id)}/refresh`); banner("ok", "Tokens refreshed for " + a.email); }
+  catch (e) { showProblem(e); }
+  await loadAccounts();
+}
+
+async function disconnect(a) {
+  try { await api("DELETE", `/api/accounts/${encodeURIComponent(a.id)}`); banner("ok", "Disconnected " + a.email); }
+  catch (e) { showProblem(e); }
+  await loadAccounts();
+}
+
+async function send(ev) {
+  ev.preventDefault();
+  const a = selected();
+  const out = $("send-result");
+  out.className = ""; out.textContent = "Sending…";
+  const message = { to: $("send-to").value.split(",").map((s) => s.trim()).filter(Boolean),
+                    subject: $("send-subject").value, bodyText: $("send-body").value };
+  // multipart/form-data: a JSON part named "message" and raw file parts (no base64 overhead).
+  const form = new FormData();
+  form.append("message", JSON.stringify(message));
+  for (const f of $("send-file").files) form.append("file", f, f.name);
+  try {
+    const r = await api("POST", `/api/accounts/${encodeURIComponent(a.id)}/send`, form);
+    out.className = "ok-text";
+    out.textContent = `Sent at ${r.sentAt} (tracking id ${r.trackingId})` +
+      ($("send-file").files.length ? ` with ${$("send-file").files[0].name}` : "");
+  } catch (e) { showProblem(e, out); }
+}
+
+async function loadMessages(ev, more) {
+  if (ev) ev.preventDefault();
+  const a = selected();
+  const q = new URLSearchParams({ folder: $("folder").value, top: "10" });
+  if (more && nextCursor) q.set("cursor", nextCursor);
+  try {
+    const r = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}/messages?` + q);
+    const items = r.messages.map((m) => el("li", { class: m.isRead ? "read" : "unread", "data-message-id": m.id },
+      el("div", { class: "subject" }, m.subject || "(no subject)"),
+      el("div", { class: "muted" }, (m.from && m.from.emailAddress ? m.from.emailAddress.address : "") + " · " +
+        m.receivedDateTime + (m.hasAttachments ? " · 📎" : "")),
+      el("div", { class: "preview" }, m.bodyPreview || "")));
+    if (more) $("messages").append(...items); else $("messages").replaceChildren(...items);
+    if (!items.length && !more) $("messages").replaceChildren(el("li", { class: "muted" }, "No messages."));
+    nextCursor = r.nextCursor;
+    $("more-messages").hidden = !nextCursor;
+  } catch (e) { showProblem(e); }
+}
+
+function readConnectResult() {
+  // The callback redirects back here with status=connected&accountId=… or status=error&code=…&message=…
+  const q = new URLSearchParams(location.search);
+  if (!q.has("status")) return;
+  if (q.get("status") === "connected") {
+    sessionStorage.setItem("demoAccount", q.get("accountId"));
+    banner("ok", "Mailbox connected.");
+  } else {
+    banner("error", "Could not connect the mailbox: " + (q.get("message") || "unknown error"),
+           (q.get("hint") ? q.get("hint") + " " : "") + "(error code: " + q.get("code") + ")");
+  }
+  history.replaceState(null, "", location.pathname);
+}
+
+async function main() {
+  readConnectResult();
+  try {
+    token = await getToken(false);
+    $("who").textContent = `Signed in to the demo product as "${SUB}" (development caller token).`;
+  } catch (e) { $("who").textContent = e.message; $("who").className = "error-text"; return; }
+  $("connect-form").addEventListener("submit", (ev) => { ev.preventDefault(); startConnect(null); });
+  $("connect-popup").addEventListener("click", startPopup);
+  $("reload-accounts").addEventListener("click", loadAccounts);
+  $("send-form").addEventListener("submit", send);
+  $("messages-form").addEventListener("submit", (ev) => loadMessages(ev, false));
+  $("more-messages").addEventListener("click", () => loadMessages(null, true));
+  await loadAccounts();
+  const a = selected();
+  if (a && !$("send-to").value) $("send-to").value = a.email;
+  document.body.dataset.ready = "true";
+}
+
+main();

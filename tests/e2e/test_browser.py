@@ -1,0 +1,256 @@
+"""The demo web client in a real browser (headless Chromium driven by Selenium) against the dev host,
+Azurite and the sandbox: connect through the sandbox's sign-in and consent pages, see the account,
+send a message with an attachment, list the inbox — and an error journey (admin consent required).
+
+Every step saves a screenshot to test-artifacts/browser/; a failure names them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ARTIFACTS, Host, wait_for
+
+SHOTS = ARTIFACTS / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+if not (CHROMIUM and CHROMEDRIVER):
+    if os.environ.get("CI"):
+        raise RuntimeError("Browser tests need Debian's chromium and chromium-driver (.ci/run installs them).")
+    pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+
+def _spki_sha256(cert_path: Path) -> str:
+    """Base64 SHA-256 of the sandbox leaf's public key: Chromium trusts exactly that key, nothing else."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class Browser:
+    def __init__(self, driver: Any) -> None:
+        self.d = driver
+        self.shots: list[Path] = []
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path = SHOTS / f"{len(self.shots) + 1:02d}-{name}.png"
+        self.d.save_screenshot(str(path))
+        self.shots.append(path)
+
+    def css(self, selector: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return self.d.find_element(By.CSS_SELECTOR, selector)
+
+    def all(self, selector: str) -> list[Any]:
+        from selenium.webdriver.common.by import By
+
+        return list(self.d.find_elements(By.CSS_SELECTOR, selector))
+
+    def wait(self, condition: Any, what: str, timeout: float = 30) -> Any:
+        try:
+            return wait_for(lambda: _quiet(condition), timeout=timeout, what=what)
+        except AssertionError as e:
+            self.fail(str(e), what.replace(" ", "-"))
+
+    def fail(self, message: str, name: str) -> None:
+        """Fail naming every screenshot of the journey (and one of the page as it is now)."""
+        try:
+            self.shot(name + "-failed")
+        except Exception as e:  # the browser itself may be gone
+            message += f" (no screenshot: {e})"
+        raise AssertionError(f"{message}\nscreenshots: {', '.join(str(p) for p in self.shots)}\n"
+                             f"page URL: {self.d.current_url}")
+
+    def text(self, selector: str) -> str:
+        return str(self.css(selector).text)
+
+
+def _quiet(condition: Any) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return condition()
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
+@pytest.fixture(scope="module")
+def browser(sandbox: Any) -> Iterator[Browser]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from devstack.certs import ensure_certs
+
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1200,1000", f"--user-data-dir={profile}",
+                f"--ignore-certificate-errors-spki-list={_spki_sha256(ensure_certs().server_cert)}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    if SHOTS.exists():
+        shutil.rmtree(SHOTS)
+    b = Browser(driver)
+    yield b
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _open_demo(b: Browser, host: Host) -> None:
+    b.d.get(host.url + "/demo/")
+    b.wait(lambda: b.css("body").get_attribute("data-ready") == "true", "the demo page to load")
+
+
+def _step(b: Browser, name: str, check: Any) -> None:
+    """Run an assertion about what the user sees; on failure, say which screenshots show it."""
+    b.shot(name)
+    try:
+        check()
+    except AssertionError as e:
+        b.fail(str(e), name)
+
+
+def _accounts(b: Browser) -> list[dict[str, str]]:
+    return [{"email": r.find_element("css selector", ".email").text,
+             "type": r.find_element("css selector", ".type").text,
+             "status": r.find_element("css selector", ".status").text}
+            for r in b.all("#accounts tbody tr")]
+
+
+def test_connect_send_and_read_in_a_browser(browser: Browser, host: Host, control: Any) -> None:
+    b = browser
+    _open_demo(b, host)
+    _step(b, "demo-loaded", lambda: (
+        _assert("demo-user" in b.text("#who"), b.text("#who")),
+        _assert(b.css("#no-accounts").is_displayed(), "the empty-state line should show"),
+        _assert(not b.css("#send").is_enabled(), "Send must wait for an account"),
+    ))
+
+    # Connect without a hint: the sandbox shows its account picker, then the permissions page.
+    b.css("#connect").click()
+    b.wait(lambda: "Pick an account" in b.d.page_source, "the sandbox sign-in page")
+    _step(b, "sandbox-sign-in", lambda: _assert(b.d.current_url.startswith("https://localhost:"), b.d.current_url))
+    b.css("button[value='adele@contoso.onmicrosoft.com']").click()
+    b.wait(lambda: "Permissions requested" in b.d.page_source, "the sandbox consent page")
+    _step(b, "sandbox-consent", lambda: (
+        _assert("Mail.Send" in b.d.page_source, "the consent page lists the scopes"),
+        _assert("offline_access" in b.d.page_source, "offline_access is requested"),
+    ))
+    b.css("button[value='accept']").click()
+
+    # Back on the demo page: the callback redirected with status=connected, the list shows the account.
+    b.wait(lambda: b.d.current_url.startswith(host.url + "/demo/") and b.css("#banner").is_displayed(),
+           "the return to the demo page")
+    b.wait(lambda: _accounts(b), "the accounts list")
+    _step(b, "connected", lambda: (
+        _assert(b.text("#banner") == "Mailbox connected.", b.text("#banner")),
+        _assert("status=" not in b.d.current_url, "the result is removed from the address bar"),
+        _assert(_accounts(b) == [{"email": "adele@contoso.onmicrosoft.com", "type": "work", "status": "active"}],
+                _accounts(b)),
+        _assert(b.css("#send").is_enabled(), "Send is enabled once an account is selected"),
+    ))
+
+    # Send a message with an attachment (multipart/form-data through the public API).
+    attachment = ARTIFACTS / "browser-attachment.txt"
+    content = b"Quarterly numbers\n" * 2000
+    attachment.write_bytes(content)
+    before = len(control.sent("adele@contoso.onmicrosoft.com"))
+    to = b.css("#send-to")
+    to.clear()
+    to.send_keys("someone@example.com")
+    subject = b.css("#send-subject")
+    subject.clear()
+    subject.send_keys("Browser journey")
+    b.css("#send-file").send_keys(str(attachment))
+    b.css("#send").click()
+    b.wait(lambda: b.text("#send-result") not in ("", "Sending…"), "the send result")
+    sent = control.sent("adele@contoso.onmicrosoft.com")[before:]
+    _step(b, "sent", lambda: (
+        _assert(b.text("#send-result").startswith("Sent at"), b.text("#send-result")),
+        _assert("browser-attachment.txt" in b.text("#send-result"), b.text("#send-result")),
+        _assert(len(sent) == 1, f"exactly one message reached Graph, got {len(sent)}"),
+        _assert(sent[0]["message"]["subject"] == "Browser journey", sent[0]["message"]),
+        _assert(sent[0]["message"]["toRecipients"][0]["emailAddress"]["address"] == "someone@example.com",
+                sent[0]["message"]),
+        _assert([(a["name"], a["size"]) for a in sent[0]["message"]["attachments"]] ==
+                [("browser-attachment.txt", len(content))], sent[0]["message"]["attachments"]),
+    ))
+
+    # The inbox (seeded by the sandbox), then Sent Items with the message just sent.
+    b.css("#load-messages").click()
+    b.wait(lambda: b.all("#messages li[data-message-id]"), "the inbox list")
+    _step(b, "inbox", lambda: _assert(len(b.all("#messages li[data-message-id]")) >= 1, "inbox messages are listed"))
+    from selenium.webdriver.support.ui import Select
+
+    Select(b.css("#folder")).select_by_value("sentitems")
+    b.css("#load-messages").click()
+    b.wait(lambda: any("Browser journey" in li.text for li in b.all("#messages li")), "Sent Items to list the message")
+    _step(b, "sent-items", lambda: _assert(
+        any("Browser journey" in li.text and "📎" in li.text for li in b.all("#messages li")),
+        "the sent message with its attachment marker"))
+
+
+def test_popup_connect_posts_the_result_to_the_opener(browser: Browser, host: Host) -> None:
+    b = browser
+    _open_demo(b, host)
+    main = b.d.current_window_handle
+    b.css("#login-hint").send_keys("pat@outlook.com")  # auto sign-in: the sandbox's login_hint path
+    b.css("#connect-popup").click()
+    popup = b.wait(lambda: next((h for h in b.d.window_handles if h != main), None), "the popup to open")
+    # The popup shows the connector's result page, which posts to window.opener; the demo closes it.
+    b.wait(lambda: popup not in b.d.window_handles, "the demo to receive the result and close the popup")
+    b.d.switch_to.window(main)
+    b.wait(lambda: b.css("#banner").is_displayed() and "pat@outlook.com" in b.text("#accounts"),
+           "the popup's result in the opener")
+    _step(b, "popup-connected", lambda: (
+        _assert(b.text("[data-testid=banner-text]") == "Mailbox connected (popup).", b.text("#banner")),
+        _assert({"email": "pat@outlook.com", "type": "personal", "status": "active"} in _accounts(b), _accounts(b)),
+    ))
+
+
+def test_consent_required_user_sees_a_clear_error(browser: Browser, host: Host) -> None:
+    b = browser
+    _open_demo(b, host)
+    accounts_before = _accounts(b)
+    b.css("#connect").click()
+    b.wait(lambda: "Pick an account" in b.d.page_source, "the sandbox sign-in page")
+    b.css("button[value='user@fabrikam.onmicrosoft.com']").click()
+    b.wait(lambda: "Need admin approval" in b.d.page_source, "the sandbox admin-approval page")
+    _step(b, "need-admin-approval", lambda: _assert("AADSTS90094" in b.d.page_source, "the AADSTS90094 notice"))
+    b.css("button[value='admin_cancel']").click()
+    b.wait(lambda: b.d.current_url.startswith(host.url + "/demo/") and b.css("#banner").is_displayed(),
+           "the return to the demo page")
+    _step(b, "consent-error", lambda: (
+        _assert("error" in (b.css("#banner").get_attribute("class") or ""), "the banner is an error"),
+        _assert(b.text("[data-testid=banner-text]").startswith("Could not connect the mailbox:"),
+                b.text("#banner")),
+        _assert("consent" in b.text("[data-testid=banner-text]").lower(), b.text("#banner")),
+        _assert(b.text("[data-testid=banner-hint]").endswith("(error code: consent_required)"), b.text("#banner")),
+        _assert("/organizations/v2.0/adminconsent?client_id=" in b.text("[data-testid=banner-hint]"),
+                "the hint carries the admin-consent URL to send to an administrator"),
+        _assert(_accounts(b) == accounts_before, "nothing was added to the accounts list"),
+    ))
+
+
+def _assert(ok: bool, message: Any) -> None:
+    if not ok:
+        raise AssertionError(str(message))

@@ -1,0 +1,88 @@
+"""TokenManager against the real stack (Azurite, MSAL, the sandbox with strict rotation): the
+rotation-race paths that the 200-operation race test cannot force on purpose.
+
+Two in-process Connectors stand for two instances; the only knob turned is the lease length (a
+constructor argument), so a lease can run out while its holder's token request is still in flight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from shared.accounts import ACTIVE, utcnow
+from tests.conftest import Host, wait_for
+
+USER = "megan@contoso.onmicrosoft.com"
+
+
+def _connector(host: Host, lease: dt.timedelta) -> Any:
+    from shared.config import load_settings
+    from shared.service import Connector
+    from shared.tokens import TokenManager
+
+    c = Connector(load_settings(host.env))
+    c.__dict__["tokens"] = TokenManager(c.accounts, c.oauth, keepalive=dt.timedelta(days=7), lease=lease)
+    return c
+
+
+def _connect(c: Any, browser: Any, owner: str) -> str:
+    start = c.start_connect(owner, return_url=None, login_hint=USER)
+    loc = browser.get(start["authUrl"], allow_redirects=False, timeout=30).headers["Location"]
+    out = c.complete_connect({k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()})
+    assert out.status == "connected", out
+    return str(out.account_id)
+
+
+@pytest.fixture()
+def strict_slow_token_endpoint(control: Any) -> Any:
+    control.set_rotation(True)
+    yield control
+    control.set_token_latency(0)
+
+
+def test_holder_whose_lease_ran_out_still_stores_the_live_refresh_token(
+        host: Host, browser_session: Any, strict_slow_token_endpoint: Any) -> None:
+    control = strict_slow_token_endpoint
+    lease = dt.timedelta(seconds=1)
+    a, b = _connector(host, lease), _connector(host, lease)
+    owner = "owner-lease-race"
+    acc_id = _connect(a, browser_session, owner)
+    live_before = control.live_refresh_tokens(USER)
+    used = a.accounts.open_tokens(a.accounts.get_account(owner, acc_id)).refresh_token
+    control.set_token_latency(2500)  # each token request takes longer than the lease
+    results: dict[str, Any] = {}
+
+    def run(name: str, c: Any) -> None:
+        try:
+            results[name] = c.tokens.refresh(owner, acc_id, force=True)
+        except Exception as e:  # recorded and asserted below
+            results[name] = e
+
+    ta = threading.Thread(target=run, args=("a", a))
+    ta.start()
+    # A holds the lease with its request in flight; once the lease has run out, B takes over and
+    # redeems the same (soon revoked) refresh token.
+    first = wait_for(lambda: (lambda r: r if r.lease_id else None)(a.accounts.get_account(owner, acc_id)),
+                     what="A's lease")
+    wait_for(lambda: utcnow() > first.lease_until, what="A's lease to run out")
+    tb = threading.Thread(target=run, args=("b", b))
+    tb.start()
+    ta.join(30)
+    tb.join(30)
+    assert not isinstance(results["a"], Exception), results["a"]
+    assert not isinstance(results["b"], Exception), results["b"]  # B lost the race and used A's tokens
+    final = a.accounts.get_account(owner, acc_id)
+    assert final.status == ACTIVE and final.lease_id is None
+    stored = a.accounts.open_tokens(final).refresh_token
+    assert stored != used
+    # Exactly one live refresh token for this grant, and it is the stored one: a further refresh works.
+    assert control.live_refresh_tokens(USER) == live_before
+    control.set_token_latency(0)
+    again = b.tokens.refresh(owner, acc_id, force=True)
+    assert again.status == ACTIVE
+    assert control.live_refresh_tokens(USER) == live_before
