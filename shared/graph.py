@@ -102,7 +102,8 @@ class GraphClient:
                 continue
             if resp.status_code == 429 or (resp.status_code == 503 and safe):
                 err = from_graph_response(resp.status_code, body, resp.headers, context=context)
-                assert isinstance(err, ThrottledError)
+                if not isinstance(err, ThrottledError):
+                    raise err
                 wait = float(err.retry_after)
                 if wait <= self._max_wait and self._clock() - started + wait <= self._budget:
                     log.info("graph throttled (%s); waiting %.0f s", resp.status_code, wait)
@@ -143,8 +144,13 @@ def _json_or_none(resp: requests.Response) -> Any:
         return None
 
 
-def _retry_after(resp: requests.Response) -> int:
+def retry_after_seconds(value: str | None, default: int = 5) -> int:
+    """``Retry-After`` as whole seconds (delta-seconds form, RFC 9110 §10.2.3; Graph sends that form)."""
     try:
-        return max(1, int(float(resp.headers.get("Retry-After", "5"))))
+        return max(1, int(float(value))) if value else default
     except ValueError:
-        return 5
+        return default
+
+
+def _retry_after(resp: requests.Response) -> int:
+    return retry_after_seconds(resp.headers.get("Retry-After"))

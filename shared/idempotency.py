@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +25,13 @@ from typing import Any
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.errors import ConflictError, ConnectorError, ValidationError
 
+log = logging.getLogger("connector.idempotency")
+
 TTL = dt.timedelta(hours=24)
 WAIT_FOR_DUPLICATE_S = 60.0
+# A send still "pending" after this long lost its process (crash, host recycled) or its result write:
+# whether it was delivered is unknown, so it is treated like an unknown outcome, never re-sent.
+PENDING_STALE = dt.timedelta(minutes=15)
 _KEY_MAX = 255
 
 
@@ -68,6 +74,9 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
             raise ConflictError("This Idempotency-Key was already used with a different request body.",
                                 code="idempotency_key_reused", hint="Use a new key for a different message.")
         state = existing.get("state")
+        created = parse_iso(existing.get("createdAt"))
+        if state == "pending" and created and utcnow() - created > PENDING_STALE:
+            state = "unknown"
         if state == "done":
             result: dict[str, Any] = json.loads(existing["result"])
             return result
@@ -84,16 +93,31 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
         result = action()
     except ConnectorError as err:
         if err.extra.get("outcomeUnknown"):
-            table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "unknown"}, mode=_merge())
+            _best_effort(lambda: table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "unknown"},
+                                                     mode=_merge()), "mark the send unknown")
         else:
-            table.delete_entity(pk, rk)
+            _best_effort(lambda: table.delete_entity(pk, rk), "release the key")
         raise
     except BaseException:
-        table.delete_entity(pk, rk)
+        _best_effort(lambda: table.delete_entity(pk, rk), "release the key")
         raise
-    table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "done", "result": json.dumps(result)},
-                        mode=_merge())
+    # The message is sent: a failure to record that must not turn into an error for the caller
+    # (who would retry a delivered message). A record left "pending" becomes "unknown" later.
+    _best_effort(lambda: table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "done",
+                                              "result": json.dumps(result)}, mode=_merge()), "record the result")
     return result
+
+
+def _best_effort(write: Callable[[], Any], what: str, attempts: int = 3) -> None:
+    for i in range(attempts):
+        try:
+            write()
+            return
+        except Exception as e:  # storage trouble; the SDK has retried already
+            if i == attempts - 1:
+                log.error("idempotency: could not %s (%s)", what, type(e).__name__)
+            else:
+                time.sleep(0.2 * (i + 1))
 
 
 def purge_expired(table: Any, now: dt.datetime | None = None) -> int:

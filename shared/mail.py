@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import io
 import json
 import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from shared.errors import PayloadTooLargeError, ValidationError
 
 INLINE_ATTACHMENTS_MAX = 3 * 1024 * 1024
 GRAPH_REQUEST_MAX = 4 * 1024 * 1024
+# Graph refuses an upload session for a file under 3 MB (ErrorAttachmentSizeShouldNotBeLessThanMinimumSize);
+# such files that do not fit inline are POSTed to the draft's attachments one by one instead.
+# https://learn.microsoft.com/graph/outlook-large-attachments
+# (3,000,000 bytes: above the 2 MiB minimum Graph is seen to enforce, and small enough that one such
+# file, base64-encoded, still fits a 4 MB POST.)
+UPLOAD_SESSION_MIN = 3_000_000
 ATTACHMENT_MAX = 150 * 1024 * 1024
 # Multiple of 320 KiB as Graph recommends for upload sessions, and under the 4 MB per-PUT limit.
 UPLOAD_CHUNK = 320 * 1024 * 12
@@ -55,13 +63,48 @@ class Recipient:
 
 @dataclass
 class Attachment:
+    """A file to attach: bytes, or a seekable binary file (a multipart part spooled to disk), which
+    is then read chunk by chunk for upload sessions instead of being copied into memory."""
+
     name: str
     content_type: str
-    data: bytes | memoryview = field(repr=False)
+    data: bytes | memoryview | BinaryIO = field(repr=False)
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
+            return len(self.data)
+        pos = self.data.tell()
+        end = self.data.seek(0, io.SEEK_END)
+        self.data.seek(pos)
+        return end
+
+    def read_all(self) -> bytes | memoryview:
+        """The whole content (only for files small enough to travel inline, ≤ 3 MB)."""
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
+            return self.data
+        self.data.seek(0)
+        return self.data.read()
+
+    def chunks(self, size: int = 0) -> Iterator[tuple[int, bytes | memoryview]]:
+        """(offset, piece) for ranged PUTs: zero-copy slices of bytes, or reads of ``size`` from a file."""
+        size = size or UPLOAD_CHUNK
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
+            view = memoryview(self.data)
+            for start in range(0, len(view), size):
+                yield start, view[start : start + size]
+            return
+        self.data.seek(0)
+        start = 0
+        while piece := self.data.read(size):
+            yield start, piece
+            start += len(piece)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for _, piece in self.chunks():
+            h.update(piece)
+        return h.hexdigest()
 
 
 @dataclass
@@ -83,9 +126,14 @@ class SendRequest:
         return sum(a.size for a in self.attachments)
 
 
+# C0 controls but tab, DEL, and the Unicode line breaks (NEL, LS, PS) some mail systems honour.
+_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
 def _no_control(field_name: str, value: str) -> None:
-    if any(c in value for c in "\r\n\x00"):
-        raise ValidationError(field_name, f"{field_name} must not contain line breaks (header injection).")
+    if _CONTROL_RE.search(value):
+        raise ValidationError(field_name, f"{field_name} must not contain line breaks or control characters "
+                              "(header injection).")
 
 
 def parse_recipient(value: Any, field_name: str) -> Recipient:
@@ -94,6 +142,7 @@ def parse_recipient(value: Any, field_name: str) -> Recipient:
         if not isinstance(address, str) or (name is not None and not isinstance(name, str)):
             raise ValidationError(field_name, f"{field_name} must be {{\"address\": str, \"name\"?: str}}.")
     elif isinstance(value, str):
+        _no_control(field_name, value)
         m = _NAMED_RE.match(value)
         address, name = (m.group("addr"), m.group("name").strip() or None) if m else (value, None)
     else:
@@ -200,7 +249,7 @@ def _attachments(raw: Any) -> Iterator[Attachment]:
         yield make_attachment(name, ctype, data, f)
 
 
-def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | None, f: str) -> Attachment:
+def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | BinaryIO | None, f: str) -> Attachment:
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
         raise ValidationError(f"{f}.name", f"{f}.name must be a non-empty file name (≤ 255 characters).")
     _no_control(f"{f}.name", name)
@@ -230,43 +279,74 @@ def message_payload(req: SendRequest, *, inline: list[Attachment]) -> dict[str, 
     if req.reply_to:
         msg["replyTo"] = [r.to_graph() for r in req.reply_to]
     if inline:
-        msg["attachments"] = [
-            {"@odata.type": "#microsoft.graph.fileAttachment", "name": a.name, "contentType": a.content_type,
-             "contentBytes": base64.b64encode(a.data).decode("ascii")}
-            for a in inline
-        ]
+        msg["attachments"] = [file_attachment(a) for a in inline]
     return msg
 
 
-def plan_attachments(req: SendRequest) -> tuple[list[Attachment], list[Attachment]]:
-    """Split into (inline, upload-session) so the Graph request stays under 4 MB."""
-    inline: list[Attachment] = []
-    large: list[Attachment] = []
+def file_attachment(a: Attachment) -> dict[str, Any]:
+    """A ``fileAttachment`` resource with base64 content (https://learn.microsoft.com/graph/api/resources/fileattachment)."""
+    return {"@odata.type": "#microsoft.graph.fileAttachment", "name": a.name, "contentType": a.content_type,
+            "contentBytes": base64.b64encode(a.read_all()).decode("ascii")}
+
+
+@dataclass
+class AttachmentPlan:
+    inline: list[Attachment]  # in the sendMail / draft request itself
+    posted: list[Attachment]  # < 3 MB but not fitting inline: one POST each to the draft's attachments
+    sessions: list[Attachment]  # ≥ 3 MB: upload sessions
+
+    @property
+    def needs_draft(self) -> bool:
+        return bool(self.posted or self.sessions)
+
+
+_REQUEST_SLACK = 64 * 1024  # JSON punctuation and headers around what we count
+
+
+def _b64_len(n: int) -> int:
+    return (n + 2) // 3 * 4
+
+
+def plan_attachments(req: SendRequest) -> AttachmentPlan:
+    """Place each file so that no Graph request exceeds 4 MB (SPEC §2, §4); 413 naming the body if
+    the message text alone is too large for one request."""
+    base = len(dumps(message_payload(req, inline=[]))) + _REQUEST_SLACK
+    if base > GRAPH_REQUEST_MAX:
+        which = "bodyHtml" if req.body_html is not None else "bodyText"
+        raise PayloadTooLargeError(f"The message is {base} bytes before attachments; Microsoft Graph accepts at "
+                                   "most 4 MB in one request.", hint="Shorten the body or send it as an attachment.",
+                                   extra={"field": which})
+    plan = AttachmentPlan([], [], [])
     budget = INLINE_ATTACHMENTS_MAX
-    body_len = len((req.body_html or req.body_text or "").encode())
+    size = base
     for a in sorted(req.attachments, key=lambda x: x.size):
-        encoded = (a.size + 2) // 3 * 4
-        if a.size <= budget and body_len + encoded < GRAPH_REQUEST_MAX - 256 * 1024:
-            inline.append(a)
+        if a.size >= UPLOAD_SESSION_MIN:
+            plan.sessions.append(a)
+        elif a.size <= budget and size + _b64_len(a.size) + 512 <= GRAPH_REQUEST_MAX:
+            plan.inline.append(a)
             budget -= a.size
-            body_len += encoded
+            size += _b64_len(a.size) + 512
         else:
-            large.append(a)
-    return inline, large
+            plan.posted.append(a)
+    return plan
 
 
-def chunks(data: bytes | memoryview, size: int = UPLOAD_CHUNK) -> Iterator[tuple[int, memoryview]]:
-    """Zero-copy slices of ``data`` for ranged PUTs."""
-    view = memoryview(data)
-    for start in range(0, len(view), size):
-        yield start, view[start : start + size]
+def request_fingerprint(body: dict[str, Any], attachments: list[Attachment]) -> str:
+    """SHA-256 of what a send means, for ``Idempotency-Key`` (not of its bytes on the wire).
 
-
-def canonical_hash(raw: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(raw).hexdigest()
+    A multipart request carries a random boundary that a client regenerates on every retry, and
+    JSON may be re-serialised with other spacing: both would make an identical retry look like a
+    different body. The fingerprint covers the message fields (canonical JSON, without the base64
+    content) and each attachment's name, type and content digest, in order.
+    """
+    fields = {k: v for k, v in body.items() if k != "attachments"}
+    files = [{"name": a.name, "type": a.content_type, "sha256": a.sha256()} for a in attachments]
+    canonical = json.dumps({"message": fields, "attachments": files}, sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    # ensure_ascii=False: UTF-8 is what Graph counts against its 4 MB, and \uXXXX escapes would
+    # multiply the size of non-Latin text by up to six.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -16,7 +16,7 @@ bp = func.Blueprint()
 def send_mail(req: func.HttpRequest) -> func.HttpResponse:
     def run(c: Any, ctx: Context) -> func.HttpResponse:
         from shared.errors import ValidationError
-        from shared.mail import canonical_hash, make_attachment, parse_send_request
+        from shared.mail import make_attachment, parse_send_request, request_fingerprint
 
         raw = req.get_body()
         ctype = (req.headers.get("Content-Type") or "").lower()
@@ -29,16 +29,18 @@ def send_mail(req: func.HttpRequest) -> func.HttpResponse:
             files = []
             for i, (_, f) in enumerate(req.files.items(multi=True)):
                 field = f"files[{i}]"
+                # The part's stream (spooled to a temporary file when large) is read chunk by chunk
+                # at upload time: the file is never copied into memory beside the request body.
                 files.append(make_attachment(f.filename, f.content_type or "application/octet-stream",
-                                             f.stream.read(), field))
+                                             f.stream, field))
         elif ctype.startswith("application/json") or not ctype:
             body = _json(raw, "body")
         else:
             raise ValidationError("Content-Type", "Send application/json or multipart/form-data.")
         request = parse_send_request(body, files=files, max_total=c.settings.send_max_total_bytes)
         key = req.headers.get("Idempotency-Key")
-        result = c.send_mail(ctx.owner, ctx.account_id, request, idempotency_key=key,
-                             body_hash=canonical_hash(raw))
+        fingerprint = request_fingerprint(body, request.attachments) if key else ""
+        result = c.send_mail(ctx.owner, ctx.account_id, request, idempotency_key=key, body_hash=fingerprint)
         return json_response(result, 202)
 
     return handle(req, "send_mail", run)

@@ -97,6 +97,9 @@ def test_large_attachment_upload_session_then_send(sandbox_server, ctl, http, fl
     draft = http.post(base, json=message(subject="Big file"), headers=bearer(at), timeout=10)
     assert draft.status_code == 201 and draft.json()["isDraft"] is True
     mid = draft.json()["id"]
+    small = http.post(f"{base}/{mid}/attachments/createUploadSession", headers=bearer(at), timeout=10, json={
+        "AttachmentItem": {"attachmentType": "file", "name": "small.bin", "size": 1024 * 1024}})
+    graph_error(small, 400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize")  # POST it to /attachments
     data = os.urandom(5 * 1024 * 1024 + 123)
     sess = http.post(f"{base}/{mid}/attachments/createUploadSession", headers=bearer(at), timeout=10, json={
         "AttachmentItem": {"attachmentType": "file", "name": "big.bin", "size": len(data),

@@ -145,7 +145,8 @@ def test_schemathesis_finds_no_5xx(host: Host, tmp_path: Any, browser_session: A
            "--max-examples", os.environ.get("FUZZ_MAX_EXAMPLES", "25"), "--header", f"Authorization: Bearer {token}",
            "--phases", "examples,coverage,fuzzing", "--report", "junit", "--report-junit-path", str(report),
            "--request-timeout", "30", "--suppress-health-check", "all", "--no-color", "--seed", "1"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # cwd: schemathesis keeps a crash cache in .schemathesis/ of its working directory.
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     (ARTIFACTS / "schemathesis.txt").write_text(out)
     m = re.search(r"(\d+) generated, (\d+) passed", out)

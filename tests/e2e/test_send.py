@@ -261,3 +261,116 @@ def test_revoked_grant_gives_409_reauth_required(host: Host, browser_session: An
 def test_send_to_unknown_account_is_404(host: Host) -> None:
     r = host.api("POST", "/api/accounts/acc_doesnotexist/send", sub=OWNER, json={"to": ["a@example.com"]})
     assert r.status_code == 404
+
+
+def _multipart(message: dict[str, Any], *files: tuple[str, bytes]) -> list[tuple[str, Any]]:
+    parts: list[tuple[str, Any]] = [("message", (None, json.dumps(message), "application/json"))]
+    parts += [("file", (name, data, "application/octet-stream")) for name, data in files]
+    return parts
+
+
+def test_idempotent_multipart_retry_returns_the_first_result(host: Host, account: str, control: Any) -> None:
+    # requests draws a new multipart boundary for every request, as browsers and other clients do:
+    # the retry is byte-for-byte different but means the same send.
+    key = "mp-" + uuid.uuid4().hex
+    msg = {"to": ["idem-mp@example.com"], "subject": "once", "trackingId": "idem-mp-" + key[-8:]}
+    data = os.urandom(200_000)
+    first = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER, files=_multipart(msg, ("a.bin", data)),
+                     headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    again = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER, files=_multipart(msg, ("a.bin", data)),
+                     headers={"Idempotency-Key": key})
+    assert again.status_code == 202 and again.json() == first.json()
+    assert len(_sent_by_tracking(control, msg["trackingId"])) == 1
+    other = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER,
+                     files=_multipart(msg, ("a.bin", data[:-1] + b"x")), headers={"Idempotency-Key": key})
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused"
+
+
+def test_small_files_that_do_not_fit_inline_are_posted_to_the_draft(host: Host, account: str, control: Any) -> None:
+    # Three 1.5 MB files: too much for one 4 MB request, too small for upload sessions (Graph
+    # refuses those under 3 MB), so each is POSTed to the draft's attachments.
+    files = [(f"part{i}.bin", os.urandom(1_500_000)) for i in range(3)]
+    r = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER,
+                 files=_multipart({"to": ["parts@example.com"], "trackingId": "three-parts"}, *files))
+    assert r.status_code == 202, r.text
+    [sent] = _sent_by_tracking(control, "three-parts")
+    got = {a["name"]: a["sha256"] for a in sent["message"]["attachments"]}
+    assert got == {name: hashlib.sha256(data).hexdigest() for name, data in files}
+
+
+def test_save_to_sent_items_false_is_refused_where_graph_cannot_honour_it(host: Host, account: str,
+                                                                           control: Any) -> None:
+    before = len(control.sent(USER))
+    r = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER, files=_multipart(
+        {"to": ["x@example.com"], "saveToSentItems": False}, ("big.bin", os.urandom(3_200_000))))
+    assert r.status_code == 400 and r.json()["field"] == "saveToSentItems", r.text
+    assert len(control.sent(USER)) == before
+
+
+def test_non_latin_body_is_measured_in_utf8(host: Host, account: str, control: Any) -> None:
+    # 1.1 M CJK characters are 3.3 MB of UTF-8: one Graph request can carry them (\\u escapes would not).
+    text = "郵" * 1_100_000
+    r = _send(host, account, {"to": ["cjk@example.com"], "bodyText": text, "trackingId": "cjk-body"})
+    assert r.status_code == 202, r.text[:300]
+    [sent] = _sent_by_tracking(control, "cjk-body")
+    assert sent["message"]["body"]["content"] == text
+    too_big = _send(host, account, {"to": ["cjk@example.com"], "bodyText": "郵" * 1_500_000})
+    assert too_big.status_code == 413 and too_big.json()["field"] == "bodyText", too_big.text[:300]
+
+
+def test_throttled_upload_chunk_is_sent_again_after_retry_after(host: Host, account: str, control: Any) -> None:
+    data = os.urandom(6 * 1024 * 1024)
+    control.inject("/upload/AttachmentSessions", status=429, retry_after=1, count=1, user=USER)
+    before = control.counters()["upload_chunks"]
+    r = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER,
+                 files=_multipart({"to": ["up429@example.com"], "trackingId": "upload-429"}, ("d.bin", data)))
+    assert r.status_code == 202, r.text
+    [sent] = _sent_by_tracking(control, "upload-429")
+    assert sent["message"]["attachments"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert control.counters()["upload_chunks"] - before == 2  # 6 MB in two accepted chunks after the refusal
+
+
+@pytest.mark.parametrize(("status", "graph_code", "code"), [
+    (403, "ErrorSendAsDenied", "send_as_denied"),
+    (400, "ErrorInvalidRecipients", "invalid_recipients"),
+    (413, "ErrorMessageSizeExceeded", "message_too_large"),
+])
+def test_graph_send_errors_are_mapped_with_a_hint(host: Host, account: str, control: Any, status: int,
+                                                  graph_code: str, code: str) -> None:
+    control.inject("/v1.0/me/sendMail", status=status, count=1, user=USER,
+                   body={"code": graph_code, "message": f"{graph_code} from Exchange."})  # wrapped in {"error":…}
+    r = _send(host, account, {"to": ["mapped@example.com"]})
+    assert r.status_code == status and r.headers["Content-Type"].startswith("application/problem+json")
+    p = r.json()
+    assert p["code"] == code and p["hint"] and p["microsoft"]["error"] == graph_code
+    assert p["microsoft"].get("requestId")  # what Microsoft support asks for
+
+
+def test_a_send_left_pending_by_a_lost_process_is_not_sent_again(host: Host, account: str, control: Any) -> None:
+    """A record still 'pending' long after its send started (the process died, or the result write failed):
+    the message may have gone out, so the key answers send_outcome_unknown instead of sending again."""
+    import datetime as dt
+
+    from azure.data.tables import TableClient
+
+    from shared.accounts import iso, owner_partition
+
+    key = "stale-" + uuid.uuid4().hex
+    body = {"to": ["stale@example.com"], "subject": "maybe sent"}
+    fingerprint_of = _fingerprint(body)
+    t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "idempotency")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=20)
+    t.create_entity({"PartitionKey": owner_partition(OWNER) + "-" + account,
+                     "RowKey": hashlib.sha256(key.encode()).hexdigest(), "bodyHash": fingerprint_of,
+                     "state": "pending", "createdAt": iso(long_ago), "expiresAt": iso(long_ago + dt.timedelta(hours=24))})
+    before = len(control.sent(USER))
+    r = _send(host, account, body, headers={"Idempotency-Key": key})
+    assert r.status_code == 409 and r.json()["code"] == "send_outcome_unknown", r.text
+    assert len(control.sent(USER)) == before
+
+
+def _fingerprint(body: dict[str, Any]) -> str:
+    from shared.mail import request_fingerprint
+
+    return request_fingerprint(body, [])
