@@ -157,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m devstack azurite", description=__doc__)
-    p.add_argument("--blob-port", type=int, default=int(os.environ.get("AZURITE_BLOB_PORT", 10000)))
-    p.add_argument("--queue-port", type=int, default=int(os.environ.get("AZURITE_QUEUE_PORT", 10001)))
-    p.add_argument("--table-port", type=int, default=int(os.environ.get("AZURITE_TABLE_PORT", 10002)))
+    from devstack import env_port, port_number
+
+    p.add_argument("--blob-port", type=port_number, default=env_port("AZURITE_BLOB_PORT", 10000))
+    p.add_argument("--queue-port", type=port_number, default=env_port("AZURITE_QUEUE_PORT", 10001))
+    p.add_argument("--table-port", type=port_number, default=env_port("AZURITE_TABLE_PORT", 10002))
     p.add_argument("--persist", action="store_true", help="keep data in .devstack/azurite instead of memory")
     a = p.parse_args(argv)
     az = Azurite(blob_port=a.blob_port, queue_port=a.queue_port, table_port=a.table_port, in_memory=not a.persist)

@@ -279,6 +279,9 @@ class DevHost:
         if isinstance(item, TimerFunction):
             self._run_timer(item, past_due=False)
         elif isinstance(item, QueueFunction):
+            if not isinstance(payload.get("input", ""), str):
+                return _problem(400, "Bad request", 'The body must be JSON like {"input": "..."}: input is the '
+                                "queue message as a string.")
             data = str(payload.get("input", "")).encode()
             msg = QueueMessage(id="admin", body=data, dequeue_count=1, pop_receipt=None)
             _call(item.fn, {item.arg: msg})
@@ -472,14 +475,21 @@ def load_app(module: str = "function_app") -> func.FunctionApp:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from devstack import env_port, port_number
     from devstack.azurite import port_in_use
 
     p = argparse.ArgumentParser(prog="python -m devstack host", description="Serve function_app.py locally.")
     p.add_argument("--host", default=os.environ.get("DEVHOST_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("DEVHOST_PORT", 7071)))
+    p.add_argument("--port", type=port_number, default=env_port("DEVHOST_PORT", 7071),
+                   help="HTTP port (DEVHOST_PORT, 7071 like Core Tools)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if a.port and port_in_use(a.port, a.host):
+    try:
+        taken = bool(a.port) and port_in_use(a.port, a.host)
+    except OSError as e:  # an unknown --host
+        print(f"devstack host: cannot use host {a.host!r}: {e}", file=sys.stderr)
+        return 1
+    if taken:
         print(f"devstack host: port {a.port} is already in use (another host or `func start`?). "
               "Stop it or pass --port.", file=sys.stderr)
         return 1
@@ -488,7 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a configuration error names its setting; show it plainly
         print(f"devstack host: cannot load function_app: {e}", file=sys.stderr)
         return 1
-    h = DevHost(app, host=a.host, port=a.port, static=demo_static()).start()
+    try:
+        h = DevHost(app, host=a.host, port=a.port, static=demo_static()).start()
+    except OSError as e:
+        print(f"devstack host: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 1
     print(f"devstack host: serving {len(h.http)} HTTP, {len(h.timers)} timer and {len(h.queues)} queue "
           f"functions on {h.url}", flush=True)
     try:

@@ -6,29 +6,35 @@ Settings come from the environment, then ``local.settings.json`` (created from
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
 import secrets
 import sys
 import time
+from pathlib import Path
 
+from devstack import env_port, port_number
 from devstack.azurite import ROOT, Azurite, DevstackError, port_in_use
 
 SETTINGS_FILE = ROOT / "local.settings.json"
 EXAMPLE_FILE = ROOT / "local.settings.json.example"
 
 
-def seed_local_settings() -> dict[str, str]:
-    if not SETTINGS_FILE.exists():
+def seed_local_settings(path: Path = SETTINGS_FILE) -> dict[str, str]:
+    if not path.exists():
         doc = json.loads(EXAMPLE_FILE.read_text())
         key = base64.b64encode(secrets.token_bytes(32)).decode()
         doc["Values"]["TOKEN_ENCRYPTION_KEYS"] = json.dumps({"active": "local1", "keys": {"local1": key}})
         doc["Values"]["AUTH_HS256_SECRET"] = secrets.token_urlsafe(32)
-        SETTINGS_FILE.write_text(json.dumps(doc, indent=2) + "\n")
-        os.chmod(SETTINGS_FILE, 0o600)
-        print(f"devstack: created {SETTINGS_FILE.name} from the example (fresh token key)", flush=True)
-    values: dict[str, str] = json.loads(SETTINGS_FILE.read_text()).get("Values", {})
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        os.chmod(path, 0o600)
+        print(f"devstack: created {path.name} from the example (fresh token key)", flush=True)
+    try:
+        values: dict[str, str] = json.loads(path.read_text()).get("Values", {})
+    except ValueError as e:
+        raise DevstackError(f"{path} is not valid JSON ({e}); fix it or delete it to start from the example") from None
     return values
 
 
@@ -51,33 +57,52 @@ def token_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import logging
 
     p = argparse.ArgumentParser(prog="python -m devstack up")
-    p.add_argument("--port", type=int, default=7071, help="dev host port (7071, like Core Tools)")
-    p.add_argument("--sandbox-port", type=int, default=int(os.environ.get("SANDBOX_PORT", 8443)))
+    p.add_argument("--port", type=port_number, default=env_port("DEVHOST_PORT", 7071),
+                   help="dev host port (DEVHOST_PORT, 7071 like Core Tools)")
+    p.add_argument("--sandbox-port", type=port_number, default=env_port("SANDBOX_PORT", 8443),
+                   help="sandbox HTTPS port (SANDBOX_PORT, 8443)")
+    p.add_argument("--settings", type=Path, default=SETTINGS_FILE,
+                   help="settings file, created from local.settings.json.example if missing")
     a = p.parse_args(argv)
+    try:
+        storage_ports = [port_number(env_port(f"AZURITE_{k}_PORT", d))
+                         for k, d in (("BLOB", 10000), ("QUEUE", 10001), ("TABLE", 10002))]
+    except argparse.ArgumentTypeError as e:
+        print(f"devstack: AZURITE_*_PORT: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     t0 = time.monotonic()
     from devstack.certs import ensure_certs
 
     certs = ensure_certs()
-    values = seed_local_settings()
+    try:
+        values = seed_local_settings(a.settings)
+    except DevstackError as e:
+        print(f"devstack: {e}", file=sys.stderr)
+        return 1
     os.environ.setdefault("DEMO_ENABLED", "true")  # the local stack shows the demo client unless told not to
     apply_settings(values)
-    for port, what in ((a.port, "dev host"), (a.sandbox_port, "sandbox")):
+    named = [(a.port, "dev host", "--port"), (a.sandbox_port, "sandbox", "--sandbox-port")]
+    named += [(port, "Azurite", "AZURITE_BLOB_PORT / _QUEUE_PORT / _TABLE_PORT") for port in storage_ports]
+    for port, what, how in named:
         if port_in_use(port):
-            print(f"devstack: port {port} ({what}) is already in use. Stop the other process or pass "
-                  f"{'--port' if what == 'dev host' else '--sandbox-port'}.", file=sys.stderr)
+            print(f"devstack: port {port} ({what}) is already in use. Stop the other process or set {how}.",
+                  file=sys.stderr)
             return 1
+    # The demo page returns to itself after connecting: allow it on whatever port the host uses.
+    demo_urls = [f"http://localhost:{a.port}/demo/", f"http://127.0.0.1:{a.port}/demo/"]
+    allowed = [u for u in os.environ.get("ALLOWED_RETURN_URLS", "").split(",") if u.strip()]
+    os.environ["ALLOWED_RETURN_URLS"] = ",".join(allowed + [u for u in demo_urls if u not in allowed])
     os.environ["MS_AUTHORITY_HOST"] = f"https://localhost:{a.sandbox_port}"
     os.environ["GRAPH_BASE_URL"] = f"https://localhost:{a.sandbox_port}/v1.0"
     os.environ["MS_CA_BUNDLE"] = str(certs.ca_cert)
     os.environ["PUBLIC_BASE_URL"] = f"http://localhost:{a.port}"
     print("devstack: starting Azurite (Table + Queue storage)...", flush=True)
     try:
-        az = Azurite(blob_port=10000, queue_port=10001, table_port=10002).start()
+        az = Azurite(blob_port=storage_ports[0], queue_port=storage_ports[1], table_port=storage_ports[2]).start()
     except DevstackError as e:
         print(f"devstack: {e}", file=sys.stderr)
         return 1
@@ -109,10 +134,13 @@ Outlook connector is running locally ({time.monotonic() - t0:.1f} s).
   API          {host.url}/api/health
   Demo page    {f"http://localhost:{a.port}/demo/" if static else "(off: DEMO_ENABLED=false)"}
   Sandbox      {sandbox.url}   (test users: adele@contoso.onmicrosoft.com, pat@outlook.com, ...)
-  Storage      Azurite on 127.0.0.1:10000-10002 (in memory)
-Development caller token (sub=dev-user, 12 h):
-  {token}
-Try:  curl -H "Authorization: Bearer $TOKEN" {host.url}/api/accounts
+  Storage      Azurite on 127.0.0.1:{storage_ports[0]}-{storage_ports[2]} (in memory)
+Next:
+  1. open the demo page and connect a mailbox (the sandbox signs you in; no Azure account needed), or
+  2. call the API with the development caller token (sub=dev-user, 12 h):
+       export TOKEN={token}
+       curl -H "Authorization: Bearer $TOKEN" {host.url}/api/accounts
+     (a token for another owner: .venv/bin/python -m devstack token OWNER)
 Press Ctrl-C to stop.""", flush=True)
     try:
         while True:

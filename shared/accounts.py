@@ -89,6 +89,12 @@ class Account:
     lease_until: dt.datetime | None = None
     etag: str | None = field(default=None, repr=False)
 
+    @property
+    def mailbox_key(self) -> str:
+        """The Microsoft mailbox behind this record (oid.tid): Graph's per-mailbox limits count per
+        mailbox, whichever owners connected it."""
+        return self.home_account_id or self.id
+
     def to_public(self) -> dict[str, Any]:
         """Account JSON exactly as SPEC §3. Never a token."""
         return {

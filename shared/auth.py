@@ -19,6 +19,7 @@ from shared.errors import AuthenticationError
 _ALGS_JWKS = ["RS256", "ES256"]
 _LEEWAY_S = 60  # clock skew tolerated on exp/nbf
 _JWKS_MIN_REFRESH_S = 60  # an unknown kid re-fetches the JWKS at most once a minute
+_JWKS_MAX_AGE_S = 3600  # and the set is re-read hourly, so a key the issuer withdrew stops being trusted
 
 
 class CallerAuth:
@@ -30,7 +31,8 @@ class CallerAuth:
         self._fetched_at = 0.0
 
     def _fetch_jwks(self) -> None:
-        assert self._s.auth_jwks_url
+        if not self._s.auth_jwks_url:
+            raise AuthenticationError("No AUTH_JWKS_URL is configured.")
         resp = self._session.get(self._s.auth_jwks_url, timeout=(5, 10))
         resp.raise_for_status()
         keys = {}
@@ -44,11 +46,14 @@ class CallerAuth:
 
     def _jwks_key(self, kid: str) -> Any:
         with self._lock:
-            if kid not in self._keys and time.monotonic() - self._fetched_at > _JWKS_MIN_REFRESH_S:
+            age = time.monotonic() - self._fetched_at
+            if age > _JWKS_MAX_AGE_S or (kid not in self._keys and age > _JWKS_MIN_REFRESH_S):
                 try:
                     self._fetch_jwks()
                 except Exception:
-                    raise AuthenticationError("The caller token's signing keys could not be fetched.") from None
+                    if kid not in self._keys or age > 2 * _JWKS_MAX_AGE_S:
+                        raise AuthenticationError("The caller token's signing keys could not be fetched.") from None
+                    # The issuer is briefly unreachable: keep trusting the set read less than 2 h ago.
             key = self._keys.get(kid)
         if key is None:
             raise AuthenticationError("The caller token is signed with an unknown key.")
@@ -68,7 +73,7 @@ class CallerAuth:
             raise AuthenticationError("The caller token is not a JWT.") from None
         alg = header.get("alg")
         if self._s.auth_jwks_url and alg in _ALGS_JWKS:
-            key, algs = self._jwks_key(str(header.get("kid", ""))), _ALGS_JWKS
+            key, algs = self._jwks_key(str(header.get("kid", ""))), [str(alg)]
         elif self._s.auth_hs256_secret and alg == "HS256":
             key, algs = self._s.auth_hs256_secret, ["HS256"]
         else:
@@ -86,7 +91,9 @@ class CallerAuth:
             raise AuthenticationError("The caller token is for another audience.") from None
         except jwt.InvalidIssuerError:
             raise AuthenticationError("The caller token is from another issuer.") from None
-        except jwt.PyJWTError as e:
+        except (jwt.PyJWTError, TypeError, ValueError) as e:
+            # TypeError: the header's algorithm does not fit the key type (an ES256 header over an RSA
+            # key); PyJWT raises it outside its own exception tree.
             raise AuthenticationError(f"The caller token is invalid: {type(e).__name__}.") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:

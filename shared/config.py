@@ -120,6 +120,10 @@ def _https_or_http_url(name: str, value: str, *, https_only: bool) -> str:
     return value.rstrip("/")
 
 
+def _is_loopback(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in ("localhost", "127.0.0.1", "::1")
+
+
 def _int(name: str, value: str, lo: int, hi: int) -> int:
     try:
         n = int(value)
@@ -191,7 +195,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if not jwks and not hs:
         raise ConfigurationError("Set AUTH_JWKS_URL or AUTH_HS256_SECRET", setting="AUTH_JWKS_URL")
     if jwks:
-        jwks = _https_or_http_url("AUTH_JWKS_URL", jwks, https_only=False)
+        # Keys fetched over plain http could be replaced in transit: https, except on loopback.
+        jwks = _https_or_http_url("AUTH_JWKS_URL", jwks, https_only=not _is_loopback(jwks))
     if hs and len(hs.encode()) < 32:
         raise ConfigurationError("AUTH_HS256_SECRET must be at least 32 bytes", setting="AUTH_HS256_SECRET")
 

@@ -69,6 +69,10 @@ def run_diagnosis(c: Any, owner: str, account_id: str) -> dict[str, Any]:
     except OperatorError as e:
         add("appRegistration", False, e.detail, e.hint)
         return _result(acc.id, checks)
+    except ConnectorError as e:  # Entra unreachable or throttling: say so rather than fail the whole call
+        add("token", False, f"A fresh access token could not be obtained: {e.code}: {e.detail}",
+            e.hint or "Retry the diagnosis shortly.")
+        return _result(acc.id, checks)
     tokens = c.accounts.open_tokens(acc)
     now = utcnow()
     rt_age = now - tokens.refresh_token_issued_at
@@ -92,13 +96,13 @@ def run_diagnosis(c: Any, owner: str, account_id: str) -> dict[str, Any]:
     token_source = c._token_source(acc)
     ctx = c._graph_context()
     try:
-        me = c.graph.request("GET", "me", mailbox=acc.id, token=token_source, context=ctx,
+        me = c.graph.request("GET", "me", mailbox=acc.mailbox_key, token=token_source, context=ctx,
                              params={"$select": "id,displayName,mail,userPrincipalName"}).json()
         add("profile", True, f"/me answered for {me.get('userPrincipalName') or me.get('mail')}.")
     except ConnectorError as e:
         add("profile", False, f"/me failed: {e.code}: {e.detail}", e.hint)
     try:
-        inbox = c.graph.request("GET", "me/mailFolders/inbox", mailbox=acc.id, token=token_source,
+        inbox = c.graph.request("GET", "me/mailFolders/inbox", mailbox=acc.mailbox_key, token=token_source,
                                 context=ctx).json()
         add("mailbox", True, f"Inbox reachable ({inbox.get('totalItemCount', '?')} messages).")
     except ConnectorError as e:

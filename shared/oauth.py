@@ -21,7 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 from shared.accounts import owner_partition, parse_iso, utcnow
 from shared.config import Settings
@@ -132,6 +132,11 @@ class OAuthClient:
         parts = urlsplit(return_url)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.username or parts.password:
             raise ValidationError("returnUrl", "returnUrl must be an absolute http(s) URL.")
+        # A browser resolves dot segments (raw or percent-encoded, RFC 3986 §5.2.4) and reads "\" as "/"
+        # before it navigates: "/connected/../admin" would leave the allowed path prefix.
+        path = unquote(parts.path)
+        if "\\" in path or any(seg in (".", "..") for seg in path.split("/")):
+            raise ValidationError("returnUrl", "returnUrl must not contain dot segments or backslashes.")
         for allowed in self._s.allowed_return_urls:
             a = urlsplit(allowed)
             if (parts.scheme, parts.netloc.lower()) != (a.scheme, a.netloc.lower()):
@@ -241,9 +246,18 @@ class OAuthClient:
         return self._call_token_endpoint(lambda app: app.acquire_token_by_refresh_token(refresh_token, wanted))
 
     def _call_token_endpoint(self, call: Any) -> TokenResult:
+        from msal.oauth2cli.oidc import IdTokenError
+
         for attempt in (1, 2):
             try:
                 raw = call(self._msal_app())
+            except json.JSONDecodeError:
+                # An answer that is not JSON (a proxy's or load balancer's error page): transient.
+                raise UpstreamUnavailableError("The Microsoft token endpoint answered with something that is not "
+                                               "JSON.", hint="Transient; retry shortly.") from None
+            except IdTokenError as e:  # id token nonce / issuer / audience check failed
+                raise OAuthError(f"The sign-in response failed validation ({type(e).__name__}).",
+                                 code="invalid_id_token", hint="Start the connect flow again.") from None
             except ValueError as e:  # MSAL raises ValueError for state mismatch and similar
                 raise OAuthError(f"The sign-in response was rejected: {str(e)[:120]}", code="invalid_callback") \
                     from None

@@ -25,7 +25,14 @@ from shared.accounts import (
     utcnow,
 )
 from shared.config import Settings, get_settings
-from shared.errors import ConnectorError, NotFoundError, OAuthError, ReauthRequiredError, to_problem
+from shared.errors import (
+    ConflictError,
+    ConnectorError,
+    NotFoundError,
+    OAuthError,
+    ReauthRequiredError,
+    to_problem,
+)
 from shared.storage import ACCOUNTS_TABLE, STATES_TABLE, WEBHOOK_QUEUE, Storage
 
 log = logging.getLogger("connector")
@@ -186,7 +193,7 @@ class Connector:
             refresh_due_at=self.tokens.next_due(tokens, now, active_use=False),
         )
         if existing:
-            saved = self.accounts.update_account(record, etag=None)
+            saved = self._replace_connection(record, existing)
             event = "account.recovered" if existing.status == REAUTH_REQUIRED else "account.connected"
         else:
             saved = self.accounts.create_account(record)
@@ -194,6 +201,20 @@ class Connector:
         self._index_refresh(saved, existing.refresh_due_at if existing else None)
         self.webhooks.emit(event, saved.to_public())
         return saved
+
+    def _replace_connection(self, record: Account, existing: Account) -> Account:
+        """Store a re-connection over the existing record, conditional on its ETag.
+
+        The new grant's tokens are the newest, so a concurrent refresh loses to them; but a record
+        deleted meanwhile (the user disconnected) is not brought back.
+        """
+        current = existing
+        for _ in range(5):
+            try:
+                return self.accounts.update_account(replace(record, etag=None), etag=current.etag)
+            except ConflictError:
+                current = self.accounts.get_account(record.owner, record.id)  # NotFoundError if deleted
+        raise ConflictError("The account kept changing while it was re-connected.", hint="Connect again.")
 
     def _read_me(self, access_token: str, *, mailbox: str) -> dict[str, Any]:
         class _Fixed:
@@ -248,7 +269,7 @@ class Connector:
 
         def action() -> dict[str, Any]:
             token = self._token_source(account)
-            result = send(self.graph, token, account.id, request, context=self._graph_context())
+            result = send(self.graph, token, account.mailbox_key, request, context=self._graph_context())
             self.accounts.touch_last_used(token.account, utcnow())
             return result
 
@@ -257,7 +278,7 @@ class Connector:
     def _mail_call(self, owner: str, account_id: str, path: str, **kw: Any) -> tuple[Any, Account]:
         account = self.accounts.get_account(owner, account_id)
         token = self._token_source(account)
-        resp = self.graph.request("GET", path, mailbox=account.id, token=token, context=self._graph_context(), **kw)
+        resp = self.graph.request("GET", path, mailbox=account.mailbox_key, token=token, context=self._graph_context(), **kw)
         self.accounts.touch_last_used(token.account, utcnow())
         return resp, token.account
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from .errors import GraphError
+from .graph import _validate_message
 from .mailbox import Mailbox
 from .state import ClientApp, Injection, SandboxState
 from .users import TEST_USERS, TestUser
@@ -166,9 +168,14 @@ def seed_messages(upn: str) -> Response:
         if mb.folder_id(folder) is None:
             raise ControlError(f"unknown folder '{folder}'")
         try:
+            if isinstance(items, list):  # the same checks Graph applies to a message it is given
+                for m in items:
+                    _validate_message(m, for_send=False)
             ids = mb.seed(items, folder, state.now())
-        except (ValueError, TypeError) as exc:
-            raise ControlError(f"invalid message: {exc}") from None
+        except GraphError as exc:
+            raise ControlError(f"invalid message: {exc.code}: {exc.message}") from None
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ControlError(f"invalid message: {type(exc).__name__}: {exc}") from None
     return jsonify({"ids": ids})
 
 
@@ -220,7 +227,8 @@ def rotation() -> Response:
 
 @bp.post("/clock")
 def clock() -> Response:
-    seconds = _get(_body(), "advance_seconds", (int, float), check=lambda v: v >= 0)
+    # Finite and at most ten years at a time: the offset must stay a valid JSON number and datetime.
+    seconds = _get(_body(), "advance_seconds", (int, float), check=lambda v: 0 <= v <= 10 * 365 * 86400)
     state = _state()
     with state.lock:
         state.clock_offset += float(seconds)
@@ -239,9 +247,11 @@ def wait_inflight() -> Response:
     user = _user(request.args.get("user", ""))
     try:
         n = int(request.args.get("n", "1"))
-        timeout = min(float(request.args.get("timeout", "10")), 60.0)
+        timeout = float(request.args.get("timeout", "10"))
     except ValueError:
         raise ControlError("'n' and 'timeout' must be numbers") from None
+    if not (0 <= timeout <= 60) or not (1 <= n <= 1000):  # also refuses nan and inf
+        raise ControlError("'timeout' must be 0..60 seconds and 'n' 1..1000")
     ok = _state().wait_inflight(user.upn, n, timeout)
     return jsonify({"reached": ok})
 

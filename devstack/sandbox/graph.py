@@ -355,6 +355,16 @@ def _filter_fn(raw: str | None) -> Callable[[dict[str, Any]], bool]:
             raise GraphError(400, "BadRequest", "Invalid filter clause")
         prop, op, lit = match.groups()
         value: Any = {"true": True, "false": False}.get(lit, lit.strip("'"))
+        want = "Edm.Boolean" if prop in ("isRead", "hasAttachments", "isDraft") else (
+            "Edm.DateTimeOffset" if prop.endswith("DateTime") else "Edm.String")
+        got = "Edm.Boolean" if isinstance(value, bool) else (
+            "Edm.String" if lit.startswith("'") else "Edm.DateTimeOffset")
+        if want != got:
+            # https://learn.microsoft.com/en-us/graph/filter-query-parameter — the OData parser refuses it
+            raise GraphError(400, "BadRequest", f"A binary operator with incompatible types was detected. Found "
+                             f"operand types '{want}' and '{got}' for operator kind '{op}'.")
+        if want == "Edm.Boolean" and op not in ("eq", "ne"):
+            raise GraphError(400, "BadRequest", f"The operator '{op}' is not supported for '{prop}'.")
         clauses.append((prop, op, value))
     ops: dict[str, Callable[[Any, Any], bool]] = {
         "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "ge": lambda a, b: a >= b,
@@ -536,6 +546,15 @@ def _make_attachments(items: Any, now: float) -> list[dict[str, Any]]:
                              "the sandbox.")
         if not att.get("name"):
             raise GraphError(400, "ErrorInvalidRequest", "The attachment name is required.")
+        for prop in ("name", "contentType"):
+            val = att.get(prop)
+            if val is not None and not isinstance(val, str):
+                raise _cannot_convert(val, "Edm.String")
+            if isinstance(val, str) and any(c in val for c in "\r\n\x00"):
+                raise GraphError(400, "ErrorInvalidRequest", f"The attachment {prop} contains invalid characters.")
+        if not isinstance(att.get("contentBytes"), str):
+            raise GraphError(400, "ErrorInvalidRequest", "The property 'contentBytes' is required for a file "
+                             "attachment.")
         try:
             out.append(Mailbox.make_attachment(att, now))
         except (binascii.Error, ValueError, TypeError):
@@ -560,8 +579,46 @@ def _validate_recipients(name: str, value: Any) -> list[dict[str, Any]]:
         if not isinstance(ea, dict) or not isinstance(ea.get("address", ""), str):
             raise _request_body_read(f"Invalid recipient in property '{name}': each item must be "
                                      "{\"emailAddress\": {\"address\": ..., \"name\": ...}}.")
+        unknown = set(ea) - {"address", "name", "@odata.type"}
+        if unknown:
+            raise _request_body_read(f"The property '{sorted(unknown)[0]}' does not exist on type "
+                                     "'microsoft.graph.emailAddress'.")
+        if not isinstance(ea.get("name", ""), str):
+            raise _cannot_convert(ea.get("name"), "Edm.String")
         out.append({"emailAddress": {k: v for k, v in ea.items() if k in ("address", "name")}})
     return out
+
+
+# Types of the writable message properties, as the OData reader checks them against the Edm model
+# (https://learn.microsoft.com/en-us/graph/api/resources/message#properties).
+_BOOL_PROPS = {"isRead", "isDraft", "isDeliveryReceiptRequested", "isReadReceiptRequested", "hasAttachments"}
+_STR_PROPS = {"subject", "bodyPreview", "conversationId", "internetMessageId", "webLink", "changeKey",
+              "parentFolderId", "id", "conversationIndex"}
+_DATE_PROPS = {"receivedDateTime", "sentDateTime", "createdDateTime", "lastModifiedDateTime"}
+_ENUM_PROPS = {"importance": ("low", "normal", "high"), "inferenceClassification": ("focused", "other")}
+_DATE_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)?$")
+_EDM = {bool: "Edm.Boolean", str: "Edm.String"}
+
+
+def _cannot_convert(value: Any, edm: str) -> GraphError:
+    shown = json.dumps(value)[:60] if not isinstance(value, str) else value[:60]
+    return _request_body_read(f"Cannot convert the literal '{shown}' to the expected type '{edm}'.")
+
+
+def _typed(k: str, v: Any) -> Any:
+    if k in _BOOL_PROPS and not isinstance(v, bool):
+        raise _cannot_convert(v, "Edm.Boolean")
+    if k in _STR_PROPS and not isinstance(v, str):
+        raise _cannot_convert(v, "Edm.String")
+    if k in _DATE_PROPS and not (isinstance(v, str) and _DATE_RE.match(v)):
+        raise _cannot_convert(v, "Edm.DateTimeOffset")
+    if k in _ENUM_PROPS:
+        if not isinstance(v, str) or v.lower() not in _ENUM_PROPS[k]:
+            raise _request_body_read(f"Requested value '{v}' was not found.")
+        return v.lower()
+    if k == "categories" and not (isinstance(v, list) and all(isinstance(c, str) for c in v)):
+        raise _cannot_convert(v, "Collection(Edm.String)")
+    return v
 
 
 def _validate_message(msg: Any, *, for_send: bool) -> dict[str, Any]:
@@ -585,7 +642,14 @@ def _validate_message(msg: Any, *, for_send: bool) -> dict[str, Any]:
             if not isinstance(v, dict) or str(v.get("contentType", "text")).lower() not in ("text", "html"):
                 raise _request_body_read("The property 'body' must be {\"contentType\": \"text\"|\"html\", "
                                          "\"content\": ...}.")
-            fields[k] = {"contentType": str(v.get("contentType", "text")).lower(), "content": v.get("content", "")}
+            content = v.get("content", "")
+            if not isinstance(content, str):
+                raise _cannot_convert(content, "Edm.String")
+            unknown = set(v) - {"contentType", "content", "@odata.type"}
+            if unknown:
+                raise _request_body_read(f"The property '{sorted(unknown)[0]}' does not exist on type "
+                                         "'microsoft.graph.itemBody'.")
+            fields[k] = {"contentType": str(v.get("contentType", "text")).lower(), "content": content}
         elif k == "internetMessageHeaders":
             if not isinstance(v, list):
                 raise _request_body_read("The property 'internetMessageHeaders' must be an array.")
@@ -597,8 +661,12 @@ def _validate_message(msg: Any, *, for_send: bool) -> dict[str, Any]:
                     raise GraphError(400, "InvalidInternetMessageHeader",
                                      f"The internet message header name '{hname}' should start with 'x-' or 'X-'.")
             fields[k] = [{"name": h["name"], "value": str(h.get("value", ""))} for h in v]
-        else:
+        elif k == "attachments":
+            if not isinstance(v, list):
+                raise _request_body_read("The property 'attachments' must be an array.")
             fields[k] = v
+        else:
+            fields[k] = _typed(k, v)
     return fields
 
 

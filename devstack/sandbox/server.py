@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from devstack import env_port, port_number
 from devstack.certs import ensure_certs
 
 from . import control, graph, identity
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.sandbox",
                                      description="Local fake of login.microsoftonline.com and graph.microsoft.com.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT") or 8443))
+    parser.add_argument("--port", type=port_number, default=env_port("SANDBOX_PORT", 8443),
+                        help="HTTPS port (SANDBOX_PORT, 8443)")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
     redirect_env = os.environ.get("SANDBOX_REDIRECT_URIS", "")
@@ -187,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox: port {args.port} is already in use on {args.host}; stop the other process or pass "
               "--port / set SANDBOX_PORT", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"sandbox: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, OverflowError) as exc:  # gaierror for an unknown --host is an OSError
+        print(f"sandbox: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
         return 1
     print(f"Microsoft sandbox listening on {server.url}")
     print(f"  MS_AUTHORITY_HOST={server.url}")

@@ -116,3 +116,15 @@ def query(req: func.HttpRequest, name: str, *, max_len: int = 2048) -> str | Non
 
         raise ValidationError(name, f"{name} is too long.")
     return value
+
+
+def content_disposition(name: str) -> str:
+    """``attachment`` with an ASCII ``filename`` and the exact UTF-8 name as ``filename*`` (RFC 6266 §4.3,
+    RFC 8187), so non-Latin file names survive and nothing can break out of the header."""
+    from urllib.parse import quote
+
+    ascii_name = "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in " ._-()"))[:200].strip()
+    value = f'attachment; filename="{ascii_name or "attachment"}"'
+    if name and ascii_name != name:
+        value += "; filename*=UTF-8''" + quote(name[:200], safe="")
+    return value

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, handle, query
+from shared.blueprints._http import Context, content_disposition, handle, query
 
 bp = func.Blueprint()
+
+_MIME = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}(?:;[ -~]{0,200})?$")
 
 
 @bp.route(route="accounts/{accountId}/messages", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -35,9 +38,10 @@ def get_attachment(req: func.HttpRequest) -> func.HttpResponse:
     def run(c: Any, ctx: Context) -> func.HttpResponse:
         data, ctype, name = c.get_attachment(ctx.owner, ctx.account_id, req.route_params.get("messageId"),
                                              req.route_params.get("attachmentId"))
-        safe = "".join(ch for ch in name if ch.isalnum() or ch in " ._-")[:200] or "attachment"
+        if not _MIME.match(ctype or ""):  # the type comes from the sender of the mail: never trust it into a header
+            ctype = "application/octet-stream"
         return func.HttpResponse(data, status_code=200, headers={
-            "Content-Type": ctype, "Content-Disposition": f'attachment; filename="{safe}"',
+            "Content-Type": ctype, "Content-Disposition": content_disposition(name),
             "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
 
     return handle(req, "get_attachment", run)

@@ -137,3 +137,36 @@ def test_devstack_cli_errors_are_clear(tmp_path: Any) -> None:
 def test_wait_for_helper_times_out() -> None:
     with pytest.raises(AssertionError):
         wait_for(lambda: False, timeout=0.2, what="nothing")
+
+
+@pytest.mark.parametrize(("argv", "env"), [
+    (["host", "--port", "70000"], {}), (["host", "--port", "-5"], {}), (["host"], {"DEVHOST_PORT": "abc"}),
+    (["sandbox", "--port", "70000"], {}), (["sandbox"], {"SANDBOX_PORT": "x"}),
+    (["azurite", "--queue-port", "70000"], {}), (["up", "--sandbox-port", "99999"], {}),
+])
+def test_bad_ports_get_one_clear_line(argv: list[str], env: dict[str, str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    p = subprocess.run([sys.executable, "-m", "devstack", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, **env})
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "not a port number" in p.stderr, p.stderr
+
+
+def test_unknown_host_name_is_a_clear_error() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for cmd in (["host", "--host", "no-such-host.invalid", "--port", "65000"],
+                ["sandbox", "--host", "no-such-host.invalid", "--port", "0"]):
+        p = subprocess.run([sys.executable, "-m", "devstack", *cmd], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert "no-such-host.invalid" in p.stderr
+

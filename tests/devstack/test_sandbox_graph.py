@@ -265,3 +265,44 @@ def test_unknown_routes_answer_json(sandbox_server, ctl, http, flows):
     assert "calendarz" in r.json()["error"]["message"]
     r = http.get(f"{sandbox_server.url}/nothing/here", timeout=10)
     assert r.status_code == 404 and json.loads(r.text)["error"]["code"] == "NotFound"
+
+
+def test_bad_input_gets_a_graph_error_and_leaves_the_mailbox_usable(sandbox_server, ctl, http, flows):
+    """Wrong types, enum values and nested properties are refused like Graph's OData reader refuses
+    them (400 RequestBodyRead), never stored, and never turn later reads into 500s."""
+    at = flows.sign_in(ADELE)["access_token"]
+    base = f"{sandbox_server.url}/v1.0/me"
+    bad_messages = [
+        message(subject=["x"]), message(importance="urgent"), message(isRead="yes"),
+        message(body={"contentType": "text", "content": 5}),
+        message(toRecipients=[{"emailAddress": {"address": "a@example.com", "nmae": "typo"}}]),
+        message(attachments=[{"@odata.type": "#microsoft.graph.fileAttachment", "name": "a.txt"}]),  # no content
+    ]
+    for bad in bad_messages:
+        r = http.post(f"{base}/sendMail", json={"message": bad}, headers=bearer(at), timeout=10)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["code"] in ("RequestBodyRead", "ErrorInvalidRequest"), r.text
+    [mid] = ctl.seed_messages(ADELE, [{"subject": "to patch"}])
+    for patch in ({"receivedDateTime": 5}, {"body": {"contentType": "text", "content": None}}, {"isRead": "no"}):
+        r = http.patch(f"{base}/messages/{mid}", json=patch, headers=bearer(at), timeout=10)
+        assert r.status_code == 400, (patch, r.text)
+    for flt in ("isRead gt 'x'", "importance ge true", "receivedDateTime eq true"):
+        r = http.get(f"{base}/messages", params={"$filter": flt}, headers=bearer(at), timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "BadRequest", (flt, r.text)
+    assert http.get(f"{base}/messages", headers=bearer(at), timeout=10).status_code == 200
+    assert http.get(f"{base}/mailFolders", headers=bearer(at), timeout=10).status_code == 200
+    assert ctl.sent(ADELE) == []
+
+
+def test_control_api_refuses_bad_input(sandbox_server, ctl, http):
+    base = f"{sandbox_server.url}/_sandbox"
+    for path, body in (("/users/adele@contoso.onmicrosoft.com/messages", {"messages": [{"body": "x"}]}),
+                       ("/users/adele@contoso.onmicrosoft.com/messages", {"messages": [{"attachments": "x"}]}),
+                       ("/clock", {"advance_seconds": 1e308}), ("/clock", {"advance_seconds": -1}),
+                       ("/inject", {"path_prefix": "/v1.0/me", "status": 42})):
+        r = http.post(base + path, json=body, timeout=10)
+        assert r.status_code == 400, (path, body, r.text)
+        assert r.headers["Content-Type"].startswith("application/json")
+    for timeout in ("nan", "inf", "-1", "x"):
+        r = http.get(base + "/wait_inflight", params={"user": ADELE, "n": 1, "timeout": timeout}, timeout=10)
+        assert r.status_code == 400, (timeout, r.text)

@@ -198,12 +198,15 @@ def test_replayed_code_is_rejected(host: Host, browser_session: Any) -> None:
     _, first = _authorize(host, browser_session, "owner-code")
     assert host.http.get(first, allow_redirects=False, timeout=60).status_code == 302
     code = parse_qs(urlsplit(first).query)["code"][0]
+    rows_after_first = _account_rows(host)
     start2, _ = _authorize(host, browser_session, "owner-code")
     r = host.http.get(host.url + "/api/connect/microsoft/callback", params={"state": start2["state"], "code": code},
                       allow_redirects=False, timeout=60)
     result = parse_qs(urlsplit(r.headers["Location"]).query)
     assert result["status"] == ["error"]
     assert result["code"][0] in ("code_already_redeemed", "pkce_mismatch")
+    assert _account_rows(host) == rows_after_first  # nothing stored by the replay
+    assert len(host.api("GET", "/api/accounts", sub="owner-code").json()["accounts"]) == 1
 
 
 def test_pkce_mismatch_code_injection_is_rejected(host: Host, browser_session: Any) -> None:
@@ -222,11 +225,15 @@ def test_pkce_mismatch_code_injection_is_rejected(host: Host, browser_session: A
     "https://evil.example.com/connected", "https://app.example.com/other", "https://app.example.com/connectedX",
     "https://app.example.com.evil.com/connected", "http://app.example.com/connected", "//evil.com/connected",
     "javascript:alert(1)", "https://user@app.example.com/connected", "https://app.example.com:444/connected",
+    "https://app.example.com/connected/../admin", "https://app.example.com/connected/%2e%2e/admin",
+    "https://app.example.com/connected/%2E%2E%2Fadmin", "https://app.example.com/connected\\..\\admin",
 ])
 def test_open_redirect_is_refused(host: Host, url: str) -> None:
+    states_before = len(_states(host))
     r = host.api("GET", "/api/connect/microsoft", sub="owner-redirect", params={"returnUrl": url})
     assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/problem+json")
     assert r.json()["field"] == "returnUrl"
+    assert len(_states(host)) == states_before  # no pending flow was stored
 
 
 def test_return_url_below_allowed_prefix_is_accepted(host: Host) -> None:
@@ -246,7 +253,13 @@ def test_bad_prompt_names_the_field(host: Host) -> None:
 
 
 def test_cross_owner_access_is_404(host: Host, browser_session: Any) -> None:
+    from azure.data.tables import TableClient
+
+    from shared.accounts import owner_partition
+
     acc_id = connect(host, browser_session, sub="owner-x", login_hint=WORK)["result"]["accountId"]
+    table = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "accounts")
+    etag_before = table.get_entity(owner_partition("owner-x"), acc_id).metadata["etag"]
     for method, path in (("GET", f"/api/accounts/{acc_id}"), ("DELETE", f"/api/accounts/{acc_id}"),
                          ("POST", f"/api/accounts/{acc_id}/refresh")):
         r = host.api(method, path, sub="owner-y")
@@ -254,6 +267,7 @@ def test_cross_owner_access_is_404(host: Host, browser_session: Any) -> None:
         assert r.json()["code"] == "account_not_found"
     r = host.api("GET", "/api/connect/microsoft", sub="owner-y", params={"accountId": acc_id})
     assert r.status_code == 404
+    assert table.get_entity(owner_partition("owner-x"), acc_id).metadata["etag"] == etag_before  # untouched
     assert host.api("GET", f"/api/accounts/{acc_id}", sub="owner-x").status_code == 200
     assert host.api("GET", "/api/accounts", sub="owner-y").json()["accounts"] == []
 
@@ -283,10 +297,14 @@ def test_caller_jwt_is_required_and_checked(host: Host, case: str) -> None:
         headers["Authorization"] = "Bearer " + host.token("o", nbf=int(time.time()) + 3600)
     elif case == "basic":
         headers["Authorization"] = "Basic b3duZXI6cGFzcw=="
-    r = host.api("GET", "/api/accounts", sub=None, headers=headers)
-    assert r.status_code == 401
-    assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    assert r.headers["Content-Type"].startswith("application/problem+json")
+    states_before = len(_states(host))
+    for method, path in (("GET", "/api/accounts"), ("GET", "/api/connect/microsoft?returnUrl=https%3A%2F%2Fapp."
+                                                           "example.com%2Fconnected")):
+        r = host.api(method, path, sub=None, headers=headers)
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert len(_states(host)) == states_before  # connect stored no pending flow for an unauthenticated caller
 
 
 def test_pending_states_per_owner_are_bounded(host: Host) -> None:

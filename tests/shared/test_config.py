@@ -43,6 +43,7 @@ def test_good_settings_load_with_defaults() -> None:
     ({"KEEPALIVE_DAYS": "100"}, "KEEPALIVE_DAYS"),
     ({"WEBHOOK_URL": "https://hooks.example.com"}, "WEBHOOK_SECRET"),
     ({"MS_CA_BUNDLE": "/nonexistent.pem"}, "MS_CA_BUNDLE"),
+    ({"AUTH_JWKS_URL": "http://issuer.example.com/jwks"}, "AUTH_JWKS_URL"),  # https only, except loopback
     ({"WEBHOOK_URL": "https://h.example.com", "WEBHOOK_SECRET": "@Microsoft.KeyVault(SecretUri=https://v/x)"},
      "WEBHOOK_SECRET"),
 ])
