@@ -27,6 +27,7 @@ class Setting:
     required: bool = False
     local_only: bool = False  # never written by infra/ (secrets come from Key Vault there)
     doc: str = ""
+    platform: bool = False  # set by the hosting platform itself, never by infra/ or an operator
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -42,6 +43,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MS_CA_BUNDLE", local_only=True, doc="Extra CA file trusted for the authority and Graph."),
     Setting("PUBLIC_BASE_URL", required=True, doc="Where the app is reachable (redirect URI base)."),
     Setting("AzureWebJobsStorage", doc="Storage connection string, or identity-based AzureWebJobsStorage__* settings."),
+    Setting("AzureWebJobsStorage__accountName", doc="Identity-based storage: the account name."),
+    Setting("AzureWebJobsStorage__tableServiceUri", doc="Identity-based storage: Table endpoint (else from the name)."),
+    Setting("AzureWebJobsStorage__queueServiceUri", doc="Identity-based storage: Queue endpoint (else from the name)."),
+    Setting("AzureWebJobsStorage__clientId", doc="Identity-based storage: client id of the user-assigned identity."),
+    Setting("AZURE_CLIENT_ID", doc="User-assigned managed identity used for Key Vault (azure-identity)."),
+    Setting("IDENTITY_ENDPOINT", platform=True, doc="Set by App Service / Functions when a managed identity exists."),
+    Setting("MSI_ENDPOINT", platform=True, doc="Older name of IDENTITY_ENDPOINT."),
     Setting("AUTH_ISSUER", required=True, doc="Expected `iss` of caller JWTs."),
     Setting("AUTH_AUDIENCE", required=True, doc="Expected `aud` of caller JWTs."),
     Setting("AUTH_JWKS_URL", doc="JWKS of the caller token issuer (RS256/ES256)."),
@@ -63,7 +71,8 @@ _NCRONTAB = re.compile(r"^\S+( \S+){5}$")
 
 
 def setting_names(*, include_local: bool = True) -> set[str]:
-    return {s.name for s in SETTINGS if include_local or not s.local_only}
+    """Names of the settings an operator or infra/ sets (``include_local``: also the local-only ones)."""
+    return {s.name for s in SETTINGS if not s.platform and (include_local or not s.local_only)}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,11 @@ class Settings:
     public_base_url: str
     storage_connection_string: str | None = field(repr=False)
     storage_account_name: str | None
+    storage_table_uri: str | None
+    storage_queue_uri: str | None
+    storage_client_id: str | None
+    azure_client_id: str | None
+    managed_identity_available: bool
     auth_issuer: str
     auth_audience: str
     auth_jwks_url: str | None
@@ -118,6 +132,10 @@ def _https_or_http_url(name: str, value: str, *, https_only: bool) -> str:
         want = "an https URL" if https_only else "an http(s) URL"
         raise ConfigurationError(f"{name} must be {want}", setting=name)
     return value.rstrip("/")
+
+
+def _opt_url(name: str, value: str | None) -> str | None:
+    return _https_or_http_url(name, value, https_only=False) if value else None
 
 
 def _is_loopback(url: str) -> bool:
@@ -182,7 +200,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigurationError("MS_CA_BUNDLE must be the path of a readable PEM file", setting="MS_CA_BUNDLE")
 
     storage_cs = get("AzureWebJobsStorage")
-    storage_account = env.get("AzureWebJobsStorage__accountName") or None
+    storage_account = get("AzureWebJobsStorage__accountName")
     if not storage_cs and not storage_account:
         raise ConfigurationError(
             "AzureWebJobsStorage (or AzureWebJobsStorage__accountName) is required", setting="AzureWebJobsStorage"
@@ -232,6 +250,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         public_base_url=_https_or_http_url("PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or "", https_only=False),
         storage_connection_string=storage_cs,
         storage_account_name=storage_account,
+        storage_table_uri=_opt_url("AzureWebJobsStorage__tableServiceUri", get("AzureWebJobsStorage__tableServiceUri")),
+        storage_queue_uri=_opt_url("AzureWebJobsStorage__queueServiceUri", get("AzureWebJobsStorage__queueServiceUri")),
+        storage_client_id=get("AzureWebJobsStorage__clientId"),
+        azure_client_id=get("AZURE_CLIENT_ID"),
+        managed_identity_available=bool(get("IDENTITY_ENDPOINT") or get("MSI_ENDPOINT")),
         auth_issuer=get("AUTH_ISSUER") or "",
         auth_audience=get("AUTH_AUDIENCE") or "",
         auth_jwks_url=jwks,

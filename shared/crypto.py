@@ -30,7 +30,7 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from shared.errors import ConnectorError
+from shared.errors import CryptoError
 
 if TYPE_CHECKING:
     from shared.config import KeyRingConfig
@@ -42,14 +42,6 @@ TAG_BYTES = 16
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 _AAD_LABEL = b"outlook-connector/token-aad/v1"
-
-
-class CryptoError(ConnectorError):
-    """A stored token could not be decrypted (or sealed). Never carries key material."""
-
-    status = 500
-    code = "token_decrypt_failed"
-    title = "Stored tokens could not be decrypted"
 
 
 def _b64url_encode(data: bytes) -> str:

@@ -14,6 +14,8 @@
     │   ├── ReauthRequiredError (409)   the grant is dead: the user must re-connect
     │   ├── OperatorError (500/502)     our app registration is broken (invalid_client, 7000215…)
     │   └── ThrottledError (503)        Retry-After budget spent; ``retry_after`` seconds
+    ├── CryptoError (500)               a stored token failed authenticated decryption (tampered, moved)
+    ├── SecretUnavailableError (503)    the client secret or key ring could not be read (Key Vault, env)
     ├── UpstreamUnavailableError (503)  network errors / 5xx from Microsoft after retries
     └── StorageUnavailableError (503)   Table/Queue storage unreachable or failing after SDK retries
 
@@ -169,6 +171,35 @@ class ThrottledError(MicrosoftError):
         super().__init__(detail, **kw)
         self.retry_after = max(1, int(retry_after))
         self.headers["Retry-After"] = str(self.retry_after)
+
+
+class CryptoError(ConnectorError):
+    """A stored token could not be decrypted (or sealed). Never carries key material."""
+
+    status = 500
+    code = "token_decrypt_failed"
+    title = "Stored tokens could not be decrypted"
+
+
+class SecretUnavailableError(ConnectorError):
+    """A secret the connector needs could not be read. Names the secret and vault, never a value."""
+
+    status = 503
+    code = "secret_unavailable"
+    title = "A secret the connector needs is unavailable"
+
+    def __init__(
+        self, detail: str, *, secret_name: str, vault: str | None, reason: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(detail, hint=hint)
+        self.secret_name = secret_name
+        self.vault = vault
+        self.reason = reason
+
+    def copy(self) -> SecretUnavailableError:
+        return SecretUnavailableError(
+            self.detail, secret_name=self.secret_name, vault=self.vault, reason=self.reason, hint=self.hint
+        )
 
 
 class UpstreamUnavailableError(ConnectorError):

@@ -38,7 +38,6 @@ Azure SDK modules are imported lazily, on the first read: cold start matters on 
 from __future__ import annotations
 
 import ipaddress
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from shared.errors import ConfigurationError, ConnectorError
+from shared.errors import ConfigurationError, SecretUnavailableError
 
 if TYPE_CHECKING:
     from shared.config import Settings
@@ -63,37 +62,16 @@ _RBAC_HINT = (
 )
 
 
-class SecretUnavailableError(ConnectorError):
-    """A secret the connector needs could not be read. Names the secret and vault, never a value."""
-
-    status = 503
-    code = "secret_unavailable"
-    title = "A secret the connector needs is unavailable"
-
-    def __init__(
-        self, detail: str, *, secret_name: str, vault: str | None, reason: str | None = None, hint: str | None = None
-    ) -> None:
-        super().__init__(detail, hint=hint)
-        self.secret_name = secret_name
-        self.vault = vault
-        self.reason = reason
-
-    def copy(self) -> SecretUnavailableError:
-        return SecretUnavailableError(
-            self.detail, secret_name=self.secret_name, vault=self.vault, reason=self.reason, hint=self.hint
-        )
-
-
 SecretClientFactory = Callable[[str, Any], Any]
 """``factory(vault_url, credential)`` → an object with ``get_secret(name)`` (a ``SecretClient``)."""
 
 
-def default_credential() -> Any:
+def default_credential(settings: Settings) -> Any:
     """Managed identity on App Service / Functions, ``DefaultAzureCredential`` elsewhere."""
-    if os.environ.get("IDENTITY_ENDPOINT") or os.environ.get("MSI_ENDPOINT"):
+    if settings.managed_identity_available:
         from azure.identity import ManagedIdentityCredential
 
-        return ManagedIdentityCredential(client_id=os.environ.get("AZURE_CLIENT_ID") or None)
+        return ManagedIdentityCredential(client_id=settings.azure_client_id)
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(exclude_interactive_browser_credential=True)
@@ -237,7 +215,7 @@ class SecretStore:
     def _secret_client(self) -> Any:
         with self._client_lock:
             if self._client is None:
-                credential = self._credential if self._credential is not None else default_credential()
+                credential = self._credential if self._credential is not None else default_credential(self._settings)
                 self._credential = credential
                 factory = self._factory or self._default_factory
                 self._client = factory(self._vault or "", credential)

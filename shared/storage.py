@@ -8,7 +8,6 @@ SDK imports are lazy so that importing ``function_app`` stays cheap (cold start,
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +33,9 @@ _CLIENT_KW: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20, "retr
 class Storage:
     """Lazily created, cached clients for the app's tables and queues (thread-safe)."""
 
-    def __init__(self, settings: Settings, *, credential: Any = None, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, *, credential: Any = None) -> None:
         self._settings = settings
         self._credential = credential
-        self._env = dict(os.environ if environ is None else environ)
         self._lock = threading.Lock()
         self._tables: dict[str, TableClient] = {}
         self._queues: dict[str, QueueClient] = {}
@@ -47,14 +45,14 @@ class Storage:
         if self._credential is None:
             from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
-            client_id = self._env.get("AzureWebJobsStorage__clientId")
+            client_id = self._settings.storage_client_id
             self._credential = (
                 ManagedIdentityCredential(client_id=client_id) if client_id else DefaultAzureCredential()
             )
         return self._credential
 
     def _endpoint(self, kind: str) -> str:
-        explicit = self._env.get(f"AzureWebJobsStorage__{kind}ServiceUri")
+        explicit = self._settings.storage_table_uri if kind == "table" else self._settings.storage_queue_uri
         if explicit:
             return explicit
         return f"https://{self._settings.storage_account_name}.{kind}.core.windows.net"

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .errors import GraphError
-from .graph import _validate_message
+from .graph import _validate_message, check_file_attachment
 from .mailbox import Mailbox
 from .state import ClientApp, Injection, SandboxState
 from .users import TEST_USERS, TestUser
@@ -171,6 +171,10 @@ def seed_messages(upn: str) -> Response:
             if isinstance(items, list):  # the same checks Graph applies to a message it is given
                 for m in items:
                     _validate_message(m, for_send=False)
+                    for att in m.get("attachments") or []:
+                        if not isinstance(att, dict):
+                            raise ControlError("each attachment must be an object")
+                        check_file_attachment(att)
             ids = mb.seed(items, folder, state.now())
         except GraphError as exc:
             raise ControlError(f"invalid message: {exc.code}: {exc.message}") from None

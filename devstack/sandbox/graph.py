@@ -529,6 +529,20 @@ def add_attachment(ctx: _Ctx, mid: str) -> tuple[int, Any]:
         return 201, Mailbox.attachment_resource(att)
 
 
+def check_file_attachment(att: dict[str, Any]) -> None:
+    if not att.get("name"):
+        raise GraphError(400, "ErrorInvalidRequest", "The attachment name is required.")
+    for prop in ("name", "contentType"):
+        val = att.get(prop)
+        if val is not None and not isinstance(val, str):
+            raise _cannot_convert(val, "Edm.String")
+        if isinstance(val, str) and any(c in val for c in "\r\n\x00"):
+            raise GraphError(400, "ErrorInvalidRequest", f"The attachment {prop} contains invalid characters.")
+    if not isinstance(att.get("contentBytes"), str):
+        raise GraphError(400, "ErrorInvalidRequest", "The property 'contentBytes' is required for a file "
+                         "attachment.")
+
+
 def _make_attachments(items: Any, now: float) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise _request_body_read("An unexpected 'StartObject' node was found when reading from the JSON reader. "
@@ -544,17 +558,7 @@ def _make_attachments(items: Any, now: float) -> list[dict[str, Any]]:
         if otype != "#microsoft.graph.fileAttachment":
             raise GraphError(400, "ErrorInvalidRequest", f"The attachment type '{otype}' is not supported by "
                              "the sandbox.")
-        if not att.get("name"):
-            raise GraphError(400, "ErrorInvalidRequest", "The attachment name is required.")
-        for prop in ("name", "contentType"):
-            val = att.get(prop)
-            if val is not None and not isinstance(val, str):
-                raise _cannot_convert(val, "Edm.String")
-            if isinstance(val, str) and any(c in val for c in "\r\n\x00"):
-                raise GraphError(400, "ErrorInvalidRequest", f"The attachment {prop} contains invalid characters.")
-        if not isinstance(att.get("contentBytes"), str):
-            raise GraphError(400, "ErrorInvalidRequest", "The property 'contentBytes' is required for a file "
-                             "attachment.")
+        check_file_attachment(att)
         try:
             out.append(Mailbox.make_attachment(att, now))
         except (binascii.Error, ValueError, TypeError):

@@ -11,6 +11,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import azure.functions as func
 
 from shared.blueprints._http import Context, handle, query
+from shared.errors import AuthenticationError
 
 bp = func.Blueprint()
 
@@ -21,7 +22,8 @@ _NO_LEAK = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 @bp.route(route="connect/microsoft", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def connect_microsoft(req: func.HttpRequest) -> func.HttpResponse:
     def run(c: Any, ctx: Context) -> Any:
-        assert ctx.owner is not None
+        if ctx.owner is None:  # handle() authenticates before calling run(); never reached
+            raise AuthenticationError("Send a bearer token: Authorization: Bearer <JWT>.")
         ctx.account_id = query(req, "accountId", max_len=64)
         return c.start_connect(
             ctx.owner, return_url=query(req, "returnUrl"), login_hint=query(req, "loginHint", max_len=256),

@@ -298,6 +298,8 @@ def test_control_api_refuses_bad_input(sandbox_server, ctl, http):
     base = f"{sandbox_server.url}/_sandbox"
     for path, body in (("/users/adele@contoso.onmicrosoft.com/messages", {"messages": [{"body": "x"}]}),
                        ("/users/adele@contoso.onmicrosoft.com/messages", {"messages": [{"attachments": "x"}]}),
+                       ("/users/adele@contoso.onmicrosoft.com/messages", {"messages": [{"attachments": [
+                           {"name": "a.txt", "contentType": "text/plain\r\nX-Evil: 1", "contentBytes": ""}]}]}),
                        ("/clock", {"advance_seconds": 1e308}), ("/clock", {"advance_seconds": -1}),
                        ("/inject", {"path_prefix": "/v1.0/me", "status": 42})):
         r = http.post(base + path, json=body, timeout=10)

@@ -50,15 +50,12 @@ EXPECTED_ASSIGNMENTS = {
 TABLES = {"accounts", "oauthstates", "refreshindex", "idempotency"}
 QUEUES = {"refresh-jobs", "refresh-jobs-poison", "webhook-deliveries", "webhook-deliveries-poison"}
 # App settings Bicep may write besides the non-local names in shared.config.SETTINGS.
+# (The identity-based AzureWebJobsStorage__accountName / __tableServiceUri / __queueServiceUri / __clientId
+# and AZURE_CLIENT_ID are read by the app, so they are in SETTINGS; these are read only by the Functions host.)
 PLATFORM_SETTINGS = {
-    "AzureWebJobsStorage__accountName",
     "AzureWebJobsStorage__blobServiceUri",
-    "AzureWebJobsStorage__queueServiceUri",
-    "AzureWebJobsStorage__tableServiceUri",
     "AzureWebJobsStorage__credential",
-    "AzureWebJobsStorage__clientId",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
-    "AZURE_CLIENT_ID",  # azure-identity: selects the user-assigned identity
 }
 # Settings Flex Consumption rejects (runtime/deployment are in functionAppConfig instead).
 FLEX_FORBIDDEN_SETTINGS = {

@@ -62,3 +62,23 @@ def test_every_setting_is_declared_once() -> None:
     assert len(names) == len(set(names))
     assert {"MS_CLIENT_ID", "KEY_VAULT_URL", "REFRESH_SCHEDULE"} <= setting_names(include_local=False)
     assert "MS_CLIENT_SECRET" not in setting_names(include_local=False)
+
+
+def test_local_settings_example_lists_every_setting_with_working_values() -> None:
+    from devstack.certs import ensure_certs
+    from tests.conftest import ROOT
+
+    values = json.loads((ROOT / "local.settings.json.example").read_text())["Values"]
+    spec_section_8 = {
+        "MS_CLIENT_ID", "MS_CLIENT_SECRET", "KEY_VAULT_URL", "MS_CLIENT_SECRET_NAME", "MS_AUTHORITY_HOST", "MS_TENANT",
+        "MS_SCOPES", "GRAPH_BASE_URL", "MS_CA_BUNDLE", "PUBLIC_BASE_URL", "AzureWebJobsStorage", "AUTH_ISSUER",
+        "AUTH_AUDIENCE", "AUTH_JWKS_URL", "AUTH_HS256_SECRET", "ALLOWED_RETURN_URLS", "TOKEN_ENCRYPTION_KEYS",
+        "WEBHOOK_URL", "WEBHOOK_SECRET", "REFRESH_SCHEDULE"}
+    # Only meaningful in Azure, with identity-based storage and a managed identity.
+    azure_only = {"AzureWebJobsStorage__accountName", "AzureWebJobsStorage__tableServiceUri",
+                  "AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__clientId", "AZURE_CLIENT_ID"}
+    assert spec_section_8 <= set(values)
+    assert setting_names() - azure_only <= set(values), sorted(setting_names() - azure_only - set(values))
+    # The values work as they are (the CA path is relative to the repository; devstack resolves it).
+    settings = load_settings({**values, "MS_CA_BUNDLE": str(ensure_certs().ca_cert)})
+    assert settings.authority_host.startswith("https://localhost") and settings.storage_connection_string
