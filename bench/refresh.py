@@ -62,6 +62,8 @@ def _count_entities_read(c: Any) -> dict[str, int]:
 
     def hook(name: str) -> Any:
         def on_response(response: Any) -> None:
+            if response.http_request.method != "GET":  # reads only (writes return no entities)
+                return
             try:
                 body = json.loads(response.http_response.text() or "{}")
             except ValueError:

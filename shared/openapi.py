@@ -196,7 +196,8 @@ def document() -> dict[str, Any]:
         "/api/connect/microsoft/callback": {"get": _op(
             "connect_microsoft_callback", "Entra redirect URI: consumes state once, stores the account.", {
                 "302": {"description": "Redirect to returnUrl with status=connected&accountId=… or "
-                                       "status=error&code=…&message=…"},
+                                       "status=error&code=…&message=…[&hint=…] (the hint names the fix, e.g. "
+                                       "the admin-consent URL for consent_required)"},
                 "200": {"description": "Connected (no returnUrl): an HTML page that posts the result to "
                                        "window.opener / the Office dialog parent.",
                         "content": {"text/html": {"schema": {"type": "string"}}}},

@@ -106,9 +106,7 @@ def enqueue_due(connector: Any, now: dt.datetime | None = None) -> dict[str, int
     for r in unique:
         queue.send_message(json.dumps({"owner": r["owner"], "accountId": r["accountId"], "attempt": 0,
                                        "rearm": rearm}).encode())
-    for pk, items in by_partition.items():
-        if pk == rearm:
-            continue
+    for pk, items in by_partition.items():  # all ≤ now, so never the re-arm bucket
         for i in range(0, len(items), 100):
             table.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": e["RowKey"]}) for e in items[i:i + 100]])
     log.info(json.dumps({"event": "refresh.enqueued", "indexRowsRead": len(rows), "enqueued": len(unique)}))

@@ -333,8 +333,9 @@ def authorize_consent(tenant: str) -> Response:
     if decision != "accept":
         # Cancel on the permissions page: access_denied + AADSTS65004 back to the app.
         # https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow#error-codes-for-authorization-endpoint-errors
+        # Entra adds error_subcode=cancel, which MSAL and apps read as "the user cancelled".
         return _redirect_error(pending.params, "access_denied", 65004,
-                               "User declined to consent to access the app.")
+                               "User declined to consent to access the app.", error_subcode="cancel")
     return _issue_code(pending.params, pending.user, parse_scopes(pending.params.get("scope")))
 
 

@@ -6,7 +6,6 @@ import argparse
 import errno
 import os
 import re
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -14,7 +13,6 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from devstack import env_port, port_number
 from devstack.certs import ensure_certs
@@ -57,25 +55,39 @@ def create_app(state: SandboxState, key: SigningKey) -> Flask:
         app.logger.error("sandbox internal error on %s %s: %r", request.method, request.path, exc)
         return jsonify({"error": {"code": "InternalServerError", "message": "The sandbox hit an internal error."}}), 500
 
+    @app.after_request
+    def _drain_request_body(resp: Response) -> Response:
+        # A refusal (413, 401 …) may come before the body was read. Read the rest (at most
+        # MAX_CONTENT_LENGTH) so the client, which sends its whole body first, gets the answer and
+        # the keep-alive connection stays usable, as with Microsoft's front ends.
+        try:
+            request.stream.exhaust()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        return resp
+
     return app
 
 
 _REDACT = re.compile(r"/upload/AttachmentSessions/[^/?]+")
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """Logs method, path (no query string: it may carry codes/tokens) and status, or nothing."""
+SERVER_THREADS = 128  # concurrent requests (idle keep-alive connections hold no thread)
 
-    verbose = False
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if self.verbose:
-            path = _REDACT.sub("/upload/AttachmentSessions/…", self.path.split("?", 1)[0])
-            sys.stderr.write(f"sandbox: {self.command} {path} {code}\n")
+class _RequestLog:
+    """``--verbose``: method, path (no query string: it may carry codes or tokens) and status."""
 
-    def log_error(self, format: str, *args: Any) -> None:
-        if self.verbose:
-            super().log_error(format, *args)
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        def logging_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            path = _REDACT.sub("/upload/AttachmentSessions/…", environ.get("PATH_INFO", ""))
+            sys.stderr.write(f"sandbox: {environ.get('REQUEST_METHOD')} {path} {status.split(' ', 1)[0]}\n")
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, logging_start_response)
 
 
 class SandboxServer:
@@ -101,7 +113,7 @@ class SandboxServer:
             ClientApp(client_id, DEFAULT_APP_NAME, list(redirect_uris), {client_secret: True})
         )
         self.app = create_app(self.state, self.key)
-        self._server: BaseWSGIServer | None = None
+        self._server: Any = None
         self._thread: threading.Thread | None = None
         self.ca_path = ""
 
@@ -109,45 +121,41 @@ class SandboxServer:
     def url(self) -> str:
         return f"https://localhost:{self.port}"
 
-    def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(exc.errno, f"port {self.port} on {self.host} is already in use") from None
-            raise
-        return sock
-
     def start(self) -> SandboxServer:
+        """Serve over HTTPS with keep-alive connections (cheroot: a threaded WSGI server with a TLS adapter).
+
+        Microsoft's endpoints keep connections open; Werkzeug's development server closes every one,
+        which would make each token request pay a new TCP + TLS handshake here and not in production.
+        """
         if self._server is not None:
             return self
+        from cheroot import wsgi
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+
         certs = ensure_certs(self._cert_dir)
         self.ca_path = str(certs.ca_cert)
-        sock = self._bind()
-        handler = type("SandboxHandler", (_QuietHandler,), {"verbose": self._verbose})
+        port = self.port
+        app = _RequestLog(self.app) if self._verbose else self.app
+        server = wsgi.Server((self.host, port), app, numthreads=SERVER_THREADS, server_name="sandbox",
+                             request_queue_size=256, timeout=30, accepted_queue_timeout=30)
+        server.ssl_adapter = BuiltinSSLAdapter(str(certs.server_cert), str(certs.server_key))
         try:
-            server = make_server(self.host, sock.getsockname()[1], self.app, threaded=True,
-                                 request_handler=handler, ssl_context=(str(certs.server_cert), str(certs.server_key)),
-                                 fd=sock.fileno())
-        finally:
-            sock.close()  # make_server duplicated the descriptor
-        server.daemon_threads = True  # type: ignore[attr-defined]
+            server.prepare()
+        except OSError as exc:
+            # cheroot reports a taken port as "No socket could be created -- (…: [Errno 98] …)"
+            if exc.errno == errno.EADDRINUSE or f"[Errno {errno.EADDRINUSE}]" in str(exc):
+                raise PortInUseError(exc.errno, f"port {port} on {self.host} is already in use") from None
+            raise
         self._server = server
-        self.port = server.port
-        self._thread = threading.Thread(target=server.serve_forever, name="sandbox-server", daemon=True)
+        self.port = int(server.bind_addr[1])
+        self._thread = threading.Thread(target=server.serve, name="sandbox-server", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None

@@ -248,6 +248,7 @@ def test_interactive_sign_in_and_consent_pages(sandbox_server, ctl, http, flows)
                        data={"ctx": ctx, "decision": "cancel"}, allow_redirects=False, timeout=10)
     q = query(cancel.headers["Location"])
     assert q["error"] == "access_denied" and q["error_description"].startswith("AADSTS65004: ")
+    assert q["error_subcode"] == "cancel"
 
     r, _ = flows.authorize("")
     ctx = r.text.split("name='ctx' value='")[1].split("'")[0]
