@@ -476,7 +476,8 @@ def load_app(module: str = "function_app") -> func.FunctionApp:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     mod = importlib.import_module(module)
-    return mod.app  # type: ignore[no-any-return]
+    app: func.FunctionApp = mod.app
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,8 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _kv_error(status: int, code: str, message: str, *, inner: str | None = None, headers=None) -> Response:
+def _kv_error(status: int, code: str, message: str, *, inner: str | None = None,
+              headers: dict[str, str] | None = None) -> Response:
     err: dict[str, Any] = {"code": code, "message": message}
     if inner:
         err["innererror"] = {"code": inner}

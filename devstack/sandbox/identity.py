@@ -19,7 +19,7 @@ import time
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import tokens
 from .errors import aadsts_body, aadsts_response
@@ -130,7 +130,7 @@ def jwks(tenant: str) -> Response:
 
 
 @bp.get("/<tenant>/discovery/instance")
-def instance_discovery(tenant: str) -> Response:
+def instance_discovery(tenant: str) -> Response | tuple[Response, int]:
     # The instance-discovery answer MSAL reads "tenant_discovery_endpoint" from
     # (msal/authority.py _instance_discovery; https://login.microsoftonline.com/common/discovery/instance).
     auth_ep = request.args.get("authorization_endpoint", "")
@@ -171,6 +171,10 @@ def _page(title: str, body: str, status: int = 200) -> Response:
     return Response(doc, status=status, mimetype="text/html")
 
 
+def _redirect(location: str) -> Response:
+    return Response(status=302, headers={"Location": location})
+
+
 def _error_page(code: int, text: str, status: int = 400) -> Response:
     # Errors detected before the redirect URI is trusted are shown to the user, never redirected:
     # https://learn.microsoft.com/en-us/entra/identity-platform/reply-url (AADSTS50011 page).
@@ -205,7 +209,7 @@ def _redirect_with(params: dict[str, str], values: dict[str, str]) -> Response:
             "</noscript></form><script>document.forms[0].submit()</script>",
         )
     sep = "#" if mode == "fragment" else ("&" if "?" in uri else "?")
-    return redirect(uri + sep + urlencode(values), code=302)
+    return _redirect(uri + sep + urlencode(values))
 
 
 def _redirect_error(params: dict[str, str], error: str, code: int, text: str, **extra: str) -> Response:
@@ -455,7 +459,7 @@ def admin_consent(tenant: str) -> Response:
     if "state" in request.args:
         values["state"] = request.args["state"]
     sep = "&" if "?" in redirect_uri else "?"
-    return redirect(redirect_uri + sep + urlencode(values), code=302)
+    return _redirect(redirect_uri + sep + urlencode(values))
 
 
 # ---------------------------------------------------------------------------------------------

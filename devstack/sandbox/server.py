@@ -132,7 +132,7 @@ class SandboxServer:
         from cheroot import wsgi
         from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-        certs = ensure_certs(self._cert_dir)
+        certs = ensure_certs(os.fspath(self._cert_dir) if self._cert_dir is not None else None)
         self.ca_path = str(certs.ca_cert)
         port = self.port
         app = _RequestLog(self.app) if self._verbose else self.app
