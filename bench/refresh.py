@@ -79,28 +79,48 @@ def _count_entities_read(c: Any) -> dict[str, int]:
     return counts
 
 
-def _worker(env: dict[str, str], n_target: int, counter: Any, stop_at: Any) -> None:
+def _worker(env: dict[str, str], n_target: int, counter: Any, stop_at: Any, cpu: Any) -> None:
+    """One worker process, fetching like the Functions queue trigger: batches of 16, a new batch once no
+    more than 8 (newBatchThreshold) are in flight, so at most 24 invocations run at once."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     from shared.config import load_settings
     from shared.refresh import process
     from shared.service import Connector
 
     c = Connector(load_settings(env))
     q = c.storage.queue("refresh-jobs")
+    done = 0
+    cpu0: float | None = None
 
     def handle(m: Any) -> None:
+        nonlocal done
         outcome = process(c, m.content)
         q.delete_message(m)
         if outcome == "refreshed":
             with counter.get_lock():
                 counter.value += 1
+            done += 1
 
+    inflight: set[Any] = set()
     with ThreadPoolExecutor(24) as pool:
         while counter.value < n_target and time.time() < stop_at.value:
-            msgs = list(q.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=120))
-            if not msgs:
+            if len(inflight) > 8:
+                inflight = wait(inflight, return_when=FIRST_COMPLETED)[1]
+                continue
+            msgs = list(q.receive_messages(messages_per_page=16, max_messages=16, visibility_timeout=120))
+            if cpu0 is None and msgs:
+                cpu0 = time.process_time()
+            if not msgs and not inflight:
                 time.sleep(0.05)
                 continue
-            list(pool.map(handle, msgs))
+            inflight |= {pool.submit(handle, m) for m in msgs}
+            if not msgs:
+                inflight = wait(inflight, return_when=FIRST_COMPLETED)[1]
+        wait(inflight)
+    if cpu0 is not None and done:
+        with cpu.get_lock():
+            cpu.value += time.process_time() - cpu0
 
 
 def _make_due(c: Any, accounts: list[tuple[str, str]]) -> None:
@@ -116,7 +136,8 @@ def _make_due(c: Any, accounts: list[tuple[str, str]]) -> None:
                                                       "refreshDueAt": past}, mode=UpdateMode.MERGE), accounts))
 
 
-def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str]], workers: int) -> float:
+def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str]], workers: int) -> tuple[float, float]:
+    """(refreshes per second, worker CPU milliseconds per refresh)."""
     _make_due(c, accounts)
     q = c.storage.queue("refresh-jobs")
     with ThreadPoolExecutor(16) as pool:
@@ -124,8 +145,10 @@ def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str]], workers: 
                       accounts))
     ctx = mp.get_context("spawn")
     counter = ctx.Value("i", 0)
+    cpu = ctx.Value("d", 0.0)
     stop_at = ctx.Value("d", time.time() + 300)
-    procs = [ctx.Process(target=_worker, args=(stack.env, len(accounts), counter, stop_at)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(stack.env, len(accounts), counter, stop_at, cpu))
+             for _ in range(workers)]
     for p in procs:
         p.start()
     # Measure from the first completed refresh (process start-up and imports excluded).
@@ -143,7 +166,7 @@ def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str]], workers: 
     stop_at.value = 0
     for p in procs:
         p.join(30)
-    return done / elapsed
+    return done / elapsed, cpu.value / max(1, counter.value) * 1000
 
 
 def run(total: int = 10_000, due: int = 1_000, live: int = 600) -> dict[str, Any]:
@@ -165,12 +188,15 @@ def run(total: int = 10_000, due: int = 1_000, live: int = 600) -> dict[str, Any
             accounts = list(pool.map(lambda i: (f"live-{i}", stack.connect(c, f"live-{i}", USERS[i % 3])),
                                      range(live)))
         stack.control.set_token_latency(100)
-        rates = {w: _throughput(stack, c, accounts, w) for w in (1, 2, 4)}
+        measured = {w: _throughput(stack, c, accounts, w) for w in (1, 2, 4)}
+        rates = {w: m[0] for w, m in measured.items()}
+        cpu_ms = measured[1][1]
     finally:
         stack.stop()
     res = {"stored": total, "due": due, "index_rows_read": c_summary["read"], "entities_read": entities_read,
            "read_ratio": read_ratio,
-           "refreshes_per_s": {str(k): round(v, 1) for k, v in rates.items()}}
+           "refreshes_per_s": {str(k): round(v, 1) for k, v in rates.items()},
+           "worker_cpu_ms_per_refresh": round(cpu_ms, 2)}
     res["scaling_2"] = rates[2] / rates[1]
     res["scaling_4"] = rates[4] / rates[1]
     write_section("Refresh (SPEC §9: read ≤ 1.1 × due; ≥ 100 refreshes/s per worker; near-linear scaling)", f"""
@@ -189,9 +215,13 @@ def run(total: int = 10_000, due: int = 1_000, live: int = 600) -> dict[str, Any
 | 2 | {rates[2]:.0f} | {rates[2] / rates[1]:.2f}× |
 | 4 | {rates[4]:.0f} | {rates[4] / rates[1]:.2f}× |
 
-Bar: ≥ 100 refreshes/s per worker. Note: this machine has {__import__('os').cpu_count()} cores shared by the
-workers, Azurite and the sandbox, so scaling beyond 2 processes is bounded by CPU here, not by the design
-(each refresh is independent: one lease write, one token call, one final write).
+Bar: ≥ 100 refreshes/s per worker. One worker process spends **{cpu_ms:.1f} ms of CPU per refresh**
+(its own process time ÷ refreshes), a ceiling of about {1000 / cpu_ms:.0f} refreshes/s for a process that
+has a core to itself. Each refresh is one account read, a lease write, the token call, the final write,
+the next due-time row and the re-arm row's removal (plus the queue message's delete). This machine has
+{__import__('os').cpu_count()} cores shared by the workers, Azurite (one Node process, in memory) and the
+sandbox, so the wall-clock figures above are bounded by that shared CPU rather than by the design: nothing
+is shared between refreshes of different accounts.
 """)
     print(json.dumps(res, indent=2))
     return res

@@ -146,7 +146,10 @@ def _process(connector: Any, owner: str, account_id: str, attempt: int, rearm: s
         index_account(connector, acc)  # refreshed meanwhile: make sure its next row exists
         return "not_due", acc
     try:
-        return "refreshed", connector.tokens.refresh(owner, account_id, force=True)
+        # The timer already moved this account's index row to the re-arm bucket (removed below), so
+        # the refresh need not delete the row of its previous due time.
+        return "refreshed", connector.tokens.refresh(owner, account_id, force=True, account=acc,
+                                                     previous_row_consumed=True)
     except ReauthRequiredError:
         return "reauth_required", None
     except OperatorError as e:

@@ -248,7 +248,7 @@ class Connector:
             from shared.tokens import _reauth_error
 
             raise _reauth_error(acc)
-        return self.tokens.refresh(owner, account_id, force=True).to_public()
+        return self.tokens.refresh(owner, account_id, force=True, account=acc).to_public()
 
     # -- mail ---------------------------------------------------------------------------------
     def _token_source(self, account: Account) -> Any:

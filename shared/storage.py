@@ -33,9 +33,10 @@ _CLIENT_KW: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20, "retr
 class Storage:
     """Lazily created, cached clients for the app's tables and queues (thread-safe)."""
 
-    def __init__(self, settings: Settings, *, credential: Any = None) -> None:
+    def __init__(self, settings: Settings, *, credential: Any = None, transport: Any = None) -> None:
         self._settings = settings
         self._credential = credential
+        self._transport = transport
         self._lock = threading.Lock()
         self._tables: dict[str, TableClient] = {}
         self._queues: dict[str, QueueClient] = {}
@@ -57,6 +58,22 @@ class Storage:
             return explicit
         return f"https://{self._settings.storage_account_name}.{kind}.core.windows.net"
 
+    def _client_kw(self) -> dict[str, Any]:
+        """Client options: timeouts, retries, and one shared HTTP transport for every table and queue.
+
+        The transport's session comes from :func:`shared._http.new_session`: ``trust_env`` off (azure-core's
+        default session reads proxy settings and REQUESTS_CA_BUNDLE from the environment on every request,
+        which costs measurable CPU per call and lets the environment change what TLS trusts) and a pooled
+        connection set shared by all clients.
+        """
+        if self._transport is None:
+            from azure.core.pipeline.transport import RequestsTransport
+
+            from shared._http import new_session
+
+            self._transport = RequestsTransport(session=new_session(None, pool_size=64), session_owner=False)
+        return dict(_CLIENT_KW, transport=self._transport)
+
     def table(self, name: str) -> TableClient:
         client = self._tables.get(name)
         if client is None:
@@ -67,10 +84,10 @@ class Storage:
                 if client is None:
                     cs = self._settings.storage_connection_string
                     if cs:
-                        client = TableClient.from_connection_string(cs, name, **_CLIENT_KW)
+                        client = TableClient.from_connection_string(cs, name, **self._client_kw())
                     else:
                         client = TableClient(self._endpoint("table"), name, credential=self._get_credential(),
-                                             **_CLIENT_KW)
+                                             **self._client_kw())
                     self._tables[name] = client
         return client
 
@@ -80,7 +97,7 @@ class Storage:
             from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
 
             # The Functions queue trigger expects base64 messages by default (host.json messageEncoding).
-            kw = dict(_CLIENT_KW, message_encode_policy=BinaryBase64EncodePolicy(),
+            kw = dict(self._client_kw(), message_encode_policy=BinaryBase64EncodePolicy(),
                       message_decode_policy=BinaryBase64DecodePolicy())
             with self._lock:
                 client = self._queues.get(name)

@@ -82,13 +82,21 @@ class TokenManager:
         account = self.refresh(account.owner, account.id, force=False)
         return self._store.open_tokens(account).access_token, account
 
-    def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None) -> Account:
-        """Refresh the account's tokens now (or only if needed when ``force`` is False)."""
+    def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None,
+                account: Account | None = None, previous_row_consumed: bool = False) -> Account:
+        """Refresh the account's tokens now (or only if needed when ``force`` is False).
+
+        ``account``: the record as the caller just read it, which spares one read; its ETag makes
+        the lease write fail (and the loop re-read) if it is no longer current.
+        ``previous_row_consumed``: the due-time index no longer holds a row for the old due time
+        (the refresh timer took it), so ``on_refreshed`` is told there is nothing to remove.
+        """
         with self._local_lock(account_id):
             deadline = time.monotonic() + WAIT_FOR_LEASE_S
             delay = 0.05
             while True:
-                acc = self._store.get_account(owner, account_id)
+                acc = account if account is not None else self._store.get_account(owner, account_id)
+                account = None  # any further round reads the record afresh
                 if acc.status != ACTIVE:
                     raise _reauth_error(acc)
                 tokens = self._store.open_tokens(acc)
@@ -120,10 +128,11 @@ class TokenManager:
                         continue
                     acc = mine
                 break
-            return self._refresh_with_lease(acc, tokens, lease)
+            return self._refresh_with_lease(acc, tokens, lease,
+                                            previous_due=None if previous_row_consumed else acc.refresh_due_at)
 
-    def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str) -> Account:
-        previous_due = acc.refresh_due_at
+    def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str, *,
+                            previous_due: dt.datetime | None) -> Account:
         try:
             # Load the key ring first (it may come from Key Vault): once the old refresh token is
             # spent, nothing that could have been done before may stand between the answer and its write.

@@ -139,6 +139,7 @@ class SandboxServer:
         server = wsgi.Server((self.host, port), app, numthreads=SERVER_THREADS, server_name="sandbox",
                              request_queue_size=256, timeout=30, accepted_queue_timeout=30)
         server.ssl_adapter = BuiltinSSLAdapter(str(certs.server_cert), str(certs.server_key))
+        server.keep_alive_conn_limit = 1024  # cheroot keeps only 10 idle connections open by default
         try:
             server.prepare()
         except OSError as exc:
