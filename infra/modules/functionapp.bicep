@@ -217,6 +217,14 @@ var platformSettings = [
     name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
     value: 'Authorization=AAD;ClientId=${identityClientId}'
   }
+  {
+    // The Python worker runs synchronous functions on min(32, cores + 4) threads by default: one or
+    // two vCPUs would cap an instance at ~6 concurrent refreshes, each mostly waiting on Entra. Match
+    // the queue trigger's batchSize + newBatchThreshold (host.json: 16 + 8).
+    // https://learn.microsoft.com/azure/azure-functions/python-scale-performance-reference#use-multiple-language-worker-processes
+    name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+    value: '24'
+  }
 ]
 
 output name string = app.name

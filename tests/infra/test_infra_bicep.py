@@ -56,6 +56,7 @@ PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__credential",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_THREADPOOL_THREAD_COUNT",  # the Python worker's thread pool (queue trigger concurrency)
 }
 # Settings Flex Consumption rejects (runtime/deployment are in functionAppConfig instead).
 FLEX_FORBIDDEN_SETTINGS = {
