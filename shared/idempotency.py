@@ -55,7 +55,7 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
     deadline = time.monotonic() + WAIT_FOR_DUPLICATE_S
     while True:
         try:
-            table.create_entity(entity)
+            claimed = table.create_entity(entity)
             break
         except ResourceExistsError:
             pass
@@ -96,16 +96,26 @@ def run_once(table: Any, owner: str, account_id: str, key: str | None, body_hash
             _best_effort(lambda: table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "unknown"},
                                                      mode=_merge()), "mark the send unknown")
         else:
-            _best_effort(lambda: table.delete_entity(pk, rk), "release the key")
+            _best_effort(lambda: _release(table, pk, rk, claimed), "release the key")
         raise
     except BaseException:
-        _best_effort(lambda: table.delete_entity(pk, rk), "release the key")
+        _best_effort(lambda: _release(table, pk, rk, claimed), "release the key")
         raise
     # The message is sent: a failure to record that must not turn into an error for the caller
     # (who would retry a delivered message). A record left "pending" becomes "unknown" later.
     _best_effort(lambda: table.update_entity({"PartitionKey": pk, "RowKey": rk, "state": "done",
                                               "result": json.dumps(result)}, mode=_merge()), "record the result")
     return result
+
+
+def _release(table: Any, pk: str, rk: str, claimed: Any) -> None:
+    """Remove *our* pending record (ETag-conditional: never a record a later request claimed)."""
+    from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+    try:
+        table.delete_entity(pk, rk, etag=claimed.get("etag"), match_condition=_if_not_modified())
+    except (ResourceNotFoundError, ResourceModifiedError):
+        pass  # already gone, or no longer ours
 
 
 def _best_effort(write: Callable[[], Any], what: str, attempts: int = 3) -> None:

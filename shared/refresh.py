@@ -108,7 +108,12 @@ def enqueue_due(connector: Any, now: dt.datetime | None = None) -> dict[str, int
                                        "rearm": rearm}).encode())
     for pk, items in by_partition.items():  # all ≤ now, so never the re-arm bucket
         for i in range(0, len(items), 100):
-            table.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": e["RowKey"]}) for e in items[i:i + 100]])
+            batch = items[i:i + 100]
+            try:
+                table.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": e["RowKey"]}) for e in batch])
+            except Exception:  # a row removed meanwhile (a refresh moved it) fails the whole transaction
+                for e in batch:
+                    _delete_row(connector, pk, e["RowKey"])
     log.info(json.dumps({"event": "refresh.enqueued", "indexRowsRead": len(rows), "enqueued": len(unique)}))
     return {"read": len(rows), "enqueued": len(unique)}
 
@@ -164,6 +169,10 @@ def _process(connector: Any, owner: str, account_id: str, attempt: int, rearm: s
         delay = min(3600, max(1, round(2 ** attempt * (0.5 + random.random()))))
         if isinstance(e, ThrottledError):
             delay = max(delay, e.retry_after)
+        if delay >= REARM.total_seconds():
+            # Longer than the re-arm row waits: let the index bring the account back instead of a
+            # queued retry, or both would fire.
+            return "deferred", _reindex_at(connector, acc, now + dt.timedelta(seconds=delay))
         connector.storage.queue(REFRESH_QUEUE).send_message(
             json.dumps({"owner": owner, "accountId": account_id, "attempt": attempt, "rearm": rearm}).encode(),
             visibility_timeout=delay)

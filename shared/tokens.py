@@ -120,6 +120,15 @@ class TokenManager:
                 try:
                     acc = self._store.update_account(replace(acc, lease_id=lease, lease_until=now + self._lease),
                                                      etag=acc.etag)
+                except StorageUnavailableError:
+                    # The write may have landed before the failure: never leave a lease nobody will use.
+                    try:
+                        mine = self._store.get_account(owner, account_id)
+                        if mine.lease_id == lease:
+                            self._release(mine, lease)
+                    except StorageUnavailableError:
+                        pass  # the lease expires by itself
+                    raise
                 except ConflictError:
                     # The SDK retries a write whose response was lost; the retry then fails its ETag
                     # check although the first attempt took the lease. A row carrying our lease is ours.
@@ -163,6 +172,10 @@ class TokenManager:
                 break
             except ConflictError:
                 acc = self._store.get_account(acc.owner, acc.id)
+                if acc.sealed_tokens == sealed:
+                    # Our write landed; its response was lost and the SDK's retry failed the ETag check.
+                    saved = acc
+                    break
                 if acc.lease_id != lease and not self._still_ours_to_write(acc, tokens):
                     # Our lease expired and someone else stored newer tokens: never overwrite them.
                     log.warning("lost the refresh lease on %s; keeping the other writer's tokens", acc.id)
@@ -173,6 +186,7 @@ class TokenManager:
                 transient_failures += 1
                 if transient_failures > 5 or (acc.lease_until and utcnow() > acc.lease_until):
                     log.error("could not store the rotated tokens of %s: storage unavailable", acc.id)
+                    self._release(acc, lease)
                     raise
                 self._sleep(min(0.5 * 2 ** transient_failures, 8.0) * (0.5 + random.random()))
         if self._on_refreshed:
@@ -191,9 +205,13 @@ class TokenManager:
         return self._store.open_tokens(acc).refresh_token == used.refresh_token
 
     def _release(self, acc: Account, lease: str) -> None:
+        """Best effort: a lease that cannot be cleared now expires by itself (``LEASE``)."""
         for _ in range(5):
             try:
                 self._store.update_account(replace(acc, lease_id=None, lease_until=None), etag=acc.etag)
+                return
+            except StorageUnavailableError:
+                log.warning("could not release the refresh lease on %s (storage unavailable)", acc.id)
                 return
             except ConflictError:
                 acc = self._store.get_account(acc.owner, acc.id)
@@ -226,6 +244,9 @@ class TokenManager:
                 break
             except ConflictError:
                 acc = self._store.get_account(acc.owner, acc.id)
+                if acc.status == REAUTH_REQUIRED and not acc.sealed_tokens and acc.last_error == dead.last_error:
+                    saved = acc  # our write landed; the SDK's retry of it failed the ETag check
+                    break
                 if acc.lease_id != lease:
                     return acc
         log.warning("account %s needs re-authentication: %s", acc.id, reason)

@@ -86,3 +86,68 @@ def test_holder_whose_lease_ran_out_still_stores_the_live_refresh_token(
     again = b.tokens.refresh(owner, acc_id, force=True)
     assert again.status == ACTIVE
     assert control.live_refresh_tokens(USER) == live_before
+
+
+class _LoseResponses:
+    """An azure-core transport around the real one that performs chosen PUTs and then drops their
+    responses, as a reset connection would: the SDK retries the PUT, which now fails its ETag check."""
+
+    def __init__(self) -> None:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        from shared._http import new_session
+
+        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        self.drop: list[bool] = []  # one flag per coming PUT to the accounts table
+        self.dropped = 0
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        pass
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        from azure.core.exceptions import ServiceResponseError
+
+        response = self._inner.send(request, **kwargs)
+        if request.method == "PUT" and "/accounts(" in request.url and self.drop:
+            if self.drop.pop(0):
+                self.dropped += 1
+                raise ServiceResponseError("connection reset after the write (test)")
+        return response
+
+
+def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_session: Any) -> None:
+    from shared.config import load_settings
+    from shared.refresh import bucket_of
+    from shared.service import Connector
+    from shared.storage import Storage
+
+    settings = load_settings(host.env)
+    transport = _LoseResponses()
+    c = Connector(settings, storage=Storage(settings, transport=transport))
+    owner = "owner-lost-response"
+    acc_id = _connect(c, browser_session, owner)
+    before = c.accounts.get_account(owner, acc_id)
+    transport.drop = [False, True]  # the lease write goes through; the final write's answer is lost
+    after = c.tokens.refresh(owner, acc_id, force=True)
+    assert transport.dropped == 1
+    assert after.status == ACTIVE and after.lease_id is None
+    assert c.accounts.open_tokens(after).refresh_token != c.accounts.open_tokens(before).refresh_token
+    stored = c.accounts.get_account(owner, acc_id)
+    assert stored.sealed_tokens == after.sealed_tokens
+    # The refresh completed as if nothing happened: the next due time is indexed (not left to the
+    # daily reconciliation).
+    from shared.accounts import owner_partition
+
+    index = c.storage.table("refreshindex")
+    rows = [e["PartitionKey"] for e in index.query_entities("RowKey eq @rk",
+                                                            parameters={"rk": f"{owner_partition(owner)}|{acc_id}"})]
+    assert bucket_of(stored.refresh_due_at) in rows
