@@ -215,10 +215,11 @@ def test_popup_connect_posts_the_result_to_the_opener(browser: Browser, host: Ho
     main = b.d.current_window_handle
     b.css("#login-hint").send_keys("pat@outlook.com")  # auto sign-in: the sandbox's login_hint path
     b.css("#connect-popup").click()
-    popup = b.wait(lambda: next((h for h in b.d.window_handles if h != main), None), "the popup to open")
-    # The popup shows the connector's result page, which posts to window.opener; the demo closes it.
-    b.wait(lambda: popup not in b.d.window_handles, "the demo to receive the result and close the popup")
-    b.d.switch_to.window(main)
+    # The popup signs in, lands on the connector's result page, which posts to window.opener, and the
+    # demo closes it: all of it can be over before a poll would see the popup, so wait for the outcome.
+    b.wait(lambda: b.d.window_handles == [main] and "(popup)" in b.text("#banner"),
+           "the opener to receive the popup's result and close the popup")
+    assert b.d.current_url == host.url + "/demo/"  # the page itself never navigated
     b.wait(lambda: b.css("#banner").is_displayed() and "pat@outlook.com" in b.text("#accounts"),
            "the popup's result in the opener")
     _step(b, "popup-connected", lambda: (
