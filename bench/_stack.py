@@ -8,9 +8,6 @@ import json
 import os
 import platform
 import secrets
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,29 +25,25 @@ class Stack:
     def __init__(self) -> None:
         from devstack.azurite import Azurite, free_port
         from devstack.certs import ensure_certs
+        from devstack.process import ServerProcess
 
         self.ca = str(ensure_certs().ca_cert)
         self.azurite = Azurite().start()
         self.sandbox_port = free_port()
         env = dict(os.environ, MS_CLIENT_ID=CLIENT_ID, MS_CLIENT_SECRET=CLIENT_SECRET,
                    SANDBOX_REDIRECT_URIS=f"{PUBLIC}/api/connect/microsoft/callback")
-        self.sandbox = subprocess.Popen([sys.executable, "-m", "devstack.sandbox", "--port", str(self.sandbox_port),
-                                         "--quiet"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
         self.url = f"https://localhost:{self.sandbox_port}"
+        self.sandbox = ServerProcess(["devstack.sandbox", "--port", str(self.sandbox_port), "--quiet"], env=env,
+                                     log_path=ROOT / "bench" / ".out" / "sandbox.log",
+                                     health_url=f"{self.url}/_sandbox/health", verify=self.ca)
+        try:
+            self.sandbox.wait_healthy(30)
+        except BaseException:
+            self.azurite.stop()
+            raise
         from devstack.sandbox import SandboxControl
 
         self.control = SandboxControl(self.url, verify=self.ca)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.control.health():
-                    break
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("sandbox did not start")
-            time.sleep(0.1)
         self.env = {
             "MS_CLIENT_ID": CLIENT_ID, "MS_CLIENT_SECRET": CLIENT_SECRET, "MS_AUTHORITY_HOST": self.url,
             "GRAPH_BASE_URL": self.url + "/v1.0", "MS_CA_BUNDLE": self.ca, "PUBLIC_BASE_URL": PUBLIC,
@@ -78,8 +71,7 @@ class Stack:
         return str(out.account_id)
 
     def stop(self) -> None:
-        self.sandbox.terminate()
-        self.sandbox.wait(10)
+        self.sandbox.stop()
         self.azurite.stop()
 
 

@@ -26,11 +26,11 @@ def _seed_index(c: Any, total: int, due: int) -> None:
     from collections import defaultdict
 
     from shared.accounts import owner_partition
-    from shared.refresh import bucket_of
+    from shared.refresh_index import bucket_of
 
     now = dt.datetime.now(dt.UTC)
-    accounts = c.storage.table("accounts")
-    index = c.storage.table("refreshindex")
+    accounts = _raw_table(c, "accounts")
+    index = _raw_table(c, "refreshindex")
     acc_batches: dict[str, list[Any]] = defaultdict(list)
     idx_batches: dict[str, list[Any]] = defaultdict(list)
     for i in range(total):
@@ -54,29 +54,55 @@ def _seed_index(c: Any, total: int, due: int) -> None:
         list(pool.map(submit, jobs))
 
 
-def _count_entities_read(c: Any) -> dict[str, int]:
-    """Count, at the HTTP layer, every entity that Table Storage returns to the timer (any table)."""
+def _raw_table(c: Any, name: str) -> Any:
     from azure.data.tables import TableClient
 
-    counts: dict[str, int] = {}
+    return TableClient.from_connection_string(c.settings.storage_connection_string, name)
 
-    def hook(name: str) -> Any:
-        def on_response(response: Any) -> None:
-            if response.http_request.method != "GET":  # reads only (writes return no entities)
-                return
+
+def _raw_queue(c: Any, name: str) -> Any:
+    from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+
+    return QueueClient.from_connection_string(c.settings.storage_connection_string, name,
+                                              message_encode_policy=BinaryBase64EncodePolicy(),
+                                              message_decode_policy=BinaryBase64DecodePolicy())
+
+
+class _CountingTransport:
+    """An azure-core transport that counts, at the HTTP layer, every entity Table Storage returns."""
+
+    def __init__(self) -> None:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        from shared._http import new_session
+
+        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        pass
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        response = self._inner.send(request, **kwargs)
+        if request.method == "GET":  # reads only (writes return no entities)
+            name = request.url.split("?", 1)[0].rsplit("/", 1)[-1].split("(", 1)[0]
             try:
-                body = json.loads(response.http_response.text() or "{}")
+                body = json.loads(response.text() or "{}")
             except ValueError:
-                return
+                body = None
             if isinstance(body, dict):
                 n = len(body["value"]) if isinstance(body.get("value"), list) else (1 if "PartitionKey" in body else 0)
-                counts[name] = counts.get(name, 0) + n
-        return on_response
-
-    for name in ("accounts", "refreshindex"):
-        c.storage._tables[name] = TableClient.from_connection_string(
-            c.settings.storage_connection_string, name, raw_response_hook=hook(name))
-    return counts
+                self.counts[name] = self.counts.get(name, 0) + n
+        return response
 
 
 def _worker(env: dict[str, str], n_target: int, counter: Any, stop_at: Any, cpu: Any) -> None:
@@ -85,17 +111,16 @@ def _worker(env: dict[str, str], n_target: int, counter: Any, stop_at: Any, cpu:
     from concurrent.futures import FIRST_COMPLETED, wait
 
     from shared.config import load_settings
-    from shared.refresh import process
     from shared.service import Connector
 
     c = Connector(load_settings(env))
-    q = c.storage.queue("refresh-jobs")
+    q = _raw_queue(c, "refresh-jobs")
     done = 0
     cpu0: float | None = None
 
     def handle(m: Any) -> None:
         nonlocal done
-        outcome = process(c, m.content)
+        outcome = c.refresher.process(m.content)
         q.delete_message(m)
         if outcome == "refreshed":
             with counter.get_lock():
@@ -130,7 +155,7 @@ def _make_due(c: Any, accounts: list[tuple[str, str]]) -> None:
     from shared.accounts import owner_partition
 
     past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
-    table = c.storage.table("accounts")
+    table = _raw_table(c, "accounts")
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda oa: table.update_entity({"PartitionKey": owner_partition(oa[0]), "RowKey": oa[1],
                                                       "refreshDueAt": past}, mode=UpdateMode.MERGE), accounts))
@@ -139,7 +164,7 @@ def _make_due(c: Any, accounts: list[tuple[str, str]]) -> None:
 def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str]], workers: int) -> tuple[float, float]:
     """(refreshes per second, worker CPU milliseconds per refresh)."""
     _make_due(c, accounts)
-    q = c.storage.queue("refresh-jobs")
+    q = _raw_queue(c, "refresh-jobs")
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda oa: q.send_message(json.dumps({"owner": oa[0], "accountId": oa[1], "attempt": 0}).encode()),
                       accounts))
@@ -175,12 +200,14 @@ def run(total: int = 10_000, due: int = 1_000, live: int = 600) -> dict[str, Any
         c = stack.connector()
         c.storage.ensure()
         _seed_index(c, total, due)
-        read = _count_entities_read(c)
-        from shared.refresh import enqueue_due
+        from shared.service import Connector
+        from shared.storage import Storage
 
-        summary = c_summary = enqueue_due(c)
-        entities_read = sum(read.values())
-        c.storage.queue("refresh-jobs").clear_messages()
+        counting = _CountingTransport()
+        timer = Connector(c.settings, storage=Storage(c.settings, transport=counting))  # type: ignore[arg-type]
+        summary = c_summary = timer.refresher.enqueue_due()
+        entities_read = sum(counting.counts.values())
+        _raw_queue(c, "refresh-jobs").clear_messages()
         read_ratio = entities_read / due
         # Real accounts with live refresh tokens for the throughput runs.
         accounts = []

@@ -23,7 +23,9 @@ def run(n: int = 300) -> dict[str, float]:
         c = stack.connector()
         owner = "bench-owner"
         acc_id = stack.connect(c, owner, "adele@contoso.onmicrosoft.com")
-        table = c.storage.table("accounts")
+        from azure.data.tables import TableClient
+
+        table = TableClient.from_connection_string(c.settings.storage_connection_string, "accounts")
         token = c.accounts.open_tokens(c.accounts.get_account(owner, acc_id)).access_token
         session = new_session(stack.ca)
         body = {"to": ["rcpt@example.com"], "subject": "bench", "bodyText": "hello"}

@@ -45,7 +45,7 @@ from azure.functions.queue import QueueMessage  # the worker's concrete type (ca
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from devstack.ncrontab import NCrontab
+from devstack.ncrontab import CronError, NCrontab
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_REQUEST_BYTES = 100 * 1024 * 1024
@@ -118,6 +118,7 @@ class TimerFunction:
     fn: Callable[..., Any]
     arg: str
     run_on_startup: bool = False
+    cron: NCrontab | None = None  # parsed from ``schedule`` when indexed
 
 
 @dataclass
@@ -186,7 +187,8 @@ class DevHost:
             self.http.append(item)
         elif kind == "timerTrigger":
             item = TimerFunction(name, resolve_setting(d["schedule"]), fn, d["name"], bool(d.get("runOnStartup")))
-            NCrontab(item.schedule)  # fail fast on a bad schedule
+            # Fail fast on a bad schedule, naming the %SETTING% it came from.
+            item.cron = NCrontab(item.schedule, source=f"timer {name}: schedule {d['schedule']}")
             self.timers.append(item)
         elif kind == "queueTrigger":
             item = QueueFunction(name, resolve_setting(d["queueName"]), d.get("connection") or "AzureWebJobsStorage",
@@ -297,7 +299,7 @@ class DevHost:
             log.error("devstack host: timer %s failed\n%s", t.name, traceback.format_exc())
 
     def _timer_loop(self, t: TimerFunction) -> None:
-        cron = NCrontab(t.schedule)
+        cron = t.cron or NCrontab(t.schedule)
         if t.run_on_startup:
             self._run_timer(t, past_due=False)
         while not self._stop.is_set():
@@ -507,7 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"devstack host: cannot load function_app: {e}", file=sys.stderr)
         return 1
     try:
-        h = DevHost(app, host=a.host, port=a.port, static=demo_static()).start()
+        dev = DevHost(app, host=a.host, port=a.port, static=demo_static())
+    except (CronError, KeyError) as e:  # a bad timer schedule or unset %SETTING%: one clear line
+        print(f"devstack host: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    try:
+        h = dev.start()
     except OSError as e:
         print(f"devstack host: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1

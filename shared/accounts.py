@@ -12,12 +12,16 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.crypto import KeyRing, account_aad, kid_of
 from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
+from shared.storage import EntityValue, Table, etag_of
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableEntity
 
 CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts (SPEC §2)
 ACTIVE = "active"
@@ -32,7 +36,7 @@ def iso(t: dt.datetime | None) -> str | None:
     return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if t else None
 
 
-def parse_iso(s: Any) -> dt.datetime | None:
+def parse_iso(s: object) -> dt.datetime | None:
     if not s:
         return None
     if isinstance(s, dt.datetime):
@@ -82,7 +86,7 @@ class Account:
     last_refreshed_at: dt.datetime | None
     access_token_expires_at: dt.datetime | None
     last_used_at: dt.datetime | None
-    last_error: dict[str, Any] | None
+    last_error: dict[str, str] | None
     sealed_tokens: str | None = field(default=None, repr=False)
     refresh_due_at: dt.datetime | None = None
     lease_id: str | None = field(default=None, repr=False)
@@ -95,7 +99,7 @@ class Account:
         mailbox, whichever owners connected it."""
         return self.home_account_id or self.id
 
-    def to_public(self) -> dict[str, Any]:
+    def to_public(self) -> dict[str, object]:
         """Account JSON exactly as SPEC §3. Never a token."""
         return {
             "id": self.id,
@@ -119,199 +123,195 @@ def account_type_for(tenant_id: str) -> str:
 
 
 class AccountStore:
-    def __init__(self, table: Any, key_ring: Any, *, on_unknown_key: Any = None) -> None:
+    """Account records in the ``accounts`` table (errors mapped by :mod:`shared.storage`)."""
+
+    def __init__(self, table: Table, key_ring: Callable[[], KeyRing], *,
+                 on_unknown_key: Callable[[], None] | None = None) -> None:
         self._table = table
-        self._key_ring = key_ring  # callable returning the current KeyRing (Key Vault backed, cached)
+        self._key_ring = key_ring  # the current KeyRing (Key Vault backed, cached)
         self._on_unknown_key = on_unknown_key  # forget the cached ring: a key was added in the vault
 
     # -- encryption ---------------------------------------------------------------------------
-    def _ring(self) -> KeyRing:
-        ring: KeyRing = self._key_ring()
-        return ring
-
     def key_ring(self) -> KeyRing:
         """The current key ring (Key Vault backed, cached): load it before spending a refresh token."""
-        return self._ring()
+        return self._key_ring()
 
     def seal_tokens(self, owner: str, account_id: str, tokens: Tokens, *, ring: KeyRing | None = None) -> str:
-        return (ring or self._ring()).seal(tokens.to_json(), aad=account_aad(owner, account_id, "tokens"))
+        return (ring or self._key_ring()).seal(tokens.to_json(), aad=account_aad(owner, account_id, "tokens"))
 
     def open_tokens(self, account: Account) -> Tokens:
         if not account.sealed_tokens:
             raise NotFoundError("The account has no tokens.", code="no_tokens")
         aad = account_aad(account.owner, account.id, "tokens")
-        ring = self._ring()
+        ring = self._key_ring()
         if self._on_unknown_key is not None and kid_of(account.sealed_tokens) not in ring.kids:
             # Another instance sealed with a key this one has not loaded yet: re-read the ring once.
             self._on_unknown_key()
-            ring = self._ring()
+            ring = self._key_ring()
         return Tokens.from_json(ring.open(account.sealed_tokens, aad=aad))
-
-    # -- mapping ------------------------------------------------------------------------------
-    @staticmethod
-    def _to_entity(a: Account) -> dict[str, Any]:
-        return {
-            "PartitionKey": owner_partition(a.owner),
-            "RowKey": a.id,
-            "owner": a.owner,
-            "homeAccountId": a.home_account_id,
-            "email": a.email,
-            "displayName": a.display_name,
-            "tenantId": a.tenant_id,
-            "accountType": a.account_type,
-            "status": a.status,
-            "scopes": " ".join(a.scopes),
-            "connectedAt": iso(a.connected_at),
-            "lastRefreshedAt": iso(a.last_refreshed_at) or "",
-            "accessTokenExpiresAt": iso(a.access_token_expires_at) or "",
-            "lastUsedAt": iso(a.last_used_at) or "",
-            "lastError": json.dumps(a.last_error) if a.last_error else "",
-            "tokens": a.sealed_tokens or "",
-            "tokensKid": a.sealed_tokens.split(".")[1] if a.sealed_tokens else "",
-            "refreshDueAt": iso(a.refresh_due_at) or "",
-            "leaseId": a.lease_id or "",
-            "leaseUntil": iso(a.lease_until) or "",
-        }
-
-    @staticmethod
-    def _from_entity(e: Any) -> Account:
-        return Account(
-            owner=e["owner"],
-            id=e["RowKey"],
-            home_account_id=e.get("homeAccountId", ""),
-            email=e.get("email", ""),
-            display_name=e.get("displayName", ""),
-            tenant_id=e.get("tenantId", ""),
-            account_type=e.get("accountType", "work"),
-            status=e.get("status", ACTIVE),
-            scopes=tuple((e.get("scopes") or "").split()),
-            connected_at=parse_iso(e.get("connectedAt")) or utcnow(),
-            last_refreshed_at=parse_iso(e.get("lastRefreshedAt")),
-            access_token_expires_at=parse_iso(e.get("accessTokenExpiresAt")),
-            last_used_at=parse_iso(e.get("lastUsedAt")),
-            last_error=json.loads(e["lastError"]) if e.get("lastError") else None,
-            sealed_tokens=e.get("tokens") or None,
-            refresh_due_at=parse_iso(e.get("refreshDueAt")),
-            lease_id=e.get("leaseId") or None,
-            lease_until=parse_iso(e.get("leaseUntil")),
-            etag=e.metadata.get("etag") if hasattr(e, "metadata") else None,
-        )
 
     # -- reads --------------------------------------------------------------------------------
     def get_account(self, owner: str, account_id: str) -> Account:
-        from azure.core.exceptions import ResourceNotFoundError
-
         if not account_id or len(account_id) > 64 or any(c in account_id for c in "/\\#?'"):
-            raise NotFoundError("No such account.", code="account_not_found")
+            raise _no_account()
         try:
-            e = self._table.get_entity(owner_partition(owner), account_id)
-        except ResourceNotFoundError:
-            raise NotFoundError("No such account.", code="account_not_found") from None
+            e = self._table.get(owner_partition(owner), account_id)
+        except NotFoundError:
+            raise _no_account() from None
         if e.get("owner") != owner:  # a hash collision would be astronomically unlikely; still check
-            raise NotFoundError("No such account.", code="account_not_found")
-        return self._from_entity(e)
+            raise _no_account()
+        return _from_entity(e)
 
     def list_accounts(self, owner: str) -> list[Account]:
-        pk = owner_partition(owner)
-        rows = self._table.query_entities("PartitionKey eq @pk", parameters={"pk": pk})
-        return sorted((self._from_entity(e) for e in rows if e.get("owner") == owner), key=lambda a: a.connected_at)
+        rows = self._table.query("PartitionKey eq @pk", parameters={"pk": owner_partition(owner)})
+        return sorted((_from_entity(e) for e in rows if e.get("owner") == owner), key=lambda a: a.connected_at)
 
     def find_by_home_account(self, owner: str, home_account_id: str) -> Account | None:
-        rows = self._table.query_entities("PartitionKey eq @pk and homeAccountId eq @h",
-                                          parameters={"pk": owner_partition(owner), "h": home_account_id})
-        for e in rows:
-            if e.get("owner") == owner:
-                return self._from_entity(e)
-        return None
+        rows = self._table.query("PartitionKey eq @pk and homeAccountId eq @h",
+                                 parameters={"pk": owner_partition(owner), "h": home_account_id})
+        return next((_from_entity(e) for e in rows if e.get("owner") == owner), None)
 
-    def iter_all(self, select: list[str] | None = None) -> Iterator[Account]:
-        for e in self._table.list_entities():
-            yield self._from_entity(e)
+    def list_all(self) -> list[Account]:
+        return [_from_entity(e) for e in self._table.scan()]
+
+    def list_active_due_times(self) -> list[tuple[str, str, dt.datetime | None]]:
+        """(owner, account id, due time) of every active account: the daily index reconciliation."""
+        rows = self._table.query("status eq 'active'", select=["owner", "RowKey", "refreshDueAt"])
+        return [(str(e["owner"]), str(e["RowKey"]), parse_iso(e.get("refreshDueAt"))) for e in rows]
 
     # -- writes -------------------------------------------------------------------------------
     def create_account(self, account: Account) -> Account:
-        from azure.core.exceptions import ResourceExistsError
-
-        try:
-            meta = self._table.create_entity(self._to_entity(account))
-        except ResourceExistsError:
-            raise ConflictError("The account already exists.") from None
-        return replace(account, etag=meta.get("etag"))
+        return replace(account, etag=self._table.create(_to_entity(account)))
 
     def update_account(self, account: Account, *, etag: str | None) -> Account:
-        """Replace the record; conditional on ``etag`` when given (412 → ConflictError)."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import (
-            HttpResponseError,
-            ResourceModifiedError,
-            ResourceNotFoundError,
-            ServiceRequestError,
-            ServiceResponseError,
-        )
-        from azure.data.tables import UpdateMode
-
+        """Replace the record; conditional on ``etag`` when given (412 → ConflictError ``etag_conflict``)."""
         try:
-            if etag:
-                meta = self._table.update_entity(self._to_entity(account), mode=UpdateMode.REPLACE, etag=etag,
-                                                 match_condition=MatchConditions.IfNotModified)
-            else:
-                meta = self._table.upsert_entity(self._to_entity(account), mode=UpdateMode.REPLACE)
-        except ResourceModifiedError:
-            raise ConflictError("The account changed concurrently.", code="etag_conflict") from None
-        except ResourceNotFoundError:
-            raise NotFoundError("No such account.", code="account_not_found") from None
-        except (ServiceRequestError, ServiceResponseError) as e:
-            raise StorageUnavailableError(f"Table storage could not be reached ({type(e).__name__}).") from None
-        except HttpResponseError as e:
-            if (e.status_code or 0) >= 500:
-                raise StorageUnavailableError(f"Table storage answered {e.status_code}.") from None
-            raise
-        return replace(account, etag=meta.get("etag"))
+            return replace(account, etag=self._table.replace(_to_entity(account), etag=etag))
+        except NotFoundError:
+            raise _no_account() from None
 
-    def touch_last_used(self, account: Account, now: dt.datetime) -> None:
-        """Coarse ``lastUsedAt``: a MERGE of one field, at most once an hour per account.
+    def update_with(self, account: Account, change: Callable[[Account], Account | None], *,
+                    landed: Callable[[Account], bool] | None = None, attempts: int = 8) -> Account:
+        """The one ETag read-modify-write loop (optimistic concurrency:
+        https://learn.microsoft.com/rest/api/storageservices/update-entity2).
 
-        A merge without ETag changes no token field, so it cannot lose a rotated refresh token;
-        token writers re-read on the resulting ETag change.
+        ``change(current)`` returns the record to write, or None to leave ``current`` as it is (the
+        change no longer applies). On a lost race the record is re-read and ``change`` asked again.
+        ``landed(current)`` recognises our own write whose response was lost (the SDK's retry of it
+        then fails the ETag check). Raises :class:`ConflictError` when the record keeps changing.
         """
-        from azure.data.tables import UpdateMode
+        current = account
+        for _ in range(attempts):
+            wanted = change(current)
+            if wanted is None:
+                return current
+            try:
+                return self.update_account(replace(wanted, etag=None), etag=current.etag)
+            except ConflictError:
+                current = self.get_account(account.owner, account.id)
+                if landed is not None and landed(current):
+                    return current
+        raise ConflictError("The account kept changing; try again.", code="etag_conflict", hint="Retry shortly.")
 
-        if account.last_used_at and now - account.last_used_at < dt.timedelta(hours=1):
-            return
+    def record_use(self, account: Account, now: dt.datetime, *, due: dt.datetime | None) -> Account | None:
+        """Coarse ``lastUsedAt`` (and an earlier due time for active use) as a MERGE of two fields.
+
+        Conditional on the ETag the caller read: a refresher that wrote meanwhile wins, and token
+        writers re-read on the ETag change, so usage tracking can never drop a rotated token.
+        Returns the updated record, or None when the write did not happen (best effort).
+        """
+        fields: dict[str, EntityValue] = {"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
+                                          "lastUsedAt": iso(now)}
+        if due is not None:
+            fields["refreshDueAt"] = iso(due)
         try:
-            self._table.update_entity({"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
-                                       "lastUsedAt": iso(now)}, mode=UpdateMode.MERGE)
-        except Exception as e:  # best effort: usage tracking never fails a send
-            logging.getLogger("connector.accounts").debug("lastUsedAt not updated: %s", type(e).__name__)
+            etag = self._table.merge(fields, etag=account.etag)
+        except (ConflictError, NotFoundError, StorageUnavailableError) as e:  # usage tracking never fails a call
+            logging.getLogger("connector.accounts").debug("lastUsedAt not updated: %s", e.code)
+            return None
+        return replace(account, last_used_at=now, refresh_due_at=due or account.refresh_due_at, etag=etag)
 
     def delete_account(self, owner: str, account_id: str) -> Account:
         """Destroy the tokens at once, then delete the record."""
         acc = self.get_account(owner, account_id)
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            self._table.delete_entity(owner_partition(owner), account_id)
-        except ResourceNotFoundError:
-            raise NotFoundError("No such account.", code="account_not_found") from None
+        if not self._table.delete_if_present(owner_partition(owner), account_id):
+            raise _no_account()
         return acc
 
     def reencrypt_all(self) -> tuple[int, int]:
         """Re-seal every record not under the active key. Returns (examined, rewritten)."""
-        ring = self._ring()
-        seen = rewritten = 0
-        for acc in self.iter_all():
-            seen += 1
+        ring = self._key_ring()
+        accounts = self.list_all()
+        rewritten = 0
+
+        def reseal(acc: Account) -> Account | None:
             if not acc.sealed_tokens or not ring.needs_reencrypt(acc.sealed_tokens):
+                return None
+            return replace(acc, sealed_tokens=self.seal_tokens(acc.owner, acc.id, self.open_tokens(acc), ring=ring))
+
+        for acc in accounts:
+            if reseal(acc) is None:
                 continue
-            while True:
-                tokens = self.open_tokens(acc)
-                fresh = replace(acc, sealed_tokens=self.seal_tokens(acc.owner, acc.id, tokens))
-                try:
-                    self.update_account(fresh, etag=acc.etag)
-                    rewritten += 1
-                    break
-                except ConflictError:
-                    acc = self.get_account(acc.owner, acc.id)
-                    if not acc.sealed_tokens or not ring.needs_reencrypt(acc.sealed_tokens):
-                        break
-        return seen, rewritten
+            try:
+                saved = self.update_with(acc, reseal)
+            except NotFoundError:
+                continue  # deleted meanwhile
+            rewritten += saved.sealed_tokens != acc.sealed_tokens
+        return len(accounts), rewritten
+
+
+def _no_account() -> NotFoundError:
+    return NotFoundError("No such account.", code="account_not_found")
+
+
+def _to_entity(a: Account) -> dict[str, EntityValue]:
+    return {
+        "PartitionKey": owner_partition(a.owner),
+        "RowKey": a.id,
+        "owner": a.owner,
+        "homeAccountId": a.home_account_id,
+        "email": a.email,
+        "displayName": a.display_name,
+        "tenantId": a.tenant_id,
+        "accountType": a.account_type,
+        "status": a.status,
+        "scopes": " ".join(a.scopes),
+        "connectedAt": iso(a.connected_at),
+        "lastRefreshedAt": iso(a.last_refreshed_at) or "",
+        "accessTokenExpiresAt": iso(a.access_token_expires_at) or "",
+        "lastUsedAt": iso(a.last_used_at) or "",
+        "lastError": json.dumps(a.last_error) if a.last_error else "",
+        "tokens": a.sealed_tokens or "",
+        "tokensKid": a.sealed_tokens.split(".")[1] if a.sealed_tokens else "",
+        "refreshDueAt": iso(a.refresh_due_at) or "",
+        "leaseId": a.lease_id or "",
+        "leaseUntil": iso(a.lease_until) or "",
+    }
+
+
+def _from_entity(e: TableEntity) -> Account:
+    def s(name: str, default: str = "") -> str:
+        value = e.get(name)
+        return str(value) if value else default
+
+    return Account(
+        owner=s("owner"),
+        id=s("RowKey"),
+        home_account_id=s("homeAccountId"),
+        email=s("email"),
+        display_name=s("displayName"),
+        tenant_id=s("tenantId"),
+        account_type=s("accountType", "work"),
+        status=s("status", ACTIVE),
+        scopes=tuple(s("scopes").split()),
+        connected_at=parse_iso(e.get("connectedAt")) or utcnow(),
+        last_refreshed_at=parse_iso(e.get("lastRefreshedAt")),
+        access_token_expires_at=parse_iso(e.get("accessTokenExpiresAt")),
+        last_used_at=parse_iso(e.get("lastUsedAt")),
+        last_error=json.loads(s("lastError")) if e.get("lastError") else None,
+        sealed_tokens=s("tokens") or None,
+        refresh_due_at=parse_iso(e.get("refreshDueAt")),
+        lease_id=s("leaseId") or None,
+        lease_until=parse_iso(e.get("leaseUntil")),
+        etag=etag_of(e),
+    )

@@ -1,17 +1,18 @@
 """Caller authentication: a bearer JWT issued by the integrating product (SPEC §3).
 
-Validated with PyJWT against ``AUTH_JWKS_URL`` (RS256/ES256; keys cached, re-fetched when an
-unknown ``kid`` appears so the issuer can rotate keys) or ``AUTH_HS256_SECRET``. ``iss``,
-``aud``, ``exp`` and ``nbf`` are required and checked (RFC 7519 §4.1). The owner is ``sub``.
+Validated with PyJWT against ``AUTH_JWKS_URL`` (RS256/ES256; keys cached by ``jwt.PyJWKClient``,
+re-fetched when an unknown ``kid`` appears so the issuer can rotate keys) or ``AUTH_HS256_SECRET``.
+``iss``, ``aud``, ``exp`` and ``nbf`` are required and checked (RFC 7519 §4.1). The owner is ``sub``.
 """
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
 from typing import Any
 
 import jwt
+import requests
 
 from shared.config import Settings
 from shared.errors import AuthenticationError
@@ -20,44 +21,60 @@ _ALGS_JWKS = ["RS256", "ES256"]
 _LEEWAY_S = 60  # clock skew tolerated on exp/nbf
 _JWKS_MIN_REFRESH_S = 60  # an unknown kid re-fetches the JWKS at most once a minute
 _JWKS_MAX_AGE_S = 3600  # and the set is re-read hourly, so a key the issuer withdrew stops being trusted
+# An unreachable issuer: a failed re-read falls back to the last set read less than 2 h ago, which is then
+# cached for one more _JWKS_MAX_AGE_S (so at most ~3 h without a successful read), not a total auth outage.
+_JWKS_STALE_S = 2 * 3600
+_JWKS_TIMEOUT = (5, 10)  # (connect, read) seconds
+log = logging.getLogger(__name__)
+
+
+class _SessionJWKClient(jwt.PyJWKClient):
+    """``PyJWKClient`` fetching through the app's injected session.
+
+    The stock client uses urllib, which honours ``*_PROXY`` from the environment and ignores
+    ``MS_CA_BUNDLE``; the app's session does neither (see ``shared._http``)."""
+
+    def __init__(self, uri: str, *, session: requests.Session) -> None:
+        super().__init__(uri, lifespan=_JWKS_MAX_AGE_S, cooldown_duration=_JWKS_MIN_REFRESH_S)
+        self._session = session
+        self._last_good: tuple[float, dict[str, Any]] | None = None
+
+    def fetch_data(self) -> dict[str, Any]:
+        try:
+            resp = self._session.get(self.uri, timeout=_JWKS_TIMEOUT)
+            resp.raise_for_status()
+            data = self._as_jwk_set_payload(resp.json())
+        except (requests.RequestException, ValueError, jwt.PyJWKClientError) as e:
+            if self._last_good and time.monotonic() - self._last_good[0] < _JWKS_STALE_S:
+                log.warning("caller auth: JWKS fetch failed (%s); using the last set read", type(e).__name__)
+                return self._last_good[1]
+            raise jwt.PyJWKClientConnectionError(f"JWKS fetch failed: {type(e).__name__}") from e
+        self._last_good = (time.monotonic(), data)
+        # The base class's fetch_data starts the unknown-kid cooldown on every successful fetch; do the same.
+        self._last_successful_fetch = time.monotonic()
+        return data
 
 
 class CallerAuth:
-    def __init__(self, settings: Settings, *, session: Any = None) -> None:
+    def __init__(self, settings: Settings, *, session: requests.Session | None = None) -> None:
         self._s = settings
-        self._session = session
-        self._lock = threading.Lock()
-        self._keys: dict[str, Any] = {}
-        self._fetched_at = 0.0
+        self._jwks: _SessionJWKClient | None = None
+        if settings.auth_jwks_url:
+            if session is None:
+                from shared._http import new_session
 
-    def _fetch_jwks(self) -> None:
-        if not self._s.auth_jwks_url:
-            raise AuthenticationError("No AUTH_JWKS_URL is configured.")
-        resp = self._session.get(self._s.auth_jwks_url, timeout=(5, 10))
-        resp.raise_for_status()
-        keys = {}
-        for jwk in resp.json().get("keys", []):
-            try:
-                keys[jwk.get("kid", "")] = jwt.PyJWK(jwk).key
-            except (jwt.PyJWTError, ValueError, KeyError):
-                continue  # an unsupported key type in the set is not our problem
-        self._keys = keys
-        self._fetched_at = time.monotonic()
+                session = new_session(settings.ca_bundle)
+            self._jwks = _SessionJWKClient(settings.auth_jwks_url, session=session)
 
-    def _jwks_key(self, kid: str) -> Any:
-        with self._lock:
-            age = time.monotonic() - self._fetched_at
-            if age > _JWKS_MAX_AGE_S or (kid not in self._keys and age > _JWKS_MIN_REFRESH_S):
-                try:
-                    self._fetch_jwks()
-                except Exception:
-                    if kid not in self._keys or age > 2 * _JWKS_MAX_AGE_S:
-                        raise AuthenticationError("The caller token's signing keys could not be fetched.") from None
-                    # The issuer is briefly unreachable: keep trusting the set read less than 2 h ago.
-            key = self._keys.get(kid)
-        if key is None:
-            raise AuthenticationError("The caller token is signed with an unknown key.")
-        return key
+    @staticmethod
+    def _jwks_key(jwks: _SessionJWKClient, kid: str) -> jwt.PyJWK:
+        try:
+            return jwks.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError:
+            raise AuthenticationError("The caller token's signing keys could not be fetched.") from None
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError):
+            # PyJWKClient re-read the set for an unknown kid (at most once a minute) and still has none.
+            raise AuthenticationError("The caller token is signed with an unknown key.") from None
 
     def authenticate(self, authorization: str | None) -> str:
         """Return the owner (``sub``) of a valid ``Authorization: Bearer`` header, else raise."""
@@ -72,8 +89,10 @@ class CallerAuth:
         except jwt.PyJWTError:
             raise AuthenticationError("The caller token is not a JWT.") from None
         alg = header.get("alg")
-        if self._s.auth_jwks_url and alg in _ALGS_JWKS:
-            key, algs = self._jwks_key(str(header.get("kid", ""))), [str(alg)]
+        key: jwt.PyJWK | str
+        if self._jwks is not None and alg in _ALGS_JWKS:
+            # A PyJWK is bound to its key type's algorithm: an ES256 header over an RSA key is rejected.
+            key, algs = self._jwks_key(self._jwks, str(header.get("kid", ""))), [str(alg)]
         elif self._s.auth_hs256_secret and alg == "HS256":
             key, algs = self._s.auth_hs256_secret, ["HS256"]
         else:
@@ -92,8 +111,7 @@ class CallerAuth:
         except jwt.InvalidIssuerError:
             raise AuthenticationError("The caller token is from another issuer.") from None
         except (jwt.PyJWTError, TypeError, ValueError) as e:
-            # TypeError: the header's algorithm does not fit the key type (an ES256 header over an RSA
-            # key); PyJWT raises it outside its own exception tree.
+            # TypeError/ValueError: a key PyJWT cannot use raises outside its own exception tree.
             raise AuthenticationError(f"The caller token is invalid: {type(e).__name__}.") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         c = get_connector()
         if a.cmd == "list":
-            rows = c.accounts.list_accounts(a.owner) if a.owner else list(c.accounts.iter_all())
+            rows = c.accounts.list_accounts(a.owner) if a.owner else c.accounts.list_all()
             _print([{"owner": r.owner, **r.to_public()} for r in rows])
         elif a.cmd == "show":
             _print(c.get_account(a.owner, a.account_id))

@@ -1,73 +1,247 @@
 """Settings, read from the environment once and validated at start-up.
 
-Every setting the app reads is declared in :data:`SETTINGS` (name, default, whether it is
-required, whether it is for local development only). ``infra/`` writes the non-local ones as app
-settings; a test checks the two lists agree. :func:`load_settings` raises
-:class:`~shared.errors.ConfigurationError` naming the first bad setting, so a misconfigured
-host fails at start-up rather than on the first user request.
+Every setting the app reads is declared once, in :data:`SETTINGS`: its environment name, the
+:class:`Settings` attribute it fills, the parser that validates and converts it, its default,
+whether it is required, local-only, Azure-only or set by the platform, and its documentation.
+:func:`load_settings` is a loop over that list plus the few rules that involve several settings
+(:func:`_check_cross_field`). ``infra/``, ``local.settings.json.example`` and the README's settings
+table are checked against the list by tests. :func:`load_settings` raises
+:class:`~shared.errors.ConfigurationError` naming the first bad setting, so a misconfigured host
+fails at start-up rather than on the first user request.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigurationError
 
+Parser = Callable[[str, str], Any]
+"""``parse(setting_name, value)`` → the value of the :class:`Settings` attribute, or ConfigurationError.
+
+``value`` is the stripped environment value, or the default when that is empty; a parser is never
+called for a setting that is unset and has no default (the attribute is then ``None``).
+"""
+
+
+def is_loopback_host(url: str) -> bool:
+    """Whether ``url``'s host is this machine's loopback interface, so traffic to it never leaves the host.
+
+    True for the name ``localhost`` and for any loopback IP literal (``127.0.0.0/8``, ``::1``); the
+    host is compared case-insensitively, without port or brackets. False for every other name,
+    including look-alikes such as ``localhost.example.com`` (no DNS lookup is made), and for a
+    value without a host. Used to allow plain-http JWKS URLs and to relax Key Vault's challenge
+    resource check, both only for local doubles.
+    """
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers: (setting name, value) -> attribute value; each names the setting when it refuses one
+# --------------------------------------------------------------------------------------------
+
+
+def _https_or_http_url(name: str, value: str, *, https_only: bool) -> str:
+    parts = urlsplit(value)
+    allowed = ("https",) if https_only else ("https", "http")
+    if parts.scheme not in allowed or not parts.netloc:
+        want = "an https URL" if https_only else "an http(s) URL"
+        raise ConfigurationError(f"{name} must be {want}", setting=name)
+    return value.rstrip("/")
+
+
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _https_url(name: str, value: str) -> str:
+    return _https_or_http_url(name, value, https_only=True)
+
+
+def _http_url(name: str, value: str) -> str:
+    return _https_or_http_url(name, value, https_only=False)
+
+
+def _jwks_url(name: str, value: str) -> str:
+    # Keys fetched over plain http could be replaced in transit: https, except on loopback.
+    return _https_or_http_url(name, value, https_only=not is_loopback_host(value))
+
+
+def _url_list(name: str, value: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in value.split(",") if u.strip())
+    for u in urls:
+        _https_or_http_url(name, u, https_only=False)
+    return urls
+
+
+def _tenant(name: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+", value):
+        raise ConfigurationError(f"{name} must be common, organizations, consumers or a tenant id", setting=name)
+    return value
+
+
+def _scopes(name: str, value: str) -> tuple[str, ...]:
+    scopes = tuple(value.split())
+    if not scopes:
+        raise ConfigurationError(f"{name} must name at least one scope", setting=name)
+    return scopes
+
+
+def _pem_file(name: str, value: str) -> str:
+    if not os.path.isfile(value):
+        raise ConfigurationError(f"{name} must be the path of a readable PEM file", setting=name)
+    return value
+
+
+def _connection_string(name: str, value: str) -> str:
+    if "=" not in value:
+        raise ConfigurationError(f"{name} must be a storage connection string", setting=name)
+    return value
+
+
+def _hs256_secret(name: str, value: str) -> str:
+    if len(value.encode()) < 32:
+        raise ConfigurationError(f"{name} must be at least 32 bytes", setting=name)
+    return value
+
+
+def _key_ring(name: str, value: str) -> str:
+    parse_key_ring(value, setting=name)  # validated here; shared.crypto parses it again when used
+    return value
+
+
+_NCRONTAB = re.compile(r"^\S+( \S+){5}$")
+
+
+def _ncrontab(name: str, value: str) -> str:
+    if not _NCRONTAB.match(value):
+        raise ConfigurationError(f"{name} must be a six-field NCRONTAB expression", setting=name)
+    return value
+
+
+def _int_between(lo: int, hi: int) -> Parser:
+    def parse(name: str, value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a whole number", setting=name) from None
+        if not lo <= n <= hi:
+            raise ConfigurationError(f"{name} must be between {lo} and {hi}", setting=name)
+        return n
+
+    return parse
+
+
+def _flag(name: str, value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------------
+# The declarations
+# --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Setting:
-    name: str
-    default: str | None = None
-    required: bool = False
+    """One environment setting: everything about it is declared here and nowhere else."""
+
+    name: str  # the environment variable / app setting
+    default: str | None = None  # used when unset or empty (and then parsed like a set value)
+    required: bool = False  # unset and no default: "NAME is required but not set"
     local_only: bool = False  # never written by infra/ (secrets come from Key Vault there)
-    doc: str = ""
+    doc: str = ""  # one line; the README table is generated from it
     platform: bool = False  # set by the hosting platform itself, never by infra/ or an operator
+    attr: str | None = None  # the Settings attribute it fills; None: an input of a DERIVED attribute only
+    parse: Parser = _text  # validates and converts the value (see Parser)
+    azure_only: bool = False  # only meaningful in Azure: left out of local.settings.json.example
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("MS_CLIENT_ID", required=True, doc="Application (client) id of the Entra app."),
-    Setting("MS_CLIENT_SECRET", local_only=True, doc="Client secret; in Azure it comes from Key Vault."),
-    Setting("KEY_VAULT_URL", doc="Key Vault holding the client secret and the token key ring."),
-    Setting("MS_CLIENT_SECRET_NAME", "ms-client-secret", doc="Key Vault secret name of the client secret."),
-    Setting("TOKEN_KEYS_SECRET_NAME", "token-encryption-keys", doc="Key Vault secret name of the token key ring."),
-    Setting("MS_AUTHORITY_HOST", "https://login.microsoftonline.com", doc="Entra authority host."),
-    Setting("MS_TENANT", "common", doc="common, organizations, consumers or a tenant id."),
-    Setting("MS_SCOPES", "User.Read Mail.ReadWrite Mail.Send", doc="Delegated Graph scopes requested."),
-    Setting("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0", doc="Microsoft Graph base URL."),
-    Setting("MS_CA_BUNDLE", local_only=True, doc="Extra CA file trusted for the authority and Graph."),
-    Setting("PUBLIC_BASE_URL", required=True, doc="Where the app is reachable (redirect URI base)."),
-    Setting("AzureWebJobsStorage", doc="Storage connection string, or identity-based AzureWebJobsStorage__* settings."),
-    Setting("AzureWebJobsStorage__accountName", doc="Identity-based storage: the account name."),
-    Setting("AzureWebJobsStorage__tableServiceUri", doc="Identity-based storage: Table endpoint (else from the name)."),
-    Setting("AzureWebJobsStorage__queueServiceUri", doc="Identity-based storage: Queue endpoint (else from the name)."),
-    Setting("AzureWebJobsStorage__clientId", doc="Identity-based storage: client id of the user-assigned identity."),
-    Setting("AZURE_CLIENT_ID", doc="User-assigned managed identity used for Key Vault (azure-identity)."),
-    Setting("IDENTITY_ENDPOINT", platform=True, doc="Set by App Service / Functions when a managed identity exists."),
-    Setting("MSI_ENDPOINT", platform=True, doc="Older name of IDENTITY_ENDPOINT."),
-    Setting("AUTH_ISSUER", required=True, doc="Expected `iss` of caller JWTs."),
-    Setting("AUTH_AUDIENCE", required=True, doc="Expected `aud` of caller JWTs."),
-    Setting("AUTH_JWKS_URL", doc="JWKS of the caller token issuer (RS256/ES256)."),
-    Setting("AUTH_HS256_SECRET", local_only=True, doc="Shared secret for HS256 caller tokens (local)."),
-    Setting("ALLOWED_RETURN_URLS", "", doc="Comma-separated allowed returnUrl prefixes."),
-    Setting("TOKEN_ENCRYPTION_KEYS", local_only=True, doc='Key ring JSON {"active":kid,"keys":{kid:b64}} (local).'),
-    Setting("WEBHOOK_URL", doc="Receiver of account lifecycle webhooks (off when unset)."),
-    Setting("WEBHOOK_SECRET", doc="HMAC secret for webhook signatures (a Key Vault reference in Azure)."),
-    Setting("REFRESH_SCHEDULE", "0 */5 * * * *", doc="NCRONTAB of the proactive refresh timer."),
-    Setting("CLEANUP_SCHEDULE", "0 17 * * * *", doc="NCRONTAB of the clean-up timer."),
-    Setting("KEEPALIVE_DAYS", "7", doc="Idle accounts get a refresh-token keep-alive this often."),
-    Setting("SEND_MAX_TOTAL_BYTES", str(100 * 1024 * 1024), doc="Cap on one send request's attachments."),
-    Setting("DEMO_ENABLED", "false", doc="Serve the demo web client from the app."),
-    Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", doc="Application Insights (plain logging when unset)."),
+    Setting("MS_CLIENT_ID", attr="client_id", required=True, doc="Application (client) id of the Entra app."),
+    Setting("MS_CLIENT_SECRET", attr="client_secret", local_only=True,
+            doc="Client secret, required when `KEY_VAULT_URL` is unset; in Azure it comes from Key Vault."),
+    Setting("KEY_VAULT_URL", attr="key_vault_url", parse=_https_url,
+            doc="Key Vault (https) holding the client secret and the token key ring."),
+    Setting("MS_CLIENT_SECRET_NAME", "ms-client-secret", attr="client_secret_name",
+            doc="Key Vault secret name of the client secret."),
+    Setting("TOKEN_KEYS_SECRET_NAME", "token-encryption-keys", attr="token_keys_secret_name",
+            doc="Key Vault secret name of the token key ring."),
+    Setting("MS_AUTHORITY_HOST", "https://login.microsoftonline.com", attr="authority_host", parse=_https_url,
+            doc="Entra authority host."),
+    Setting("MS_TENANT", "common", attr="tenant", parse=_tenant,
+            doc="`common`, `organizations`, `consumers` or a tenant id."),
+    Setting("MS_SCOPES", "User.Read Mail.ReadWrite Mail.Send", attr="scopes", parse=_scopes,
+            doc="Delegated Graph scopes requested (`offline_access` is always added)."),
+    Setting("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0", attr="graph_base_url", parse=_https_url,
+            doc="Microsoft Graph base URL."),
+    Setting("MS_CA_BUNDLE", attr="ca_bundle", parse=_pem_file, local_only=True,
+            doc="Extra CA file trusted for the authority and Graph (the sandbox CA locally)."),
+    Setting("PUBLIC_BASE_URL", attr="public_base_url", required=True, parse=_http_url,
+            doc="Where the app is reachable; redirect URI = `{PUBLIC_BASE_URL}/api/connect/microsoft/callback`."),
+    Setting("AzureWebJobsStorage", attr="storage_connection_string", parse=_connection_string,
+            doc="Storage connection string (Azurite locally); in Azure the identity-based "
+                "`AzureWebJobsStorage__*` (then `AzureWebJobsStorage__accountName` is required)."),
+    Setting("AzureWebJobsStorage__accountName", attr="storage_account_name", azure_only=True,
+            doc="Identity-based storage: the account name."),
+    Setting("AzureWebJobsStorage__tableServiceUri", attr="storage_table_uri", parse=_http_url, azure_only=True,
+            doc="Identity-based storage: Table endpoint (else from the name)."),
+    Setting("AzureWebJobsStorage__queueServiceUri", attr="storage_queue_uri", parse=_http_url, azure_only=True,
+            doc="Identity-based storage: Queue endpoint (else from the name)."),
+    Setting("AzureWebJobsStorage__clientId", attr="storage_client_id", azure_only=True,
+            doc="Identity-based storage: client id of the user-assigned identity."),
+    Setting("AZURE_CLIENT_ID", attr="azure_client_id", azure_only=True,
+            doc="User-assigned managed identity used for Key Vault (azure-identity)."),
+    Setting("IDENTITY_ENDPOINT", platform=True,
+            doc="Managed identity endpoint of App Service / Functions (present when the app has an identity)."),
+    Setting("MSI_ENDPOINT", platform=True, doc="Older name of `IDENTITY_ENDPOINT`."),
+    Setting("AUTH_ISSUER", attr="auth_issuer", required=True, doc="Expected `iss` of caller JWTs."),
+    Setting("AUTH_AUDIENCE", attr="auth_audience", required=True, doc="Expected `aud` of caller JWTs."),
+    Setting("AUTH_JWKS_URL", attr="auth_jwks_url", parse=_jwks_url,
+            doc="JWKS of the caller token issuer (RS256/ES256), https except on loopback; or `AUTH_HS256_SECRET`."),
+    Setting("AUTH_HS256_SECRET", attr="auth_hs256_secret", parse=_hs256_secret, local_only=True,
+            doc="Shared secret (32+ bytes) for HS256 caller tokens; or `AUTH_JWKS_URL`."),
+    Setting("ALLOWED_RETURN_URLS", "", attr="allowed_return_urls", parse=_url_list,
+            doc="Comma-separated allowed `returnUrl` prefixes (scheme + host + path)."),
+    Setting("TOKEN_ENCRYPTION_KEYS", attr="token_encryption_keys", parse=_key_ring, local_only=True,
+            doc='Key ring `{"active":"kid","keys":{"kid":"base64 of 32 bytes"}}`, required when `KEY_VAULT_URL` '
+                "is unset; in Azure a Key Vault secret."),
+    Setting("WEBHOOK_URL", attr="webhook_url", parse=_http_url,
+            doc="Receiver of account lifecycle webhooks (off when unset); see `docs/webhooks.md`."),
+    Setting("WEBHOOK_SECRET", attr="webhook_secret",
+            doc="HMAC secret for webhook signatures, required with `WEBHOOK_URL` (a Key Vault reference in Azure)."),
+    Setting("REFRESH_SCHEDULE", "0 */5 * * * *", attr="refresh_schedule", parse=_ncrontab,
+            doc="NCRONTAB of the proactive refresh timer."),
+    Setting("CLEANUP_SCHEDULE", "0 17 * * * *", attr="cleanup_schedule", parse=_ncrontab,
+            doc="NCRONTAB of the purge of expired OAuth states and idempotency records."),
+    Setting("KEEPALIVE_DAYS", "7", attr="keepalive_days", parse=_int_between(1, 80),
+            doc="Idle accounts get a refresh-token keep-alive this often (days, 1-80)."),
+    Setting("SEND_MAX_TOTAL_BYTES", str(100 * 1024 * 1024), attr="send_max_total_bytes",
+            parse=_int_between(1, 150 * 1024 * 1024), doc="Cap on one send request's attachments; beyond it, 413."),
+    Setting("DEMO_ENABLED", "false", attr="demo_enabled", parse=_flag,
+            doc="The dev host serves the demo page at `/demo/` (`make dev` sets it)."),
+    Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", attr="appinsights_connection_string",
+            doc="Application Insights (the Functions host forwards logs); plain logging when unset."),
 )
 
-_BY_NAME = {s.name: s for s in SETTINGS}
-_NCRONTAB = re.compile(r"^\S+( \S+){5}$")
+#: Settings attributes computed from several settings (each listed one has ``attr=None``).
+DERIVED: Mapping[str, tuple[str, ...]] = {
+    # A managed identity endpoint exists (App Service / Functions): Key Vault uses ManagedIdentityCredential.
+    "managed_identity_available": ("IDENTITY_ENDPOINT", "MSI_ENDPOINT"),
+}
 
 
 def setting_names(*, include_local: bool = True) -> set[str]:
@@ -83,6 +257,8 @@ class KeyRingConfig:
 
 @dataclass(frozen=True)
 class Settings:
+    """The validated settings; each attribute is filled by one entry of SETTINGS (``attr``) or is in DERIVED."""
+
     client_id: str
     client_secret: str | None = field(repr=False)
     key_vault_url: str | None
@@ -125,151 +301,56 @@ class Settings:
         return f"{self.public_base_url}/api/connect/microsoft/callback"
 
 
-def _https_or_http_url(name: str, value: str, *, https_only: bool) -> str:
-    parts = urlsplit(value)
-    allowed = ("https",) if https_only else ("https", "http")
-    if parts.scheme not in allowed or not parts.netloc:
-        want = "an https URL" if https_only else "an http(s) URL"
-        raise ConfigurationError(f"{name} must be {want}", setting=name)
-    return value.rstrip("/")
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
 
 
-def _opt_url(name: str, value: str | None) -> str | None:
-    return _https_or_http_url(name, value, https_only=False) if value else None
-
-
-def _is_loopback(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in ("localhost", "127.0.0.1", "::1")
-
-
-def _int(name: str, value: str, lo: int, hi: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number", setting=name) from None
-    if not lo <= n <= hi:
-        raise ConfigurationError(f"{name} must be between {lo} and {hi}", setting=name)
-    return n
-
-
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise ConfigurationError naming the bad one."""
-    env = os.environ if environ is None else environ
-
-    def get(name: str) -> str | None:
-        raw = env.get(name)
-        value = raw.strip() if raw is not None else None
-        if value and value.startswith("@Microsoft.KeyVault("):
-            # App Service passes the reference itself through when it cannot resolve it.
-            raise ConfigurationError(f"{name} is an unresolved Key Vault reference: check the app identity's "
-                                     "access to the vault", setting=name)
-        if not value:
-            value = _BY_NAME[name].default or None
-        if value is None and _BY_NAME[name].required:
+def _read(setting: Setting, env: Mapping[str, str]) -> Any:
+    """One setting's parsed value (``None`` when unset without a default); ConfigurationError names it."""
+    name = setting.name
+    raw = env.get(name)
+    value = raw.strip() if raw is not None else None
+    if value and value.startswith("@Microsoft.KeyVault("):
+        # App Service passes the reference itself through when it cannot resolve it.
+        raise ConfigurationError(f"{name} is an unresolved Key Vault reference: check the app identity's "
+                                 "access to the vault", setting=name)
+    if not value:
+        value = setting.default
+    if value is None:
+        if setting.required:
             raise ConfigurationError(f"{name} is required but not set", setting=name)
-        return value
+        return None
+    return setting.parse(name, value)
 
-    client_id = get("MS_CLIENT_ID") or ""
-    key_vault_url = get("KEY_VAULT_URL")
-    if key_vault_url:
-        key_vault_url = _https_or_http_url("KEY_VAULT_URL", key_vault_url, https_only=True)
-    client_secret = get("MS_CLIENT_SECRET")
-    token_keys = get("TOKEN_ENCRYPTION_KEYS")
-    if not key_vault_url:
-        if not client_secret:
-            raise ConfigurationError(
-                "MS_CLIENT_SECRET is required when KEY_VAULT_URL is not set", setting="MS_CLIENT_SECRET"
-            )
-        if not token_keys:
-            raise ConfigurationError(
-                "TOKEN_ENCRYPTION_KEYS is required when KEY_VAULT_URL is not set",
-                setting="TOKEN_ENCRYPTION_KEYS",
-            )
-    if token_keys:
-        parse_key_ring(token_keys, setting="TOKEN_ENCRYPTION_KEYS")
 
-    tenant = get("MS_TENANT") or "common"
-    if not re.fullmatch(r"[A-Za-z0-9.\-]+", tenant):
-        raise ConfigurationError("MS_TENANT must be common, organizations, consumers or a tenant id", setting="MS_TENANT")
-    scopes = tuple((get("MS_SCOPES") or "").split())
-    if not scopes:
-        raise ConfigurationError("MS_SCOPES must name at least one scope", setting="MS_SCOPES")
-
-    ca_bundle = get("MS_CA_BUNDLE")
-    if ca_bundle and not os.path.isfile(ca_bundle):
-        raise ConfigurationError("MS_CA_BUNDLE must be the path of a readable PEM file", setting="MS_CA_BUNDLE")
-
-    storage_cs = get("AzureWebJobsStorage")
-    storage_account = get("AzureWebJobsStorage__accountName")
-    if not storage_cs and not storage_account:
+def _check_cross_field(v: Mapping[str, Any]) -> None:
+    """The rules that involve several settings (``v``: setting name -> parsed value)."""
+    if not v["KEY_VAULT_URL"]:
+        for name in ("MS_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS"):
+            if not v[name]:
+                raise ConfigurationError(f"{name} is required when KEY_VAULT_URL is not set", setting=name)
+    if not v["AzureWebJobsStorage"] and not v["AzureWebJobsStorage__accountName"]:
         raise ConfigurationError(
             "AzureWebJobsStorage (or AzureWebJobsStorage__accountName) is required", setting="AzureWebJobsStorage"
         )
-    if storage_cs and "=" not in storage_cs:
-        raise ConfigurationError("AzureWebJobsStorage must be a storage connection string", setting="AzureWebJobsStorage")
-
-    jwks = get("AUTH_JWKS_URL")
-    hs = get("AUTH_HS256_SECRET")
-    if not jwks and not hs:
+    if not v["AUTH_JWKS_URL"] and not v["AUTH_HS256_SECRET"]:
         raise ConfigurationError("Set AUTH_JWKS_URL or AUTH_HS256_SECRET", setting="AUTH_JWKS_URL")
-    if jwks:
-        # Keys fetched over plain http could be replaced in transit: https, except on loopback.
-        jwks = _https_or_http_url("AUTH_JWKS_URL", jwks, https_only=not _is_loopback(jwks))
-    if hs and len(hs.encode()) < 32:
-        raise ConfigurationError("AUTH_HS256_SECRET must be at least 32 bytes", setting="AUTH_HS256_SECRET")
+    if v["WEBHOOK_URL"] and not v["WEBHOOK_SECRET"]:
+        raise ConfigurationError("WEBHOOK_SECRET is required when WEBHOOK_URL is set", setting="WEBHOOK_SECRET")
 
-    allowed = tuple(u.strip() for u in (get("ALLOWED_RETURN_URLS") or "").split(",") if u.strip())
-    for u in allowed:
-        _https_or_http_url("ALLOWED_RETURN_URLS", u, https_only=False)
 
-    webhook_url = get("WEBHOOK_URL")
-    webhook_secret = get("WEBHOOK_SECRET")
-    if webhook_url:
-        webhook_url = _https_or_http_url("WEBHOOK_URL", webhook_url, https_only=False)
-        if not webhook_secret:
-            raise ConfigurationError("WEBHOOK_SECRET is required when WEBHOOK_URL is set", setting="WEBHOOK_SECRET")
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise ConfigurationError naming the bad one.
 
-    schedules = {}
-    for name in ("REFRESH_SCHEDULE", "CLEANUP_SCHEDULE"):
-        value = get(name) or ""
-        if not _NCRONTAB.match(value):
-            raise ConfigurationError(f"{name} must be a six-field NCRONTAB expression", setting=name)
-        schedules[name] = value
-
-    return Settings(
-        client_id=client_id,
-        client_secret=client_secret,
-        key_vault_url=key_vault_url,
-        client_secret_name=get("MS_CLIENT_SECRET_NAME") or "ms-client-secret",
-        token_keys_secret_name=get("TOKEN_KEYS_SECRET_NAME") or "token-encryption-keys",
-        authority_host=_https_or_http_url("MS_AUTHORITY_HOST", get("MS_AUTHORITY_HOST") or "", https_only=True),
-        tenant=tenant,
-        scopes=scopes,
-        graph_base_url=_https_or_http_url("GRAPH_BASE_URL", get("GRAPH_BASE_URL") or "", https_only=True),
-        ca_bundle=ca_bundle,
-        public_base_url=_https_or_http_url("PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or "", https_only=False),
-        storage_connection_string=storage_cs,
-        storage_account_name=storage_account,
-        storage_table_uri=_opt_url("AzureWebJobsStorage__tableServiceUri", get("AzureWebJobsStorage__tableServiceUri")),
-        storage_queue_uri=_opt_url("AzureWebJobsStorage__queueServiceUri", get("AzureWebJobsStorage__queueServiceUri")),
-        storage_client_id=get("AzureWebJobsStorage__clientId"),
-        azure_client_id=get("AZURE_CLIENT_ID"),
-        managed_identity_available=bool(get("IDENTITY_ENDPOINT") or get("MSI_ENDPOINT")),
-        auth_issuer=get("AUTH_ISSUER") or "",
-        auth_audience=get("AUTH_AUDIENCE") or "",
-        auth_jwks_url=jwks,
-        auth_hs256_secret=hs,
-        allowed_return_urls=allowed,
-        token_encryption_keys=token_keys,
-        webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
-        refresh_schedule=schedules["REFRESH_SCHEDULE"],
-        cleanup_schedule=schedules["CLEANUP_SCHEDULE"],
-        keepalive_days=_int("KEEPALIVE_DAYS", get("KEEPALIVE_DAYS") or "", 1, 80),
-        send_max_total_bytes=_int("SEND_MAX_TOTAL_BYTES", get("SEND_MAX_TOTAL_BYTES") or "", 1, 150 * 1024 * 1024),
-        demo_enabled=(get("DEMO_ENABLED") or "false").lower() in ("1", "true", "yes"),
-        appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
-    )
+    Each setting is checked on its own first, in :data:`SETTINGS` order, then the cross-field rules.
+    """
+    env = os.environ if environ is None else environ
+    values = {s.name: _read(s, env) for s in SETTINGS}
+    _check_cross_field(values)
+    fields = {s.attr: values[s.name] for s in SETTINGS if s.attr is not None}
+    fields["managed_identity_available"] = any(values[n] for n in DERIVED["managed_identity_available"])
+    return Settings(**fields)
 
 
 def parse_key_ring(raw: str, *, setting: str) -> KeyRingConfig:

@@ -11,13 +11,17 @@ the token response's ``scope``.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from shared.accounts import ACTIVE, CONSUMER_TENANT_ID, iso, utcnow
+from shared.accounts import ACTIVE, CONSUMER_TENANT_ID, Account, Tokens, iso, utcnow
 from shared.errors import ConnectorError, OperatorError, ReauthRequiredError
+from shared.tokens import AccountTokenSource
+
+if TYPE_CHECKING:
+    from shared.graph import GraphClient
+    from shared.tokens import TokenManager
 
 FEATURES = {
     "profile": ({"User.Read", "User.ReadBasic.All", "User.Read.All"}, "read the user's profile (/me)"),
@@ -25,100 +29,122 @@ FEATURES = {
     "send mail": ({"Mail.Send"}, "send mail as the user"),
 }
 RT_INACTIVITY_LIMIT = dt.timedelta(days=90)
+NO_MAILBOX_HINT = (
+    "This account has no Exchange Online mailbox that Graph can reach. For a work account: assign an Exchange "
+    "Online licence (or move an on-premises mailbox to Exchange Online); guests have no mailbox in this tenant — "
+    "connect their home account. For a personal account: sign in once at outlook.com to provision the mailbox.")
+Check = dict[str, str | bool | None]
 
 
 def scopes_from_jwt(token: str) -> set[str] | None:
-    """The ``scp`` claim of a JWT access token, unverified (we only read what we were given)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
+    """The ``scp`` claim of a JWT access token, unverified: we only read what Entra gave us, and a
+    token for Graph is Graph's to validate. Personal accounts get opaque (non-JWT) tokens: None."""
+    import jwt
+
     try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except ValueError:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
         return None
-    scp = claims.get("scp") if isinstance(claims, dict) else None
+    scp = claims.get("scp")
     return set(str(scp).split()) if scp else None
 
 
-def run_diagnosis(c: Any, owner: str, account_id: str) -> dict[str, Any]:
-    acc = c.accounts.get_account(owner, account_id)
-    checks: list[dict[str, Any]] = []
+class Diagnosis:
+    """The checks for one account, from public parts only."""
 
-    def add(name: str, ok: bool, detail: str, hint: str | None = None) -> None:
-        checks.append({"name": name, "ok": ok, "detail": detail, "hint": None if ok else hint})
+    def __init__(self, *, tokens: TokenManager, open_tokens: Callable[[Account], Tokens], graph: GraphClient,
+                 admin_consent_url: Callable[[str], str], graph_context: dict[str, str]) -> None:
+        self._tokens = tokens
+        self._open_tokens = open_tokens
+        self._graph = graph
+        self._admin_consent_url = admin_consent_url
+        self._context = graph_context
+        self.checks: list[Check] = []
 
-    personal = acc.tenant_id == CONSUMER_TENANT_ID
-    add("accountType", True,
-        f"Personal Microsoft account ({acc.email}); Outlook.com mailbox." if personal else
-        f"Work or school account ({acc.email}) in tenant {acc.tenant_id}.")
-    add("status", acc.status == ACTIVE, f"Account status is {acc.status}.",
-        "Start the connect flow again with accountId to re-connect (the id is kept).")
-    if acc.last_error:
-        add("lastError", False, f"Last error {acc.last_error.get('code')} at {acc.last_error.get('at')}: "
-                                f"{acc.last_error.get('message')}", "See the status check for the fix.")
-    else:
-        add("lastError", True, "No error recorded.")
-    if acc.status != ACTIVE:
-        return _result(acc.id, checks)
+    def add(self, name: str, ok: bool, detail: str, hint: str | None = None) -> None:
+        self.checks.append({"name": name, "ok": ok, "detail": detail, "hint": None if ok else hint})
 
-    try:
-        token, acc = c.tokens.access_token(acc)
-    except ReauthRequiredError as e:
-        add("token", False, e.detail, e.hint or "Re-connect the mailbox.")
-        return _result(acc.id, checks)
-    except OperatorError as e:
-        add("appRegistration", False, e.detail, e.hint)
-        return _result(acc.id, checks)
-    except ConnectorError as e:  # Entra unreachable or throttling: say so rather than fail the whole call
-        add("token", False, f"A fresh access token could not be obtained: {e.code}: {e.detail}",
-            e.hint or "Retry the diagnosis shortly.")
-        return _result(acc.id, checks)
-    tokens = c.accounts.open_tokens(acc)
-    now = utcnow()
-    rt_age = now - tokens.refresh_token_issued_at
-    add("tokenFreshness", rt_age < RT_INACTIVITY_LIMIT - dt.timedelta(days=14),
-        f"Access token valid until {iso(tokens.expires_at)}; refresh token issued {rt_age.days} day(s) ago "
-        f"(Microsoft expires it after 90 days without use).",
-        "The proactive refresher should renew it; check that the refresh timer runs.")
+    def result(self, account_id: str) -> dict[str, object]:
+        return {"accountId": account_id, "healthy": all(ch["ok"] for ch in self.checks), "checks": self.checks}
 
-    from_jwt = scopes_from_jwt(token)
-    granted = from_jwt if from_jwt is not None else set(tokens.scopes or acc.scopes)
-    source = "access token (scp)" if from_jwt is not None else "token response (opaque access token)"
-    consent_hint = ("Re-connect with prompt=consent so the user grants it." if personal else
-                    f"Ask a tenant administrator to grant consent: {c.oauth.admin_consent_url(acc.tenant_id)} "
-                    "— or re-connect with prompt=consent.")
-    for feature, (any_of, what) in FEATURES.items():
-        have = sorted(any_of & granted)
-        add(f"scope:{feature}", bool(have),
-            f"Granted {', '.join(have)} ({source})." if have else
-            f"None of {', '.join(sorted(any_of))} is granted ({source}): cannot {what}.", consent_hint)
+    def run(self, acc: Account) -> dict[str, object]:
+        self._record_checks(acc)
+        if acc.status != ACTIVE:
+            return self.result(acc.id)
+        got = self._token(acc)
+        if got is None:
+            return self.result(acc.id)
+        token, acc = got
+        tokens = self._open_tokens(acc)
+        self._freshness(tokens)
+        granted, consent_hint = self._scopes(acc, token, tokens)
+        self._graph_checks(acc)
+        send_ok = "Mail.Send" in granted
+        self.add("sendPermission", send_ok,
+                 "Mail.Send is granted; sending as this mailbox is allowed." if send_ok else
+                 "Mail.Send is not granted: sending will fail with ErrorAccessDenied.", consent_hint)
+        return self.result(acc.id)
 
-    token_source = c._token_source(acc)
-    ctx = c._graph_context()
-    try:
-        me = c.graph.request("GET", "me", mailbox=acc.mailbox_key, token=token_source, context=ctx,
-                             params={"$select": "id,displayName,mail,userPrincipalName"}).json()
-        add("profile", True, f"/me answered for {me.get('userPrincipalName') or me.get('mail')}.")
-    except ConnectorError as e:
-        add("profile", False, f"/me failed: {e.code}: {e.detail}", e.hint)
-    try:
-        inbox = c.graph.request("GET", "me/mailFolders/inbox", mailbox=acc.mailbox_key, token=token_source,
-                                context=ctx).json()
-        add("mailbox", True, f"Inbox reachable ({inbox.get('totalItemCount', '?')} messages).")
-    except ConnectorError as e:
-        hint = e.hint
-        if e.microsoft and e.microsoft.error == "MailboxNotEnabledForRESTAPI":
-            hint = ("This account has no Exchange Online mailbox that Graph can reach. For a work account: assign "
-                    "an Exchange Online licence (or move an on-premises mailbox to Exchange Online); guests have no "
-                    "mailbox in this tenant — connect their home account. For a personal account: sign in once at "
-                    "outlook.com to provision the mailbox.")
-        add("mailbox", False, f"The mailbox is not reachable: {e.code}: {e.detail}", hint)
-    send_ok = "Mail.Send" in granted
-    add("sendPermission", send_ok,
-        "Mail.Send is granted; sending as this mailbox is allowed." if send_ok else
-        "Mail.Send is not granted: sending will fail with ErrorAccessDenied.", consent_hint)
-    return _result(acc.id, checks)
+    def _record_checks(self, acc: Account) -> None:
+        personal = acc.tenant_id == CONSUMER_TENANT_ID
+        self.add("accountType", True,
+                 f"Personal Microsoft account ({acc.email}); Outlook.com mailbox." if personal else
+                 f"Work or school account ({acc.email}) in tenant {acc.tenant_id}.")
+        self.add("status", acc.status == ACTIVE, f"Account status is {acc.status}.",
+                 "Start the connect flow again with accountId to re-connect (the id is kept).")
+        if acc.last_error:
+            err = acc.last_error
+            self.add("lastError", False, f"Last error {err.get('code')} at {err.get('at')}: {err.get('message')}",
+                     "See the status check for the fix.")
+        else:
+            self.add("lastError", True, "No error recorded.")
 
+    def _token(self, acc: Account) -> tuple[str, Account] | None:
+        try:
+            return self._tokens.access_token(acc)
+        except ReauthRequiredError as e:
+            self.add("token", False, e.detail, e.hint or "Re-connect the mailbox.")
+        except OperatorError as e:
+            self.add("appRegistration", False, e.detail, e.hint)
+        except ConnectorError as e:  # Entra unreachable or throttling: say so rather than fail the whole call
+            self.add("token", False, f"A fresh access token could not be obtained: {e.code}: {e.detail}",
+                     e.hint or "Retry the diagnosis shortly.")
+        return None
 
-def _result(account_id: str, checks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"accountId": account_id, "healthy": all(ch["ok"] for ch in checks), "checks": checks}
+    def _freshness(self, tokens: Tokens) -> None:
+        rt_age = utcnow() - tokens.refresh_token_issued_at
+        self.add("tokenFreshness", rt_age < RT_INACTIVITY_LIMIT - dt.timedelta(days=14),
+                 f"Access token valid until {iso(tokens.expires_at)}; refresh token issued {rt_age.days} day(s) ago "
+                 f"(Microsoft expires it after 90 days without use).",
+                 "The proactive refresher should renew it; check that the refresh timer runs.")
+
+    def _scopes(self, acc: Account, token: str, tokens: Tokens) -> tuple[set[str], str]:
+        from_jwt = scopes_from_jwt(token)
+        granted = from_jwt if from_jwt is not None else set(tokens.scopes or acc.scopes)
+        source = "access token (scp)" if from_jwt is not None else "token response (opaque access token)"
+        consent_hint = ("Re-connect with prompt=consent so the user grants it." if acc.tenant_id == CONSUMER_TENANT_ID
+                        else f"Ask a tenant administrator to grant consent: {self._admin_consent_url(acc.tenant_id)} "
+                        "— or re-connect with prompt=consent.")
+        for feature, (any_of, what) in FEATURES.items():
+            have = sorted(any_of & granted)
+            self.add(f"scope:{feature}", bool(have),
+                     f"Granted {', '.join(have)} ({source})." if have else
+                     f"None of {', '.join(sorted(any_of))} is granted ({source}): cannot {what}.", consent_hint)
+        return granted, consent_hint
+
+    def _graph_checks(self, acc: Account) -> None:
+        source = AccountTokenSource(self._tokens, acc)
+        try:
+            me = self._graph.get_json("me", mailbox=acc.mailbox_key, token=source, context=self._context,
+                                      params={"$select": "id,displayName,mail,userPrincipalName"})
+            self.add("profile", True, f"/me answered for {me.get('userPrincipalName') or me.get('mail')}.")
+        except ConnectorError as e:
+            self.add("profile", False, f"/me failed: {e.code}: {e.detail}", e.hint)
+        try:
+            inbox = self._graph.get_json("me/mailFolders/inbox", mailbox=acc.mailbox_key, token=source,
+                                         context=self._context)
+            self.add("mailbox", True, f"Inbox reachable ({inbox.get('totalItemCount', '?')} messages).")
+        except ConnectorError as e:
+            no_mailbox = e.microsoft is not None and e.microsoft.error == "MailboxNotEnabledForRESTAPI"
+            self.add("mailbox", False, f"The mailbox is not reachable: {e.code}: {e.detail}",
+                     NO_MAILBOX_HINT if no_mailbox else e.hint)

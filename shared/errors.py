@@ -213,6 +213,11 @@ class StorageUnavailableError(ConnectorError):
     code = "storage_unavailable"
     title = "Storage is unavailable"
 
+    def __init__(self, detail: str, *, retry_after: int = 5, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.retry_after = max(1, int(retry_after))
+        self.headers["Retry-After"] = str(self.retry_after)
+
 
 @dataclass
 class Problem:

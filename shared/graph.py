@@ -1,4 +1,6 @@
-"""Microsoft Graph client over an injected ``requests.Session``.
+"""Microsoft Graph client over an injected ``requests.Session``: the one path to Graph.
+
+Every Graph call, upload-session chunk PUTs included, goes through :meth:`GraphClient._exchange`:
 
 * At most 4 requests in flight per mailbox per instance — Outlook's documented concurrency limit
   (https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits).
@@ -10,6 +12,9 @@
   (https://learn.microsoft.com/entra/identity-platform/claims-challenge).
 * A request that may have changed state (``sendMail``, ``send``) is never retried after an
   unknown outcome (timeout, 5xx): a 429 or 401 is a refusal, so retrying it cannot deliver twice.
+* Upload-session URLs are pre-authenticated and outside ``GRAPH_BASE_URL``: they get no
+  ``Authorization`` header (https://learn.microsoft.com/graph/outlook-large-attachments).
+  They carry a secret in their query string, so they are never logged nor put in an error.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import requests
+from requests.auth import AuthBase
+from urllib3.exceptions import NewConnectionError
 
-from shared.errors import ConnectorError, ThrottledError, UpstreamUnavailableError
+from shared.backoff import retry_after_from
+from shared.errors import ConnectorError, MicrosoftError, ThrottledError, UpstreamUnavailableError
 from shared.ms_errors import from_graph_response
 
 log = logging.getLogger("connector.graph")
@@ -52,10 +60,32 @@ class _Limiter:
             return sem
 
 
+class _Bearer(AuthBase):
+    """``Authorization: Bearer``, set as requests' auth so a session-level auth or .netrc cannot replace it."""
+
+    def __init__(self, access_token: str) -> None:
+        self._token = access_token
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
+
+    def __repr__(self) -> str:  # never show the token
+        return "_Bearer(***)"
+
+
+class _NoAuthorization(AuthBase):
+    """No ``Authorization`` at all: Graph answers 401 to an upload PUT that carries one."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers.pop("Authorization", None)
+        return r
+
+
 class GraphClient:
     def __init__(self, base_url: str, session: requests.Session, *, max_concurrent: int = MAX_CONCURRENT_PER_MAILBOX,
                  retry_budget_s: float = 30.0, max_single_wait_s: float = 15.0,
-                 timeout: tuple[float, float] = (5.0, 60.0),
+                 timeout: tuple[float, float] = (5.0, 60.0), upload_timeout: tuple[float, float] = (5.0, 120.0),
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
@@ -63,6 +93,7 @@ class GraphClient:
         self._budget = retry_budget_s
         self._max_wait = max_single_wait_s
         self._timeout = timeout
+        self._upload_timeout = upload_timeout
         self._sleep = sleep
         self._clock = clock
 
@@ -75,66 +106,133 @@ class GraphClient:
 
     def request(self, method: str, path: str, *, mailbox: str, token: TokenSource, safe: bool | None = None,
                 json: Any = None, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
-                data: Any = None, stream: bool = False, context: dict[str, Any] | None = None) -> requests.Response:
-        """Send one Graph request for ``mailbox``; return the successful response or raise a typed error."""
+                data: Any = None, stream: bool = False,
+                context: Mapping[str, Any] | None = None) -> requests.Response:
+        """Send one Graph request for ``mailbox``; return the successful response or raise a typed error.
+
+        ``safe`` (default: GET/HEAD) says whether an unknown outcome may be retried: a 503 is
+        retried after ``Retry-After`` only for safe requests.
+        """
         safe = method.upper() in ("GET", "HEAD") if safe is None else safe
-        url = self.url(path)
-        started = self._clock()
-        refreshed = False
-        access = token.get()
-        sem = self._limiter.get(mailbox)
-        while True:
-            hdrs = {"Authorization": f"Bearer {access}", "Accept": "application/json"}
-            hdrs.update(headers or {})
-            with sem:
-                try:
-                    resp = self.session.request(method, url, json=json, params=params, headers=hdrs, data=data,
-                                                timeout=self._timeout, stream=stream)
-                except (requests.ConnectionError, requests.Timeout) as e:
-                    raise _unreachable(e, safe) from None
-            if resp.status_code < 400:
-                return resp
-            body = _json_or_none(resp)
-            code = (body or {}).get("error", {}).get("code") if isinstance(body, dict) else None
-            if resp.status_code == 401 and not refreshed and (code == "InvalidAuthenticationToken" or code is None):
-                refreshed = True
-                access = token.refresh(access)
-                continue
-            if resp.status_code == 429 or (resp.status_code == 503 and safe):
-                err = from_graph_response(resp.status_code, body, resp.headers, context=context)
-                if not isinstance(err, ThrottledError):
-                    raise err
-                wait = float(err.retry_after)
-                if wait <= self._max_wait and self._clock() - started + wait <= self._budget:
-                    log.info("graph throttled (%s); waiting %.0f s", resp.status_code, wait)
-                    self._sleep(wait)
-                    continue
-                raise err
-            err2: ConnectorError = from_graph_response(resp.status_code, body, resp.headers, context=context)
-            if resp.status_code >= 500 and not safe:
-                # A 5xx on a state-changing request: it may have been processed. Not retried.
-                err2 = ThrottledError(err2.detail + " The request was not retried to avoid a duplicate.",
-                                      retry_after=_retry_after(resp), microsoft=err2.microsoft,
-                                      hint="Microsoft Graph failed; check Sent Items before retrying.",
-                                      extra={"outcomeUnknown": True})
-            raise err2
+        return self._exchange(method, self.url(path), mailbox=mailbox, token=token, safe=safe, context=context,
+                              headers=headers, timeout=self._timeout,
+                              send_kw={"json": json, "params": params, "data": data, "stream": stream})
 
     def get_json(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw).json()
+
+    def upload_range(self, upload_url: str, chunk: bytes | memoryview, *, start: int, total: int, mailbox: str,
+                     context: Mapping[str, Any] | None = None) -> requests.Response:
+        """PUT ``chunk`` as bytes ``start`` to ``start+len-1`` of ``total`` to a createUploadSession URL.
+
+        https://learn.microsoft.com/graph/outlook-large-attachments — the URL is pre-authenticated
+        (no ``Authorization``). A PUT of the same range is idempotent, so a throttled (429/503) chunk
+        is sent again after ``Retry-After``, under the mailbox's limiter like any Graph call.
+        Returns Graph's 200 (``nextExpectedRanges``) or 201 (upload complete).
+        """
+        if not upload_url.startswith("https://"):
+            raise ValueError("refusing an upload URL that is not https")  # it carries a secret
+        if not chunk or start < 0 or start + len(chunk) > total:
+            raise ValueError("the chunk does not fit in the declared total")
+        headers = {"Content-Range": f"bytes {start}-{start + len(chunk) - 1}/{total}",
+                   "Content-Length": str(len(chunk)), "Content-Type": "application/octet-stream"}
+        try:
+            return self._exchange("PUT", upload_url, mailbox=mailbox, token=None, safe=True, context=context,
+                                  headers=headers, timeout=self._upload_timeout, send_kw={"data": chunk})
+        except MicrosoftError as e:
+            if e.status != 404:
+                raise
+            # Not a message of the caller's: the session expired (or was cancelled). Never our 404.
+            raise MicrosoftError("The attachment upload session expired or no longer exists.",
+                                 code="upload_session_expired", status=502, microsoft=e.microsoft,
+                                 hint="Retry the send; nothing was sent.") from None
+
+    def _exchange(self, method: str, url: str, *, mailbox: str, token: TokenSource | None, safe: bool,
+                  context: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
+                  timeout: tuple[float, float], send_kw: dict[str, Any]) -> requests.Response:
+        """The retry loop shared by every call: one refresh on 401, Retry-After waits, typed errors."""
+        started = self._clock()
+        access = token.get() if token is not None else None
+        refreshed = False
+        while True:
+            auth: AuthBase = _Bearer(access) if access is not None else _NoAuthorization()
+            resp = self._send_once(method, url, mailbox=mailbox, auth=auth, safe=safe, timeout=timeout,
+                                   headers={"Accept": "application/json", **(headers or {})}, send_kw=send_kw)
+            if resp.status_code < 400:
+                return resp
+            body = _json_or_none(resp)
+            if token is not None and access is not None and not refreshed and _is_stale_token(resp, body):
+                refreshed = True
+                access = token.refresh(access)
+                continue
+            wait = self._throttle_wait(resp, body, safe=safe, started=started, context=context)
+            if wait is None:
+                raise _failure(resp, body, safe=safe, context=context)
+            log.info("graph throttled (%s %d); waiting %.0f s", method, resp.status_code, wait)
+            resp.close()
+            self._sleep(wait)
+
+    def _send_once(self, method: str, url: str, *, mailbox: str, auth: AuthBase, safe: bool,
+                   timeout: tuple[float, float], headers: dict[str, str], send_kw: dict[str, Any]) -> requests.Response:
+        with self._limiter.get(mailbox):
+            try:
+                return self.session.request(method, url, headers=headers, auth=auth, timeout=timeout, **send_kw)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                raise _unreachable(e, safe) from None
+
+    def _throttle_wait(self, resp: requests.Response, body: Any, *, safe: bool, started: float,
+                       context: Mapping[str, Any] | None) -> float | None:
+        """Seconds to wait before trying again, None when this is not a throttle; raises past the budget."""
+        if not (resp.status_code == 429 or (resp.status_code == 503 and safe)):
+            return None
+        err = from_graph_response(resp.status_code, body, resp.headers, context=context)
+        if not isinstance(err, ThrottledError):
+            raise err
+        wait = float(err.retry_after)
+        if wait <= self._max_wait and self._clock() - started + wait <= self._budget:
+            return wait
+        raise err  # 503 + Retry-After to our caller
+
+
+def _is_stale_token(resp: requests.Response, body: Any) -> bool:
+    """Graph's 401 for an access token it no longer accepts (https://learn.microsoft.com/graph/errors)."""
+    if resp.status_code != 401:
+        return False
+    err = body.get("error") if isinstance(body, dict) else None
+    return (err.get("code") if isinstance(err, dict) else None) in ("InvalidAuthenticationToken", None)
+
+
+def _failure(resp: requests.Response, body: Any, *, safe: bool, context: Mapping[str, Any] | None) -> ConnectorError:
+    err = from_graph_response(resp.status_code, body, resp.headers, context=context)
+    if resp.status_code >= 500 and not safe:
+        # A 5xx on a state-changing request: it may have been processed. Not retried.
+        return ThrottledError(err.detail + " The request was not retried to avoid a duplicate.",
+                              retry_after=retry_after_from(resp.headers), microsoft=err.microsoft,
+                              hint="Microsoft Graph failed; check Sent Items before retrying.",
+                              extra={"outcomeUnknown": True})
+    return err
 
 
 def _unreachable(e: Exception, safe: bool) -> UpstreamUnavailableError:
     what = "timed out" if isinstance(e, requests.Timeout) else f"could not be reached ({type(e).__name__})"
     if safe:
         return UpstreamUnavailableError(f"Microsoft Graph {what}.", hint="Retry later.")
-    # A refused or timed-out *connection* means nothing reached Microsoft; anything later is unknown.
-    connect_failed = isinstance(e, requests.ConnectTimeout) or (
-        isinstance(e, requests.ConnectionError) and "NewConnectionError" in repr(e.args))
-    if connect_failed:
+    if _connect_failed(e):
         return UpstreamUnavailableError(f"Microsoft Graph {what}; nothing was sent.", hint="Retry later.")
     return UpstreamUnavailableError(
         f"Microsoft Graph {what}. The outcome is unknown; it was not retried to avoid a duplicate.",
         hint="Check Sent Items before retrying.", extra={"outcomeUnknown": True})
+
+
+def _connect_failed(e: Exception) -> bool:
+    """A refused or timed-out *connection*: nothing reached Microsoft. Anything later is an unknown outcome."""
+    if isinstance(e, requests.ConnectTimeout):
+        return True
+    if not isinstance(e, requests.ConnectionError):
+        return False
+    reason = e.args[0] if e.args else None
+    reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError(reason=...)
+    return isinstance(reason, NewConnectionError) or "NewConnectionError" in repr(e.args)
 
 
 def _json_or_none(resp: requests.Response) -> Any:
@@ -142,15 +240,3 @@ def _json_or_none(resp: requests.Response) -> Any:
         return resp.json()
     except ValueError:
         return None
-
-
-def retry_after_seconds(value: str | None, default: int = 5) -> int:
-    """``Retry-After`` as whole seconds (delta-seconds form, RFC 9110 §10.2.3; Graph sends that form)."""
-    try:
-        return max(1, int(float(value))) if value else default
-    except ValueError:
-        return default
-
-
-def _retry_after(resp: requests.Response) -> int:
-    return retry_after_seconds(resp.headers.get("Retry-After"))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.backoff import retry_after_from
 from shared.errors import (
     ConnectorError,
     MicrosoftDetails,
@@ -103,13 +104,19 @@ GRAPH: dict[str, ErrorInfo] = {
     "ErrorMessageSizeExceeded": ErrorInfo(
         "message_too_large", 413,
         "The message exceeds the mailbox's size limit. Send smaller attachments or share a link instead."),
+    # Graph says 404, but the account exists: a state of the mailbox the user must fix, so 409 (SPEC §3).
+    # https://learn.microsoft.com/graph/api/resources/mail-api-overview
     "MailboxNotEnabledForRESTAPI": ErrorInfo(
-        "mailbox_not_available", 404,
+        "mailbox_not_available", 409,
         "This account has no Exchange Online mailbox reachable through Graph: the user is unlicensed, a guest, "
         "hosted on-premises, or the mailbox is inactive. Assign an Exchange Online licence or connect "
-        "another account."),
+        "another account (https://learn.microsoft.com/graph/api/resources/mail-api-overview)."),
+    # The one Graph 404 that stays ours: an unknown message (or attachment) of a known account.
     "ErrorItemNotFound": ErrorInfo("message_not_found", 404, "The message or folder does not exist in this mailbox."),
-    "ResourceNotFound": ErrorInfo("not_found", 404, "The mailbox resource does not exist."),
+    "ResourceNotFound": ErrorInfo(
+        "graph_resource_not_found", 502,
+        "Microsoft Graph could not find a mailbox resource the connector asked for (not a message): the mailbox "
+        "may not be provisioned yet. Run the account's diagnose check."),
     "ErrorInvalidIdMalformed": ErrorInfo("invalid_id", 400, "The message or folder id is malformed."),
     "ErrorQuotaExceeded": ErrorInfo("mailbox_full", 507, "The mailbox is full. The user must free space."),
 }
@@ -186,8 +193,7 @@ def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,
                                correlation_id=headers.get("client-request-id") or inner.get("client-request-id"))
     detail = message or f"Microsoft Graph answered {status}."
     if status in (429, 503):
-        ra = _retry_after(headers)
-        return ThrottledError(detail, retry_after=ra, microsoft=details,
+        return ThrottledError(detail, retry_after=retry_after_from(headers), microsoft=details,
                               hint="Microsoft Graph is throttling this mailbox; retry after the given delay.")
     m = GRAPH.get(gcode)
     if m is not None:
@@ -196,12 +202,10 @@ def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,
         return MicrosoftError(detail, code=m.code, status=m.status, hint=_fmt(m.hint, ctx), microsoft=details)
     if status >= 500:
         return UpstreamUnavailableError(detail, microsoft=details, hint="Microsoft Graph failed; try again later.")
-    return MicrosoftError(detail, code="graph_error", status=502 if status >= 500 else status, microsoft=details)
-
-
-def _retry_after(headers: Mapping[str, str], default: int = 5) -> int:
-    raw = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return max(1, int(float(raw))) if raw else default
-    except ValueError:
-        return default
+    if status in (401, 404):
+        # Our 401 is the caller's JWT, our 404 an unknown account or message (SPEC §3 "Status codes"):
+        # an unmapped Graph 401 (one refresh already failed) or 404 is Microsoft's condition.
+        return MicrosoftError(detail, code="graph_error", status=502, microsoft=details,
+                              hint=f"Microsoft Graph answered {status} ({gcode}); retry, and if it persists run the "
+                                   "account's diagnose check.")
+    return MicrosoftError(detail, code="graph_error", status=status, microsoft=details)

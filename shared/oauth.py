@@ -20,14 +20,29 @@ import secrets
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode, urlsplit
 
 from shared.accounts import owner_partition, parse_iso, utcnow
 from shared.config import Settings
 from shared.crypto import account_aad
-from shared.errors import ConnectorError, OAuthError, OperatorError, UpstreamUnavailableError, ValidationError
+from shared.errors import (
+    ConflictError,
+    ConnectorError,
+    NotFoundError,
+    OAuthError,
+    OperatorError,
+    UpstreamUnavailableError,
+    ValidationError,
+)
 from shared.ms_errors import from_token_error, is_invalid_client
+from shared.storage import etag_of
+
+if TYPE_CHECKING:
+    import requests
+
+    from shared.secret_store import SecretStore
+    from shared.storage import Table
 
 log = logging.getLogger("connector.oauth")
 
@@ -76,7 +91,8 @@ class PendingConnect:
 
 
 class OAuthClient:
-    def __init__(self, settings: Settings, *, secrets_store: Any, session: Any, states_table: Any) -> None:
+    def __init__(self, settings: Settings, *, secrets_store: SecretStore, session: requests.Session,
+                 states_table: Table) -> None:
         self._s = settings
         self._secrets = secrets_store
         self._session = session
@@ -174,7 +190,7 @@ class OAuthClient:
         row = _state_key(state)
         body = json.dumps({"flow": flow, "returnUrl": return_url, "accountId": account_id}).encode()
         self._evict_old_states(partition)
-        self._states.create_entity({
+        self._states.create({
             "PartitionKey": partition, "RowKey": row, "owner": owner,
             "createdAt": now.isoformat(), "expiresAt": expires.isoformat(),
             "flow": seal(body, account_aad(owner, row, "oauth-state")),
@@ -183,25 +199,14 @@ class OAuthClient:
                 "expiresAt": expires.isoformat().replace("+00:00", "Z")}
 
     def _evict_old_states(self, partition: str) -> None:
-        rows = sorted(self._states.query_entities("PartitionKey eq @pk", parameters={"pk": partition},
-                                                  select=["RowKey", "createdAt"]),
-                      key=lambda e: e.get("createdAt", ""))
+        rows = sorted(self._states.query("PartitionKey eq @pk", parameters={"pk": partition},
+                                         select=["RowKey", "createdAt"]),
+                      key=lambda e: str(e.get("createdAt") or ""))
         for e in rows[: max(0, len(rows) - MAX_PENDING_STATES_PER_OWNER + 1)]:
-            self._delete_quietly(partition, e["RowKey"])
-
-    def _delete_quietly(self, pk: str, rk: str) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            self._states.delete_entity(pk, rk)
-        except ResourceNotFoundError:
-            pass
+            self._states.delete_if_present(partition, str(e["RowKey"]))
 
     def consume_state(self, state: str | None, *, open_sealed: Any) -> PendingConnect:
         """Return the pending flow for ``state`` and delete it, exactly once; else 400."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
-
         invalid = OAuthError("The sign-in link is invalid, expired or already used. Start the connect flow again.",
                              code="invalid_state")
         if not state or len(state) > 200 or "." not in state:
@@ -210,26 +215,23 @@ class OAuthClient:
         if len(part) != 40 or any(c not in "0123456789abcdef" for c in part):
             raise invalid
         pk, rk = "o-" + part, _state_key(state)
-        from azure.data.tables import UpdateMode
-
         try:
-            e = self._states.get_entity(pk, rk)
+            e = self._states.get(pk, rk)
             if e.get("consumed"):
                 raise invalid
             # Claim the state with an ETag-conditional write: of two concurrent callbacks with one
             # state, exactly one succeeds (the other gets 412). A conditional *delete* cannot do
             # this here: azure-data-tables' delete_entity does not raise when the row is gone.
-            self._states.update_entity({"PartitionKey": pk, "RowKey": rk, "consumed": True}, mode=UpdateMode.MERGE,
-                                       etag=e.metadata["etag"], match_condition=MatchConditions.IfNotModified)
-        except (ResourceNotFoundError, ResourceModifiedError):
+            self._states.merge({"PartitionKey": pk, "RowKey": rk, "consumed": True}, etag=etag_of(e))
+        except (NotFoundError, ConflictError):
             raise invalid from None
-        self._delete_quietly(pk, rk)
+        self._states.delete_if_present(pk, rk)
         expires = parse_iso(e.get("expiresAt"))
         if expires is None or expires <= utcnow():
             raise OAuthError("The sign-in link expired (10 minutes). Start the connect flow again.",
                              code="expired_state")
-        data = json.loads(open_sealed(e["flow"], account_aad(e["owner"], rk, "oauth-state")))
-        return PendingConnect(owner=e["owner"], return_url=data.get("returnUrl"), account_id=data.get("accountId"),
+        data = json.loads(open_sealed(str(e["flow"]), account_aad(str(e["owner"]), rk, "oauth-state")))
+        return PendingConnect(owner=str(e["owner"]), return_url=data.get("returnUrl"), account_id=data.get("accountId"),
                               flow=data["flow"])
 
     def redeem_code(self, pending: PendingConnect, params: dict[str, str]) -> TokenResult:

@@ -176,9 +176,8 @@ def _q(name: str, schema: dict[str, Any], description: str, required: bool = Fal
 
 
 @lru_cache(maxsize=1)
-def document() -> dict[str, Any]:
-    acc = [ACCOUNT_ID]
-    paths: dict[str, Any] = {
+def _connect_paths() -> dict[str, Any]:
+    return {
         "/api/health": {"get": _op("health", "Storage and client secret reachable?", {
             "200": _json(_ref("Health"), "Healthy."), "503": _json(_ref("Health"), "A check failed.")},
             secured=False, tags=("operations",))},
@@ -207,6 +206,12 @@ def document() -> dict[str, Any]:
                     _q("error", {"type": "string"}, "Error from Entra."),
                     _q("error_description", {"type": "string"}, "Error description from Entra.")],
             secured=False, tags=("connect",))},
+    }
+
+
+def _account_paths() -> dict[str, Any]:
+    acc = [ACCOUNT_ID]
+    return {
         "/api/accounts": {"get": _op("list_accounts", "The caller's accounts.", {
             "200": _json(_ref("AccountList"), "Accounts.")}, tags=("accounts",))},
         "/api/accounts/{accountId}": {
@@ -218,6 +223,15 @@ def document() -> dict[str, Any]:
         "/api/accounts/{accountId}/refresh": {"post": _op("refresh_account", "Refresh the tokens now.", {
             "200": _json(_ref("Account"), "Refreshed."), **_errors(404, 409, 502, 503)}, params=acc,
             tags=("accounts",))},
+        "/api/accounts/{accountId}/diagnose": {"get": _op("diagnose", "Explain a broken mailbox.", {
+            "200": _json(_ref("Diagnosis"), "Checks with verdicts and hints."), **_errors(404)}, params=acc,
+            tags=("accounts",))},
+    }
+
+
+def _mail_paths() -> dict[str, Any]:
+    acc = [ACCOUNT_ID]
+    return {
         "/api/accounts/{accountId}/send": {"post": _op("send_mail", "Send mail as the mailbox.", {
             "202": _json(_ref("SendResult"), "Accepted by Microsoft Graph."),
             **_errors(400, 403, 404, 409, 413, 502, 503)},
@@ -251,10 +265,11 @@ def document() -> dict[str, Any]:
         "/api/accounts/{accountId}/folders": {"get": _op("list_folders", "Mail folders.", {
             "200": _json(_ref("FolderList"), "Folders."), **_errors(403, 404, 409, 502, 503)}, params=acc,
             tags=("mail",))},
-        "/api/accounts/{accountId}/diagnose": {"get": _op("diagnose", "Explain a broken mailbox.", {
-            "200": _json(_ref("Diagnosis"), "Checks with verdicts and hints."), **_errors(404)}, params=acc,
-            tags=("accounts",))},
     }
+
+
+def document() -> dict[str, Any]:
+    paths = {**_connect_paths(), **_account_paths(), **_mail_paths()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Outlook mailbox connector", "version": "1.0.0",

@@ -37,14 +37,13 @@ Azure SDK modules are imported lazily, on the first read: cold start matters on 
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from shared.config import is_loopback_host
 from shared.errors import ConfigurationError, SecretUnavailableError
 
 if TYPE_CHECKING:
@@ -77,14 +76,8 @@ def default_credential(settings: Settings) -> Any:
     return DefaultAzureCredential(exclude_interactive_browser_credential=True)
 
 
-def _is_loopback(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# The vault URL's host is this machine (only the local Key Vault double lives there).
+_is_loopback = is_loopback_host
 
 
 @dataclass(frozen=True)
@@ -283,20 +276,7 @@ class SecretStore:
                 secret_name=name, vault=vault, reason="forbidden", hint=_RBAC_HINT,
             )
         if isinstance(exc, ClientAuthenticationError):
-            from azure.identity import CredentialUnavailableError
-
-            if isinstance(exc, CredentialUnavailableError):
-                return SecretUnavailableError(
-                    f"Could not read {where}: no Azure identity is available to authenticate to the vault.",
-                    secret_name=name, vault=vault, reason="no_identity",
-                    hint="Enable a managed identity on the function app (set AZURE_CLIENT_ID for a user-assigned "
-                    "one); locally, sign in with 'az login' or unset KEY_VAULT_URL.",
-                )
-            return SecretUnavailableError(
-                f"Could not read {where}: the vault did not accept the app's identity (401).",
-                secret_name=name, vault=vault, reason="unauthenticated",
-                hint="Check that the vault is in the managed identity's tenant. " + _RBAC_HINT,
-            )
+            return _identity_error(exc, where, name=name, vault=vault)
         if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
             return SecretUnavailableError(
                 f"Could not read {where}: the vault is unreachable ({type(exc).__name__}).",
@@ -333,3 +313,21 @@ class SecretStore:
                 secret_name=name, vault=self._vault, reason="malformed",
                 hint=f'Store JSON {{"active":"<kid>","keys":{{"<kid>":"<base64 of 32 random bytes>"}}}} as {name}.',
             ) from None
+
+
+def _identity_error(exc: Exception, where: str, *, name: str, vault: str | None) -> SecretUnavailableError:
+    """The vault could not be authenticated to: no identity at all, or one the vault refuses."""
+    from azure.identity import CredentialUnavailableError
+
+    if isinstance(exc, CredentialUnavailableError):
+        return SecretUnavailableError(
+            f"Could not read {where}: no Azure identity is available to authenticate to the vault.",
+            secret_name=name, vault=vault, reason="no_identity",
+            hint="Enable a managed identity on the function app (set AZURE_CLIENT_ID for a user-assigned "
+            "one); locally, sign in with 'az login' or unset KEY_VAULT_URL.",
+        )
+    return SecretUnavailableError(
+        f"Could not read {where}: the vault did not accept the app's identity (401).",
+        secret_name=name, vault=vault, reason="unauthenticated",
+        hint="Check that the vault is in the managed identity's tenant. " + _RBAC_HINT,
+    )

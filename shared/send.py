@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Mapping
 from typing import Any
 
 from shared.accounts import iso, utcnow
-from shared.errors import ConnectorError, UpstreamUnavailableError, ValidationError
-from shared.graph import retry_after_seconds
+from shared.errors import ConnectorError, MicrosoftError, ValidationError
+from shared.graph import GraphClient, TokenSource
 from shared.mail import (
     Attachment,
     AttachmentPlan,
@@ -22,7 +22,8 @@ from shared.mail import (
 log = logging.getLogger("connector.send")
 
 
-def send(graph: Any, token: Any, mailbox: str, req: SendRequest, *, context: dict[str, Any]) -> dict[str, Any]:
+def send(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, *,
+         context: Mapping[str, Any]) -> dict[str, Any]:
     plan = plan_attachments(req)
     if not plan.needs_draft:
         payload = {"message": message_payload(req, inline=plan.inline), "saveToSentItems": req.save_to_sent_items}
@@ -39,8 +40,8 @@ def send(graph: Any, token: Any, mailbox: str, req: SendRequest, *, context: dic
     return {"status": "sent", "trackingId": req.tracking_id, "sentAt": iso(utcnow())}
 
 
-def _send_from_draft(graph: Any, token: Any, mailbox: str, req: SendRequest, plan: AttachmentPlan,
-                     context: dict[str, Any]) -> None:
+def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, plan: AttachmentPlan,
+                     context: Mapping[str, Any]) -> None:
     # https://learn.microsoft.com/graph/outlook-large-attachments
     # Creating a draft delivers nothing, so it is safe to retry (safe=True) and a failure before
     # the final send means "nothing was sent".
@@ -60,59 +61,31 @@ def _send_from_draft(graph: Any, token: Any, mailbox: str, req: SendRequest, pla
                 safe=True, context=context,
                 json={"AttachmentItem": {"attachmentType": "file", "name": att.name, "size": att.size,
                                          "contentType": att.content_type}}).json()
-            _upload(graph, mailbox, session["uploadUrl"], att)
+            _upload(graph, mailbox, session["uploadUrl"], att, context)
         sending = True  # from here on a failure may hide a delivery: keep the draft for inspection
         graph.request("POST", f"me/messages/{draft_id}/send", mailbox=mailbox, token=token, safe=False,
                       headers={"Content-Length": "0"}, context=context)
-    except Exception:
+    except Exception as e:
         if not sending:
             _discard_draft(graph, token, mailbox, draft_id)
+        if isinstance(e, ConnectorError) and e.status == 404:
+            # Our own draft vanished: Microsoft's condition, not an unknown message of the caller (SPEC §3).
+            raise MicrosoftError("The draft being sent disappeared from the mailbox.", code="draft_not_found",
+                                 status=502, microsoft=e.microsoft,
+                                 hint="Check Sent Items, then retry the send.") from None
         raise
 
 
-UPLOAD_RETRY_BUDGET_S = 30.0
-
-
-def _upload(graph: Any, mailbox: str, upload_url: str, att: Attachment) -> None:
-    """Ranged PUTs to the pre-authenticated upload URL: no Authorization header (Graph refuses it).
-
-    A chunk refused with 429/503 stored nothing, so it is sent again after ``Retry-After`` (within a
-    bounded budget; Graph limits uploads to 150 MB per 5 minutes per mailbox). A network error leaves
-    the range's fate unknown: the send stops there, before anything was sent, and the draft is removed.
-    """
-    import requests
-
-    total = att.size
-    sem = graph._limiter.get(mailbox)
-    deadline = time.monotonic() + UPLOAD_RETRY_BUDGET_S
+def _upload(graph: GraphClient, mailbox: str, upload_url: str, att: Attachment,
+            context: Mapping[str, Any]) -> None:
+    """Ranged PUTs, in order, to the session's pre-authenticated URL
+    (https://learn.microsoft.com/graph/outlook-large-attachments). GraphClient owns the limiter and
+    the Retry-After waits; an error here comes before the final send, so nothing was sent."""
     for start, piece in att.chunks():
-        end = start + len(piece) - 1
-        headers = {"Content-Range": f"bytes {start}-{end}/{total}", "Content-Length": str(len(piece)),
-                   "Content-Type": "application/octet-stream"}
-        while True:
-            with sem:
-                try:
-                    resp = graph.session.put(upload_url, data=piece, headers=headers, timeout=(5, 120))
-                except requests.RequestException as e:
-                    raise UpstreamUnavailableError(f"Uploading an attachment failed ({type(e).__name__}).",
-                                                   hint="Retry the send; nothing was sent.") from None
-            if resp.status_code in (200, 201):
-                break
-            wait = retry_after_seconds(resp.headers.get("Retry-After"))
-            if resp.status_code in (429, 503) and time.monotonic() + wait <= deadline:
-                log.info("upload chunk throttled (%d); retrying in %.1f s", resp.status_code, wait)
-                time.sleep(wait)
-                continue
-            from shared.ms_errors import from_graph_response
-
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            raise from_graph_response(resp.status_code, body, resp.headers)
+        graph.upload_range(upload_url, piece, start=start, total=att.size, mailbox=mailbox, context=context)
 
 
-def _discard_draft(graph: Any, token: Any, mailbox: str, draft_id: str) -> None:
+def _discard_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: str) -> None:
     try:
         graph.request("DELETE", f"me/messages/{draft_id}", mailbox=mailbox, token=token, safe=True)
     except ConnectorError as e:

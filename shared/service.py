@@ -1,7 +1,8 @@
 """The connector's operations as plain calls (framework-agnostic core behind the blueprints).
 
-:func:`get_connector` builds one :class:`Connector` per process from the settings; everything
-is created lazily so importing ``function_app`` stays cheap. Blueprints translate HTTP to these
+:class:`Connector` is the composition root and the facade: it builds each part once, lazily
+(importing ``function_app`` stays cheap), and gives every part what it needs, typed and
+keyword-only. Parts never reach back into the connector. Blueprints translate HTTP to these
 methods and back; tests and the operator CLI use them directly.
 """
 
@@ -12,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.accounts import (
     ACTIVE,
@@ -25,17 +26,32 @@ from shared.accounts import (
     utcnow,
 )
 from shared.config import Settings, get_settings
-from shared.errors import (
-    ConflictError,
-    ConnectorError,
-    NotFoundError,
-    OAuthError,
-    ReauthRequiredError,
-    to_problem,
+from shared.errors import ConnectorError, NotFoundError, OAuthError, ReauthRequiredError, to_problem
+from shared.storage import (
+    ACCOUNTS_TABLE,
+    IDEMPOTENCY_TABLE,
+    REFRESH_INDEX_TABLE,
+    REFRESH_QUEUE,
+    STATES_TABLE,
+    WEBHOOK_QUEUE,
+    Storage,
 )
-from shared.storage import ACCOUNTS_TABLE, STATES_TABLE, WEBHOOK_QUEUE, Storage
+
+if TYPE_CHECKING:
+    import requests
+
+    from shared.auth import CallerAuth
+    from shared.graph import GraphClient
+    from shared.mail import SendRequest
+    from shared.oauth import OAuthClient, PendingConnect, TokenResult
+    from shared.refresh import Refresher
+    from shared.refresh_index import RefreshIndex
+    from shared.secret_store import SecretStore
+    from shared.tokens import TokenManager
+    from shared.webhooks import Webhooks
 
 log = logging.getLogger("connector")
+Json = dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -50,36 +66,45 @@ class CallbackOutcome:
     hint: str | None = None
 
 
-class Connector:
-    def __init__(self, settings: Settings, *, storage: Storage | None = None, secrets: Any = None,
-                 session: Any = None) -> None:
-        self.settings = settings
-        self._storage = storage
-        self._secrets = secrets
-        self._session = session
+class _IssuedToken:
+    """A :class:`shared.graph.TokenSource` for a token Entra just issued (the callback's ``/me``)."""
 
-    # -- parts (lazy) -------------------------------------------------------------------------
+    def __init__(self, access_token: str) -> None:
+        self._token = access_token
+
+    def get(self) -> str:
+        return self._token
+
+    def refresh(self, stale: str) -> str:
+        raise ReauthRequiredError("Graph rejected a token that was just issued.")
+
+
+class Connector:
+    def __init__(self, settings: Settings, *, storage: Storage | None = None, secrets: SecretStore | None = None,
+                 session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self._given_storage = storage
+        self._given_secrets = secrets
+        self._given_session = session
+
+    # -- parts (lazy, each built once) --------------------------------------------------------
     @cached_property
     def storage(self) -> Storage:
-        s = self._storage or Storage(self.settings)
+        s = self._given_storage or Storage(self.settings)
         s.ensure()
         return s
 
     @cached_property
-    def secrets(self) -> Any:
-        if self._secrets is None:
-            from shared.secret_store import SecretStore
+    def secrets(self) -> SecretStore:
+        from shared.secret_store import SecretStore
 
-            self._secrets = SecretStore(self.settings)
-        return self._secrets
+        return self._given_secrets or SecretStore(self.settings)
 
     @cached_property
-    def session(self) -> Any:
-        if self._session is None:
-            from shared._http import new_session
+    def session(self) -> requests.Session:
+        from shared._http import new_session
 
-            self._session = new_session(self.settings.ca_bundle, pool_size=64)
-        return self._session
+        return self._given_session or new_session(self.settings.ca_bundle, pool_size=64)
 
     @cached_property
     def accounts(self) -> AccountStore:
@@ -87,61 +112,67 @@ class Connector:
                             on_unknown_key=self.secrets.invalidate_key_ring)
 
     @cached_property
-    def oauth(self) -> Any:
+    def oauth(self) -> OAuthClient:
         from shared.oauth import OAuthClient
 
         return OAuthClient(self.settings, secrets_store=self.secrets, session=self.session,
                            states_table=self.storage.table(STATES_TABLE))
 
     @cached_property
-    def graph(self) -> Any:
+    def graph(self) -> GraphClient:
         from shared.graph import GraphClient
 
         return GraphClient(self.settings.graph_base_url, self.session)
 
     @cached_property
-    def webhooks(self) -> Any:
+    def webhooks(self) -> Webhooks:
         from shared.webhooks import Webhooks
 
         return Webhooks(self.settings.webhook_url, self.settings.webhook_secret,
                         queue=lambda: self.storage.queue(WEBHOOK_QUEUE), session=self.session)
 
     @cached_property
-    def tokens(self) -> Any:
-        from shared.tokens import TokenManager
+    def refresh_index(self) -> RefreshIndex:
+        from shared.refresh_index import RefreshIndex
 
-        return TokenManager(self.accounts, self.oauth, keepalive=dt.timedelta(days=self.settings.keepalive_days),
-                            on_reauth=lambda acc, err: self.webhooks.emit("account.reauth_required", acc.to_public()),
-                            on_refreshed=self._index_refresh)
+        return RefreshIndex(self.storage.table(REFRESH_INDEX_TABLE))
 
     @cached_property
-    def auth(self) -> Any:
+    def tokens(self) -> TokenManager:
+        from shared.tokens import TokenManager
+
+        webhooks = self.webhooks
+        return TokenManager(self.accounts, self.oauth, index=self.refresh_index,
+                            keepalive=dt.timedelta(days=self.settings.keepalive_days),
+                            on_reauth=lambda acc, err: webhooks.emit("account.reauth_required", acc.to_public()))
+
+    @cached_property
+    def refresher(self) -> Refresher:
+        from shared.refresh import Refresher
+
+        return Refresher(accounts=self.accounts, tokens=self.tokens, index=self.refresh_index,
+                         queue=self.storage.queue(REFRESH_QUEUE))
+
+    @cached_property
+    def auth(self) -> CallerAuth:
         from shared.auth import CallerAuth
 
         return CallerAuth(self.settings, session=self.session)
 
-    def _index_refresh(self, account: Account, previous_due: dt.datetime | None = None) -> None:
-        """Keep the refresh due-time index in step with the account (see shared.refresh)."""
-        from shared.refresh import index_account
-
-        index_account(self, account, previous_due=previous_due)
-
     # -- callers ------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> str:
-        owner: str = self.auth.authenticate(authorization)
-        return owner
+        return self.auth.authenticate(authorization)
 
     # -- connect ------------------------------------------------------------------------------
     def start_connect(self, owner: str, *, return_url: str | None, login_hint: str | None = None,
                       domain_hint: str | None = None, prompt: str | None = None,
-                      account_id: str | None = None) -> dict[str, Any]:
+                      account_id: str | None = None) -> Json:
         if account_id:
             self.accounts.get_account(owner, account_id)  # 404 for an unknown or foreign id
         ring = self.secrets.key_ring()
-        result: dict[str, Any] = self.oauth.start_connect(
+        return self.oauth.start_connect(
             owner, return_url=return_url, login_hint=login_hint, domain_hint=domain_hint, prompt=prompt,
             account_id=account_id, seal=lambda data, aad: ring.seal(data, aad=aad))
-        return result
 
     def complete_connect(self, params: dict[str, str]) -> CallbackOutcome:
         """Consume ``state`` once; redeem the code; store the account. Raises only for a bad state."""
@@ -156,158 +187,137 @@ class Connector:
                                    message=err.detail, hint=err.hint)
         return CallbackOutcome(pending.return_url, "connected", account_id=account.id)
 
-    def _store_connection(self, pending: Any, params: dict[str, str]) -> Account:
+    def _store_connection(self, pending: PendingConnect, params: dict[str, str]) -> Account:
         result = self.oauth.redeem_code(pending, params)
         if not result.refresh_token:
             raise OAuthError("Microsoft returned no refresh token (offline_access was not granted).",
                              code="no_refresh_token", hint="Consent to offline access when connecting.")
         claims = result.id_token_claims
         tid = str(claims.get("tid") or "")
-        oid = str(claims.get("oid") or claims.get("sub") or "")
-        home = f"{oid}.{tid}"
-        me = self._read_me(result.access_token, mailbox=home)
-        email = me.get("mail") or me.get("userPrincipalName") or claims.get("preferred_username") or ""
-        now = utcnow()
-        tokens = Tokens(result.access_token, result.refresh_token, result.expires_at, result.scopes, now)
-        owner = pending.owner
-        existing: Account | None = None
-        if pending.account_id:
-            try:
-                existing = self.accounts.get_account(owner, pending.account_id)
-            except NotFoundError:
-                raise OAuthError("The account to re-connect no longer exists.", code="account_not_found") from None
-            if existing.home_account_id and existing.home_account_id != home:
-                raise OAuthError(
-                    f"You signed in as {email}, but this account is {existing.email}.", code="account_mismatch",
-                    hint=f"Sign in with {existing.email} to re-connect it, or connect the other mailbox separately.")
+        home = f"{claims.get('oid') or claims.get('sub') or ''}.{tid}"
+        me = self.graph.get_json("me", mailbox=home, token=_IssuedToken(result.access_token),
+                                 params={"$select": "id,displayName,mail,userPrincipalName"})
+        email = str(me.get("mail") or me.get("userPrincipalName") or claims.get("preferred_username") or "")
+        existing = self._existing_for(pending, home, email)
+        record = self._connected_record(pending.owner, existing, result, home=home, tid=tid, email=email,
+                                        display_name=str(me.get("displayName") or claims.get("name") or ""))
+        if existing:
+            saved = self.accounts.update_with(existing, lambda current: record)  # NotFoundError if deleted
+            event = "account.recovered" if existing.status == REAUTH_REQUIRED else "account.connected"
         else:
-            existing = self.accounts.find_by_home_account(owner, home)
+            saved = self.accounts.create_account(record)
+            event = "account.connected"
+        self.refresh_index.put(saved, previous_due=existing.refresh_due_at if existing else None)
+        self.webhooks.emit(event, saved.to_public())
+        return saved
+
+    def _existing_for(self, pending: PendingConnect, home: str, email: str) -> Account | None:
+        """The record a connection replaces: the re-connected account, or the same mailbox connected before."""
+        if not pending.account_id:
+            return self.accounts.find_by_home_account(pending.owner, home)
+        try:
+            existing = self.accounts.get_account(pending.owner, pending.account_id)
+        except NotFoundError:
+            raise OAuthError("The account to re-connect no longer exists.", code="account_not_found") from None
+        if existing.home_account_id and existing.home_account_id != home:
+            raise OAuthError(
+                f"You signed in as {email}, but this account is {existing.email}.", code="account_mismatch",
+                hint=f"Sign in with {existing.email} to re-connect it, or connect the other mailbox separately.")
+        return existing
+
+    def _connected_record(self, owner: str, existing: Account | None, result: TokenResult, *, home: str, tid: str,
+                          email: str, display_name: str) -> Account:
+        """The new grant's tokens are the newest, so the record replaces whatever a refresher stored."""
+        now = utcnow()
+        tokens = Tokens(result.access_token, result.refresh_token or "", result.expires_at, result.scopes, now)
         account_id = existing.id if existing else new_account_id()
-        record = Account(
-            owner=owner, id=account_id, home_account_id=home, email=email,
-            display_name=me.get("displayName") or claims.get("name") or "", tenant_id=tid,
+        return Account(
+            owner=owner, id=account_id, home_account_id=home, email=email, display_name=display_name, tenant_id=tid,
             account_type=account_type_for(tid), status=ACTIVE, scopes=result.scopes,
             connected_at=existing.connected_at if existing else now, last_refreshed_at=now,
             access_token_expires_at=result.expires_at, last_used_at=existing.last_used_at if existing else None,
             last_error=None, sealed_tokens=self.accounts.seal_tokens(owner, account_id, tokens),
             refresh_due_at=self.tokens.next_due(tokens, now, active_use=False),
         )
-        if existing:
-            saved = self._replace_connection(record, existing)
-            event = "account.recovered" if existing.status == REAUTH_REQUIRED else "account.connected"
-        else:
-            saved = self.accounts.create_account(record)
-            event = "account.connected"
-        self._index_refresh(saved, existing.refresh_due_at if existing else None)
-        self.webhooks.emit(event, saved.to_public())
-        return saved
-
-    def _replace_connection(self, record: Account, existing: Account) -> Account:
-        """Store a re-connection over the existing record, conditional on its ETag.
-
-        The new grant's tokens are the newest, so a concurrent refresh loses to them; but a record
-        deleted meanwhile (the user disconnected) is not brought back.
-        """
-        current = existing
-        for _ in range(5):
-            try:
-                return self.accounts.update_account(replace(record, etag=None), etag=current.etag)
-            except ConflictError:
-                current = self.accounts.get_account(record.owner, record.id)  # NotFoundError if deleted
-        raise ConflictError("The account kept changing while it was re-connected.", hint="Connect again.")
-
-    def _read_me(self, access_token: str, *, mailbox: str) -> dict[str, Any]:
-        class _Fixed:
-            def get(self) -> str:
-                return access_token
-
-            def refresh(self, stale: str) -> str:
-                raise ReauthRequiredError("Graph rejected a token that was just issued.")
-
-        me: dict[str, Any] = self.graph.get_json("me", mailbox=mailbox, token=_Fixed(),
-                                                  params={"$select": "id,displayName,mail,userPrincipalName"})
-        return me
 
     # -- accounts -----------------------------------------------------------------------------
-    def list_accounts(self, owner: str) -> list[dict[str, Any]]:
+    def list_accounts(self, owner: str) -> list[Json]:
         return [a.to_public() for a in self.accounts.list_accounts(owner)]
 
-    def get_account(self, owner: str, account_id: str) -> dict[str, Any]:
+    def get_account(self, owner: str, account_id: str) -> Json:
         return self.accounts.get_account(owner, account_id).to_public()
 
     def delete_account(self, owner: str, account_id: str) -> None:
         acc = self.accounts.delete_account(owner, account_id)
-        from shared.refresh import unindex_account
-
-        unindex_account(self, acc)
+        self.refresh_index.remove(acc)
         self.webhooks.emit("account.disconnected", replace(acc, status="disconnected").to_public())
 
-    def refresh_account(self, owner: str, account_id: str) -> dict[str, Any]:
+    def refresh_account(self, owner: str, account_id: str) -> Json:
+        from shared.tokens import reauth_error
+
         acc = self.accounts.get_account(owner, account_id)
         if acc.status != ACTIVE:
-            from shared.tokens import _reauth_error
-
-            raise _reauth_error(acc)
+            raise reauth_error(acc)
         return self.tokens.refresh(owner, account_id, force=True, account=acc).to_public()
 
     # -- mail ---------------------------------------------------------------------------------
-    def _token_source(self, account: Account) -> Any:
-        from shared.tokens import AccountTokenSource
-
-        return AccountTokenSource(self.tokens, account)
-
-    def _graph_context(self) -> dict[str, Any]:
+    def graph_context(self) -> dict[str, str]:
+        """What Graph error hints may mention (the scopes we ask for)."""
         return {"scopes": " ".join(self.oauth.resource_scopes)}
 
-    def send_mail(self, owner: str, account_id: str, request: Any, *, idempotency_key: str | None,
-                  body_hash: str) -> dict[str, Any]:
+    def send_mail(self, owner: str, account_id: str, request: SendRequest, *, idempotency_key: str | None,
+                  body_hash: str) -> dict[str, str | None]:
         from shared.idempotency import run_once
         from shared.send import send
-        from shared.storage import IDEMPOTENCY_TABLE
+        from shared.tokens import AccountTokenSource
 
         account = self.accounts.get_account(owner, account_id)
 
-        def action() -> dict[str, Any]:
-            token = self._token_source(account)
-            result = send(self.graph, token, account.mailbox_key, request, context=self._graph_context())
-            self.accounts.touch_last_used(token.account, utcnow())
+        def action() -> dict[str, str | None]:
+            token = AccountTokenSource(self.tokens, account)
+            result = send(self.graph, token, account.mailbox_key, request, context=self.graph_context())
+            self.tokens.note_use(token.account)
             return result
 
         return run_once(self.storage.table(IDEMPOTENCY_TABLE), owner, account_id, idempotency_key, body_hash, action)
 
-    def _mail_call(self, owner: str, account_id: str, path: str, **kw: Any) -> tuple[Any, Account]:
+    def mail_get(self, owner: str, account_id: str, path: str, *,
+                 params: dict[str, str] | None = None) -> requests.Response:
+        """One Graph GET as the account (refresh on 401, limiter, Retry-After), recording active use."""
+        from shared.tokens import AccountTokenSource
+
         account = self.accounts.get_account(owner, account_id)
-        token = self._token_source(account)
-        resp = self.graph.request("GET", path, mailbox=account.mailbox_key, token=token, context=self._graph_context(), **kw)
-        self.accounts.touch_last_used(token.account, utcnow())
-        return resp, token.account
+        token = AccountTokenSource(self.tokens, account)
+        resp = self.graph.request("GET", path, mailbox=account.mailbox_key, token=token,
+                                  context=self.graph_context(), params=params)
+        self.tokens.note_use(token.account)
+        return resp
 
     def list_messages(self, owner: str, account_id: str, *, folder: str | None, top: int, cursor: str | None,
-                      unread_only: bool) -> dict[str, Any]:
+                      unread_only: bool) -> Json:
         from shared import messages as m
 
         ring = self.secrets.key_ring()
+        params: dict[str, str] | None = None
         if cursor:
-            path, params = m.open_cursor(ring, owner, account_id, cursor), None
+            path = m.open_cursor(ring, owner, account_id, cursor)
         else:
             path = f"me/mailFolders/{m.folder_segment(folder)}/messages"
             params = {"$top": str(top), "$select": ",".join(m.LIST_FIELDS), "$orderby": "receivedDateTime desc"}
             if unread_only:
                 params["$filter"] = "isRead eq false"
-        resp, _ = self._mail_call(owner, account_id, path, params=params)
-        body = resp.json()
+        body = self.mail_get(owner, account_id, path, params=params).json()
         next_link = body.get("@odata.nextLink")
         return {"messages": [m.map_summary(x) for x in body.get("value", [])],
                 "nextCursor": m.seal_cursor(ring, owner, account_id, next_link) if next_link else None}
 
-    def get_message(self, owner: str, account_id: str, message_id: str) -> dict[str, Any]:
+    def get_message(self, owner: str, account_id: str, message_id: str) -> Json:
         from shared import messages as m
 
         mid = m.check_id(message_id, "messageId")
-        msg, _ = self._mail_call(owner, account_id, f"me/messages/{mid}",
-                                 params={"$select": ",".join(m.DETAIL_FIELDS)})
-        atts, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments",
-                                  params={"$select": "id,name,contentType,size,isInline"})
+        msg = self.mail_get(owner, account_id, f"me/messages/{mid}", params={"$select": ",".join(m.DETAIL_FIELDS)})
+        atts = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments",
+                             params={"$select": "id,name,contentType,size,isInline"})
         return m.map_detail(msg.json(), atts.json().get("value", []))
 
     def get_attachment(self, owner: str, account_id: str, message_id: str,
@@ -316,26 +326,27 @@ class Connector:
 
         mid = m.check_id(message_id, "messageId")
         aid = m.check_id(attachment_id, "attachmentId")
-        meta, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments/{aid}",
-                                  params={"$select": "id,name,contentType,size"})
-        info = meta.json()
-        raw, _ = self._mail_call(owner, account_id, f"me/messages/{mid}/attachments/{aid}/$value")
+        info = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments/{aid}",
+                             params={"$select": "id,name,contentType,size"}).json()
+        raw = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments/{aid}/$value")
         return raw.content, str(info.get("contentType") or "application/octet-stream"), str(info.get("name") or "")
 
-    def list_folders(self, owner: str, account_id: str) -> dict[str, Any]:
+    def list_folders(self, owner: str, account_id: str) -> Json:
         from shared import messages as m
 
-        resp, _ = self._mail_call(owner, account_id, "me/mailFolders", params={"$top": "100"})
+        resp = self.mail_get(owner, account_id, "me/mailFolders", params={"$top": "100"})
         return {"folders": [m.map_folder(f) for f in resp.json().get("value", [])]}
 
-    def diagnose(self, owner: str, account_id: str) -> dict[str, Any]:
-        from shared.diagnose import run_diagnosis
+    def diagnose(self, owner: str, account_id: str) -> Json:
+        from shared.diagnose import Diagnosis
 
-        return run_diagnosis(self, owner, account_id)
+        acc = self.accounts.get_account(owner, account_id)
+        return Diagnosis(tokens=self.tokens, open_tokens=self.accounts.open_tokens, graph=self.graph,
+                         admin_consent_url=self.oauth.admin_consent_url, graph_context=self.graph_context()).run(acc)
 
     # -- health -------------------------------------------------------------------------------
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
+    def health(self) -> tuple[bool, dict[str, Json]]:
+        checks: dict[str, Json] = {}
         for name, fn in (("storage", lambda: self.storage.check()), ("clientSecret", lambda: self.secrets.check()),
                          ("tokenKeys", lambda: self.secrets.key_ring())):
             try:
@@ -344,7 +355,10 @@ class Connector:
             except Exception as e:
                 p = to_problem(e)
                 checks[name] = {"ok": False, "code": p.body["code"], "detail": p.body["detail"]}
-        alert = self.oauth.operator_alert if "oauth" in self.__dict__ else None
+        try:
+            alert = self.oauth.operator_alert
+        except ConnectorError:  # storage down: the storage check above already says so
+            alert = None
         checks["appRegistration"] = ({"ok": True} if alert is None else
                                      {"ok": False, "code": alert.code, "detail": alert.detail, "hint": alert.hint})
         return all(c["ok"] for c in checks.values()), checks

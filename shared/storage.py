@@ -1,21 +1,40 @@
-"""Table and queue clients: a connection string locally (Azurite), managed identity in Azure.
+"""The one storage layer: tables and queues behind small typed wrappers, errors mapped once.
 
-Identity-based settings follow the Functions convention ``AzureWebJobsStorage__accountName`` (or
-``__tableServiceUri`` / ``__queueServiceUri``) with ``__clientId`` for a user-assigned identity:
-https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity
+* **Errors.** Every azure-core error becomes part of the exception tree (:mod:`shared.errors`):
+  404 → :class:`~shared.errors.NotFoundError`, 409 → :class:`~shared.errors.ConflictError`
+  (``already_exists``), 412 → :class:`~shared.errors.ConflictError` (``etag_conflict``), and
+  anything that means "storage is not answering" (connection refused or reset, timeouts, 408,
+  429, 5xx) → :class:`~shared.errors.StorageUnavailableError` (503 with ``Retry-After``). No
+  storage condition reaches a caller as a 500.
+* **Budgets.** Each call has connect/read timeouts and a bounded retry budget, so an HTTP request
+  gets its 503 within about 15 s when storage hangs (``INTERACTIVE``). Timers and queue workers
+  may wait longer: their entry points run inside :func:`background_budget`.
+* **Identity.** A connection string locally (Azurite); in Azure the identity-based settings
+  ``AzureWebJobsStorage__accountName`` (or ``__tableServiceUri`` / ``__queueServiceUri``) with
+  ``__clientId`` for a user-assigned identity:
+  https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity
+
 SDK imports are lazy so that importing ``function_app`` stays cheap (cold start, SPEC §9).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
-from shared.config import Settings
+from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
 
 if TYPE_CHECKING:
-    from azure.data.tables import TableClient
+    from azure.core.credentials import TokenCredential
+    from azure.core.pipeline.transport import HttpTransport
+    from azure.data.tables import TableClient, TableEntity
     from azure.storage.queue import QueueClient
+
+    from shared.config import Settings
 
 ACCOUNTS_TABLE = "accounts"
 STATES_TABLE = "oauthstates"
@@ -26,23 +45,240 @@ REFRESH_QUEUE = "refresh-jobs"
 WEBHOOK_QUEUE = "webhook-deliveries"
 QUEUES = (REFRESH_QUEUE, WEBHOOK_QUEUE)
 
-# Every storage call has a timeout (seconds); the SDK's own retry policy handles transient faults.
-_CLIENT_KW: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20, "retry_total": 3}
+# A value Table Storage can hold (https://learn.microsoft.com/rest/api/storageservices/payload-format-for-table-service-operations).
+EntityValue = str | int | float | bool | bytes | None
+Entity = Mapping[str, EntityValue]
+T = TypeVar("T")
+
+
+class CallOptions(TypedDict, total=False):
+    """azure-core per-call options: transport timeouts and the retry policy's budget."""
+
+    connection_timeout: float
+    read_timeout: float
+    retry_total: int
+
+
+class TableCallOptions(CallOptions, total=False):
+    # Only azure-core's retry policy (Tables) reads these per call; the Queue SDK's own policy would
+    # pass them on to the transport, and it reads ``timeout`` as the server-side timeout.
+    retry_backoff_factor: float
+    retry_backoff_max: float
+    timeout: float  # the whole call, retries included
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Timeouts and retries of one storage call (azure-core transport and retry options)."""
+
+    connection_timeout: float
+    read_timeout: float
+    retry_total: int
+    total_s: float  # the whole call, retries included (azure-core RetryPolicy ``timeout``)
+
+    def call_kw(self) -> CallOptions:
+        return {"connection_timeout": self.connection_timeout, "read_timeout": self.read_timeout,
+                "retry_total": self.retry_total}
+
+    def table_kw(self) -> TableCallOptions:
+        # Tables' retry policy also takes an absolute ``timeout`` for the whole call; the Queue SDK
+        # would send the same keyword to the service as its server-side timeout, so only tables get it.
+        return {"connection_timeout": self.connection_timeout, "read_timeout": self.read_timeout,
+                "retry_total": self.retry_total, "retry_backoff_factor": 0.4, "retry_backoff_max": 2,
+                "timeout": self.total_s}
+
+
+# An HTTP request's worst case when storage hangs: 4 s + 0.4 + 4 s + 0.8 + 4 s ≈ 13 s, then 503.
+INTERACTIVE = Budget(connection_timeout=3, read_timeout=4, retry_total=2, total_s=13)
+BACKGROUND = Budget(connection_timeout=5, read_timeout=20, retry_total=3, total_s=60)
+_budget: contextvars.ContextVar[Budget] = contextvars.ContextVar("storage_budget", default=INTERACTIVE)
+RETRY_AFTER_S = 5
+
+
+@contextlib.contextmanager
+def background_budget() -> Iterator[None]:
+    """Storage calls inside may wait longer (timers and queue workers: nobody is waiting on them)."""
+    token = _budget.set(BACKGROUND)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def unavailable(what: str) -> StorageUnavailableError:
+    return StorageUnavailableError(f"Table or queue storage is unavailable ({what}).", retry_after=RETRY_AFTER_S,
+                                   hint="Retry after the given delay; nothing was changed by this request.")
+
+
+def mapped(call: Callable[[], T]) -> T:
+    """Run one storage call; translate azure-core's errors into the exception tree."""
+    from azure.core.exceptions import (
+        AzureError,
+        HttpResponseError,
+        ResourceExistsError,
+        ResourceModifiedError,
+        ResourceNotFoundError,
+    )
+
+    try:
+        return call()
+    except ResourceNotFoundError:
+        raise NotFoundError("The storage record does not exist.", code="not_found") from None
+    except ResourceModifiedError:
+        raise ConflictError("The record changed concurrently.", code="etag_conflict") from None
+    except ResourceExistsError:
+        raise ConflictError("The record already exists.", code="already_exists") from None
+    except HttpResponseError as e:
+        status = e.status_code or 0
+        if status == 404:  # e.g. a transaction naming a row that is gone
+            raise NotFoundError("The storage record does not exist.", code="not_found") from None
+        if status == 409:
+            raise ConflictError("The record already exists.", code="already_exists") from None
+        if status == 412:
+            raise ConflictError("The record changed concurrently.", code="etag_conflict") from None
+        if status in (408, 429) or status >= 500:
+            raise unavailable(f"answered {status}") from None
+        raise
+    except AzureError as e:  # ServiceRequestError, ServiceResponseError, timeouts: nothing answered
+        raise unavailable(type(e).__name__) from None
+
+
+class Table:
+    """One table: typed calls, errors mapped, every call within the current :class:`Budget`."""
+
+    def __init__(self, client: TableClient) -> None:
+        self._client = client
+        self.name = client.table_name
+
+    def get(self, pk: str, rk: str, *, select: Sequence[str] | None = None) -> TableEntity:
+        kw = _budget.get().table_kw()
+        return mapped(lambda: self._client.get_entity(pk, rk, select=list(select) if select else None, **kw))
+
+    def query(self, query_filter: str, *, parameters: Mapping[str, str] | None = None,
+              select: Sequence[str] | None = None, page_size: int | None = None) -> list[TableEntity]:
+        """All rows matching the filter (the pages are read inside the error mapping)."""
+        def run() -> list[TableEntity]:
+            return list(self._client.query_entities(query_filter, parameters=dict(parameters or {}),
+                                                    select=list(select) if select else None,
+                                                    results_per_page=page_size, **_budget.get().table_kw()))
+        return mapped(run)
+
+    def scan(self) -> list[TableEntity]:
+        """Every row (operator commands only: a request or timer never scans a table)."""
+        return mapped(lambda: list(self._client.list_entities(**_budget.get().table_kw())))
+
+    def first(self, query_filter: str, *, parameters: Mapping[str, str] | None = None) -> TableEntity | None:
+        def run() -> TableEntity | None:
+            pages = self._client.query_entities(query_filter, parameters=dict(parameters or {}), results_per_page=1,
+                                                **_budget.get().table_kw())
+            return next(iter(pages), None)
+        return mapped(run)
+
+    def create(self, entity: Entity) -> str:
+        """Insert; :class:`ConflictError` (``already_exists``) if the row exists. Returns the ETag."""
+        return _etag(mapped(lambda: self._client.create_entity(entity, **_budget.get().table_kw())))
+
+    def replace(self, entity: Entity, *, etag: str | None) -> str:
+        """Replace the row, conditional on ``etag`` when given (else an upsert). Returns the new ETag."""
+        from azure.core import MatchConditions
+        from azure.data.tables import UpdateMode
+
+        kw = _budget.get().table_kw()
+        if etag:
+            return _etag(mapped(lambda: self._client.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified, **kw)))
+        return _etag(mapped(lambda: self._client.upsert_entity(entity, mode=UpdateMode.REPLACE, **kw)))
+
+    def merge(self, entity: Entity, *, etag: str | None = None) -> str:
+        """Merge the given properties into an existing row (conditional on ``etag`` when given)."""
+        from azure.core import MatchConditions
+        from azure.data.tables import UpdateMode
+
+        cond = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
+        return _etag(mapped(lambda: self._client.update_entity(entity, mode=UpdateMode.MERGE, etag=etag,
+                                                               match_condition=cond, **_budget.get().table_kw())))
+
+    def upsert(self, entity: Entity) -> str:
+        from azure.data.tables import UpdateMode
+
+        return _etag(mapped(lambda: self._client.upsert_entity(entity, mode=UpdateMode.MERGE,
+                                                               **_budget.get().table_kw())))
+
+    def delete_if_present(self, pk: str, rk: str, *, etag: str | None = None) -> bool:
+        """Delete the row; False if it was already gone (or, with ``etag``, is no longer that version)."""
+        from azure.core import MatchConditions
+
+        cond = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
+        try:
+            mapped(lambda: self._client.delete_entity(pk, rk, etag=etag, match_condition=cond,
+                                                      **_budget.get().table_kw()))
+        except NotFoundError:
+            return False
+        except ConflictError:
+            if etag:
+                return False
+            raise
+        return True
+
+    def submit(self, operations: Iterable[tuple[str, Entity]]) -> None:
+        """One entity-group transaction (≤ 100 operations, one partition)."""
+        ops = list(operations)
+        if ops:
+            mapped(lambda: self._client.submit_transaction(ops, **_budget.get().table_kw()))
+
+    def purge(self, query_filter: str, *, parameters: Mapping[str, str] | None = None) -> int:
+        """Delete every row matching the filter, row by row (rows removed meanwhile are skipped)."""
+        rows = self.query(query_filter, parameters=parameters, select=["PartitionKey", "RowKey"])
+        return sum(self.delete_if_present(str(e["PartitionKey"]), str(e["RowKey"])) for e in rows)
+
+    def create_if_missing(self) -> None:
+        try:
+            mapped(lambda: self._client.create_table(**_budget.get().table_kw()))
+        except ConflictError:
+            pass
+
+
+class Queue:
+    """One queue (base64 messages, as the Functions queue trigger expects by default)."""
+
+    def __init__(self, client: QueueClient) -> None:
+        self._client = client
+        self.name = client.queue_name
+
+    def send(self, message: bytes, *, visibility_timeout: int | None = None) -> None:
+        kw = _budget.get().call_kw()
+        mapped(lambda: self._client.send_message(message, visibility_timeout=visibility_timeout or None, **kw))
+
+    def create_if_missing(self) -> None:
+        try:
+            mapped(lambda: self._client.create_queue(**_budget.get().call_kw()))
+        except ConflictError:
+            pass
+
+
+def _etag(meta: Mapping[str, object]) -> str:
+    return str(meta.get("etag") or "")
+
+
+def etag_of(entity: TableEntity) -> str | None:
+    etag = entity.metadata.get("etag")
+    return str(etag) if etag else None
 
 
 class Storage:
-    """Lazily created, cached clients for the app's tables and queues (thread-safe)."""
+    """Lazily created, cached table and queue wrappers (thread-safe); one shared HTTP transport."""
 
-    def __init__(self, settings: Settings, *, credential: Any = None, transport: Any = None) -> None:
+    def __init__(self, settings: Settings, *, credential: TokenCredential | None = None,
+                 transport: HttpTransport | None = None) -> None:
         self._settings = settings
         self._credential = credential
         self._transport = transport
         self._lock = threading.Lock()
-        self._tables: dict[str, TableClient] = {}
-        self._queues: dict[str, QueueClient] = {}
+        self._tables: dict[str, Table] = {}
+        self._queues: dict[str, Queue] = {}
         self._ensured = False
 
-    def _get_credential(self) -> Any:
+    def _get_credential(self) -> TokenCredential:
         if self._credential is None:
             from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
@@ -58,12 +294,12 @@ class Storage:
             return explicit
         return f"https://{self._settings.storage_account_name}.{kind}.core.windows.net"
 
-    def _client_kw(self) -> dict[str, Any]:
-        """Client options: timeouts, retries, and one shared HTTP transport for every table and queue.
+    def _shared_transport(self) -> HttpTransport:
+        """One HTTP transport for every table and queue client.
 
-        The transport's session comes from :func:`shared._http.new_session`: ``trust_env`` off (azure-core's
-        default session reads proxy settings and REQUESTS_CA_BUNDLE from the environment on every request,
-        which costs measurable CPU per call and lets the environment change what TLS trusts) and a pooled
+        Its session comes from :func:`shared._http.new_session`: ``trust_env`` off (azure-core's default
+        session reads proxy settings and REQUESTS_CA_BUNDLE from the environment on every request, which
+        costs measurable CPU per call and lets the environment change what TLS trusts) and a pooled
         connection set shared by all clients.
         """
         if self._transport is None:
@@ -72,68 +308,68 @@ class Storage:
             from shared._http import new_session
 
             self._transport = RequestsTransport(session=new_session(None, pool_size=64), session_owner=False)
-        return dict(_CLIENT_KW, transport=self._transport)
+        return self._transport
 
-    def table(self, name: str) -> TableClient:
-        client = self._tables.get(name)
-        if client is None:
-            from azure.data.tables import TableClient
+    def table(self, name: str) -> Table:
+        with self._lock:
+            table = self._tables.get(name)
+            if table is None:
+                from azure.data.tables import TableClient
 
-            with self._lock:
-                client = self._tables.get(name)
-                if client is None:
-                    cs = self._settings.storage_connection_string
-                    if cs:
-                        client = TableClient.from_connection_string(cs, name, **self._client_kw())
-                    else:
-                        client = TableClient(self._endpoint("table"), name, credential=self._get_credential(),
-                                             **self._client_kw())
-                    self._tables[name] = client
-        return client
+                cs = self._settings.storage_connection_string
+                kw = INTERACTIVE.table_kw()
+                transport = self._shared_transport()
+                client = (TableClient.from_connection_string(cs, name, transport=transport, **kw) if cs else
+                          TableClient(self._endpoint("table"), name, credential=self._get_credential(),
+                                      transport=transport, **kw))
+                table = self._tables[name] = Table(client)
+        return table
 
-    def queue(self, name: str) -> QueueClient:
-        client = self._queues.get(name)
-        if client is None:
-            from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+    def queue(self, name: str) -> Queue:
+        with self._lock:
+            queue = self._queues.get(name)
+            if queue is None:
+                from azure.storage.queue import (
+                    BinaryBase64DecodePolicy,
+                    BinaryBase64EncodePolicy,
+                    LinearRetry,
+                    QueueClient,
+                )
 
-            # The Functions queue trigger expects base64 messages by default (host.json messageEncoding).
-            kw = dict(self._client_kw(), message_encode_policy=BinaryBase64EncodePolicy(),
-                      message_decode_policy=BinaryBase64DecodePolicy())
-            with self._lock:
-                client = self._queues.get(name)
-                if client is None:
-                    cs = self._settings.storage_connection_string
-                    if cs:
-                        client = QueueClient.from_connection_string(cs, name, **kw)
-                    else:
-                        client = QueueClient(self._endpoint("queue"), name, credential=self._get_credential(), **kw)
-                    self._queues[name] = client
-        return client
+                # The Functions queue trigger expects base64 messages by default (host.json messageEncoding).
+                enc, dec = BinaryBase64EncodePolicy(), BinaryBase64DecodePolicy()
+                # The Queue SDK's default retry waits 15 s before its first retry: far beyond the budget.
+                retry = LinearRetry(backoff=1, random_jitter_range=1, retry_total=INTERACTIVE.retry_total)
+                cs = self._settings.storage_connection_string
+                kw = INTERACTIVE.call_kw()
+                transport = self._shared_transport()
+                client = (QueueClient.from_connection_string(cs, name, message_encode_policy=enc,
+                                                             message_decode_policy=dec, transport=transport,
+                                                             retry_policy=retry, **kw)
+                          if cs else
+                          QueueClient(self._endpoint("queue"), name, credential=self._get_credential(),
+                                      message_encode_policy=enc, message_decode_policy=dec, transport=transport,
+                                      retry_policy=retry, **kw))
+                queue = self._queues[name] = Queue(client)
+        return queue
 
     def ensure(self) -> None:
         """Create missing tables and queues when running on a connection string (Azurite starts empty).
 
         In Azure, Bicep provisions them and the app's identity holds data-plane roles only, so
-        nothing is created (or attempted) there.
+        nothing is created (or attempted) there. Not marked done until it succeeded, so a start
+        while storage is down recovers by itself.
         """
-        if self._ensured or not self._settings.storage_connection_string:
-            self._ensured = True
+        if self._ensured:
             return
-        from azure.core.exceptions import ResourceExistsError
-
-        for t in TABLES:
-            try:
-                self.table(t).create_table()
-            except ResourceExistsError:
-                pass
-        for q in QUEUES:
-            try:
-                self.queue(q).create_queue()
-            except ResourceExistsError:
-                pass
+        if self._settings.storage_connection_string:
+            for t in TABLES:
+                self.table(t).create_if_missing()
+            for q in QUEUES:
+                self.queue(q).create_if_missing()
         self._ensured = True
 
     def check(self) -> None:
         """Raise if the accounts table cannot be read (health check)."""
         self.ensure()
-        next(iter(self.table(ACCOUNTS_TABLE).query_entities("PartitionKey eq 'health'", results_per_page=1)), None)
+        self.table(ACCOUNTS_TABLE).first("PartitionKey eq 'health'")

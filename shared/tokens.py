@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
-from shared.errors import ConflictError, ReauthRequiredError, StorageUnavailableError, UpstreamUnavailableError
+from shared.backoff import backoff_delay
+from shared.errors import (
+    ConflictError,
+    NotFoundError,
+    ReauthRequiredError,
+    StorageUnavailableError,
+    UpstreamUnavailableError,
+)
+
+if TYPE_CHECKING:
+    from shared.oauth import OAuthClient
+    from shared.refresh_index import RefreshIndex
 
 log = logging.getLogger("connector.tokens")
 
@@ -33,20 +43,21 @@ REFRESH_MARGIN = dt.timedelta(minutes=5)  # renew an access token this long befo
 # says the client secret is stale and the vault is re-read), so a live holder keeps its lease.
 LEASE = dt.timedelta(seconds=120)
 WAIT_FOR_LEASE_S = 45.0
+ACTIVE_USE = dt.timedelta(days=1)  # used within this window: keep its access token renewed ahead of expiry
+USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one write an hour per account
 
 
 class TokenManager:
-    def __init__(self, store: AccountStore, oauth: Any, *, keepalive: dt.timedelta,
+    def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: RefreshIndex, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
-                 on_refreshed: Callable[[Account, dt.datetime | None], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE) -> None:
         self._store = store
-        self._lease = lease
         self._oauth = oauth
+        self._index = index
         self._keepalive = keepalive
         self._on_reauth = on_reauth
-        self._on_refreshed = on_refreshed
         self._sleep = sleep
+        self._lease = lease
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
@@ -67,20 +78,43 @@ class TokenManager:
         """When the refresher should next look at this account (SPEC §6 policy)."""
         # Jitter moves due times earlier by a random amount so that accounts connected together
         # do not renew together (SPEC §6: spread load instead of synchronised bursts).
-        keepalive = tokens.refresh_token_issued_at + self._keepalive - self._keepalive / 14 * random.random()
+        keepalive = tokens.refresh_token_issued_at + self._keepalive - self._keepalive / 14 * _jitter()
         if active_use:
-            return min(tokens.expires_at - REFRESH_MARGIN * (2 + random.random()), keepalive)
+            return min(tokens.expires_at - REFRESH_MARGIN * (2 + _jitter()), keepalive)
         return keepalive
+
+    def current_access_token(self, account: Account) -> str:
+        """The access token stored on this record, as it is (no freshness check)."""
+        return self._store.open_tokens(account).access_token
 
     def access_token(self, account: Account) -> tuple[str, Account]:
         """A valid access token; refreshing only when it is about to expire (no write otherwise)."""
         if account.status != ACTIVE:
-            raise _reauth_error(account)
+            raise reauth_error(account)
         tokens = self._store.open_tokens(account)
         if self._fresh(tokens, utcnow()):
             return tokens.access_token, account
         account = self.refresh(account.owner, account.id, force=False)
-        return self._store.open_tokens(account).access_token, account
+        return self.current_access_token(account), account
+
+    def note_use(self, account: Account, now: dt.datetime | None = None) -> Account:
+        """Record active use (SPEC §6): ``lastUsedAt``, and move the due time ahead of the access
+        token's expiry so the timer renews it before the next use needs it."""
+        now = now or utcnow()
+        if account.last_used_at and now - account.last_used_at < USE_RECORD_INTERVAL:
+            return account
+        due = account.refresh_due_at
+        if account.status == ACTIVE and account.sealed_tokens:
+            wanted = self.next_due(self._store.open_tokens(account), now, active_use=True)
+            due = wanted if due is None or wanted < due else None
+        else:
+            due = None
+        saved = self._store.record_use(account, now, due=due)
+        if saved is None:
+            return account
+        if due is not None:
+            self._index.put(saved, previous_due=account.refresh_due_at)
+        return saved
 
     def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None,
                 account: Account | None = None, previous_row_consumed: bool = False) -> Account:
@@ -89,56 +123,66 @@ class TokenManager:
         ``account``: the record as the caller just read it, which spares one read; its ETag makes
         the lease write fail (and the loop re-read) if it is no longer current.
         ``previous_row_consumed``: the due-time index no longer holds a row for the old due time
-        (the refresh timer took it), so ``on_refreshed`` is told there is nothing to remove.
+        (the refresh timer took it), so there is no row to remove.
         """
         with self._local_lock(account_id):
-            deadline = time.monotonic() + WAIT_FOR_LEASE_S
-            delay = 0.05
-            while True:
-                acc = account if account is not None else self._store.get_account(owner, account_id)
-                account = None  # any further round reads the record afresh
-                if acc.status != ACTIVE:
-                    raise _reauth_error(acc)
-                tokens = self._store.open_tokens(acc)
-                now = utcnow()
-                if stale_access_token is not None and tokens.access_token != stale_access_token \
-                        and self._fresh(tokens, now):
-                    return acc  # someone refreshed since the caller's token was rejected
-                if not force and stale_access_token is None and self._fresh(tokens, now):
-                    return acc
-                if acc.lease_id and acc.lease_until and acc.lease_until > now:
-                    if time.monotonic() > deadline:
-                        raise UpstreamUnavailableError("Another refresh of this account is taking too long.",
-                                                       hint="Retry shortly.")
-                    self._sleep(delay)  # another instance holds the lease: wait for its result
-                    delay = min(delay * 2, 1.0)
-                    if force:
-                        force = False  # the holder's refresh is as good as ours
-                        stale_access_token = tokens.access_token
-                    continue
-                lease = secrets.token_hex(8)
-                try:
-                    acc = self._store.update_account(replace(acc, lease_id=lease, lease_until=now + self._lease),
-                                                     etag=acc.etag)
-                except StorageUnavailableError:
-                    # The write may have landed before the failure: never leave a lease nobody will use.
-                    try:
-                        mine = self._store.get_account(owner, account_id)
-                        if mine.lease_id == lease:
-                            self._release(mine, lease)
-                    except StorageUnavailableError:
-                        pass  # the lease expires by itself
-                    raise
-                except ConflictError:
-                    # The SDK retries a write whose response was lost; the retry then fails its ETag
-                    # check although the first attempt took the lease. A row carrying our lease is ours.
-                    mine = self._store.get_account(owner, account_id)
-                    if mine.lease_id != lease:
-                        continue
-                    acc = mine
-                break
+            leased = self._take_lease(owner, account_id, force=force, stale_access_token=stale_access_token,
+                                      account=account)
+            if isinstance(leased, Account):
+                return leased  # someone else's refresh is as good as ours
+            acc, tokens, lease = leased
             return self._refresh_with_lease(acc, tokens, lease,
                                             previous_due=None if previous_row_consumed else acc.refresh_due_at)
+
+    def _take_lease(self, owner: str, account_id: str, *, force: bool, stale_access_token: str | None,
+                    account: Account | None) -> Account | tuple[Account, Tokens, str]:
+        """Lease the row for one refresh, or return the record when no refresh is needed any more."""
+        deadline = time.monotonic() + WAIT_FOR_LEASE_S
+        delay = 0.05
+        while True:
+            acc = account if account is not None else self._store.get_account(owner, account_id)
+            account = None  # any further round reads the record afresh
+            if acc.status != ACTIVE:
+                raise reauth_error(acc)
+            tokens = self._store.open_tokens(acc)
+            now = utcnow()
+            if stale_access_token is not None and tokens.access_token != stale_access_token \
+                    and self._fresh(tokens, now):
+                return acc  # someone refreshed since the caller's token was rejected
+            if not force and stale_access_token is None and self._fresh(tokens, now):
+                return acc
+            if acc.lease_id and acc.lease_until and acc.lease_until > now:
+                if time.monotonic() > deadline:
+                    raise UpstreamUnavailableError("Another refresh of this account is taking too long.",
+                                                   hint="Retry shortly.")
+                self._sleep(delay)  # another instance holds the lease: wait for its result
+                delay = min(delay * 2, 1.0)
+                if force:
+                    force = False  # the holder's refresh is as good as ours
+                    stale_access_token = tokens.access_token
+                continue
+            lease = secrets.token_hex(8)
+            mine = self._write_lease(acc, lease, now)
+            if mine is not None:
+                return mine, tokens, lease
+
+    def _write_lease(self, acc: Account, lease: str, now: dt.datetime) -> Account | None:
+        """Take the lease with an ETag-conditional write; None when another writer came first."""
+        try:
+            return self._store.update_account(replace(acc, lease_id=lease, lease_until=now + self._lease),
+                                              etag=acc.etag)
+        except StorageUnavailableError:
+            # The write may have landed before the failure: never leave a lease nobody will use.
+            try:
+                self._release(self._store.get_account(acc.owner, acc.id), lease)
+            except StorageUnavailableError:
+                pass  # the lease expires by itself
+            raise
+        except ConflictError:
+            # The SDK retries a write whose response was lost; the retry then fails its ETag
+            # check although the first attempt took the lease. A row carrying our lease is ours.
+            current = self._store.get_account(acc.owner, acc.id)
+            return current if current.lease_id == lease else None
 
     def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str, *,
                             previous_due: dt.datetime | None) -> Account:
@@ -161,37 +205,36 @@ class TokenManager:
             refresh_token_issued_at=now if result.refresh_token else tokens.refresh_token_issued_at,
         )
         sealed = self._store.seal_tokens(acc.owner, acc.id, new_tokens, ring=ring)
-        transient_failures = 0
-        while True:
-            fresh = replace(acc, sealed_tokens=sealed, lease_id=None, lease_until=None, last_refreshed_at=now,
-                            access_token_expires_at=new_tokens.expires_at, scopes=new_tokens.scopes or acc.scopes,
-                            last_error=None,
-                            refresh_due_at=self.next_due(new_tokens, now, active_use=_recently_used(acc, now)))
+
+        def store(current: Account) -> Account | None:
+            if current is not acc and current.lease_id != lease and not self._still_ours_to_write(current, tokens):
+                # Our lease expired and someone else stored newer tokens: never overwrite them.
+                log.warning("lost the refresh lease on %s; keeping the other writer's tokens", acc.id)
+                return None
+            return replace(current, sealed_tokens=sealed, lease_id=None, lease_until=None, last_refreshed_at=now,
+                           access_token_expires_at=new_tokens.expires_at, scopes=new_tokens.scopes or current.scopes,
+                           last_error=None,
+                           refresh_due_at=self.next_due(new_tokens, now, active_use=_recently_used(current, now)))
+
+        saved = self._store_rotated(acc, lease, store, landed=lambda cur: cur.sealed_tokens == sealed)
+        if saved.sealed_tokens == sealed:
+            self._index.put(saved, previous_due=previous_due)
+        return saved
+
+    def _store_rotated(self, acc: Account, lease: str, store: Callable[[Account], Account | None], *,
+                       landed: Callable[[Account], bool]) -> Account:
+        """Write the rotated tokens. The new refresh token exists only in this process now: keep trying
+        through storage outages while the lease is ours (the storage layer has retried each attempt)."""
+        for failures in range(1, 7):
             try:
-                saved = self._store.update_account(fresh, etag=acc.etag)
-                break
-            except ConflictError:
-                acc = self._store.get_account(acc.owner, acc.id)
-                if acc.sealed_tokens == sealed:
-                    # Our write landed; its response was lost and the SDK's retry failed the ETag check.
-                    saved = acc
-                    break
-                if acc.lease_id != lease and not self._still_ours_to_write(acc, tokens):
-                    # Our lease expired and someone else stored newer tokens: never overwrite them.
-                    log.warning("lost the refresh lease on %s; keeping the other writer's tokens", acc.id)
-                    return acc
+                return self._store.update_with(acc, store, landed=landed, attempts=50)
             except StorageUnavailableError:
-                # The new refresh token exists only in this process now: keep trying while the lease
-                # is ours (the SDK has already retried each attempt).
-                transient_failures += 1
-                if transient_failures > 5 or (acc.lease_until and utcnow() > acc.lease_until):
+                if failures == 6 or (acc.lease_until and utcnow() > acc.lease_until):
                     log.error("could not store the rotated tokens of %s: storage unavailable", acc.id)
                     self._release(acc, lease)
                     raise
-                self._sleep(min(0.5 * 2 ** transient_failures, 8.0) * (0.5 + random.random()))
-        if self._on_refreshed:
-            self._on_refreshed(saved, previous_due)
-        return saved
+                self._sleep(backoff_delay(failures, base=0.5, cap=8.0))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _still_ours_to_write(self, acc: Account, used: Tokens) -> bool:
         """After losing the lease: may we still store our fresh tokens?
@@ -206,17 +249,12 @@ class TokenManager:
 
     def _release(self, acc: Account, lease: str) -> None:
         """Best effort: a lease that cannot be cleared now expires by itself (``LEASE``)."""
-        for _ in range(5):
-            try:
-                self._store.update_account(replace(acc, lease_id=None, lease_until=None), etag=acc.etag)
-                return
-            except StorageUnavailableError:
-                log.warning("could not release the refresh lease on %s (storage unavailable)", acc.id)
-                return
-            except ConflictError:
-                acc = self._store.get_account(acc.owner, acc.id)
-                if acc.lease_id != lease:
-                    return
+        try:
+            self._store.update_with(
+                acc, lambda cur: replace(cur, lease_id=None, lease_until=None) if cur.lease_id == lease else None,
+                attempts=5)
+        except (StorageUnavailableError, ConflictError, NotFoundError) as e:
+            log.warning("could not release the refresh lease on %s (%s)", acc.id, e.code)
 
     def _on_dead_grant(self, acc: Account, used: Tokens, lease: str, err: ReauthRequiredError) -> Account:
         """``invalid_grant`` for the refresh token we used: a dead grant, or a lost rotation race.
@@ -235,31 +273,36 @@ class TokenManager:
     def _mark_reauth(self, acc: Account, lease: str, err: ReauthRequiredError) -> Account:
         now = utcnow()
         reason = str(err.extra.get("reason") or err.code)
-        while True:
-            dead = replace(acc, status=REAUTH_REQUIRED, sealed_tokens=None, lease_id=None, lease_until=None,
-                           refresh_due_at=None,
-                           last_error={"code": reason, "message": err.detail[:300], "at": iso(now)})
-            try:
-                saved = self._store.update_account(dead, etag=acc.etag)
-                break
-            except ConflictError:
-                acc = self._store.get_account(acc.owner, acc.id)
-                if acc.status == REAUTH_REQUIRED and not acc.sealed_tokens and acc.last_error == dead.last_error:
-                    saved = acc  # our write landed; the SDK's retry of it failed the ETag check
-                    break
-                if acc.lease_id != lease:
-                    return acc
+        last_error = {"code": reason, "message": err.detail[:300], "at": iso(now) or ""}
+
+        def dead(current: Account) -> Account | None:
+            if current is not acc and current.lease_id != lease:
+                return None  # someone else owns the row now
+            return replace(current, status=REAUTH_REQUIRED, sealed_tokens=None, lease_id=None, lease_until=None,
+                           refresh_due_at=None, last_error=last_error)
+
+        saved = self._store.update_with(acc, dead, landed=lambda cur: cur.status == REAUTH_REQUIRED
+                                        and not cur.sealed_tokens and cur.last_error == last_error)
+        if saved.last_error != last_error:
+            return saved  # not our write: whoever owns the row now decided its state
+        self._index.put(saved, previous_due=acc.refresh_due_at)
         log.warning("account %s needs re-authentication: %s", acc.id, reason)
         if self._on_reauth:
             self._on_reauth(saved, err)
         raise err
 
 
+def _jitter() -> float:
+    import random
+
+    return random.random()
+
+
 def _recently_used(acc: Account, now: dt.datetime) -> bool:
-    return bool(acc.last_used_at and now - acc.last_used_at < dt.timedelta(days=1))
+    return bool(acc.last_used_at and now - acc.last_used_at < ACTIVE_USE)
 
 
-def _reauth_error(acc: Account) -> ReauthRequiredError:
+def reauth_error(acc: Account) -> ReauthRequiredError:
     return ReauthRequiredError("The mailbox must be re-connected before it can be used.",
                                hint="Start the connect flow again with accountId to keep the account id.",
                                extra={"accountId": acc.id})
@@ -278,4 +321,4 @@ class AccountTokenSource:
 
     def refresh(self, stale: str) -> str:
         self.account = self._m.refresh(self.account.owner, self.account.id, force=False, stale_access_token=stale)
-        return self._m._store.open_tokens(self.account).access_token
+        return self._m.current_access_token(self.account)

@@ -17,12 +17,21 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shared.accounts import iso, utcnow
+from shared.backoff import backoff_delay
+from shared.errors import StorageUnavailableError
+
+if TYPE_CHECKING:
+    import requests
+
+    from shared.storage import Queue
+
+AccountJson = dict[str, object]
 
 log = logging.getLogger("connector.webhooks")
 
@@ -51,17 +60,18 @@ def verify(secret: str, body: bytes, header: str, *, now: int | None = None, tol
 
 
 class Webhooks:
-    def __init__(self, url: str | None, secret: str | None, *, queue: Any, session: Any) -> None:
+    def __init__(self, url: str | None, secret: str | None, *, queue: Callable[[], Queue],
+                 session: requests.Session) -> None:
         self._url = url
         self._secret = secret
-        self._queue = queue  # callable returning the QueueClient (lazy)
+        self._queue = queue  # the queue, created on first use
         self._session = session
 
     @property
     def enabled(self) -> bool:
         return bool(self._url and self._secret)
 
-    def emit(self, event: str, account: dict[str, Any]) -> None:
+    def emit(self, event: str, account: AccountJson) -> None:
         """Enqueue an event; never raises (a webhook problem must not fail the operation)."""
         if not self.enabled:
             return
@@ -70,9 +80,9 @@ class Webhooks:
         payload = {"id": "evt_" + uuid.uuid4().hex, "type": event, "createdAt": iso(utcnow()),
                    "data": {"account": account}}
         try:
-            self._queue().send_message(json.dumps({"attempt": 0, "event": payload}).encode())
-        except Exception as e:
-            log.error("could not enqueue webhook %s: %s", event, type(e).__name__)
+            self._queue().send(json.dumps({"attempt": 0, "event": payload}).encode())
+        except StorageUnavailableError as e:
+            log.error("could not enqueue webhook %s: %s", event, e.code)
 
     def deliver(self, message: bytes) -> None:
         """Queue-trigger body: POST once; on failure re-enqueue with backoff instead of raising."""
@@ -102,6 +112,6 @@ class Webhooks:
         if attempt >= MAX_ATTEMPTS:
             log.error("webhook %s (%s) abandoned after %d attempts: %s", event["type"], event["id"], attempt, why)
             return
-        delay = min(3600, int(2 ** attempt * 5 * (0.5 + random.random())))  # exponential backoff, jitter
+        delay = int(backoff_delay(attempt, base=5, cap=3600))
         log.warning("webhook %s failed (%s); retry %d in %d s", event["type"], why, attempt, delay)
-        self._queue().send_message(json.dumps({"attempt": attempt, "event": event}).encode(), visibility_timeout=delay)
+        self._queue().send(json.dumps({"attempt": attempt, "event": event}).encode(), visibility_timeout=delay)

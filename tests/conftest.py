@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -185,29 +184,15 @@ def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) ->
         # handling is observable quickly; the same override syntax works on Azure.
         "AzureFunctionsJobHost__extensions__queues__visibilityTimeout": "00:00:00",
     })
-    ARTIFACTS.mkdir(exist_ok=True)
+    from devstack.process import start_host
+
     log_path = ARTIFACTS / "host.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    h = Host(base, env, log_path, proc)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"dev host exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            return h.http.get(base + "/api/health", timeout=5).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_for(healthy, timeout=60, what="the dev host to answer /api/health")
-    yield h
-    proc.terminate()
+    proc = start_host(env, port, log_path)
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        proc.wait_healthy(60)
+        yield Host(base, env, log_path, proc.proc)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

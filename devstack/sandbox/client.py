@@ -95,6 +95,10 @@ class SandboxControl:
     def set_token_latency(self, ms: int) -> None:
         self._call("POST", "/token_latency", json={"ms": ms})
 
+    def set_access_token_lifetime(self, seconds: int | None) -> None:
+        """Entra's configurable access-token lifetime (600-86400 s); None restores 60-90 minutes."""
+        self._call("POST", "/token_lifetime", json={"seconds": seconds})
+
     def set_rotation(self, strict: bool) -> None:
         self._call("POST", "/rotation", json={"strict": strict})
 

@@ -220,6 +220,16 @@ def token_latency() -> Response:
     return jsonify({"ms": ms})
 
 
+@bp.post("/token_lifetime")
+def token_lifetime() -> Response:
+    # Entra's configurable AccessTokenLifetime: 10 minutes to 1 day; null restores the default.
+    seconds = _get(_body(), "seconds", int, default=None, check=lambda v: 600 <= v <= 86400)
+    state = _state()
+    with state.lock:
+        state.access_token_lifetime_s = seconds
+    return jsonify({"seconds": seconds})
+
+
 @bp.post("/rotation")
 def rotation() -> Response:
     strict = _get(_body(), "strict", bool)

@@ -681,7 +681,9 @@ def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: s
         now = state.now()
         app_name = state.clients[client_id].name
         res = resource_scopes(scopes)
-        expires_in = random.randint(3600, 5399)  # access tokens live 60-90 minutes
+        # Access tokens live 60-90 minutes by default; a configurable token lifetime policy can set
+        # 10 minutes to 1 day (https://learn.microsoft.com/entra/identity-platform/configurable-token-lifetimes).
+        expires_in = state.access_token_lifetime_s or random.randint(3600, 5399)
         at = tokens.access_token(key, user=user, client_id=client_id, app_name=app_name, scopes=res,
                                  now=int(now), expires_in=expires_in)
         state.access_tokens[at] = AccessTokenRecord(client_id, user, res, now + expires_in)

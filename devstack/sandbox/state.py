@@ -119,6 +119,7 @@ class SandboxState:
             self.strict_rotation = True
             self.clock_offset = 0.0
             self.token_latency_ms = 0
+            self.access_token_lifetime_s: int | None = None  # None: Entra's default 60-90 minutes
             self.injections: list[Injection] = []
             self.release_generation = getattr(self, "release_generation", 0) + 1
             self.counters: Counter[str] = Counter()

@@ -7,13 +7,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
 from shared.logs import configure as _configure_logging
 
+if TYPE_CHECKING:
+    from shared.service import Connector
+
+JsonBody = Mapping[str, object] | Sequence[object]
 _configure_logging()
 log = logging.getLogger("connector.http")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -21,12 +25,28 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Context:
-    """What a handler knows about its invocation (for logging)."""
+    """What a handler knows about its invocation: the caller and the account it names (for logging too)."""
 
-    def __init__(self, function: str) -> None:
+    def __init__(self, function: str, *, account_id: str | None = None) -> None:
         self.function = function
-        self.owner: str | None = None
-        self.account_id: str | None = None
+        self.caller: str | None = None  # the authenticated ``sub``
+        self.account_ref: str | None = account_id
+
+    @property
+    def owner(self) -> str:
+        if self.caller is None:  # handle() authenticates before it calls a handler that needs an owner
+            from shared.errors import AuthenticationError
+
+            raise AuthenticationError("Send a bearer token: Authorization: Bearer <JWT>.")
+        return self.caller
+
+    @property
+    def account_id(self) -> str:
+        if not self.account_ref:
+            from shared.errors import NotFoundError
+
+            raise NotFoundError("No such account.", code="account_not_found")
+        return self.account_ref
 
 
 def correlation_id(req: func.HttpRequest) -> str:
@@ -40,7 +60,7 @@ def correlation_id(req: func.HttpRequest) -> str:
     return uuid.uuid4().hex
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
+def json_response(body: JsonBody, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(body), status_code=status, headers=headers or {},
                              mimetype="application/json", charset="utf-8")
 
@@ -53,20 +73,21 @@ def problem_response(exc: BaseException) -> func.HttpResponse:
                              mimetype="application/problem+json", charset="utf-8")
 
 
-def handle(req: func.HttpRequest, function: str, fn: Callable[[Any, Context], Any], *,
-           auth: bool = True) -> func.HttpResponse:
-    """Run ``fn(connector, ctx)``; dicts become JSON 200, errors become problem+json."""
+Handler = Callable[["Connector", Context], "func.HttpResponse | JsonBody"]
+
+
+def handle(req: func.HttpRequest, function: str, fn: Handler, *, auth: bool = True) -> func.HttpResponse:
+    """Run ``fn(connector, ctx)``; JSON bodies become 200, errors become problem+json."""
     started = time.perf_counter()
     cid = correlation_id(req)
-    ctx = Context(function)
-    ctx.account_id = req.route_params.get("accountId")
+    ctx = Context(function, account_id=req.route_params.get("accountId"))
     error: BaseException | None = None
     try:
         from shared.service import get_connector
 
         connector = get_connector()
         if auth:
-            ctx.owner = connector.authenticate(req.headers.get("Authorization"))
+            ctx.caller = connector.authenticate(req.headers.get("Authorization"))
         result = fn(connector, ctx)
         resp = result if isinstance(result, func.HttpResponse) else json_response(result)
     except Exception as e:
@@ -81,14 +102,14 @@ def _log_line(req: func.HttpRequest, ctx: Context, cid: str, status: int, starte
               error: BaseException | None) -> None:
     from shared.errors import ConnectorError
 
-    line: dict[str, Any] = {
+    line: dict[str, object] = {
         "correlationId": cid, "function": ctx.function, "method": req.method,
         "route": _route_of(req.url), "status": status, "durationMs": round((time.perf_counter() - started) * 1e3, 1),
     }
-    if ctx.owner:
-        line["owner"] = ctx.owner
-    if ctx.account_id:
-        line["accountId"] = ctx.account_id
+    if ctx.caller:
+        line["owner"] = ctx.caller
+    if ctx.account_ref:
+        line["accountId"] = ctx.account_ref
     if isinstance(error, ConnectorError):
         line["code"] = error.code
         if error.microsoft is not None:

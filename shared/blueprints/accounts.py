@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
 from shared.blueprints._http import Context, handle
+
+if TYPE_CHECKING:
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
@@ -23,7 +26,7 @@ def get_account(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.route(route="accounts/{accountId}", methods=["DELETE"], auth_level=func.AuthLevel.ANONYMOUS)
 def delete_account(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
         c.delete_account(ctx.owner, ctx.account_id)
         return func.HttpResponse(status_code=204)
 

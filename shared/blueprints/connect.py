@@ -5,13 +5,15 @@ from __future__ import annotations
 import html
 import json
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, handle, query
-from shared.errors import AuthenticationError
+from shared.blueprints._http import Context, JsonBody, handle, query
+
+if TYPE_CHECKING:
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
@@ -21,14 +23,12 @@ _NO_LEAK = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 @bp.route(route="connect/microsoft", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def connect_microsoft(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> Any:
-        if ctx.owner is None:  # handle() authenticates before calling run(); never reached
-            raise AuthenticationError("Send a bearer token: Authorization: Bearer <JWT>.")
-        ctx.account_id = query(req, "accountId", max_len=64)
+    def run(c: Connector, ctx: Context) -> JsonBody:
+        ctx.account_ref = query(req, "accountId", max_len=64)
         return c.start_connect(
             ctx.owner, return_url=query(req, "returnUrl"), login_hint=query(req, "loginHint", max_len=256),
             domain_hint=query(req, "domainHint", max_len=256), prompt=query(req, "prompt", max_len=32),
-            account_id=ctx.account_id,
+            account_id=ctx.account_ref,
         )
 
     return handle(req, "connect_microsoft", run)
@@ -36,10 +36,10 @@ def connect_microsoft(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.route(route="connect/microsoft/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def connect_microsoft_callback(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
         params = {k: v for k, v in req.params.items() if len(v) < 8192}
         outcome = c.complete_connect(params)
-        ctx.account_id = outcome.account_id
+        ctx.account_ref = outcome.account_id
         result: dict[str, str] = {"status": outcome.status}
         if outcome.account_id:
             result["accountId"] = outcome.account_id

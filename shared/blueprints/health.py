@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, handle, json_response
+from shared.blueprints._http import Context, JsonBody, handle, json_response
+
+if TYPE_CHECKING:
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
 
 @bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
         ok, checks = c.health()
         return json_response({"status": "ok" if ok else "unhealthy", "checks": checks}, 200 if ok else 503)
 
@@ -22,7 +25,7 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def openapi(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> Any:
+    def run(c: Connector, ctx: Context) -> JsonBody:
         from shared.openapi import document
 
         return document()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, content_disposition, handle, query
+from shared.blueprints._http import Context, JsonBody, content_disposition, handle, query
+
+if TYPE_CHECKING:
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
@@ -16,7 +19,7 @@ _MIME = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}(?:
 
 @bp.route(route="accounts/{accountId}/messages", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def list_messages(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> Any:
+    def run(c: Connector, ctx: Context) -> JsonBody:
         from shared.messages import parse_bool, parse_top
 
         return c.list_messages(ctx.owner, ctx.account_id, folder=query(req, "folder", max_len=512),
@@ -35,7 +38,7 @@ def get_message(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="accounts/{accountId}/messages/{messageId}/attachments/{attachmentId}", methods=["GET"],
           auth_level=func.AuthLevel.ANONYMOUS)
 def get_attachment(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
         data, ctype, name = c.get_attachment(ctx.owner, ctx.account_id, req.route_params.get("messageId"),
                                              req.route_params.get("attachmentId"))
         if not _MIME.match(ctype or ""):  # the type comes from the sender of the mail: never trust it into a header

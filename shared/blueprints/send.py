@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
 from shared.blueprints._http import Context, handle, json_response
+
+if TYPE_CHECKING:
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
 
 @bp.route(route="accounts/{accountId}/send", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def send_mail(req: func.HttpRequest) -> func.HttpResponse:
-    def run(c: Any, ctx: Context) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
         from shared.errors import ValidationError
         from shared.mail import make_attachment, parse_send_request, request_fingerprint
 

@@ -12,38 +12,46 @@ bp = func.Blueprint()
 
 @bp.timer_trigger(schedule="%REFRESH_SCHEDULE%", arg_name="timer", run_on_startup=False)
 def refresh_timer(timer: func.TimerRequest) -> None:
-    from shared.refresh import enqueue_due
     from shared.service import get_connector
+    from shared.storage import background_budget
 
-    enqueue_due(get_connector())
+    with background_budget():
+        get_connector().refresher.enqueue_due()
 
 
 @bp.queue_trigger(arg_name="msg", queue_name="refresh-jobs", connection="AzureWebJobsStorage")
 def refresh_worker(msg: func.QueueMessage) -> None:
-    from shared.refresh import process
     from shared.service import get_connector
+    from shared.storage import background_budget
 
-    process(get_connector(), msg.get_body())
+    with background_budget():
+        get_connector().refresher.process(msg.get_body())
 
 
 @bp.timer_trigger(schedule="0 30 3 * * *", arg_name="timer", run_on_startup=False)
 def refresh_reconcile(timer: func.TimerRequest) -> None:
-    from shared.refresh import reconcile
     from shared.service import get_connector
+    from shared.storage import background_budget
 
-    reconcile(get_connector())
+    with background_budget():
+        get_connector().refresher.reconcile()
 
 
 @bp.queue_trigger(arg_name="msg", queue_name="webhook-deliveries", connection="AzureWebJobsStorage")
 def webhook_delivery(msg: func.QueueMessage) -> None:
     from shared.service import get_connector
+    from shared.storage import background_budget
 
-    get_connector().webhooks.deliver(msg.get_body())
+    with background_budget():
+        get_connector().webhooks.deliver(msg.get_body())
 
 
 @bp.timer_trigger(schedule="%CLEANUP_SCHEDULE%", arg_name="timer", run_on_startup=False)
 def cleanup_timer(timer: func.TimerRequest) -> None:
     from shared.refresh import cleanup
     from shared.service import get_connector
+    from shared.storage import IDEMPOTENCY_TABLE, STATES_TABLE, background_budget
 
-    cleanup(get_connector())
+    storage = get_connector().storage
+    with background_budget():
+        cleanup(states=storage.table(STATES_TABLE), idempotency=storage.table(IDEMPOTENCY_TABLE))

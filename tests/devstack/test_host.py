@@ -101,14 +101,42 @@ def test_route_templates() -> None:
 def test_ncrontab() -> None:
     import datetime as dt
 
-    t = dt.datetime(2026, 11, 22, 10, 3, 7, tzinfo=dt.UTC)
+    t = dt.datetime(2026, 11, 22, 10, 3, 7, tzinfo=dt.UTC)  # a Sunday
     assert NCrontab("0 */5 * * * *").next_after(t) == t.replace(minute=5, second=0)
     assert NCrontab("30 30 3 * * *").next_after(t) == dt.datetime(2026, 11, 23, 3, 30, 30, tzinfo=dt.UTC)
     assert NCrontab("0 0 9 * * mon-fri").next_after(t).weekday() == 0  # Sunday → Monday
     assert NCrontab("0 0 0 1 1 *").next_after(t) == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
-    for bad in ("* * * * *", "61 * * * * *", "a b c d e f", "*/0 * * * * *"):
+    assert NCrontab("* * * * * *").next_after(t) == t + dt.timedelta(seconds=1)  # strictly after
+    # Day and weekday must both match (NCRONTAB), not either (Vixie cron): the next Friday the 13th.
+    assert NCrontab("0 0 0 13 * fri").next_after(t) == dt.datetime(2027, 8, 13, tzinfo=dt.UTC)
+    # Fire times are UTC whatever the zone of the clock reading.
+    local = t.astimezone(dt.timezone(dt.timedelta(hours=5)))
+    nxt = NCrontab("0 0 12 * * *").next_after(local)
+    assert nxt == dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC) and nxt.utcoffset() == dt.timedelta(0)
+    for bad in ("* * * * *", "* * * * * * 2027", "@daily", "61 * * * * *", "0 60 * * * *", "a b c d e f",
+                "*/0 * * * * *", "0 0 0 30 2 *"):
         with pytest.raises(CronError):
             NCrontab(bad)
+
+
+def test_bad_timer_schedule_names_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def app() -> func.FunctionApp:  # a fresh one each time: the decorators index only once
+        a = func.FunctionApp()
+
+        @a.timer_trigger(schedule="%REFRESH_SCHEDULE%", arg_name="t")
+        def refresh(t: Any) -> None:
+            pass
+
+        return a
+
+    monkeypatch.setenv("REFRESH_SCHEDULE", "61 */5 * * * *")
+    with pytest.raises(CronError, match=r"REFRESH_SCHEDULE.*61 \*/5"):
+        DevHost(app(), port=0)
+    monkeypatch.setenv("REFRESH_SCHEDULE", "*/5 * * * *")
+    with pytest.raises(CronError, match=r"REFRESH_SCHEDULE.*six fields"):
+        DevHost(app(), port=0)
+    monkeypatch.setenv("REFRESH_SCHEDULE", "0 */5 * * * *")
+    assert DevHost(app(), port=0).timers[0].schedule == "0 */5 * * * *"
 
 
 def test_devstack_cli_errors_are_clear(tmp_path: Any) -> None:
@@ -170,3 +198,40 @@ def test_unknown_host_name_is_a_clear_error() -> None:
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
         assert "no-such-host.invalid" in p.stderr
 
+
+
+def test_server_process_waits_for_health_and_always_stops(tmp_path: Any) -> None:
+    import os
+    import time
+
+    from devstack.azurite import DevstackError, free_port
+    from devstack.process import ServerProcess
+
+    def http_server(path: str) -> ServerProcess:
+        port = free_port()
+        return ServerProcess(["http.server", "--bind", "127.0.0.1", str(port), "--directory", str(tmp_path)],
+                             env=os.environ, log_path=tmp_path / "server.log",
+                             health_url=f"http://127.0.0.1:{port}{path}")
+
+    (tmp_path / "ok").write_text("ok")
+    with http_server("/ok") as p:
+        assert p.wait_healthy(30) is p and p.proc.poll() is None
+    assert p.proc.returncode is not None  # stopped on leaving the block
+    p = http_server("/missing")  # answers 404, never 200
+    started = time.monotonic()
+    with pytest.raises(DevstackError, match="did not answer"):
+        p.wait_healthy(1.5)
+    assert time.monotonic() - started < 15 and p.proc.returncode is not None
+
+
+def test_start_host_fails_fast_with_the_log_tail(tmp_path: Any) -> None:
+    import time
+
+    from devstack.azurite import DevstackError, free_port
+    from devstack.process import start_host
+
+    p = start_host({"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, free_port(), tmp_path / "host.log")
+    started = time.monotonic()
+    with pytest.raises(DevstackError, match=r"(?s)exited with status 1.*MS_CLIENT_ID"):
+        p.wait_healthy(60)
+    assert time.monotonic() - started < 30 and p.proc.returncode == 1

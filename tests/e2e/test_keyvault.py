@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from tests.conftest import ARTIFACTS, ROOT, Host, connect, free_port, wait_for
+from devstack.process import start_host
+from tests.conftest import ARTIFACTS, Host, connect, free_port
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +39,12 @@ def vault_host(host: Host, vault: Any, control: Any) -> Any:
     env.update({"KEY_VAULT_URL": vault.url, "PUBLIC_BASE_URL": base, "ALLOWED_RETURN_URLS":
                 "https://app.example.com/connected"})
     log_path = ARTIFACTS / "host-keyvault.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    h = Host(base, env, log_path, proc)
-
-    def up() -> bool:
-        try:
-            return h.http.get(base + "/api/health", timeout=5).status_code in (200, 503)
-        except Exception:
-            return False
-
-    wait_for(up, timeout=60, what="the Key Vault host")
-    yield h
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    proc = start_host(env, port, log_path)
+    try:
+        proc.wait_healthy(60, ok=(200, 503))  # 503: the vault's client secret is stale, on purpose
+        yield Host(base, env, log_path, proc.proc)
+    finally:
+        proc.stop()
 
 
 def test_secrets_come_from_key_vault_and_rotation_is_picked_up(vault_host: Host, vault: Any,

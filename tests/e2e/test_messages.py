@@ -146,7 +146,7 @@ def test_diagnose_mailbox_less_user_names_the_fix(host: Host, browser_session: A
     assert "licence" in mb["hint"]
     assert _check(rep, "profile")["ok"] is True
     r = _get(host, f"/api/accounts/{acc}/messages", sub="owner-nomb")
-    assert r.status_code == 404 and r.json()["code"] == "mailbox_not_available"
+    assert r.status_code == 409 and r.json()["code"] == "mailbox_not_available"
     assert r.json()["microsoft"]["error"] == "MailboxNotEnabledForRESTAPI"
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Host, connect, free_port, wait_for
+from devstack.process import start_host
+from tests.conftest import Host, connect, free_port, wait_for
 
 CONTOSO = ("adele@contoso.onmicrosoft.com", "megan@contoso.onmicrosoft.com")
 
@@ -35,7 +34,7 @@ def make_due(host: Host, owner: str, account_id: str) -> None:
     from azure.data.tables import UpdateMode
 
     from shared.accounts import owner_partition
-    from shared.refresh import bucket_of
+    from shared.refresh_index import bucket_of
 
     accounts, index = _tables(host)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
@@ -164,22 +163,12 @@ def second_host(host: Host) -> Any:
     port = free_port()
     env = dict(host.env)
     log_path = host.log_path.with_name("host2.log")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    other = Host(f"http://127.0.0.1:{port}", env, log_path, proc)
-
-    def up() -> bool:
-        try:
-            return other.http.get(other.url + "/api/health", timeout=5).status_code == 200
-        except Exception:
-            return False
-
-    wait_for(up, timeout=60, what="second host")
-    yield other
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    proc = start_host(env, port, log_path)
+    try:
+        proc.wait_healthy(60)
+        yield Host(f"http://127.0.0.1:{port}", env, log_path, proc.proc)
+    finally:
+        proc.stop()
 
 
 def test_200_concurrent_refresh_and_send_keep_one_live_refresh_token(host: Host, second_host: Host,
@@ -268,7 +257,7 @@ def _index_rows(host: Host, owner: str, account_id: str) -> list[str]:
 
 
 def _due_bucket(host: Host, owner: str, account_id: str) -> str:
-    from shared.refresh import bucket_of
+    from shared.refresh_index import bucket_of
 
     return bucket_of(dt.datetime.fromisoformat(_entity(host, owner, account_id)["refreshDueAt"].replace("Z", "+00:00")))
 
@@ -289,8 +278,10 @@ def test_refresh_outside_the_timer_leaves_exactly_one_index_row(host: Host, brow
 def test_a_lost_refresh_message_brings_the_account_back_later(host: Host, browser_session: Any) -> None:
     """The timer re-arms each row instead of deleting it; a worker that finishes removes the re-arm row.
     A message that never reaches a worker (a crash, the poison queue) is therefore not the end of it."""
+    from azure.storage.queue import QueueClient
+
     from shared.config import load_settings
-    from shared.refresh import REARM, bucket_of, enqueue_due
+    from shared.refresh_index import REARM, bucket_of
     from shared.service import Connector
     from shared.storage import Storage
 
@@ -307,13 +298,50 @@ def test_a_lost_refresh_message_brings_the_account_back_later(host: Host, browse
     settings = load_settings(host.env)
     lossy = Connector(settings, storage=LostMessages(settings))
     now = dt.datetime.now(dt.UTC)
-    enqueue_due(lossy, now)
-    lossy.storage.queue("refresh-jobs").delete_queue()  # the message is gone for good
+    lossy.refresher.enqueue_due(now)
+    QueueClient.from_connection_string(settings.storage_connection_string or "",
+                                       "refresh-jobs-lost").delete_queue()  # the message is gone for good
     rearm = bucket_of(now + REARM)
     assert _index_rows(host, owner, acc) == [rearm]  # moved ahead, not deleted
     # Half an hour later the timer finds the account again and the host's worker refreshes it.
-    enqueue_due(Connector(settings), now + REARM + dt.timedelta(minutes=1))
+    Connector(settings).refresher.enqueue_due(now + REARM + dt.timedelta(minutes=1))
     wait_for(lambda: _entity(host, owner, acc)["lastRefreshedAt"] != before, what="the re-armed account's refresh")
     wait_for(lambda: _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)],
              what="only the new due row to remain")
     assert _entity(host, owner, acc)["status"] == "active"
+
+
+def test_an_account_used_right_after_connect_is_renewed_by_the_timer_before_its_token_expires(
+        host: Host, browser_session: Any, control: Any) -> None:
+    """SPEC §6: an account in active use gets its access token renewed before it expires, with no
+    request from the caller. Entra's shortest configurable access-token lifetime (10 minutes) puts the
+    renewal due time (5-15 minutes before expiry) at once, so the timer is due without faking time."""
+    owner = "owner-active-use"
+    control.set_access_token_lifetime(600)
+    try:
+        acc = connect(host, browser_session, sub=owner, login_hint=CONTOSO[0])["result"]["accountId"]
+    finally:
+        control.set_access_token_lifetime(None)
+    connected = _entity(host, owner, acc)
+    # Freshly connected and never used: indexed for the keep-alive only, days away.
+    assert _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)]
+    assert _parse(connected["refreshDueAt"]) > dt.datetime.now(dt.UTC) + dt.timedelta(days=6)
+    # One use: a read of the inbox.
+    assert host.api("GET", f"/api/accounts/{acc}/messages", sub=owner, params={"top": "1"}).status_code == 200
+    used = _entity(host, owner, acc)
+    expires = _parse(used["accessTokenExpiresAt"])
+    assert used["lastUsedAt"] and _parse(used["refreshDueAt"]) < expires - dt.timedelta(minutes=5)
+    assert _index_rows(host, owner, acc) == [_due_bucket(host, owner, acc)]  # the row moved with it
+    # The timer finds it due and the worker renews the access token; the caller does nothing.
+    assert run_timer(host)["enqueued"] >= 1
+    wait_for(lambda: _entity(host, owner, acc)["lastRefreshedAt"] != used["lastRefreshedAt"],
+             what="the proactive renewal of the used account")
+    renewed = _entity(host, owner, acc)
+    assert renewed["status"] == "active"
+    assert _parse(renewed["accessTokenExpiresAt"]) > expires
+    # Still in active use: the next renewal is again due ahead of the new token's expiry.
+    assert _parse(renewed["refreshDueAt"]) < _parse(renewed["accessTokenExpiresAt"])
+
+
+def _parse(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -519,7 +519,8 @@ def test_flipped_property_is_caught(tmp_path: Path, rel: str, old: str, new: str
 
 
 def test_app_settings_equal_config_settings(templates: dict[str, dict]) -> None:
-    from shared.config import setting_names
+    """Bicep writes exactly the declared non-local, non-platform settings (plus the host's own)."""
+    from shared.config import SETTINGS, setting_names
 
     wanted = setting_names(include_local=False)
     written = set(app_settings(templates))
@@ -529,23 +530,34 @@ def test_app_settings_equal_config_settings(templates: dict[str, dict]) -> None:
     expected = (wanted - {"AzureWebJobsStorage"}) | PLATFORM_SETTINGS
     assert written == expected, {"missing": sorted(expected - written), "unexpected": sorted(written - expected)}
     assert not (written & setting_names(include_local=True) - wanted), "a local-only setting is written"
+    assert not written & {s.name for s in SETTINGS if s.platform}, "a platform-provided setting is written"
+    assert not PLATFORM_SETTINGS & {s.name for s in SETTINGS}, "a declared setting is listed as host-only"
 
 
 def test_setting_defaults_match_config(templates: dict[str, dict]) -> None:
-    """Where Bicep fills a setting from a parameter, the parameter's default is SETTINGS' default."""
+    """Where Bicep fills a setting from main.bicep, its default is SETTINGS' (none for a required one)."""
     from shared.config import SETTINGS
 
     main_params = templates["main.bicep"]["parameters"]
     main_vars = templates["main.bicep"]["variables"]
     settings = app_settings(templates)
+    checked = set()
     for s in SETTINGS:
         value = settings.get(s.name)
-        if s.default is None or not isinstance(value, str):
+        if not isinstance(value, str):
             continue
         if value in main_params:
-            assert str(main_params[value].get("default")) == s.default, f"{s.name}: default differs from SETTINGS"
-        elif value in main_vars:
+            bicep_default = main_params[value].get("default")
+            want = None if s.required else s.default
+            if want is not None or s.required:
+                assert bicep_default == want or str(bicep_default) == want, f"{s.name}: default differs from SETTINGS"
+            checked.add(s.name)
+        elif value in main_vars and s.default is not None:
             assert main_vars[value]["value"] == s.default, f"{s.name}: value differs from SETTINGS default"
+            checked.add(s.name)
+    # Every written setting with a default (or required) is fed from main.bicep, so none escapes the check.
+    must = {s.name for s in SETTINGS if s.name in settings and (s.default is not None or s.required)}
+    assert must - {"PUBLIC_BASE_URL"} <= checked, sorted(must - checked)  # PUBLIC_BASE_URL: the app's own URL
 
 
 def test_main_outputs(templates: dict[str, dict]) -> None:

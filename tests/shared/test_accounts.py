@@ -20,9 +20,11 @@ from shared.errors import ConflictError, NotFoundError
 def table(azurite: Any) -> Any:
     from azure.data.tables import TableClient
 
+    from shared.storage import Table
+
     t = TableClient.from_connection_string(azurite.connection_string, "acct" + uuid.uuid4().hex[:12])
     t.create_table()
-    yield t
+    yield Table(t)
     t.delete_table()
 
 
@@ -44,7 +46,7 @@ def test_tokens_are_sealed_at_rest_and_bound_to_their_row(table: Any) -> None:
     store = AccountStore(table, lambda: ring)
     store.create_account(_account(store, "owner-1", "acc_1"))
     store.create_account(_account(store, "owner-2", "acc_2", rt="other-rt"))
-    for e in table.list_entities():
+    for e in table.scan():
         flat = " ".join(str(v) for v in e.values())
         assert "rt-secret-value" not in flat and "at-secret-value" not in flat
         assert e["tokensKid"] == "a"
@@ -78,7 +80,7 @@ def test_key_rotation_and_reencrypt(table: Any) -> None:
         assert store.open_tokens(store.get_account(f"owner-{i}", f"acc_{i}")).refresh_token == "rt-secret-value"
     seen, rewritten = store.reencrypt_all()
     assert (seen, rewritten) == (5, 5)
-    assert {e["tokensKid"] for e in table.list_entities()} == {"B"}
+    assert {e["tokensKid"] for e in table.scan()} == {"B"}
     ring["now"] = KeyRing("B", {"B": key_b})  # key A retired
     for i in range(5):
         assert store.open_tokens(store.get_account(f"owner-{i}", f"acc_{i}")).refresh_token == "rt-secret-value"

@@ -14,7 +14,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-import shared.auth as auth_module
 from shared._http import new_session
 from shared.auth import CallerAuth
 from shared.config import load_settings
@@ -28,13 +27,14 @@ class JwksServer:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
+        self.status = 200  # 503: the issuer is down
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.fetches += 1
                 body = json.dumps({"keys": outer.keys}).encode()
-                self.send_response(200)
+                self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -58,6 +58,15 @@ def jwks() -> Iterator[JwksServer]:
     s = JwksServer()
     yield s
     s.server.shutdown()
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Seconds to add to ``time.monotonic()``: ages the JWKS cache without waiting."""
+    offset = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    return offset
 
 
 def _auth(jwks: JwksServer) -> CallerAuth:
@@ -115,19 +124,62 @@ def test_forged_and_confused_tokens_are_rejected(jwks: JwksServer) -> None:
         a.authenticate("Bearer " + _token(EC, "ES256", "k1"))
 
 
-def test_issuer_key_rotation_and_withdrawal(jwks: JwksServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_issuer_key_rotation_and_withdrawal(jwks: JwksServer, clock: list[float]) -> None:
     jwks.publish("old", RSA)
     a = _auth(jwks)
     assert a.authenticate("Bearer " + _token(RSA, "RS256", "old")) == "user-1"
-    # The issuer adds a key: an unknown kid re-reads the set (at most once a minute).
-    monkeypatch.setattr(auth_module, "_JWKS_MIN_REFRESH_S", 0)
+    # The issuer adds a key: an unknown kid re-reads the set, but at most once a minute.
     jwks.publish("new", EC)
+    with pytest.raises(AuthenticationError, match="unknown key"):
+        a.authenticate("Bearer " + _token(EC, "ES256", "new"))
+    assert jwks.fetches == 1
+    clock[0] += 61
     assert a.authenticate("Bearer " + _token(EC, "ES256", "new")) == "user-1"
-    # The issuer withdraws the old key: once the cached set is older than its maximum age, it is gone.
+    assert jwks.fetches == 2
+    # A flood of unknown kids right after that re-read does not reach the issuer.
+    for i in range(20):
+        with pytest.raises(AuthenticationError, match="unknown key"):
+            a.authenticate("Bearer " + _token(EC, "ES256", f"bogus-{i}"))
+    assert jwks.fetches == 2
+    # The issuer withdraws the old key: once the cached set is an hour old it is re-read and the key is gone.
     jwks.keys = [k for k in jwks.keys if k["kid"] != "old"]
-    monkeypatch.setattr(auth_module, "_JWKS_MAX_AGE_S", 0)
+    assert a.authenticate("Bearer " + _token(RSA, "RS256", "old")) == "user-1"  # still cached
+    clock[0] += 3601
     with pytest.raises(AuthenticationError, match="unknown key"):
         a.authenticate("Bearer " + _token(RSA, "RS256", "old"))
+    assert jwks.fetches == 3
+    assert a.authenticate("Bearer " + _token(EC, "ES256", "new")) == "user-1"
+
+
+def test_issuer_outage_keeps_a_recent_set_then_fails_closed(jwks: JwksServer, clock: list[float]) -> None:
+    jwks.publish("k1", RSA)
+    a = _auth(jwks)
+    assert a.authenticate("Bearer " + _token(RSA, "RS256", "k1")) == "user-1"
+    jwks.status = 503
+    clock[0] += 3601  # the hourly re-read fails: the set read an hour ago still serves
+    assert a.authenticate("Bearer " + _token(RSA, "RS256", "k1")) == "user-1"
+    assert jwks.fetches == 2
+    clock[0] += 2 * 3600  # no successful read for three hours: stop trusting it
+    with pytest.raises(AuthenticationError, match="could not be fetched") as e:
+        a.authenticate("Bearer " + _token(RSA, "RS256", "k1"))
+    assert e.value.status == 401
+
+
+def test_jwks_fetch_uses_the_injected_session_with_a_timeout(jwks: JwksServer) -> None:
+    jwks.publish("k1", RSA)
+    calls: list[dict[str, Any]] = []
+    session = new_session(None)
+    real_get = session.get
+
+    def spy(url: str, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_get(url, **kwargs)
+
+    session.get = spy  # type: ignore[method-assign]
+    env = {**GOOD, "AUTH_ISSUER": ISS, "AUTH_AUDIENCE": AUD, "AUTH_JWKS_URL": jwks.url}
+    a = CallerAuth(load_settings(env), session=session)
+    assert a.authenticate("Bearer " + _token(RSA, "RS256", "k1")) == "user-1"
+    assert len(calls) == 1 and calls[0]["timeout"]
 
 
 def test_missing_or_malformed_authorization(jwks: JwksServer) -> None:

@@ -10,6 +10,7 @@ import pytest
 from shared.errors import PayloadTooLargeError, ValidationError
 from shared.mail import (
     GRAPH_REQUEST_MAX,
+    UPLOAD_CHUNK,
     UPLOAD_SESSION_MIN,
     Attachment,
     dumps,
@@ -73,3 +74,69 @@ def test_spooled_attachment_is_read_in_chunks() -> None:
     pieces = list(a.chunks(1_000_000))
     assert a.size == len(data) and [off for off, _ in pieces] == list(range(0, len(data), 1_000_000))
     assert b"".join(bytes(p) for _, p in pieces) == data
+
+
+# -- shared.send through a real GraphClient over a scripted transport (see test_graph) ----------
+
+def _big_send(size: int = UPLOAD_CHUNK + 1000) -> tuple[object, bytes]:
+    data = bytes(i % 251 for i in range(size))
+    req = parse_send_request({"to": ["a@example.com"], "subject": "big"}, max_total=200 * 1024 * 1024,
+                             files=[Attachment("big.bin", "application/octet-stream", data)])
+    return req, data
+
+
+def test_large_attachment_goes_through_upload_range_with_its_throttle_handling() -> None:
+    from shared.send import send
+    from tests.shared.test_graph import UPLOAD_URL, FakeToken, FakeTransport, graph_error, make_client, reply
+
+    req, data = _big_send()
+    fake = FakeTransport(
+        reply(201, {"id": "draft-1"}),  # POST me/messages
+        reply(201, {"uploadUrl": UPLOAD_URL}),  # createUploadSession
+        graph_error(429, "TooManyRequests", {"Retry-After": "2"}),  # first chunk refused...
+        reply(200, {"nextExpectedRanges": [f"{UPLOAD_CHUNK}-"]}),  # ...and sent again
+        reply(201),  # last chunk
+        reply(202),  # POST send
+    )
+    client, t = make_client(fake)
+    out = send(client, FakeToken(), "mb-1", req, context={"scopes": "Mail.Send"})  # type: ignore[arg-type]
+    assert out["status"] == "sent" and t.sleeps == [2.0]
+    puts = [r for r in fake.requests if r.method == "PUT"]
+    assert [r.headers["Content-Range"] for r in puts] == [
+        f"bytes 0-{UPLOAD_CHUNK - 1}/{len(data)}", f"bytes 0-{UPLOAD_CHUNK - 1}/{len(data)}",
+        f"bytes {UPLOAD_CHUNK}-{len(data) - 1}/{len(data)}"]
+    assert all("Authorization" not in r.headers for r in puts)
+    assert b"".join(bytes(r.body) for r in puts[1:]) == data  # type: ignore[arg-type]
+    assert fake.requests[-1].url.endswith("/me/messages/draft-1/send")  # type: ignore[union-attr]
+    assert all(r.headers["Authorization"] == "Bearer access-1" for r in fake.requests if r.method == "POST")
+
+
+def test_expired_upload_session_removes_the_draft_and_is_not_a_404() -> None:
+    from shared.errors import MicrosoftError
+    from shared.send import send
+    from tests.shared.test_graph import UPLOAD_URL, FakeToken, FakeTransport, graph_error, make_client, reply
+
+    req, _ = _big_send()
+    fake = FakeTransport(reply(201, {"id": "draft-2"}), reply(201, {"uploadUrl": UPLOAD_URL}),
+                         graph_error(404, "ErrorItemNotFound"), reply(204))
+    client, _ = make_client(fake)
+    with pytest.raises(MicrosoftError) as e:
+        send(client, FakeToken(), "mb-1", req, context={})  # type: ignore[arg-type]
+    assert e.value.status == 502 and e.value.code == "upload_session_expired"
+    assert [r.method for r in fake.requests] == ["POST", "POST", "PUT", "DELETE"]
+    assert fake.requests[-1].url.endswith("/me/messages/draft-2")  # type: ignore[union-attr]
+
+
+def test_a_vanished_draft_is_not_the_callers_404() -> None:
+    from shared.errors import MicrosoftError
+    from shared.send import send
+    from tests.shared.test_graph import FakeToken, FakeTransport, graph_error, make_client, reply
+
+    files = [Attachment(f"p{i}.bin", "application/octet-stream", b"\0" * 1_500_000) for i in range(3)]
+    req = parse_send_request({"to": ["a@example.com"]}, files=files, max_total=200 * 1024 * 1024)
+    fake = FakeTransport(reply(201, {"id": "draft-3"}), graph_error(404, "ErrorItemNotFound"), reply(204))
+    client, _ = make_client(fake)
+    with pytest.raises(MicrosoftError) as e:
+        send(client, FakeToken(), "mb-1", req, context={})
+    assert (e.value.status, e.value.code) == (502, "draft_not_found")
+    assert [r.method for r in fake.requests] == ["POST", "POST", "DELETE"]

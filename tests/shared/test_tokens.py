@@ -26,7 +26,8 @@ def _connector(host: Host, lease: dt.timedelta) -> Any:
     from shared.tokens import TokenManager
 
     c = Connector(load_settings(host.env))
-    c.__dict__["tokens"] = TokenManager(c.accounts, c.oauth, keepalive=dt.timedelta(days=7), lease=lease)
+    c.__dict__["tokens"] = TokenManager(c.accounts, c.oauth, index=c.refresh_index, keepalive=dt.timedelta(days=7),
+                                         lease=lease)
     return c
 
 
@@ -126,7 +127,7 @@ class _LoseResponses:
 
 def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_session: Any) -> None:
     from shared.config import load_settings
-    from shared.refresh import bucket_of
+    from shared.refresh_index import bucket_of
     from shared.service import Connector
     from shared.storage import Storage
 
@@ -148,6 +149,6 @@ def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_
     from shared.accounts import owner_partition
 
     index = c.storage.table("refreshindex")
-    rows = [e["PartitionKey"] for e in index.query_entities("RowKey eq @rk",
+    rows = [e["PartitionKey"] for e in index.query("RowKey eq @rk",
                                                             parameters={"rk": f"{owner_partition(owner)}|{acc_id}"})]
     assert bucket_of(stored.refresh_due_at) in rows

@@ -1,0 +1,104 @@
+"""The refresh due-time index (SPEC §6, §9: find due accounts without scanning all accounts).
+
+Table ``refreshindex``: PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``),
+RowKey = ``<owner partition>|<account id>``. A timer run reads only partitions ``<=`` the current
+bucket — the due rows — never the accounts table. The account record stays the truth: a stale or
+duplicate row costs one read of the account, never a wrong refresh.
+
+Rows *move* with the due time (the row of the previous due time is removed), so refreshes outside
+the timer (a send, refresh-now, a re-connect) leave nothing behind for the timer to read. A row
+taken by the timer is re-armed ``REARM`` ahead rather than deleted; the worker removes the re-armed
+row when it is done, so a queue message lost to a crash brings the account back on a later run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared.accounts import ACTIVE, Account, owner_partition
+from shared.errors import ConflictError, NotFoundError
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableEntity
+
+    from shared.storage import EntityValue, Table
+
+BUCKET = dt.timedelta(minutes=5)
+REARM = dt.timedelta(minutes=30)  # an enqueued account comes back this much later unless its worker finishes
+_BATCH = 100  # entity-group transactions: at most 100 operations, one partition
+
+
+def bucket_of(t: dt.datetime) -> str:
+    t = t.astimezone(dt.timezone.utc)
+    return t.replace(minute=t.minute - t.minute % 5, second=0, microsecond=0).strftime("%Y%m%d%H%M")
+
+
+def row_key(owner: str, account_id: str) -> str:
+    return f"{owner_partition(owner)}|{account_id}"
+
+
+@dataclass(frozen=True)
+class DueAccount:
+    owner: str
+    account_id: str
+
+
+class RefreshIndex:
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    def put(self, account: Account, *, previous_due: dt.datetime | None = None) -> None:
+        """Index the account at its due time; remove the row of ``previous_due`` if it differs."""
+        due = account.refresh_due_at if account.status == ACTIVE else None
+        if due is not None:
+            self.put_row(account.owner, account.id, due)
+        if previous_due is not None and (due is None or bucket_of(previous_due) != bucket_of(due)):
+            self._table.delete_if_present(bucket_of(previous_due), row_key(account.owner, account.id))
+
+    def put_row(self, owner: str, account_id: str, due: dt.datetime) -> None:
+        self._table.upsert(_row(bucket_of(due), owner, account_id))
+
+    def remove(self, account: Account) -> None:
+        if account.refresh_due_at is not None:
+            self._table.delete_if_present(bucket_of(account.refresh_due_at), row_key(account.owner, account.id))
+
+    def take_due(self, now: dt.datetime) -> tuple[int, list[DueAccount], str]:
+        """Re-arm every row due at ``now`` and remove it from its bucket.
+
+        Returns (rows read, the distinct due accounts, the re-arm bucket).
+        """
+        rows = self._table.query("PartitionKey le @b", parameters={"b": bucket_of(now)},
+                                 select=["PartitionKey", "RowKey", "owner", "accountId"])
+        rearm = bucket_of(now + REARM)
+        unique = list({str(r["RowKey"]): r for r in rows}.values())
+        for i in range(0, len(unique), _BATCH):
+            self._table.submit([("upsert", _row(rearm, str(r["owner"]), str(r["accountId"])))
+                                for r in unique[i:i + _BATCH]])
+        self._delete_rows(rows)
+        return len(rows), [DueAccount(str(r["owner"]), str(r["accountId"])) for r in unique], rearm
+
+    def _delete_rows(self, rows: list[TableEntity]) -> None:
+        by_partition: dict[str, list[str]] = defaultdict(list)
+        for r in rows:  # all ≤ now, so never the re-arm bucket
+            by_partition[str(r["PartitionKey"])].append(str(r["RowKey"]))
+        for pk, keys in by_partition.items():
+            for i in range(0, len(keys), _BATCH):
+                batch = keys[i:i + _BATCH]
+                try:
+                    self._table.submit([("delete", {"PartitionKey": pk, "RowKey": rk}) for rk in batch])
+                except (NotFoundError, ConflictError):  # a row removed meanwhile fails the whole batch
+                    for rk in batch:
+                        self._table.delete_if_present(pk, rk)
+
+    def finish(self, owner: str, account_id: str, *, rearm: str, account: Account | None) -> None:
+        """The worker is done with the account: drop the re-armed row unless it is the next due row."""
+        due = account.refresh_due_at if account is not None and account.status == ACTIVE else None
+        if due is None or bucket_of(due) != rearm:
+            self._table.delete_if_present(rearm, row_key(owner, account_id))
+
+
+def _row(bucket: str, owner: str, account_id: str) -> dict[str, EntityValue]:
+    return {"PartitionKey": bucket, "RowKey": row_key(owner, account_id), "owner": owner, "accountId": account_id}
