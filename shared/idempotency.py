@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.backoff import backoff_delay
-from shared.errors import ConflictError, ConnectorError, NotFoundError, StorageUnavailableError, ValidationError
+from shared.errors import ConflictError, ConnectorError, NotFoundError, ValidationError
 from shared.storage import etag_of
 
 if TYPE_CHECKING:
@@ -130,8 +130,8 @@ def _best_effort(write: Callable[[], object], what: str, sleep: Callable[[float]
         try:
             write()
             return
-        except (StorageUnavailableError, ConflictError, NotFoundError) as e:
+        except Exception as e:
             if i == attempts:
-                log.error("idempotency: could not %s (%s)", what, e.code)
+                log.error("idempotency: could not %s (%s)", what, type(e).__name__)
             else:
                 sleep(backoff_delay(i, base=0.1, cap=1.0))

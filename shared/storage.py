@@ -61,10 +61,9 @@ class CallOptions(TypedDict, total=False):
 
 class TableCallOptions(CallOptions, total=False):
     # Only azure-core's retry policy (Tables) reads these per call; the Queue SDK's own policy would
-    # pass them on to the transport, and it reads ``timeout`` as the server-side timeout.
+    # pass them on to the transport. (A per-call ``timeout`` would be sent as the server-side timeout.)
     retry_backoff_factor: float
     retry_backoff_max: float
-    timeout: float  # the whole call, retries included
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,15 @@ class Budget:
     connection_timeout: float
     read_timeout: float
     retry_total: int
-    total_s: float  # the whole call, retries included (azure-core RetryPolicy ``timeout``)
+    total_s: float  # the whole call, retries included: read_timeout * (retry_total + 1) + backoff
 
     def call_kw(self) -> CallOptions:
         return {"connection_timeout": self.connection_timeout, "read_timeout": self.read_timeout,
                 "retry_total": self.retry_total}
 
     def table_kw(self) -> TableCallOptions:
-        # Tables' retry policy also takes an absolute ``timeout`` for the whole call; the Queue SDK
-        # would send the same keyword to the service as its server-side timeout, so only tables get it.
         return {"connection_timeout": self.connection_timeout, "read_timeout": self.read_timeout,
-                "retry_total": self.retry_total, "retry_backoff_factor": 0.4, "retry_backoff_max": 2,
-                "timeout": self.total_s}
+                "retry_total": self.retry_total, "retry_backoff_factor": 0.4, "retry_backoff_max": 2}
 
 
 # An HTTP request's worst case when storage hangs: 4 s + 0.4 + 4 s + 0.8 + 4 s ≈ 13 s, then 503.
@@ -114,6 +110,7 @@ def mapped(call: Callable[[], T]) -> T:
     """Run one storage call; translate azure-core's errors into the exception tree."""
     from azure.core.exceptions import (
         AzureError,
+        ClientAuthenticationError,
         HttpResponseError,
         ResourceExistsError,
         ResourceModifiedError,
@@ -128,6 +125,8 @@ def mapped(call: Callable[[], T]) -> T:
         raise ConflictError("The record changed concurrently.", code="etag_conflict") from None
     except ResourceExistsError:
         raise ConflictError("The record already exists.", code="already_exists") from None
+    except ClientAuthenticationError as e:  # the app's identity could not get a token, or was refused
+        raise unavailable(f"its credential failed: {type(e).__name__}") from None
     except HttpResponseError as e:
         status = e.status_code or 0
         if status == 404:  # e.g. a transaction naming a row that is gone
@@ -317,11 +316,15 @@ class Storage:
                 from azure.data.tables import TableClient
 
                 cs = self._settings.storage_connection_string
+                # The client-wide absolute limit (azure-core RetryPolicy ``timeout``) is the longest budget's;
+                # each call's own timeouts and retries keep an interactive call within its budget.
                 kw = INTERACTIVE.table_kw()
+                total = BACKGROUND.total_s
                 transport = self._shared_transport()
-                client = (TableClient.from_connection_string(cs, name, transport=transport, **kw) if cs else
+                client = (TableClient.from_connection_string(cs, name, transport=transport, timeout=total, **kw)
+                          if cs else
                           TableClient(self._endpoint("table"), name, credential=self._get_credential(),
-                                      transport=transport, **kw))
+                                      transport=transport, timeout=total, **kw))
                 table = self._tables[name] = Table(client)
         return table
 

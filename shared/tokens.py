@@ -26,6 +26,7 @@ from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Toke
 from shared.backoff import backoff_delay
 from shared.errors import (
     ConflictError,
+    ConnectorError,
     NotFoundError,
     ReauthRequiredError,
     StorageUnavailableError,
@@ -85,6 +86,8 @@ class TokenManager:
 
     def current_access_token(self, account: Account) -> str:
         """The access token stored on this record, as it is (no freshness check)."""
+        if account.status != ACTIVE:  # e.g. the record a concurrent refresher marked reauth_required
+            raise reauth_error(account)
         return self._store.open_tokens(account).access_token
 
     def access_token(self, account: Account) -> tuple[str, Account]:
@@ -103,18 +106,22 @@ class TokenManager:
         now = now or utcnow()
         if account.last_used_at and now - account.last_used_at < USE_RECORD_INTERVAL:
             return account
-        due = account.refresh_due_at
-        if account.status == ACTIVE and account.sealed_tokens:
-            wanted = self.next_due(self._store.open_tokens(account), now, active_use=True)
-            due = wanted if due is None or wanted < due else None
-        else:
-            due = None
-        saved = self._store.record_use(account, now, due=due)
-        if saved is None:
+        try:  # best effort: the call it follows (a send, a read) has already succeeded
+            due = account.refresh_due_at
+            if account.status == ACTIVE and account.sealed_tokens:
+                wanted = self.next_due(self._store.open_tokens(account), now, active_use=True)
+                due = wanted if due is None or wanted < due else None
+            else:
+                due = None
+            saved = self._store.record_use(account, now, due=due)
+            if saved is None:
+                return account
+            if due is not None:
+                self._index.put(saved, previous_due=account.refresh_due_at)
+            return saved
+        except ConnectorError as e:  # a lost index row is repaired by the daily reconciliation
+            log.warning("usage of %s not recorded (%s)", account.id, e.code)
             return account
-        if due is not None:
-            self._index.put(saved, previous_due=account.refresh_due_at)
-        return saved
 
     def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None,
                 account: Account | None = None, previous_row_consumed: bool = False) -> Account:
@@ -218,8 +225,16 @@ class TokenManager:
 
         saved = self._store_rotated(acc, lease, store, landed=lambda cur: cur.sealed_tokens == sealed)
         if saved.sealed_tokens == sealed:
-            self._index.put(saved, previous_due=previous_due)
+            self._index_quietly(saved, previous_due)
         return saved
+
+    def _index_quietly(self, account: Account, previous_due: dt.datetime | None) -> None:
+        """Move the index row; the record is already stored, so a failure here must not fail the call
+        (a missing row is repaired by the daily reconciliation, a stale one costs one read)."""
+        try:
+            self._index.put(account, previous_due=previous_due)
+        except ConnectorError as e:
+            log.warning("refresh index not updated for %s (%s)", account.id, e.code)
 
     def _store_rotated(self, acc: Account, lease: str, store: Callable[[Account], Account | None], *,
                        landed: Callable[[Account], bool]) -> Account:
@@ -285,10 +300,10 @@ class TokenManager:
                                         and not cur.sealed_tokens and cur.last_error == last_error)
         if saved.last_error != last_error:
             return saved  # not our write: whoever owns the row now decided its state
-        self._index.put(saved, previous_due=acc.refresh_due_at)
         log.warning("account %s needs re-authentication: %s", acc.id, reason)
         if self._on_reauth:
             self._on_reauth(saved, err)
+        self._index_quietly(saved, acc.refresh_due_at)
         raise err
 
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import iso, utcnow
 from shared.backoff import backoff_delay
-from shared.errors import StorageUnavailableError
 
 if TYPE_CHECKING:
     import requests
@@ -81,8 +80,8 @@ class Webhooks:
                    "data": {"account": account}}
         try:
             self._queue().send(json.dumps({"attempt": 0, "event": payload}).encode())
-        except StorageUnavailableError as e:
-            log.error("could not enqueue webhook %s: %s", event, e.code)
+        except Exception as e:
+            log.error("could not enqueue webhook %s: %s", event, type(e).__name__)
 
     def deliver(self, message: bytes) -> None:
         """Queue-trigger body: POST once; on failure re-enqueue with backoff instead of raising."""
