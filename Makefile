@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test install lint unit infra bench clean
+.PHONY: dev test install lint unit infra bench chaos clean
 
 $(STAMP): requirements.txt requirements-dev.txt package.json package-lock.json
 	@command -v node >/dev/null || { echo "Node.js 18+ is required for Azurite (https://nodejs.org)."; exit 1; }
@@ -34,6 +34,10 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Load and faults together, then an audit (bench/chaos.py); options: make chaos CHAOS_ARGS="--minutes 1".
+chaos: $(STAMP)
+	$(PY) -m bench chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .devstack test-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,6 @@ import platform
 import secrets
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import requests
 
@@ -64,9 +63,9 @@ class Stack:
         s = requests.Session()
         s.trust_env = False
         s.verify = self.ca
-        loc = s.get(start["authUrl"], allow_redirects=False, timeout=30).headers["Location"]
-        params = {k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()}
-        out = c.complete_connect(params)
+        from devstack.sandbox.client import redirect_fields
+
+        out = c.complete_connect(redirect_fields(s.get(start["authUrl"], allow_redirects=False, timeout=30)))
         assert out.status == "connected", out
         return str(out.account_id)
 

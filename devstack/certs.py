@@ -99,3 +99,29 @@ def ensure_certs(directory: Path | str | None = None) -> CertPaths:
     # The CA key is not kept: nothing else is ever signed with it.
     paths.ca_cert.write_bytes(ca_cert.public_bytes(pem))
     return paths
+
+
+def new_client_certificate(common_name: str = "mailbox-connector", *, days: int = 365) -> tuple[str, str]:
+    """A self-signed RSA certificate for an app registration's certificate credential: (key PEM, cert PEM).
+
+    What ``az ad app credential reset --create-cert`` or a Key Vault self-signed policy gives you; the
+    key is unencrypted PKCS#8 (Key Vault's PEM form).
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    now = dt.datetime.now(dt.timezone.utc)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode("ascii")
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode("ascii")

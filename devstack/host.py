@@ -13,6 +13,12 @@ It does what the Azure Functions host does for this app, reading only the enviro
 * answers ``POST /admin/functions/{name}`` with body ``{"input": "..."}`` to run a non-HTTP
   function now (https://learn.microsoft.com/azure/azure-functions/functions-manually-run-non-http).
   Unlike the real host it answers 202 *after* the function has run, so callers can rely on it.
+  Like Core Tools, a caller that is not on loopback (by address or by ``Host``) must send the
+  master key as ``x-functions-key``: ``DEVHOST_ADMIN_KEY``, or a random key per process.
+
+``/demo/token`` mints caller tokens, so it answers only requests whose ``Host`` (and ``Origin``,
+when sent) names loopback or PUBLIC_BASE_URL's host: a page on another site that rebinds its DNS
+name to 127.0.0.1 (DNS rebinding) still sends its own name in ``Host``.
 
 With Core Tools installed, ``func start`` runs the same ``function_app.py`` and ``local.settings.json``.
 """
@@ -23,12 +29,15 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import hmac
 import importlib
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -38,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 from azure.functions.queue import QueueMessage  # the worker's concrete type (carries dequeue_count)
@@ -98,7 +107,7 @@ def compile_route(template: str) -> tuple[re.Pattern[str], list[str]]:
         out += f"(?:{re.escape(slash)}{body})?" if (optional or catch_all) else re.escape(slash) + body
         pos = m.end()
     out += re.escape(template[pos:])
-    return re.compile("^" + out + "/?$", re.IGNORECASE), names
+    return re.compile("^" + out + "/?\\Z", re.IGNORECASE), names
 
 
 @dataclass
@@ -137,7 +146,41 @@ class _Timer:
     schedule: dict[str, Any] = field(default_factory=dict)
 
 
-def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
+
+
+@dataclass
+class _TraceContext:
+    trace_parent: str
+    trace_state: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _InvocationContext:
+    """What the host passes as ``context: func.Context``: the invocation id and the host's trace context.
+
+    Like the real host, the trace context is the host's own span for the invocation: a child of the
+    caller's ``traceparent`` when it sent one, else a new trace
+    (https://learn.microsoft.com/azure/azure-functions/opentelemetry-howto)."""
+
+    function_name: str
+    trace_context: _TraceContext
+    invocation_id: str = field(default_factory=lambda: str(__import__("uuid").uuid4()))
+    function_directory: str = str(ROOT)
+    thread_local_storage: threading.local = field(default_factory=threading.local)
+    retry_context: Any = None
+
+
+def _host_trace_parent(incoming: str | None) -> str:
+    m = _TRACEPARENT.fullmatch((incoming or "").strip().lower())
+    trace_id = m.group(1) if m else secrets.token_hex(16)
+    return f"00-{trace_id}-{secrets.token_hex(8)}-{m.group(2) if m else '01'}"
+
+
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any], *, traceparent: str | None = None) -> Any:
+    if "context" in inspect.signature(fn).parameters and "context" not in kwargs:
+        kwargs = {**kwargs, "context": _InvocationContext(fn.__name__, _TraceContext(_host_trace_parent(traceparent)))}
     result = fn(**kwargs)
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
@@ -160,8 +203,13 @@ class DevHost:
         self.q_max_dequeue = int(q.get("maxDequeueCount", 5))
         self.q_visibility = _timespan_seconds(q.get("visibilityTimeout", "00:00:00"), 0.0)
         self.q_max_poll = _timespan_seconds(q.get("maxPollingInterval", "00:01:00"), 60.0)
+        # A taken message stays invisible this long (the real host: 10 minutes, renewed while it runs);
+        # when an instance dies mid-message, that is when another one sees it. Chaos runs shorten it.
+        self.q_lease = int(os.environ.get("DEVHOST_QUEUE_LEASE_SECONDS") or 600)
         self.q_base64 = q.get("messageEncoding", "base64") == "base64"
         self.static = static or {}
+        # The master key for /admin calls from off loopback (Core Tools' x-functions-key).
+        self.admin_key = os.environ.get("DEVHOST_ADMIN_KEY") or secrets.token_urlsafe(32)
         self.http: list[HttpRoute] = []
         self.timers: list[TimerFunction] = []
         self.queues: list[QueueFunction] = []
@@ -213,8 +261,14 @@ class DevHost:
     def _dispatch(self, req: Request) -> Response:
         path = req.path
         if path.startswith("/admin/functions/") and req.method == "POST":
+            if not (is_local_request(req) or _key_matches(req.headers.get("x-functions-key"), self.admin_key)):
+                return _problem(401, "Unauthorized", "Admin calls from off loopback need the master key in "
+                                "x-functions-key (DEVHOST_ADMIN_KEY).")
             return self._admin(path.rsplit("/", 1)[-1], req)
         if path == DEMO_TOKEN_PATH and "/demo/" in self.static:
+            if not _trusted_host(req):
+                return _problem(403, "Forbidden", "/demo/token answers only loopback names (Host and Origin); "
+                                "use `python -m devstack token SUB` elsewhere.")
             return _demo_token(req)
         for prefix, folder in self.static.items():
             if path == prefix.rstrip("/"):
@@ -257,7 +311,7 @@ class DevHost:
             route_params=params,
             body=body,
         )
-        out = _call(route.fn, {route.arg: freq})
+        out = _call(route.fn, {route.arg: freq}, traceparent=req.headers.get("traceparent"))
         if out is None:
             return Response(status=204)
         if not isinstance(out, func.HttpResponse):
@@ -276,7 +330,7 @@ class DevHost:
             payload = json.loads(raw)
             if not isinstance(payload, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             return _problem(400, "Bad request", 'The body must be JSON like {"input": "..."}.')
         if isinstance(item, TimerFunction):
             self._run_timer(item, past_due=False)
@@ -343,7 +397,7 @@ class DevHost:
         while not self._stop.is_set():
             try:
                 msgs = list(client.receive_messages(messages_per_page=self.q_batch, max_messages=self.q_batch,
-                                                    visibility_timeout=600))
+                                                    visibility_timeout=self.q_lease))
             except Exception as e:
                 log.warning("devstack host: polling %s failed: %s", q.queue, type(e).__name__)
                 msgs = []
@@ -436,7 +490,41 @@ def _static(folder: Path, rel: str) -> Response:
 
 DEMO_DIR = ROOT / "devstack" / "demo"
 DEMO_TOKEN_PATH = "/demo/token"
-_SUB_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
+_SUB_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")  # fullmatch: "$" would accept a trailing newline
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _hostname(value: str) -> str:
+    """The host name of a ``Host`` header or an origin, without port and IPv6 brackets, lower case."""
+    try:
+        return (urlsplit(value if "://" in value else "//" + value).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _is_loopback_name(name: str) -> bool:
+    return name in _LOOPBACK_NAMES or name.endswith(".localhost")  # RFC 6761 §6.3
+
+
+def is_local_request(req: Request) -> bool:
+    """Loopback by address *and* by ``Host`` (a rebound DNS name reaches 127.0.0.1 with its own Host)."""
+    try:
+        local_addr = ipaddress.ip_address(req.remote_addr or "").is_loopback
+    except ValueError:
+        local_addr = False
+    return local_addr and _is_loopback_name(_hostname(req.host))
+
+
+def _key_matches(given: str | None, key: str) -> bool:
+    return bool(given) and hmac.compare_digest(str(given).encode(), key.encode())
+
+
+def _trusted_host(req: Request) -> bool:
+    """``Host`` and, when sent, ``Origin`` name loopback. Not PUBLIC_BASE_URL's host: behind a tunnel that
+    name reaches the host from anywhere (and a tunnel's traffic arrives from loopback), so anyone could
+    mint caller tokens; ``python -m devstack token SUB`` serves that case on the developer's own machine."""
+    origin = req.headers.get("Origin")
+    return _is_loopback_name(_hostname(req.host)) and (origin is None or _is_loopback_name(_hostname(origin)))
 
 
 def demo_static() -> dict[str, Path]:
@@ -460,9 +548,9 @@ def _demo_token(req: Request) -> Response:
     try:
         doc = json.loads(req.get_data() or b"{}")
         sub = doc.get("sub", "demo-user") if isinstance(doc, dict) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         sub = None
-    if not isinstance(sub, str) or not _SUB_RE.match(sub):
+    if not isinstance(sub, str) or not _SUB_RE.fullmatch(sub):
         return _problem(400, "Bad request",
                         'The body must be JSON like {"sub": "demo-user"}: 1-128 of A-Z a-z 0-9 . _ @ -.')
     settings = get_settings()
@@ -493,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=port_number, default=env_port("DEVHOST_PORT", 7071),
                    help="HTTP port (DEVHOST_PORT, 7071 like Core Tools)")
     a = p.parse_args(argv)
+    from shared.logs import SafeFormatter
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(SafeFormatter("%(message)s"))  # one record, one line
     try:
         taken = bool(a.port) and port_in_use(a.port, a.host)
     except OSError as e:  # an unknown --host

@@ -14,6 +14,15 @@ a user-assigned identity) and gets ``{"access_token","expires_on"(epoch seconds,
 azure-identity picks its App Service credential when both variables are set and
 ``IDENTITY_SERVER_THUMBPRINT`` is not, and MSAL's ``_obtain_token_on_app_service`` makes exactly
 that call.) Point the variables at :attr:`KeyVaultDouble.msi_endpoint` / :attr:`msi_header`.
+Tokens for ``https://vault.azure.net`` are minted here (and only accepted by this vault); tokens for
+any other resource — ``api://AzureADTokenExchange``, the managed identity's federated client
+assertion — come from ``token_service(resource, client_id)``, which :func:`sandbox_token_service`
+wires to the Microsoft sandbox (it signs them as Entra would), like the platform's endpoint asks Entra.
+
+**Certificates.** A Key Vault certificate's private key is the *secret* of the same name;
+:meth:`KeyVaultDouble.set_certificate` stores it the way Key Vault does (PEM key + certificate with
+content type ``application/x-pem-file``, or base64 PKCS#12 with ``application/x-pkcs12``)
+(https://learn.microsoft.com/azure/key-vault/certificates/about-certificates#composition-of-a-certificate).
 
 **Key Vault data plane (HTTPS, signed by the devstack CA).**
 * ``GET /secrets/{name}[/{version}]?api-version=…`` → the SecretBundle
@@ -53,6 +62,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -115,6 +125,7 @@ class KeyVaultDouble:
         token_lifetime: int = 3600,
         certs: CertPaths | None = None,
         msi_header: str | None = None,
+        token_service: Callable[[str, str], dict[str, Any]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -131,6 +142,7 @@ class KeyVaultDouble:
         self._requests: list[RecordedRequest] = []
         self._token_requests = 0
         self.msi_header = msi_header or secrets.token_urlsafe(24)
+        self.token_service = token_service  # (resource, client_id) -> App Service token body, other resources
         self._vault_server: BaseWSGIServer | None = None
         self._msi_server: BaseWSGIServer | None = None
         self._threads: list[threading.Thread] = []
@@ -193,6 +205,22 @@ class KeyVaultDouble:
             self._secrets.setdefault(name.lower(), []).append(v)  # names are case-insensitive
         return v.version
 
+    def set_certificate(self, name: str, key_pem: str, cert_pem: str, *, pkcs12: bool = False) -> str:
+        """Store certificate ``name``'s secret as Key Vault does (PEM bundle, or base64 PKCS#12)."""
+        if not pkcs12:
+            return self.set_secret(name, key_pem + cert_pem, content_type="application/x-pem-file")
+        import base64
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.serialization import pkcs12 as p12
+
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        blob = p12.serialize_key_and_certificates(name.encode(), key, cert, None,  # type: ignore[arg-type]
+                                                  serialization.NoEncryption())
+        return self.set_secret(name, base64.b64encode(blob).decode(), content_type="application/x-pkcs12")
+
     def delete_secret(self, name: str) -> None:
         with self._lock:
             self._secrets.pop(name.lower(), None)
@@ -254,6 +282,8 @@ class KeyVaultDouble:
         client_id = req.args.get("client_id")
         if client_id and client_id.lower() != self.identity_client_id.lower():
             return fail(400, "No user-assigned identity with this client_id is assigned to the app.")
+        if resource.rstrip("/") != VAULT_RESOURCE and self.token_service is not None:
+            return self._other_resource(resource, fail)
         token = "kvdouble." + secrets.token_urlsafe(32)
         expires_on = int(time.time()) + self.token_lifetime
         with self._lock:
@@ -266,6 +296,16 @@ class KeyVaultDouble:
             "token_type": "Bearer",
             "client_id": self.identity_client_id,
         }
+        return Response(json.dumps(body), status=200, content_type="application/json")
+
+    def _other_resource(self, resource: str, fail: Callable[[int, str], Response]) -> Response:
+        assert self.token_service is not None
+        try:
+            body = self.token_service(resource, self.identity_client_id)
+        except Exception as exc:  # the identity provider refused: App Service answers 400 with a message
+            return fail(400, f"The token for {resource} could not be obtained ({type(exc).__name__}).")
+        with self._lock:
+            self._token_requests += 1
         return Response(json.dumps(body), status=200, content_type="application/json")
 
     # ------------------------------------------------------------------ vault
@@ -382,12 +422,33 @@ class KeyVaultDouble:
         return Response(json.dumps(body), status=200, content_type="application/json; charset=utf-8")
 
 
+def sandbox_token_service(control: Any) -> Callable[[str, str], dict[str, Any]]:
+    """``token_service`` backed by the Microsoft sandbox (a ``SandboxControl``): the identity must be
+    registered there (``control.add_managed_identity(client_id)``); it signs the token as Entra does."""
+
+    def issue(resource: str, client_id: str) -> dict[str, Any]:
+        return dict(control.managed_identity_token(client_id, resource))
+
+    return issue
+
+
 def main() -> None:  # pragma: no cover - manual use: python -m devstack.keyvault
     import os
 
     header = os.environ.get("IDENTITY_HEADER")  # reuse the caller's, else print a throw-away one
-    double = KeyVaultDouble(port=int(os.environ.get("KEYVAULT_DOUBLE_PORT", "8443")), msi_header=header).start()
+    service = None
+    if os.environ.get("SANDBOX_URL"):  # managed identity as a federated credential against the sandbox
+        from devstack.sandbox import SandboxControl
+
+        control = SandboxControl(os.environ["SANDBOX_URL"], verify=os.environ.get("MS_CA_BUNDLE") or True)
+        service = sandbox_token_service(control)
+    double = KeyVaultDouble(port=int(os.environ.get("KEYVAULT_DOUBLE_PORT", "8443")), msi_header=header,
+                            identity_client_id=os.environ.get("AZURE_CLIENT_ID"), token_service=service).start()
+    if service is not None:
+        info = control.add_managed_identity(double.identity_client_id)
+        print(f"# federated credential: issuer={info['issuer']} subject={info['principal_id']}")
     print(f"export KEY_VAULT_URL={double.url}")
+    print(f"export AZURE_CLIENT_ID={double.identity_client_id}")
     print(f"export IDENTITY_ENDPOINT={double.msi_endpoint}")
     if not header:
         print(f"export IDENTITY_HEADER={double.msi_header}  # throw-away, local double only")

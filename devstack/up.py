@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRAPH_BASE_URL"] = f"https://localhost:{a.sandbox_port}/v1.0"
     os.environ["MS_CA_BUNDLE"] = str(certs.ca_cert)
     os.environ["PUBLIC_BASE_URL"] = f"http://localhost:{a.port}"
+    # The local stack's own sandbox may call the dev host's loopback http notification URL (Graph: https only).
+    os.environ.setdefault("SANDBOX_ALLOW_HTTP_NOTIFICATIONS", "1")
     print("devstack: starting Azurite (Table + Queue storage)...", flush=True)
     try:
         az = Azurite(blob_port=storage_ports[0], queue_port=storage_ports[1], table_port=storage_ports[2]).start()

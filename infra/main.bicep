@@ -11,6 +11,10 @@
 //
 // The token key ring is created by the azd postprovision hook (scripts/postprovision.*), never
 // here, so that it is truly random and re-provisioning never rotates it.
+//
+// The Entra app registration is not created here by default (that needs Application.ReadWrite rights
+// in Entra): infra/entra-app/main.bicep (Microsoft Graph Bicep extension) is the optional path, and
+// docs/deploy.md gives the portal / az steps, including the federated credential for the identity.
 
 targetScope = 'subscription'
 
@@ -21,10 +25,18 @@ param environmentName string
 
 @minLength(1)
 @description('Region for all resources (AZURE_LOCATION). It must offer the Flex Consumption plan.')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
 param location string
 
 @description('Object id of the principal running azd (AZURE_PRINCIPAL_ID). Granted Key Vault Secrets Officer so the postprovision hook can write the token key ring. Empty to skip.')
 param principalId string = ''
+
+@description('Also grant the principal running azd Storage Table Data Contributor, for `python -m shared.cli reencrypt` after a key rotation (GRANT_DEPLOYER_DATA_ROLES).')
+param grantDeployerDataRoles bool = false
 
 @description('Type of principalId: User for a person, ServicePrincipal for a CI identity.')
 @allowed([
@@ -39,9 +51,22 @@ param resourceGroupName string = ''
 
 // ---- Entra app registration ------------------------------------------------------------------
 
-@minLength(1)
-@description('Application (client) id of the Entra app registration (MS_CLIENT_ID).')
-param msClientId string
+@description('Application (client) id of the Entra app registration (MS_CLIENT_ID). Empty only while bootstrapping with infra/entra-app (the app refuses to start until it is set).')
+param msClientId string = ''
+
+@description('How the app authenticates to Entra (MS_CLIENT_CREDENTIAL): secret (Key Vault secret), certificate (Key Vault certificate) or managed_identity (federated credential on the app registration; work/school accounts only).')
+@allowed([
+  'secret'
+  'certificate'
+  'managed_identity'
+])
+param msClientCredential string = 'secret'
+
+@description('Key Vault certificate name for msClientCredential=certificate (MS_CLIENT_CERT_NAME).')
+param msClientCertName string = 'ms-client-cert'
+
+@description('Audience of the managed identity token used as the federated assertion (MS_CLIENT_ASSERTION_AUDIENCE).')
+param msClientAssertionAudience string = 'api://AzureADTokenExchange'
 
 @secure()
 @description('Entra client secret. Written to Key Vault as ms-client-secret only when non-empty; never an output, never an app setting.')
@@ -83,7 +108,7 @@ param webhookUrl string = ''
 @description('Webhook HMAC secret. Written to Key Vault when non-empty; otherwise the postprovision hook generates one once.')
 param webhookSecret string = ''
 
-@description('Public base URL override (PUBLIC_BASE_URL), e.g. a custom domain. Empty: the function app\'s https default host name.')
+@description('Public base URL override (PUBLIC_BASE_URL), e.g. a custom domain. Empty: the function app\'s https default host name. A trailing slash is removed.')
 param publicBaseUrl string = ''
 
 // ---- Behaviour -------------------------------------------------------------------------------
@@ -100,17 +125,18 @@ param keepaliveDays string = '7'
 @description('Cap on one send request\'s attachments in bytes (SEND_MAX_TOTAL_BYTES).')
 param sendMaxTotalBytes string = '104857600'
 
-@description('Serve the demo web client (DEMO_ENABLED).')
+@description('Inbound mail notifications (NOTIFICATIONS_ENABLED): true, false or auto (on when PUBLIC_BASE_URL is https).')
 @allowed([
+  'auto'
   'true'
   'false'
 ])
-param demoEnabled string = 'false'
+param notificationsEnabled string = 'auto'
 
 // ---- Sizing ----------------------------------------------------------------------------------
 
-@description('Maximum instances Flex Consumption scales out to.')
-@minValue(1)
+@description('Maximum instances Flex Consumption scales out to (40-1000, Microsoft\'s Flex Consumption limits).')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
@@ -121,6 +147,14 @@ param maximumInstanceCount int = 100
   4096
 ])
 param instanceMemoryMB int = 2048
+
+@description('Zone-redundant Flex Consumption plan (ZONE_REDUNDANT); only where the region offers it, with ZRS storage.')
+param zoneRedundant bool = false
+
+@description('Always-ready instances for the HTTP trigger group (ALWAYS_READY_HTTP_INSTANCES); 0 = none. Spares the OAuth callback a cold start, at a fixed cost.')
+@minValue(0)
+@maxValue(1000)
+param alwaysReadyHttpInstances int = 0
 
 @description('Storage replication. Use Standard_LRS in a region without availability zones.')
 @allowed([
@@ -136,6 +170,11 @@ param storageSkuName string = 'Standard_ZRS'
 @maxValue(90)
 param keyVaultSoftDeleteRetentionInDays int = 90
 
+// ---- Operations (infra/modules/operations.bicep, docs/operations.md) ---------------------------
+
+@description('E-mail address alerted by the operations alert rules (OPERATIONS_ALERT_EMAIL); empty: no action group.')
+param alertEmail string = ''
+
 // ---- Names -----------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -148,17 +187,25 @@ var deploymentContainerName = 'app-package-${resourceToken}'
 var clientSecretName = 'ms-client-secret'
 var tokenKeysSecretName = 'token-encryption-keys'
 var webhookSecretName = 'webhook-secret'
+// PUBLIC_BASE_URL is normalised here, once: the app strips a trailing slash too (shared/config.py),
+// so the REDIRECT_URI output and the app's redirect URI are the same string (else AADSTS50011).
+var publicBaseUrlNormalised = endsWith(publicBaseUrl, '/') ? substring(publicBaseUrl, 0, length(publicBaseUrl) - 1) : publicBaseUrl
 var tableNames = [
   'accounts'
   'oauthstates'
   'refreshindex'
   'idempotency'
+  'subscriptions'
+  'subscriptionindex'
+  'seenmessages'
 ]
 var queueNames = [
   'refresh-jobs'
   'refresh-jobs-poison'
   'webhook-deliveries'
   'webhook-deliveries-poison'
+  'notification-jobs'
+  'notification-jobs-poison'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -217,6 +264,18 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
+module operations 'modules/operations.bicep' = {
+  name: 'operations'
+  scope: rg
+  params: {
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    location: location
+    tags: tags
+    namePrefix: 'connector-${resourceToken}'
+    alertEmail: alertEmail
+  }
+}
+
 module roles 'modules/roles.bicep' = {
   name: 'roles'
   scope: rg
@@ -224,6 +283,8 @@ module roles 'modules/roles.bicep' = {
     appPrincipalId: identity.outputs.principalId
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
+    grantDeployerDataRoles: grantDeployerDataRoles
+    grantDeployerCertificatesOfficer: msClientCredential == 'certificate'
     storageAccountName: storage.outputs.name
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
@@ -252,10 +313,11 @@ module functionApp 'modules/functionapp.bicep' = {
     keyVaultUri: keyVault.outputs.uri
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
-    webhookSecretName: webhookSecretName
-    publicBaseUrl: publicBaseUrl
+    zoneRedundant: zoneRedundant
+    alwaysReadyHttpInstances: alwaysReadyHttpInstances
+    publicBaseUrl: publicBaseUrlNormalised
     // The app's own settings (shared/config.py SETTINGS, non-local). KEY_VAULT_URL,
-    // PUBLIC_BASE_URL, WEBHOOK_SECRET and the platform settings are added by the module.
+    // PUBLIC_BASE_URL and the platform settings are added by the module.
     appSettings: [
       {
         name: 'MS_CLIENT_ID'
@@ -264,6 +326,18 @@ module functionApp 'modules/functionapp.bicep' = {
       {
         name: 'MS_CLIENT_SECRET_NAME'
         value: clientSecretName
+      }
+      {
+        name: 'MS_CLIENT_CREDENTIAL'
+        value: msClientCredential
+      }
+      {
+        name: 'MS_CLIENT_CERT_NAME'
+        value: msClientCertName
+      }
+      {
+        name: 'MS_CLIENT_ASSERTION_AUDIENCE'
+        value: msClientAssertionAudience
       }
       {
         name: 'TOKEN_KEYS_SECRET_NAME'
@@ -306,6 +380,10 @@ module functionApp 'modules/functionapp.bicep' = {
         value: webhookUrl
       }
       {
+        name: 'WEBHOOK_SECRET_NAME'
+        value: webhookSecretName
+      }
+      {
         name: 'REFRESH_SCHEDULE'
         value: refreshSchedule
       }
@@ -322,8 +400,8 @@ module functionApp 'modules/functionapp.bicep' = {
         value: sendMaxTotalBytes
       }
       {
-        name: 'DEMO_ENABLED'
-        value: demoEnabled
+        name: 'NOTIFICATIONS_ENABLED'
+        value: notificationsEnabled
       }
     ]
   }
@@ -346,4 +424,10 @@ output TOKEN_KEYS_SECRET_NAME string = tokenKeysSecretName
 output WEBHOOK_SECRET_NAME string = webhookSecretName
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+@description('Subject of the federated credential for MS_CLIENT_CREDENTIAL=managed_identity: the identity\'s object (principal) id.')
+output MANAGED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+@description('Issuer of the federated credential for MS_CLIENT_CREDENTIAL=managed_identity.')
+output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+output MS_CLIENT_CREDENTIAL string = msClientCredential
+output MS_CLIENT_CERT_NAME string = msClientCertName
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName

@@ -8,7 +8,8 @@ Creates, only if they do not exist yet:
   operating system's CSPRNG). ARM has no real randomness (``uniqueString``/``newGuid`` are
   derived or predictable), which is why this is not done in Bicep.
 * ``webhook-secret`` (``WEBHOOK_SECRET_NAME``): the webhook HMAC secret, unless Bicep already
-  wrote one from the ``WEBHOOK_SECRET`` azd variable.
+  wrote one from the ``WEBHOOK_SECRET`` azd variable. The app reads it at run time (no Key Vault
+  reference, so no restart is needed after it is created).
 
 An existing secret is never overwritten, so ``azd provision`` / ``azd up`` can be re-run without
 rotating the key ring (which would make every stored token unreadable). Rotation is a separate,
@@ -16,8 +17,8 @@ deliberate step (docs/deploy.md). Secret values are passed to ``az`` through a p
 file, never on the command line, and are never printed.
 
 Environment (azd exports the Bicep outputs): ``KEY_VAULT_NAME`` (required),
-``TOKEN_KEYS_SECRET_NAME``, ``WEBHOOK_SECRET_NAME``, ``AZURE_RESOURCE_GROUP``,
-``AZURE_FUNCTION_APP_NAME``; ``AZ`` overrides the Azure CLI executable;
+``TOKEN_KEYS_SECRET_NAME``, ``WEBHOOK_SECRET_NAME``, ``MS_CLIENT_CREDENTIAL``,
+``MS_CLIENT_SECRET_NAME``, ``MS_CLIENT_CERT_NAME``; ``AZ`` overrides the Azure CLI executable;
 ``POSTPROVISION_RETRIES`` / ``POSTPROVISION_RETRY_DELAY`` tune the wait for the new Key Vault
 role assignment to propagate.
 """
@@ -181,27 +182,42 @@ def main(environ: dict[str, str] | None = None) -> int:
         ensure_secret(az, vault, keys_name, existing, deleted, new_key_ring, "application/json")
         if keys_name in existing:
             check_key_ring(az.secret_value(vault, keys_name))
-        created_webhook = ensure_secret(az, vault, webhook_name, existing, deleted, new_webhook_secret, "text/plain")
+        ensure_secret(az, vault, webhook_name, existing, deleted, new_webhook_secret, "text/plain")
     except HookError as exc:
         print(f"postprovision: ERROR: {exc}", file=sys.stderr)
         return 1
-
-    app, group = env.get("AZURE_FUNCTION_APP_NAME"), env.get("AZURE_RESOURCE_GROUP")
-    if created_webhook and app and group:
-        # The WEBHOOK_SECRET app setting is a Key Vault reference that could not resolve before the
-        # secret existed; a restart makes the platform resolve it now.
-        try:
-            az.run(["functionapp", "restart", "--name", app, "--resource-group", group])
-            print(f"postprovision: restarted {app} so WEBHOOK_SECRET resolves")
-        except HookError as exc:
-            print(f"postprovision: warning: {exc}; restart {app} yourself", file=sys.stderr)
-    client_secret_name = env.get("MS_CLIENT_SECRET_NAME") or "ms-client-secret"
-    if client_secret_name not in existing:
-        print(
-            "postprovision: note: the Entra client secret is not in Key Vault yet; store it with\n"
-            f"  az keyvault secret set --vault-name {vault} --name {client_secret_name} --file <file holding it>"
-        )
+    note = credential_note(env, vault, existing)
+    if note:
+        print(note)
     return 0
+
+
+def credential_note(env: dict[str, str], vault: str, existing: set[str]) -> str | None:
+    """What the operator still has to do for the app's Entra credential (MS_CLIENT_CREDENTIAL), if anything."""
+    kind = (env.get("MS_CLIENT_CREDENTIAL") or "secret").lower()
+    if kind == "managed_identity":
+        return (
+            "postprovision: note: MS_CLIENT_CREDENTIAL=managed_identity - the app registration needs a federated "
+            "credential for the function app's identity (issuer FEDERATED_CREDENTIAL_ISSUER, subject "
+            "MANAGED_IDENTITY_PRINCIPAL_ID, audience api://AzureADTokenExchange); see docs/deploy.md"
+        )
+    if kind == "certificate":
+        name = env.get("MS_CLIENT_CERT_NAME") or "ms-client-cert"
+        if name in existing:  # a Key Vault certificate's key is the secret of the same name
+            return None
+        return (
+            f"postprovision: note: the Key Vault certificate '{name}' does not exist yet; create it with\n"
+            f"  az keyvault certificate create --vault-name {vault} --name {name} "
+            "--policy \"$(az keyvault certificate get-default-policy)\"\n"
+            "  and upload its public part to the app registration (docs/deploy.md)"
+        )
+    name = env.get("MS_CLIENT_SECRET_NAME") or "ms-client-secret"
+    if name in existing:
+        return None
+    return (
+        "postprovision: note: the Entra client secret is not in Key Vault yet; store it with\n"
+        f"  az keyvault secret set --vault-name {vault} --name {name} --file <file holding it>"
+    )
 
 
 if __name__ == "__main__":

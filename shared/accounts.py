@@ -71,6 +71,23 @@ class Tokens:
                    parse_iso(d.get("rti")) or utcnow())
 
 
+#: ``notifications.status`` values (SPEC §3, §6a).
+NOTIFY_ACTIVE, NOTIFY_PENDING, NOTIFY_FAILED, NOTIFY_OFF = "active", "pending", "failed", "off"
+
+
+@dataclass(frozen=True)
+class NotificationSummary:
+    """The account's inbound-mail subscription as the Account JSON shows it (SPEC §6a); the
+    subscription itself lives in :mod:`shared.subscriptions`."""
+
+    status: str = NOTIFY_OFF
+    expires_at: dt.datetime | None = None
+    last_event_at: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"status": self.status, "expiresAt": iso(self.expires_at), "lastEventAt": iso(self.last_event_at)}
+
+
 @dataclass(frozen=True)
 class Account:
     owner: str
@@ -92,6 +109,7 @@ class Account:
     lease_id: str | None = field(default=None, repr=False)
     lease_until: dt.datetime | None = None
     etag: str | None = field(default=None, repr=False)
+    notifications: NotificationSummary = NotificationSummary()
 
     @property
     def mailbox_key(self) -> str:
@@ -115,6 +133,7 @@ class Account:
             "accessTokenExpiresAt": iso(self.access_token_expires_at),
             "lastUsedAt": iso(self.last_used_at),
             "lastError": self.last_error,
+            "notifications": self.notifications.to_json(),
         }
 
 
@@ -179,6 +198,14 @@ class AccountStore:
         rows = self._table.query("status eq 'active'", select=["owner", "RowKey", "refreshDueAt"])
         return [(str(e["owner"]), str(e["RowKey"]), parse_iso(e.get("refreshDueAt"))) for e in rows]
 
+    def count_by_status(self) -> dict[str, int]:
+        """Accounts per status, from one scan projected to ``status`` (the daily ``connector.accounts`` metric)."""
+        counts: dict[str, int] = {}
+        for e in self._table.query("RowKey ne ''", select=["status"]):
+            status = str(e.get("status") or "unknown")
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
     # -- writes -------------------------------------------------------------------------------
     def create_account(self, account: Account) -> Account:
         return replace(account, etag=self._table.create(_to_entity(account)))
@@ -230,6 +257,17 @@ class AccountStore:
             logging.getLogger("connector.accounts").debug("lastUsedAt not updated: %s", e.code)
             return None
         return replace(account, last_used_at=now, refresh_due_at=due or account.refresh_due_at, etag=etag)
+
+    def set_notifications(self, account: Account, summary: NotificationSummary) -> Account:
+        """MERGE only the ``notifications`` columns (unconditional: token writers are ETag-conditional,
+        so they re-read and keep these). NotFoundError when the account is gone; never re-creates it."""
+        fields: dict[str, EntityValue] = {"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
+                                          **_notification_columns(summary)}
+        try:
+            etag = self._table.merge(fields)
+        except NotFoundError:
+            raise _no_account() from None
+        return replace(account, notifications=summary, etag=etag)
 
     def delete_account(self, owner: str, account_id: str) -> Account:
         """Destroy the tokens at once, then delete the record."""
@@ -286,7 +324,13 @@ def _to_entity(a: Account) -> dict[str, EntityValue]:
         "refreshDueAt": iso(a.refresh_due_at) or "",
         "leaseId": a.lease_id or "",
         "leaseUntil": iso(a.lease_until) or "",
+        **_notification_columns(a.notifications),
     }
+
+
+def _notification_columns(n: NotificationSummary) -> dict[str, EntityValue]:
+    return {"notifStatus": n.status, "notifExpiresAt": iso(n.expires_at) or "",
+            "notifLastEventAt": iso(n.last_event_at) or ""}
 
 
 def _from_entity(e: TableEntity) -> Account:
@@ -314,4 +358,6 @@ def _from_entity(e: TableEntity) -> Account:
         lease_id=s("leaseId") or None,
         lease_until=parse_iso(e.get("leaseUntil")),
         etag=etag_of(e),
+        notifications=NotificationSummary(s("notifStatus", NOTIFY_OFF), parse_iso(e.get("notifExpiresAt")),
+                                          parse_iso(e.get("notifLastEventAt"))),
     )

@@ -2,13 +2,17 @@
 
 Validated with PyJWT against ``AUTH_JWKS_URL`` (RS256/ES256; keys cached by ``jwt.PyJWKClient``,
 re-fetched when an unknown ``kid`` appears so the issuer can rotate keys) or ``AUTH_HS256_SECRET``.
-``iss``, ``aud``, ``exp`` and ``nbf`` are required and checked (RFC 7519 §4.1). The owner is ``sub``.
+``iss``, ``aud``, ``exp`` and ``sub`` are required and checked (RFC 7519 §4.1); ``nbf`` is checked
+when present (RFC 7519 §4.1.5 makes it optional, and many identity providers issue access tokens
+without it). The owner is ``sub``: 1-256 characters, valid Unicode (no lone surrogates), no control,
+format or separator characters, so it can be hashed, stored and logged as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from typing import Any
 
 import jwt
@@ -114,9 +118,20 @@ class CallerAuth:
             # TypeError/ValueError: a key PyJWT cannot use raises outside its own exception tree.
             raise AuthenticationError(f"The caller token is invalid: {type(e).__name__}.") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
+        if not isinstance(sub, str) or not _usable_sub(sub):
             raise AuthenticationError("The caller token has no usable sub claim.")
         return sub
+
+
+# Unicode general categories a subject identifier never needs: controls, format characters (bidi
+# overrides, zero-width), surrogates, private use, unassigned, and line/paragraph separators.
+_BAD_SUB_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
+
+def _usable_sub(sub: str) -> bool:
+    if not 1 <= len(sub) <= 256 or sub != sub.strip():
+        return False
+    return all(unicodedata.category(c) not in _BAD_SUB_CATEGORIES for c in sub)
 
 
 def issue_dev_token(settings: Settings, sub: str, *, lifetime_s: int = 12 * 3600) -> str:

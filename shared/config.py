@@ -150,6 +150,54 @@ def _flag(name: str, value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
 
+def _on_off_auto(name: str, value: str) -> bool | None:
+    """``true`` / ``false`` (also 1/0, yes/no, on/off) or ``auto`` (None: decided from other settings)."""
+    v = value.lower()
+    if v == "auto":
+        return None
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be true, false or auto", setting=name)
+
+
+#: ``MS_CLIENT_CREDENTIAL`` values: how the app proves its identity to Entra (SPEC §5).
+CLIENT_CREDENTIAL_KINDS = ("secret", "certificate", "managed_identity")
+
+
+def _credential_kind(name: str, value: str) -> str:
+    kind = value.lower().replace("-", "_")
+    if kind not in CLIENT_CREDENTIAL_KINDS:
+        raise ConfigurationError(f"{name} must be one of {', '.join(CLIENT_CREDENTIAL_KINDS)}", setting=name)
+    return kind
+
+
+def _vault_object_name(name: str, value: str) -> str:
+    # Key Vault object names: 1-127 alphanumerics and dashes.
+    if not re.fullmatch(r"[0-9A-Za-z-]{1,127}", value):
+        raise ConfigurationError(f"{name} must be a Key Vault name (1-127 letters, digits, dashes)", setting=name)
+    return value
+
+
+def _assertion_audience(name: str, value: str) -> str:
+    if not value.startswith("api://") or any(c.isspace() for c in value):
+        raise ConfigurationError(f"{name} must be an api:// audience such as api://AzureADTokenExchange",
+                                 setting=name)
+    return value
+
+
+#: ``TELEMETRY_EXPORTER`` values (shared.telemetry).
+TELEMETRY_EXPORTERS = ("auto", "azure", "console", "off")
+
+
+def _telemetry_exporter(name: str, value: str) -> str:
+    mode = value.lower()
+    if mode not in TELEMETRY_EXPORTERS:
+        raise ConfigurationError(f"{name} must be one of {', '.join(TELEMETRY_EXPORTERS)}", setting=name)
+    return mode
+
+
 # --------------------------------------------------------------------------------------------
 # The declarations
 # --------------------------------------------------------------------------------------------
@@ -175,9 +223,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MS_CLIENT_SECRET", attr="client_secret", local_only=True,
             doc="Client secret, required when `KEY_VAULT_URL` is unset; in Azure it comes from Key Vault."),
     Setting("KEY_VAULT_URL", attr="key_vault_url", parse=_https_url,
-            doc="Key Vault (https) holding the client secret and the token key ring."),
-    Setting("MS_CLIENT_SECRET_NAME", "ms-client-secret", attr="client_secret_name",
+            doc="Key Vault (https) holding the client secret or certificate, the token key ring and the webhook secret."),
+    Setting("MS_CLIENT_SECRET_NAME", "ms-client-secret", attr="client_secret_name", parse=_vault_object_name,
             doc="Key Vault secret name of the client secret."),
+    Setting("MS_CLIENT_CREDENTIAL", "secret", attr="client_credential", parse=_credential_kind,
+            doc="How the app authenticates to Entra: `secret`, `certificate` (Key Vault certificate) or "
+                "`managed_identity` (federated credential, work/school accounts only); see `docs/deploy.md`."),
+    Setting("MS_CLIENT_CERT_NAME", "ms-client-cert", attr="client_cert_name", parse=_vault_object_name,
+            doc="Key Vault certificate name for `MS_CLIENT_CREDENTIAL=certificate` (its private key is read as "
+                "the secret of the same name)."),
+    Setting("MS_CLIENT_ASSERTION_AUDIENCE", "api://AzureADTokenExchange", attr="client_assertion_audience",
+            parse=_assertion_audience,
+            doc="Audience of the managed identity's token for `managed_identity` (`api://AzureADTokenExchangeUSGov` "
+                "/ `api://AzureADTokenExchangeChina` in those clouds)."),
     Setting("TOKEN_KEYS_SECRET_NAME", "token-encryption-keys", attr="token_keys_secret_name",
             doc="Key Vault secret name of the token key ring."),
     Setting("MS_AUTHORITY_HOST", "https://login.microsoftonline.com", attr="authority_host", parse=_https_url,
@@ -221,8 +279,11 @@ SETTINGS: tuple[Setting, ...] = (
                 "is unset; in Azure a Key Vault secret."),
     Setting("WEBHOOK_URL", attr="webhook_url", parse=_http_url,
             doc="Receiver of account lifecycle webhooks (off when unset); see `docs/webhooks.md`."),
-    Setting("WEBHOOK_SECRET", attr="webhook_secret",
-            doc="HMAC secret for webhook signatures, required with `WEBHOOK_URL` (a Key Vault reference in Azure)."),
+    Setting("WEBHOOK_SECRET", attr="webhook_secret", local_only=True,
+            doc="HMAC secret for webhook signatures, required with `WEBHOOK_URL` when `KEY_VAULT_URL` is unset; "
+                "in Azure it is read from Key Vault at run time."),
+    Setting("WEBHOOK_SECRET_NAME", "webhook-secret", attr="webhook_secret_name", parse=_vault_object_name,
+            doc="Key Vault secret name of the webhook HMAC secret."),
     Setting("REFRESH_SCHEDULE", "0 */5 * * * *", attr="refresh_schedule", parse=_ncrontab,
             doc="NCRONTAB of the proactive refresh timer."),
     Setting("CLEANUP_SCHEDULE", "0 17 * * * *", attr="cleanup_schedule", parse=_ncrontab,
@@ -231,10 +292,17 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Idle accounts get a refresh-token keep-alive this often (days, 1-80)."),
     Setting("SEND_MAX_TOTAL_BYTES", str(100 * 1024 * 1024), attr="send_max_total_bytes",
             parse=_int_between(1, 150 * 1024 * 1024), doc="Cap on one send request's attachments; beyond it, 413."),
-    Setting("DEMO_ENABLED", "false", attr="demo_enabled", parse=_flag,
-            doc="The dev host serves the demo page at `/demo/` (`make dev` sets it)."),
+    Setting("NOTIFICATIONS_ENABLED", "auto", attr="notifications_enabled", parse=_on_off_auto,
+            doc="Inbound mail: Graph change notifications become `message.received` webhooks (`true`, `false` or "
+                "`auto`: on when `PUBLIC_BASE_URL` is https or Graph is the local sandbox); see `docs/webhooks.md`."),
+    Setting("DEMO_ENABLED", "false", attr="demo_enabled", parse=_flag, local_only=True,
+            doc="The dev host serves the demo page at `/demo/` (`make dev` sets it); nothing serves it in Azure."),
     Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", attr="appinsights_connection_string",
-            doc="Application Insights (the Functions host forwards logs); plain logging when unset."),
+            doc="Application Insights: OpenTelemetry traces, metrics and logs (`docs/operations.md`); plain logging "
+                "when unset."),
+    Setting("TELEMETRY_EXPORTER", "auto", attr="telemetry_exporter", parse=_telemetry_exporter, local_only=True,
+            doc="OpenTelemetry traces and metrics: `auto` (Application Insights when its connection string is set, "
+                "else off), `console` (printed by the host, no Azure needed) or `off`."),
 )
 
 #: Settings attributes computed from several settings (each listed one has ``attr=None``).
@@ -263,6 +331,9 @@ class Settings:
     client_secret: str | None = field(repr=False)
     key_vault_url: str | None
     client_secret_name: str
+    client_credential: str
+    client_cert_name: str
+    client_assertion_audience: str
     token_keys_secret_name: str
     authority_host: str
     tenant: str
@@ -285,12 +356,15 @@ class Settings:
     token_encryption_keys: str | None = field(repr=False)
     webhook_url: str | None
     webhook_secret: str | None = field(repr=False)
+    webhook_secret_name: str
     refresh_schedule: str
     cleanup_schedule: str
     keepalive_days: int
     send_max_total_bytes: int
     demo_enabled: bool
     appinsights_connection_string: str | None = field(repr=False)
+    telemetry_exporter: str = "auto"  # shared.telemetry.mode_of
+    notifications_enabled: bool | None = None  # None: auto (see notifications_on)
 
     @property
     def authority(self) -> str:
@@ -299,6 +373,17 @@ class Settings:
     @property
     def redirect_uri(self) -> str:
         return f"{self.public_base_url}/api/connect/microsoft/callback"
+
+    @property
+    def notifications_on(self) -> bool:
+        """Inbound mail notifications (SPEC §6a): explicit, or on where Graph can reach PUBLIC_BASE_URL.
+
+        Graph only delivers to https notification URLs
+        (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks); the local sandbox
+        (a loopback GRAPH_BASE_URL) may be told to accept loopback http (devstack/sandbox/README.md)."""
+        if self.notifications_enabled is not None:
+            return self.notifications_enabled
+        return self.public_base_url.startswith("https://") or is_loopback_host(self.graph_base_url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,20 +409,48 @@ def _read(setting: Setting, env: Mapping[str, str]) -> Any:
     return setting.parse(name, value)
 
 
+#: Tenant segments whose sign-in audience includes personal Microsoft accounts.
+_PERSONAL_ACCOUNT_TENANTS = ("common", "consumers", "9188040d-6c67-4c5b-b112-36a304b66dad")
+
+
+def _check_client_credential(v: Mapping[str, Any]) -> None:
+    """``MS_CLIENT_CREDENTIAL`` against the vault and the sign-in audience (docs/deploy.md, "Secretless")."""
+    kind = v["MS_CLIENT_CREDENTIAL"]
+    if kind == "secret" and not v["KEY_VAULT_URL"] and not v["MS_CLIENT_SECRET"]:
+        raise ConfigurationError("MS_CLIENT_SECRET is required when KEY_VAULT_URL is not set",
+                                 setting="MS_CLIENT_SECRET")
+    if kind == "certificate" and not v["KEY_VAULT_URL"]:
+        raise ConfigurationError(
+            "MS_CLIENT_CREDENTIAL=certificate reads the certificate MS_CLIENT_CERT_NAME from Key Vault: set "
+            "KEY_VAULT_URL (locally: python -m devstack.keyvault)", setting="MS_CLIENT_CREDENTIAL")
+    if kind == "managed_identity" and v["MS_TENANT"].lower() in _PERSONAL_ACCOUNT_TENANTS:
+        # A federated identity credential is only honoured for work/school sign-ins: an app whose
+        # signInAudience includes personal Microsoft accounts (MS_TENANT common / consumers) cannot
+        # redeem a personal account's code with a managed identity's assertion.
+        raise ConfigurationError(
+            f"MS_CLIENT_CREDENTIAL=managed_identity does not work with MS_TENANT={v['MS_TENANT']}: a managed "
+            "identity as a federated credential needs an app registration for work/school accounts only "
+            "(signInAudience AzureADMyOrg or AzureADMultipleOrgs; MS_TENANT=organizations or your tenant id). "
+            "For personal accounts use MS_CLIENT_CREDENTIAL=certificate or secret.",
+            setting="MS_CLIENT_CREDENTIAL")
+
+
 def _check_cross_field(v: Mapping[str, Any]) -> None:
     """The rules that involve several settings (``v``: setting name -> parsed value)."""
-    if not v["KEY_VAULT_URL"]:
-        for name in ("MS_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS"):
-            if not v[name]:
-                raise ConfigurationError(f"{name} is required when KEY_VAULT_URL is not set", setting=name)
+    _check_client_credential(v)
+    if not v["KEY_VAULT_URL"] and not v["TOKEN_ENCRYPTION_KEYS"]:
+        raise ConfigurationError("TOKEN_ENCRYPTION_KEYS is required when KEY_VAULT_URL is not set",
+                                 setting="TOKEN_ENCRYPTION_KEYS")
     if not v["AzureWebJobsStorage"] and not v["AzureWebJobsStorage__accountName"]:
         raise ConfigurationError(
             "AzureWebJobsStorage (or AzureWebJobsStorage__accountName) is required", setting="AzureWebJobsStorage"
         )
     if not v["AUTH_JWKS_URL"] and not v["AUTH_HS256_SECRET"]:
         raise ConfigurationError("Set AUTH_JWKS_URL or AUTH_HS256_SECRET", setting="AUTH_JWKS_URL")
-    if v["WEBHOOK_URL"] and not v["WEBHOOK_SECRET"]:
-        raise ConfigurationError("WEBHOOK_SECRET is required when WEBHOOK_URL is set", setting="WEBHOOK_SECRET")
+    if v["WEBHOOK_URL"] and not v["WEBHOOK_SECRET"] and not v["KEY_VAULT_URL"]:
+        # With a vault, the secret is read at run time (WEBHOOK_SECRET_NAME), never at start-up.
+        raise ConfigurationError("WEBHOOK_SECRET is required when WEBHOOK_URL is set and KEY_VAULT_URL is not",
+                                 setting="WEBHOOK_SECRET")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

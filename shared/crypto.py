@@ -42,6 +42,7 @@ TAG_BYTES = 16
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 _AAD_LABEL = b"outlook-connector/token-aad/v1"
+_DERIVE_SALT = b"outlook-connector/derived-key/v1"
 
 
 def _b64url_encode(data: bytes) -> str:
@@ -97,7 +98,7 @@ def kid_of(sealed: str) -> str:
 class KeyRing:
     """The token encryption keys: one active key (seals) and any number of older ones (open only)."""
 
-    __slots__ = ("_active", "_aeads")
+    __slots__ = ("_active", "_aeads", "_keys")
 
     def __init__(self, active_kid: str, keys: Mapping[str, bytes]) -> None:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # lazy: cold start
@@ -113,6 +114,7 @@ class KeyRing:
             aeads[kid] = AESGCM(bytes(key))
         self._active = active_kid
         self._aeads = aeads
+        self._keys = {kid: bytes(key) for kid, key in keys.items()}
 
     @classmethod
     def from_config(cls, config: KeyRingConfig) -> KeyRing:
@@ -143,6 +145,19 @@ class KeyRing:
 
     def __contains__(self, kid: object) -> bool:
         return kid in self._aeads
+
+    def derive(self, purpose: str, *, kid: str | None = None, length: int = KEY_BYTES) -> bytes:
+        """Key material for another purpose (a MAC or signing key), from key ``kid`` (default: active).
+
+        HKDF-SHA256 (RFC 5869) with a fixed salt and ``purpose`` as ``info``: each purpose gets a key
+        independent of the AES key and of every other purpose, so no new secret setting is needed, and
+        derived keys rotate with the ring."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        key = self._keys[kid or self._active]
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=_DERIVE_SALT, info=purpose.encode("utf-8"))
+        return hkdf.derive(key)
 
     def seal(self, plaintext: bytes, *, aad: bytes) -> str:
         """Encrypt under the active key with a fresh random 96-bit nonce."""

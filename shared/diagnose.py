@@ -53,12 +53,14 @@ class Diagnosis:
     """The checks for one account, from public parts only."""
 
     def __init__(self, *, tokens: TokenManager, open_tokens: Callable[[Account], Tokens], graph: GraphClient,
-                 admin_consent_url: Callable[[str], str], graph_context: dict[str, str]) -> None:
+                 admin_consent_url: Callable[[str], str], graph_context: dict[str, str],
+                 notifications: Callable[[Account], tuple[bool, str, str | None]] | None = None) -> None:
         self._tokens = tokens
         self._open_tokens = open_tokens
         self._graph = graph
         self._admin_consent_url = admin_consent_url
         self._context = graph_context
+        self._notifications = notifications  # the inbound-mail check (SPEC §6a), when wired
         self.checks: list[Check] = []
 
     def add(self, name: str, ok: bool, detail: str, hint: str | None = None) -> None:
@@ -69,6 +71,9 @@ class Diagnosis:
 
     def run(self, acc: Account) -> dict[str, object]:
         self._record_checks(acc)
+        if self._notifications is not None:
+            ok, detail, hint = self._notifications(acc)
+            self.add("notifications", ok, detail, hint)
         if acc.status != ACTIVE:
             return self.result(acc.id)
         got = self._token(acc)

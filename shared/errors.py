@@ -207,6 +207,14 @@ class UpstreamUnavailableError(ConnectorError):
     code = "upstream_unavailable"
     title = "Microsoft is unavailable"
 
+    def __init__(self, detail: str, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        # Every 503 tells the caller when to come back (SPEC §3, §4): Microsoft's own Retry-After when
+        # the raiser passed it on, else the default (found by the chaos run: 503s without it).
+        from shared.backoff import DEFAULT_RETRY_AFTER_S
+
+        self.headers.setdefault("Retry-After", str(DEFAULT_RETRY_AFTER_S))
+
 
 class StorageUnavailableError(ConnectorError):
     status = 503

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import requests
 from requests.auth import AuthBase
@@ -32,6 +32,9 @@ from urllib3.exceptions import NewConnectionError
 from shared.backoff import retry_after_from
 from shared.errors import ConnectorError, MicrosoftError, ThrottledError, UpstreamUnavailableError
 from shared.ms_errors import from_graph_response
+
+if TYPE_CHECKING:
+    from shared.telemetry import Telemetry
 
 log = logging.getLogger("connector.graph")
 
@@ -86,8 +89,12 @@ class GraphClient:
     def __init__(self, base_url: str, session: requests.Session, *, max_concurrent: int = MAX_CONCURRENT_PER_MAILBOX,
                  retry_budget_s: float = 30.0, max_single_wait_s: float = 15.0,
                  timeout: tuple[float, float] = (5.0, 60.0), upload_timeout: tuple[float, float] = (5.0, 120.0),
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 telemetry: Telemetry | None = None) -> None:
+        from shared.telemetry import OFF
+
         self.base_url = base_url.rstrip("/")
+        self._telemetry = telemetry or OFF  # connector.graph.throttled (docs/operations.md)
         self.session = session
         self._limiter = _Limiter(max_concurrent)
         self._budget = retry_budget_s
@@ -153,7 +160,7 @@ class GraphClient:
         """The retry loop shared by every call: one refresh on 401, Retry-After waits, typed errors."""
         started = self._clock()
         access = token.get() if token is not None else None
-        refreshed = False
+        refreshes = 0
         while True:
             auth: AuthBase = _Bearer(access) if access is not None else _NoAuthorization()
             resp = self._send_once(method, url, mailbox=mailbox, auth=auth, safe=safe, timeout=timeout,
@@ -161,13 +168,21 @@ class GraphClient:
             if resp.status_code < 400:
                 return resp
             body = _json_or_none(resp)
-            if token is not None and access is not None and not refreshed and _is_stale_token(resp, body):
-                refreshed = True
+            if token is not None and access is not None and _is_stale_token(resp, body) and (
+                    refreshes == 0 or (refreshes == 1 and getattr(token, "adopted", False))):
+                # One refresh, one retry. Unless that "refresh" only adopted tokens another writer had
+                # stored before: revoked with the stale one (CAE), they earn one real refresh more.
+                refreshes += 1
                 access = token.refresh(access)
                 continue
-            wait = self._throttle_wait(resp, body, safe=safe, started=started, context=context)
+            try:
+                wait = self._throttle_wait(resp, body, safe=safe, started=started, context=context)
+            except ThrottledError:
+                self._telemetry.throttled(resp.status_code, mailbox=mailbox, gave_up=True)
+                raise
             if wait is None:
                 raise _failure(resp, body, safe=safe, context=context)
+            self._telemetry.throttled(resp.status_code, mailbox=mailbox, gave_up=False)
             log.info("graph throttled (%s %d); waiting %.0f s", method, resp.status_code, wait)
             resp.close()
             self._sleep(wait)

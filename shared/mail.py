@@ -37,7 +37,13 @@ ATTACHMENT_MAX = 150 * 1024 * 1024
 # Multiple of 320 KiB as Graph recommends for upload sessions, and under the 4 MB per-PUT limit.
 UPLOAD_CHUNK = 320 * 1024 * 12
 TRACKING_HEADER = "X-Connector-Tracking-Id"
+# Exchange Online's default recipient limit is 500 per message, To, Cc and Bcc together (an admin can
+# raise it to 1,000); counted here with Reply-To as a bound on the whole request
+# https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/exchange-online-limits#sending-limits
 MAX_RECIPIENTS = 500
+# Graph sets no count of attachments per message; each one beyond the inline budget costs a Graph
+# request, so a message carries at most this many (multipart: as many file parts, plus 'message').
+MAX_ATTACHMENTS = 100
 
 # RFC 5322 addr-spec (dot-atom local part or quoted string) with an RFC 1035-style domain.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -143,7 +149,7 @@ def parse_recipient(value: Any, field_name: str) -> Recipient:
             raise ValidationError(field_name, f"{field_name} must be {{\"address\": str, \"name\"?: str}}.")
     elif isinstance(value, str):
         _no_control(field_name, value)
-        m = _NAMED_RE.match(value)
+        m = _NAMED_RE.fullmatch(value)
         address, name = (m.group("addr"), m.group("name").strip() or None) if m else (value, None)
     else:
         raise ValidationError(field_name, f"{field_name} must be an address string or an object.")
@@ -153,7 +159,7 @@ def parse_recipient(value: Any, field_name: str) -> Recipient:
         _no_control(field_name, name)
         if len(name) > 256:
             raise ValidationError(field_name, f"{field_name}: the display name is too long.")
-    if len(address) > 254 or not _ADDR_RE.match(address):
+    if len(address) > 254 or not _ADDR_RE.fullmatch(address):
         raise ValidationError(field_name, f"{field_name}: {address[:80]!r} is not a valid email address.")
     return Recipient(address, name)
 
@@ -204,16 +210,34 @@ def parse_send_request(body: Any, *, files: list[Attachment] | None = None, max_
     importance = body.get("importance", "normal")
     if importance not in ("low", "normal", "high"):
         raise ValidationError("importance", "importance must be low, normal or high.")
-    tracking = body.get("trackingId")
-    if tracking is None:
-        tracking = uuid.uuid4().hex
-    elif not isinstance(tracking, str) or not _TRACKING_RE.match(tracking):
-        raise ValidationError("trackingId", "trackingId must be 1-128 characters of letters, digits, . _ : -")
+    tracking = _tracking_id(body)
     save = body.get("saveToSentItems", True)
     if not isinstance(save, bool):
         raise ValidationError("saveToSentItems", "saveToSentItems must be true or false.")
+    _check_recipient_total(body)
+    attachments = _checked_attachments(body, files, max_total)
+    return SendRequest(
+        to=_recipients(body, "to", required=True), cc=_recipients(body, "cc"), bcc=_recipients(body, "bcc"),
+        reply_to=_recipients(body, "replyTo"), subject=subject, body_html=html, body_text=text,
+        attachments=attachments, importance=importance, tracking_id=tracking, save_to_sent_items=save)
+
+
+def _tracking_id(body: dict[str, Any]) -> str:
+    tracking = body.get("trackingId")
+    if tracking is None:
+        return uuid.uuid4().hex
+    if not isinstance(tracking, str) or not _TRACKING_RE.fullmatch(tracking):
+        raise ValidationError("trackingId", "trackingId must be 1-128 characters of letters, digits, . _ : -")
+    return tracking
+
+
+def _checked_attachments(body: dict[str, Any], files: list[Attachment] | None, max_total: int) -> list[Attachment]:
+    """JSON attachments plus multipart files: at most MAX_ATTACHMENTS, Graph's 150 MB a file, our total cap (413)."""
     attachments = list(_attachments(body.get("attachments")))
     attachments += files or []
+    if len(attachments) > MAX_ATTACHMENTS:
+        raise PayloadTooLargeError(f"The message has {len(attachments)} attachments; at most {MAX_ATTACHMENTS}.",
+                                   extra={"field": "attachments"})
     total = sum(a.size for a in attachments)
     for i, a in enumerate(attachments):
         if a.size > ATTACHMENT_MAX:
@@ -223,10 +247,18 @@ def parse_send_request(body: Any, *, files: list[Attachment] | None = None, max_
         raise PayloadTooLargeError(f"Attachments total {total} bytes; this connector accepts up to {max_total}.",
                                    hint="Raise SEND_MAX_TOTAL_BYTES or send fewer/smaller files.",
                                    extra={"field": "attachments"})
-    return SendRequest(
-        to=_recipients(body, "to", required=True), cc=_recipients(body, "cc"), bcc=_recipients(body, "bcc"),
-        reply_to=_recipients(body, "replyTo"), subject=subject, body_html=html, body_text=text,
-        attachments=attachments, importance=importance, tracking_id=tracking, save_to_sent_items=save)
+    return attachments
+
+
+def _check_recipient_total(body: dict[str, Any]) -> None:
+    """400 naming the field where To, Cc, Bcc and Reply-To together pass :data:`MAX_RECIPIENTS`."""
+    total = 0
+    for key in ("to", "cc", "bcc", "replyTo"):
+        raw = body.get(key)
+        total += len(raw) if isinstance(raw, list) else 1 if raw is not None else 0
+        if total > MAX_RECIPIENTS:
+            raise ValidationError(key, f"The message has more than {MAX_RECIPIENTS} recipients in total "
+                                  "(to, cc, bcc and replyTo).")
 
 
 def _attachments(raw: Any) -> Iterator[Attachment]:
@@ -234,6 +266,9 @@ def _attachments(raw: Any) -> Iterator[Attachment]:
         return
     if not isinstance(raw, list):
         raise ValidationError("attachments", "attachments must be a list.")
+    if len(raw) > MAX_ATTACHMENTS:  # before decoding any of them
+        raise PayloadTooLargeError(f"The message has {len(raw)} attachments; at most {MAX_ATTACHMENTS}.",
+                                   extra={"field": "attachments"})
     for i, a in enumerate(raw):
         f = f"attachments[{i}]"
         if not isinstance(a, dict):
@@ -253,7 +288,7 @@ def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | BinaryIO |
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
         raise ValidationError(f"{f}.name", f"{f}.name must be a non-empty file name (≤ 255 characters).")
     _no_control(f"{f}.name", name)
-    if not isinstance(ctype, str) or not _CONTENT_TYPE_RE.match(ctype) or len(ctype) > 255:
+    if not isinstance(ctype, str) or not _CONTENT_TYPE_RE.fullmatch(ctype) or len(ctype) > 255:
         raise ValidationError(f"{f}.contentType", f"{f}.contentType must be a MIME type like application/pdf.")
     _no_control(f"{f}.contentType", ctype)
     return Attachment(name, ctype, data if data is not None else b"")
@@ -287,6 +322,96 @@ def file_attachment(a: Attachment) -> dict[str, Any]:
     """A ``fileAttachment`` resource with base64 content (https://learn.microsoft.com/graph/api/resources/fileattachment)."""
     return {"@odata.type": "#microsoft.graph.fileAttachment", "name": a.name, "contentType": a.content_type,
             "contentBytes": base64.b64encode(a.read_all()).decode("ascii")}
+
+
+# -- reply, reply-all, forward (SPEC §4a) ------------------------------------------------------
+ANSWER_KINDS = ("reply", "replyAll", "forward")
+ANSWER_FIELDS = {"comment", "bodyHtml", "bodyText", "to", "cc", "bcc", "attachments", "trackingId"}
+
+
+@dataclass
+class AnswerRequest:
+    """An answer in the conversation of an existing message. Graph builds the recipients (reply, replyAll),
+    the RE:/FW: subject, the quoted original and In-Reply-To/References; ``to``/``cc``/``bcc`` add
+    recipients (``forward`` needs ``to``)."""
+
+    kind: str
+    comment: str | None
+    body_html: str | None
+    body_text: str | None
+    to: list[Recipient]
+    cc: list[Recipient]
+    bcc: list[Recipient]
+    attachments: list[Attachment]
+    tracking_id: str
+
+    @property
+    def extra_recipients(self) -> bool:
+        return bool(self.to or self.cc or self.bcc)
+
+
+def parse_answer_request(kind: str, body: Any, *, files: list[Attachment] | None = None,
+                         max_total: int) -> AnswerRequest:
+    """Validate a reply/replyAll/forward body; raise ValidationError naming the field, 413 beyond caps."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "The request body must be a JSON object.")
+    unknown = sorted(set(body) - ANSWER_FIELDS)
+    if unknown:
+        raise ValidationError(unknown[0], f"Unknown field {unknown[0]!r}.")
+    comment = _opt_str(body, "comment", 1024 * 1024)
+    html = _opt_str(body, "bodyHtml", 4 * 1024 * 1024)
+    text = _opt_str(body, "bodyText", 4 * 1024 * 1024)
+    if comment is not None and (html is not None or text is not None):
+        # Graph takes either a comment (above the quoted original) or the whole body, never both: 400.
+        # https://learn.microsoft.com/graph/api/message-reply#request-body
+        raise ValidationError("comment", "Give either comment (added above the quoted message) or "
+                              "bodyHtml/bodyText (the whole body), not both.")
+    _check_recipient_total(body)
+    return AnswerRequest(
+        kind=kind, comment=comment, body_html=html, body_text=text,
+        to=_recipients(body, "to", required=kind == "forward"), cc=_recipients(body, "cc"),
+        bcc=_recipients(body, "bcc"), attachments=_checked_attachments(body, files, max_total),
+        tracking_id=_tracking_id(body))
+
+
+def answer_message(req: AnswerRequest, *, inline: list[Attachment], recipients: bool) -> dict[str, Any]:
+    """The ``message`` parameter of reply/replyAll/forward and createReply*: the answer's writable properties.
+    ``recipients``: set to/cc/bcc here too (a forward, to which Graph adds no recipient of its own)."""
+    msg: dict[str, Any] = {"internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}]}
+    if req.body_html is not None:
+        msg["body"] = {"contentType": "HTML", "content": req.body_html}
+    elif req.body_text is not None:
+        msg["body"] = {"contentType": "Text", "content": req.body_text}
+    if recipients:
+        for key, rs in (("toRecipients", req.to), ("ccRecipients", req.cc), ("bccRecipients", req.bcc)):
+            if rs:
+                msg[key] = [r.to_graph() for r in rs]
+    if inline:
+        msg["attachments"] = [file_attachment(a) for a in inline]
+    return msg
+
+
+def answer_payload(req: AnswerRequest, *, inline: list[Attachment]) -> dict[str, Any]:
+    """The action's body, ``comment`` and ``message`` (https://learn.microsoft.com/graph/api/message-reply,
+    message-replyall, message-forward, message-createreply)."""
+    payload: dict[str, Any] = {"message": answer_message(req, inline=inline, recipients=req.kind == "forward")}
+    if req.comment is not None:
+        payload["comment"] = req.comment
+    return payload
+
+
+def plan_answer(req: AnswerRequest) -> AttachmentPlan:
+    """Where each file goes, counting the answer's own text against Graph's 4 MB request limit."""
+    text = req.body_html if req.body_html is not None else (req.body_text or "") + (req.comment or "")
+    return plan_attachments(SendRequest(
+        to=req.to, cc=req.cc, bcc=req.bcc, reply_to=[], subject="", body_html=None, body_text=text,
+        attachments=req.attachments, importance="normal", tracking_id=req.tracking_id, save_to_sent_items=True))
+
+
+def answer_fingerprint(kind: str, message_id: str, body: dict[str, Any], attachments: list[Attachment]) -> str:
+    """:func:`request_fingerprint` of an answer, bound to its action and message: the same Idempotency-Key
+    on another message or action is a different request (409)."""
+    return request_fingerprint({**body, "@action": kind, "@messageId": message_id}, attachments)
 
 
 @dataclass

@@ -80,6 +80,40 @@ AADSTS: dict[int, ErrorInfo] = {
     7000222: ErrorInfo("client_secret_expired", 502,
                       "The client secret has expired. Create a new secret in Entra and store it in Key Vault.",
                       "operator"),
+    # Client assertions (MS_CLIENT_CREDENTIAL certificate / managed_identity): operator problems too.
+    # https://learn.microsoft.com/entra/identity-platform/certificate-credentials
+    # https://learn.microsoft.com/entra/workload-id/workload-identity-federation-config-app-trust-managed-identity
+    700027: ErrorInfo("invalid_client_certificate", 502,
+                     "Entra does not accept the certificate the app signed with (not uploaded to the app "
+                     "registration, expired, or the wrong key). Upload the public certificate of Key Vault "
+                     "certificate MS_CLIENT_CERT_NAME under 'Certificates & secrets' (docs/deploy.md).", "operator"),
+    700024: ErrorInfo("client_assertion_expired", 502,
+                     "The client assertion is outside its valid time range: check the host clock, or the managed "
+                     "identity returned an expired token; the next request fetches a new one.", "operator"),
+    70021: ErrorInfo("no_federated_credential", 502,
+                    "No federated credential on the app registration matches the managed identity's token. Add "
+                    "one for the function app's managed identity (issuer https://login.microsoftonline.com/"
+                    "<tenant id>/v2.0, subject = the identity's object id, audience api://AzureADTokenExchange; "
+                    "docs/deploy.md).", "operator"),
+    700211: ErrorInfo("no_federated_credential", 502,
+                     "No federated credential matches the assertion's issuer: it must be "
+                     "https://login.microsoftonline.com/<the identity's tenant id>/v2.0 (docs/deploy.md).",
+                     "operator"),
+    700212: ErrorInfo("no_federated_credential", 502,
+                     "No federated credential matches the assertion's audience: the credential and "
+                     "MS_CLIENT_ASSERTION_AUDIENCE must both be api://AzureADTokenExchange (docs/deploy.md).",
+                     "operator"),
+    700213: ErrorInfo("no_federated_credential", 502,
+                     "No federated credential matches the assertion's subject: it must be the managed identity's "
+                     "object (principal) id, and AZURE_CLIENT_ID must name that identity (docs/deploy.md).",
+                     "operator"),
+    700021: ErrorInfo("client_assertion_mismatch", 502,
+                     "The client assertion's issuer/subject is not MS_CLIENT_ID: the certificate belongs to "
+                     "another app, or MS_CLIENT_ID is wrong.", "operator"),
+    50027: ErrorInfo("invalid_client_assertion", 502,
+                    "Entra could not use the client assertion (malformed, wrong audience or signature). Check "
+                    "MS_CLIENT_CREDENTIAL, MS_TENANT and the certificate or federated credential "
+                    "(docs/deploy.md).", "operator"),
     501481: ErrorInfo("pkce_mismatch", 400, "The PKCE verifier did not match. Start the connect flow again."),
     65004: ErrorInfo("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
 }
@@ -122,10 +156,44 @@ GRAPH: dict[str, ErrorInfo] = {
 }
 
 _AADSTS_RE = re.compile(r"AADSTS(\d+)")
+_ERROR_RE = re.compile(r"[a-z0-9_]{1,64}")
+_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")  # Entra's trace_id / correlation_id are GUIDs
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_MAX_CODES = 8
 
 
 def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0][:400] if text and text.strip() else ""
+    line = (text or "").strip().splitlines()[0][:400] if text and text.strip() else ""
+    return _CONTROL_RE.sub(" ", line)
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _id_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and _ID_RE.fullmatch(value) else None
+
+
+def _error_codes(raw: object) -> list[int]:
+    """``error_codes`` is a JSON array of integers; tolerate one integer or a string of them, never a
+    string iterated per character."""
+    items: list[object]
+    if isinstance(raw, (list, tuple)):
+        items = list(raw)
+    elif isinstance(raw, str):
+        items = list(re.findall(r"\d{1,9}", raw))
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        items = [raw]
+    else:
+        return []
+    codes: list[int] = []
+    for c in items[:_MAX_CODES]:
+        if isinstance(c, bool):
+            continue
+        if isinstance(c, int) or (isinstance(c, str) and c.isascii() and c.isdigit() and len(c) <= 9):
+            codes.append(int(c))
+    return codes
 
 
 def _fmt(hint: str, ctx: Mapping[str, Any]) -> str:
@@ -135,20 +203,18 @@ def _fmt(hint: str, ctx: Mapping[str, Any]) -> str:
 
 
 def from_token_error(body: Mapping[str, Any], *, context: Mapping[str, Any] | None = None) -> ConnectorError:
-    """A typed error from an Entra token / authorize error (MSAL result dict or redirect params)."""
+    """A typed error from an Entra token / authorize error (MSAL result dict or redirect params).
+
+    On the callback these values come from the browser, not from Microsoft: each is reduced to the
+    alphabet its documented form uses (RFC 6749 §4.1.2.1 limits ``error`` to printable ASCII; Entra
+    uses snake_case), so nothing a caller sends can reach a log line or a header as it is."""
     ctx = dict(context or {})
-    error = str(body.get("error") or "unknown_error")
-    desc = _first_line(body.get("error_description"))
-    codes: list[int] = []
-    for c in body.get("error_codes") or []:
-        try:
-            codes.append(int(c))
-        except (TypeError, ValueError):
-            pass
-    if not codes:
-        codes = [int(x) for x in _AADSTS_RE.findall(desc)[:1]]
-    details = MicrosoftDetails(error=error, codes=tuple(codes), trace_id=body.get("trace_id"),
-                               correlation_id=body.get("correlation_id"))
+    raw_error = body.get("error")
+    error = str(raw_error) if isinstance(raw_error, str) and _ERROR_RE.fullmatch(raw_error) else "unknown_error"
+    desc = _first_line(_text_or_none(body.get("error_description")))
+    codes = _error_codes(body.get("error_codes")) or [int(x) for x in _AADSTS_RE.findall(desc)[:1]]
+    details = MicrosoftDetails(error=error, codes=tuple(codes), trace_id=_id_or_none(body.get("trace_id")),
+                               correlation_id=_id_or_none(body.get("correlation_id")))
     m = next((AADSTS[c] for c in codes if c in AADSTS), None)
     detail = desc or f"Microsoft returned {error}."
     if m is not None:
@@ -177,9 +243,16 @@ def from_token_error(body: Mapping[str, Any], *, context: Mapping[str, Any] | No
     return MicrosoftError(detail, code=error, status=502, microsoft=details)
 
 
+#: Product codes meaning "Entra rejected the app's own credential": re-read it once, then alert the operator.
+CLIENT_CREDENTIAL_REJECTED = frozenset({
+    "invalid_client_secret", "client_secret_expired", "invalid_client_certificate", "client_assertion_expired",
+    "no_federated_credential", "client_assertion_mismatch", "invalid_client_assertion",
+})
+
+
 def is_invalid_client(err: ConnectorError) -> bool:
-    return isinstance(err, OperatorError) and err.code in ("invalid_client", "invalid_client_secret",
-                                                            "client_secret_expired", "unknown_client")
+    return isinstance(err, OperatorError) and (err.code in ("invalid_client", "unknown_client")
+                                               or err.code in CLIENT_CREDENTIAL_REJECTED)
 
 
 def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,

@@ -4,8 +4,16 @@
   (MSAL sends its SHA-256 and checks the id token), Entra v2 endpoints:
   https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow
 * ``state`` is 256 random bits (RFC 6749 §10.12), single use (conditional delete on the row's
-  ETag) and expires after 10 minutes. The pending flow (PKCE verifier, nonce) is stored
-  server-side, sealed with AES-GCM, never sent to the browser.
+  ETag) and expires after :data:`STATE_TTL`, what one sign-in needs (RFC 9700 §4.7: the shorter a
+  connect link lives, the less it is worth forwarded). The pending flow (PKCE verifier, nonce) is
+  stored server-side, sealed with AES-GCM, never sent to the browser. Its suffix names the
+  owner's partition of pending states with a keyed MAC of the owner (HMAC-SHA256 under a key
+  derived from the token key ring), so a state cannot be linked to an owner by anyone else.
+* Entra is asked for ``response_mode=form_post``: the code comes back in a POST body, not in a
+  URL that history, logs and ``Referer`` keep (RFC 9700 §4.3.1; OAuth 2.0 Form Post Response
+  Mode; https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow).
+* ``requireLoginHint`` binds the flow to the user it was started for: the signed-in account must
+  be ``loginHint`` (RFC 9700 §4.7, binding the flow to the user agent and the user).
 * MSAL keeps no token cache here (:class:`_NoTokenCache`): the encrypted account record is the
   only place tokens live, so thousands of accounts do not accumulate in process memory.
 """
@@ -14,16 +22,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import secrets
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode, urlsplit
 
-from shared.accounts import owner_partition, parse_iso, utcnow
+from shared.accounts import parse_iso, utcnow
 from shared.config import Settings
 from shared.crypto import account_aad
 from shared.errors import (
@@ -35,7 +43,7 @@ from shared.errors import (
     UpstreamUnavailableError,
     ValidationError,
 )
-from shared.ms_errors import from_token_error, is_invalid_client
+from shared.ms_errors import CLIENT_CREDENTIAL_REJECTED, from_token_error, is_invalid_client
 from shared.storage import etag_of
 
 if TYPE_CHECKING:
@@ -46,7 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connector.oauth")
 
-STATE_TTL = dt.timedelta(minutes=10)
+# Entra's sign-in and consent pages, MFA included, take a user a minute or two; an authorization
+# code itself lives at most 10 minutes.
+STATE_TTL = dt.timedelta(minutes=5)
+STATE_MAC_PURPOSE = "oauth-state-partition/v1"
 MAX_PENDING_STATES_PER_OWNER = 10
 _RESERVED_SCOPES = {"openid", "profile", "offline_access"}
 PROMPTS = ("select_account", "consent", "login")
@@ -85,6 +96,8 @@ class PendingConnect:
     return_url: str | None
     account_id: str | None
     flow: dict[str, Any]
+    login_hint: str | None = None
+    require_login_hint: bool = False
 
     def __repr__(self) -> str:
         return f"PendingConnect(owner={self.owner!r}, account_id={self.account_id!r})"
@@ -99,21 +112,23 @@ class OAuthClient:
         self._states = states_table
         self._lock = threading.Lock()
         self._app: Any = None
-        self._app_secret: str | None = None
+        self._app_version: str | None = None  # of the client credential the MSAL app was built with
         # Set when Entra rejects our client credentials; cleared by the next successful token call.
         self.operator_alert: ConnectorError | None = None
 
     # -- MSAL app -----------------------------------------------------------------------------
     def _msal_app(self) -> Any:
-        secret = self._secrets.client_secret()
+        # MS_CLIENT_CREDENTIAL: the secret, {"private_key", "public_certificate"} (MSAL signs the assertion)
+        # or {"client_assertion": <managed identity token callable>}; rebuilt when it is rotated.
+        credential = self._secrets.client_credential()
         with self._lock:
-            if self._app is None or secret != self._app_secret:
+            if self._app is None or credential.version != self._app_version:
                 import msal
 
                 host = urlsplit(self._s.authority_host).hostname or ""
                 self._app = msal.ConfidentialClientApplication(
                     self._s.client_id,
-                    client_credential=secret,
+                    client_credential=credential.msal,
                     authority=self._s.authority,
                     http_client=self._session,
                     # MSAL asks Microsoft's instance-discovery endpoint about unknown hosts; the
@@ -122,7 +137,7 @@ class OAuthClient:
                     token_cache=_NoTokenCache(),
                     timeout=(5, 30),
                 )
-                self._app_secret = secret
+                self._app_version = credential.version
             return self._app
 
     @property
@@ -166,29 +181,23 @@ class OAuthClient:
 
     def start_connect(self, owner: str, *, return_url: str | None, login_hint: str | None = None,
                       domain_hint: str | None = None, prompt: str | None = None,
-                      account_id: str | None = None, seal: Any) -> dict[str, Any]:
-        if prompt is not None and prompt not in PROMPTS:
-            raise ValidationError("prompt", f"prompt must be one of {', '.join(PROMPTS)}.")
-        for name, value in (("loginHint", login_hint), ("domainHint", domain_hint)):
-            if value is not None and (len(value) > 256 or any(ord(c) < 32 for c in value)):
-                raise ValidationError(name, f"{name} is too long or has control characters.")
+                      account_id: str | None = None, require_login_hint: bool = False, seal: Any,
+                      mac_key: bytes) -> dict[str, Any]:
+        _check_connect_input(prompt, login_hint, domain_hint, require_login_hint)
         return_url = self.check_return_url(return_url)
-        partition = owner_partition(owner)
+        partition = state_partition(mac_key, owner)
         state = secrets.token_urlsafe(32) + "." + partition[2:]
         app = self._msal_app()
-        with warnings.catch_warnings():
-            # MSAL suggests response_mode=form_post (RFC 9700 §4.3.1); the SPEC's callback is a GET
-            # with query parameters, so the code is kept out of logs (path-only) and out of
-            # Referer headers (Referrer-Policy: no-referrer) instead.
-            warnings.filterwarnings("ignore", message=".*form_post.*")
-            flow = app.initiate_auth_code_flow(
-                self.resource_scopes, redirect_uri=self._s.redirect_uri, state=state,
-                prompt=prompt, login_hint=login_hint or None, domain_hint=domain_hint or None,
-            )
+        # response_mode=form_post: Entra POSTs code and state to the redirect URI (RFC 9700 §4.3.1).
+        flow = app.initiate_auth_code_flow(
+            self.resource_scopes, redirect_uri=self._s.redirect_uri, state=state, prompt=prompt,
+            login_hint=login_hint or None, domain_hint=domain_hint or None, response_mode="form_post",
+        )
         now = utcnow()
         expires = now + STATE_TTL
         row = _state_key(state)
-        body = json.dumps({"flow": flow, "returnUrl": return_url, "accountId": account_id}).encode()
+        body = json.dumps({"flow": flow, "returnUrl": return_url, "accountId": account_id,
+                           "loginHint": login_hint or None, "requireLoginHint": require_login_hint}).encode()
         self._evict_old_states(partition)
         self._states.create({
             "PartitionKey": partition, "RowKey": row, "owner": owner,
@@ -214,7 +223,7 @@ class OAuthClient:
         _, _, part = state.rpartition(".")
         if len(part) != 40 or any(c not in "0123456789abcdef" for c in part):
             raise invalid
-        pk, rk = "o-" + part, _state_key(state)
+        pk, rk = _PARTITION_PREFIX + part, _state_key(state)
         try:
             e = self._states.get(pk, rk)
             if e.get("consumed"):
@@ -228,11 +237,13 @@ class OAuthClient:
         self._states.delete_if_present(pk, rk)
         expires = parse_iso(e.get("expiresAt"))
         if expires is None or expires <= utcnow():
-            raise OAuthError("The sign-in link expired (10 minutes). Start the connect flow again.",
+            minutes = int(STATE_TTL.total_seconds() // 60)
+            raise OAuthError(f"The sign-in link expired ({minutes} minutes). Start the connect flow again.",
                              code="expired_state")
         data = json.loads(open_sealed(str(e["flow"]), account_aad(str(e["owner"]), rk, "oauth-state")))
         return PendingConnect(owner=str(e["owner"]), return_url=data.get("returnUrl"), account_id=data.get("accountId"),
-                              flow=data["flow"])
+                              flow=data["flow"], login_hint=data.get("loginHint"),
+                              require_login_hint=bool(data.get("requireLoginHint")))
 
     def redeem_code(self, pending: PendingConnect, params: dict[str, str]) -> TokenResult:
         if params.get("error"):
@@ -272,9 +283,10 @@ class OAuthClient:
             if "error" in raw:
                 err = from_token_error(raw, context=self._error_context())
                 if is_invalid_client(err):
-                    if attempt == 1 and err.code in ("invalid_client_secret", "client_secret_expired"):
-                        # The secret may have been rotated in Key Vault: re-read it once, retry once.
-                        self._secrets.invalidate_client_secret()
+                    if attempt == 1 and err.code in CLIENT_CREDENTIAL_REJECTED:
+                        # The secret or certificate may have been rotated in Key Vault, or the managed
+                        # identity's assertion gone stale: re-read it once, retry once.
+                        self._secrets.invalidate_client_credential()
                         continue
                     self.operator_alert = err
                     log.error("Entra rejected the app's client credentials: %s (%s)", err.code,
@@ -283,6 +295,27 @@ class OAuthClient:
             self.operator_alert = None
             return _token_result(raw)
         raise OperatorError("unreachable")  # pragma: no cover
+
+
+_PARTITION_PREFIX = "s-"
+
+
+def state_partition(mac_key: bytes, owner: str) -> str:
+    """The owner's partition of pending states: a keyed MAC (HMAC-SHA256, RFC 2104) of the owner, so the
+    suffix every state carries links states to an owner only for whoever holds the key."""
+    mac = hmac.new(mac_key, owner.encode("utf-8"), hashlib.sha256).hexdigest()
+    return _PARTITION_PREFIX + mac[:40]
+
+
+def _check_connect_input(prompt: str | None, login_hint: str | None, domain_hint: str | None,
+                         require_login_hint: bool) -> None:
+    if prompt is not None and prompt not in PROMPTS:
+        raise ValidationError("prompt", f"prompt must be one of {', '.join(PROMPTS)}.")
+    for name, value in (("loginHint", login_hint), ("domainHint", domain_hint)):
+        if value is not None and (len(value) > 256 or any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in value)):
+            raise ValidationError(name, f"{name} is too long or has control characters.")
+    if require_login_hint and not (login_hint or "").strip():
+        raise ValidationError("loginHint", "requireLoginHint=true needs the loginHint the account must match.")
 
 
 def _state_key(state: str) -> str:

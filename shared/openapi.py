@@ -41,6 +41,7 @@ ACCOUNT_EXAMPLE = {
     "status": "active", "scopes": ["User.Read", "Mail.ReadWrite", "Mail.Send"],
     "connectedAt": "2026-11-22T10:00:00Z", "lastRefreshedAt": "2026-11-22T10:00:00Z",
     "accessTokenExpiresAt": "2026-11-22T11:00:00Z", "lastUsedAt": None, "lastError": None,
+    "notifications": {"status": "active", "expiresAt": "2026-11-29T09:50:00Z", "lastEventAt": "2026-11-22T10:05:00Z"},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -60,7 +61,8 @@ SCHEMAS: dict[str, Any] = {
     "Account": {
         "type": "object", "additionalProperties": False,
         "required": ["id", "provider", "email", "displayName", "tenantId", "accountType", "status", "scopes",
-                     "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError"],
+                     "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError",
+                     "notifications"],
         "properties": {
             "id": {"type": "string"}, "provider": {"const": "microsoft"}, "email": {"type": "string"},
             "displayName": {"type": "string"}, "tenantId": {"type": "string"},
@@ -72,6 +74,11 @@ SCHEMAS: dict[str, Any] = {
                                                        "properties": {"code": {"type": "string"},
                                                                       "message": {"type": "string"},
                                                                       "at": {"type": "string"}}}]},
+            "notifications": {
+                "type": "object", "required": ["status", "expiresAt", "lastEventAt"], "additionalProperties": False,
+                "description": "Inbound mail (Graph change notifications → message.received webhooks).",
+                "properties": {"status": {"enum": ["active", "pending", "failed", "off"]},
+                               "expiresAt": DATETIME_OR_NULL, "lastEventAt": DATETIME_OR_NULL}},
         },
         "example": ACCOUNT_EXAMPLE,
     },
@@ -144,6 +151,48 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"id": {"type": "string"}, "displayName": NULLABLE_STR, "parentFolderId": NULLABLE_STR,
                        "totalItemCount": {"type": ["integer", "null"]}, "unreadItemCount": {"type": ["integer", "null"]},
                        "childFolderCount": {"type": ["integer", "null"]}}}}}},
+    "AnswerRequest": {
+        "type": "object", "additionalProperties": False,
+        "description": "A reply, reply-all or forward. Graph picks the recipients of a reply (the sender, and for "
+                       "replyAll everyone else), the RE:/FW: subject and the quoted original; to/cc/bcc add "
+                       "recipients (forward: required). Give comment (above the quoted original) or bodyHtml/bodyText "
+                       "(the whole body), not both.",
+        "properties": {
+            "comment": {"type": "string"}, "bodyHtml": {"type": "string"}, "bodyText": {"type": "string"},
+            "to": _ref("Recipients"), "cc": _ref("Recipients"), "bcc": _ref("Recipients"),
+            "attachments": {"type": "array", "maxItems": 100, "items": {
+                "type": "object", "required": ["name", "contentBytes"], "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "contentType": {"type": "string"},
+                               "contentBytes": {"type": "string", "contentEncoding": "base64"}}}},
+            "trackingId": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        },
+        "example": {"comment": "Thanks, we'll be in touch.", "trackingId": "crm-4711-reply"},
+    },
+    "AnswerResult": {
+        "type": "object", "required": ["status", "trackingId", "sentAt", "messageId", "conversationId"],
+        "additionalProperties": False,
+        "properties": {"status": {"const": "sent"}, "trackingId": {"type": "string"},
+                       "sentAt": {"type": "string", "format": "date-time"},
+                       "messageId": {"type": ["string", "null"],
+                                     "description": "The id Graph gave the answer's draft (large attachments or "
+                                                    "added recipients); null when Graph's direct action sent it."},
+                       "conversationId": {"type": ["string", "null"]}}},
+    "MessageUpdate": {
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"isRead": {"type": "boolean"}, "flag": {"enum": ["notFlagged", "flagged", "complete"]},
+                       "categories": {"type": "array", "maxItems": 50,
+                                      "items": {"type": "string", "minLength": 1, "maxLength": 255}}},
+        "example": {"isRead": True, "flag": "flagged", "categories": ["Customer"]}},
+    "MoveRequest": {"type": "object", "required": ["folder"], "additionalProperties": False,
+                    "properties": {"folder": {"type": "string", "maxLength": 512,
+                                              "description": "A well-known folder name (inbox, archive, "
+                                                             "deleteditems, …) or a folder id."}},
+                    "example": {"folder": "archive"}},
+    "OrganisedMessage": {"allOf": [_ref("MessageSummary"), {
+        "type": "object", "required": ["flag", "categories", "parentFolderId"],
+        "properties": {"flag": {"enum": ["notFlagged", "flagged", "complete"]},
+                       "categories": {"type": "array", "items": {"type": "string"}},
+                       "parentFolderId": NULLABLE_STR}}]},
     "Diagnosis": {"type": "object", "required": ["accountId", "healthy", "checks"], "additionalProperties": False,
                   "properties": {"accountId": {"type": "string"}, "healthy": {"type": "boolean"},
                                  "checks": {"type": "array", "items": {
@@ -175,6 +224,22 @@ def _q(name: str, schema: dict[str, Any], description: str, required: bool = Fal
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
+_CALLBACK_FIELDS: dict[str, Any] = {
+    "state": {"type": "string"}, "code": {"type": "string"}, "error": {"type": "string"},
+    "error_description": {"type": "string"}}
+
+
+def _callback_responses() -> dict[str, Any]:
+    return {
+        "302": {"description": "Redirect to returnUrl with status=connected&accountId=…&result=… (result: a signed "
+                               "token to verify against the session that started the connect, see "
+                               "GET /api/connect/microsoft/keys) or status=error&code=…&message=…[&hint=…]"},
+        "200": {"description": "Connected (no returnUrl): an HTML page that posts the result to "
+                               "window.opener / the Office dialog parent.",
+                "content": {"text/html": {"schema": {"type": "string"}}}},
+        **_errors(400, 413, 503)}
+
+
 @lru_cache(maxsize=1)
 def _connect_paths() -> dict[str, Any]:
     return {
@@ -190,22 +255,27 @@ def _connect_paths() -> dict[str, Any]:
                     _q("loginHint", {"type": "string", "maxLength": 256}, "Pre-fill the sign-in name."),
                     _q("domainHint", {"type": "string", "maxLength": 256}, "Skip home-realm discovery."),
                     _q("prompt", {"enum": ["select_account", "consent", "login"]}, "Entra prompt behaviour."),
-                    _q("accountId", {"type": "string", "maxLength": 64}, "Re-connect this account, keeping its id.")],
+                    _q("accountId", {"type": "string", "maxLength": 64}, "Re-connect this account, keeping its id."),
+                    _q("requireLoginHint", {"enum": ["true", "false"]},
+                       "true: the signed-in account's UPN or mail must equal loginHint, else error account_mismatch "
+                       "and nothing is stored.")],
             tags=("connect",))},
-        "/api/connect/microsoft/callback": {"get": _op(
-            "connect_microsoft_callback", "Entra redirect URI: consumes state once, stores the account.", {
-                "302": {"description": "Redirect to returnUrl with status=connected&accountId=… or "
-                                       "status=error&code=…&message=…[&hint=…] (the hint names the fix, e.g. "
-                                       "the admin-consent URL for consent_required)"},
-                "200": {"description": "Connected (no returnUrl): an HTML page that posts the result to "
-                                       "window.opener / the Office dialog parent.",
-                        "content": {"text/html": {"schema": {"type": "string"}}}},
-                **_errors(400)},
-            params=[_q("state", {"type": "string"}, "The state from the connect call.", True),
-                    _q("code", {"type": "string"}, "Authorization code."),
-                    _q("error", {"type": "string"}, "Error from Entra."),
-                    _q("error_description", {"type": "string"}, "Error description from Entra.")],
-            secured=False, tags=("connect",))},
+        "/api/connect/microsoft/callback": {
+            "post": _op("connect_microsoft_callback_post", "Entra redirect URI (response_mode=form_post): consumes "
+                        "state once, redeems the code, stores the account.", _callback_responses(),
+                        body={"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                            "type": "object", "required": ["state"], "properties": _CALLBACK_FIELDS}}}},
+                        secured=False, tags=("connect",)),
+            "get": _op("connect_microsoft_callback", "Entra's error redirects (error, state); a code in the URL is "
+                       "refused (400, field code): codes arrive by form_post.", _callback_responses(),
+                       params=[_q(k, v, "From Entra.", k == "state") for k, v in _CALLBACK_FIELDS.items()],
+                       secured=False, tags=("connect",)),
+        },
+        "/api/connect/microsoft/keys": {"get": _op(
+            "connect_result_keys", "The JWK Set (RFC 7517) of ES256 public keys that verify the callback's "
+            "result token.", {"200": _json({"type": "object", "required": ["keys"], "properties": {
+                "keys": {"type": "array", "items": {"type": "object", "required": ["kty", "kid"]}}}},
+                "JWK Set."), **_errors(503)}, secured=False, tags=("connect",))},
     }
 
 
@@ -245,31 +315,119 @@ def _mail_paths() -> dict[str, Any]:
                     "properties": {"message": {"type": "string", "description": "SendRequest as JSON"},
                                    "file": {"type": "string", "format": "binary"}}}}}},
             tags=("mail",))},
-        "/api/accounts/{accountId}/messages": {"get": _op("list_messages", "A page of messages, newest first.", {
-            "200": _json(_ref("MessagePage"), "Messages."), **_errors(400, 403, 404, 409, 502, 503)},
-            params=acc + [_q("folder", {"type": "string", "maxLength": 512}, "Well-known name or folder id."),
-                          _q("top", {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}, "Page size."),
-                          _q("cursor", {"type": "string", "maxLength": 8192}, "nextCursor of the previous page."),
-                          _q("unreadOnly", {"type": "boolean"}, "Only unread messages.")],
+        "/api/accounts/{accountId}/messages": {"get": _op(
+            "list_messages", "A page of messages: newest first, a thread oldest first, or full-text search results.", {
+                "200": _json(_ref("MessagePage"), "Messages."), **_errors(400, 403, 404, 409, 502, 503)},
+            params=acc + [
+                _q("folder", {"type": "string", "maxLength": 512}, "Well-known name or folder id."),
+                _q("top", {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}, "Page size."),
+                _q("cursor", {"type": "string", "maxLength": 8192}, "nextCursor of the previous page."),
+                _q("unreadOnly", {"type": "boolean"}, "Only unread messages."),
+                _q("q", {"type": "string", "maxLength": 512},
+                   "Full-text search (Graph $search, KQL such as subject:invoice): newest sent first, at most 1,000 "
+                   "results; not combinable with unreadOnly, conversationId, receivedAfter or receivedBefore (400)."),
+                _q("conversationId", {"type": "string", "maxLength": 512},
+                   "One thread, oldest first, across folders unless folder is given."),
+                _q("from", {"type": "string", "maxLength": 320}, "Sender address."),
+                _q("receivedAfter", {"type": "string", "format": "date-time"}, "Received at or after (RFC 3339)."),
+                _q("receivedBefore", {"type": "string", "format": "date-time"}, "Received before (RFC 3339).")],
             tags=("mail",))},
-        "/api/accounts/{accountId}/messages/{messageId}": {"get": _op(
-            "get_message", "One message with body and attachment metadata.", {
+        "/api/accounts/{accountId}/conversations/{conversationId}": {"get": _op(
+            "get_conversation", "A thread's messages, oldest first, paged like messages.", {
+                "200": _json(_ref("MessagePage"), "Messages of the conversation."),
+                **_errors(400, 403, 404, 409, 502, 503)},
+            params=acc + [{"name": "conversationId", "in": "path", "required": True,
+                           "schema": {"type": "string", "maxLength": 512}},
+                          _q("top", {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}, "Page size."),
+                          _q("cursor", {"type": "string", "maxLength": 8192}, "nextCursor of the previous page.")],
+            tags=("mail",))},
+        "/api/accounts/{accountId}/messages/{messageId}": {
+            "get": _op("get_message", "One message with body and attachment metadata.", {
                 "200": _json(_ref("MessageDetail"), "The message."), **_errors(400, 403, 404, 409, 502, 503)},
-            params=acc + [MESSAGE_ID], tags=("mail",))},
+                params=acc + [MESSAGE_ID], tags=("mail",)),
+            "patch": _op("update_message", "Mark read or unread, flag, categorise.", {
+                "200": _json(_ref("OrganisedMessage"), "The updated message."),
+                **_errors(400, 403, 404, 409, 502, 503)},
+                params=acc + [MESSAGE_ID], body={"required": True, "content": {
+                    "application/json": {"schema": _ref("MessageUpdate")}}}, tags=("mail",)),
+            "delete": _op("delete_message", "Delete as Outlook does: the message moves to Deleted Items.", {
+                "204": {"description": "Moved to Deleted Items (its id changes)."},
+                **_errors(400, 403, 404, 409, 502, 503)}, params=acc + [MESSAGE_ID], tags=("mail",)),
+        },
+        **_answer_paths(),
+        "/api/accounts/{accountId}/messages/{messageId}/move": {"post": _op(
+            "move_message", "Move to another folder; Graph gives the moved message a new id, answered here.", {
+                "200": _json(_ref("OrganisedMessage"), "The message in its new folder, with its new id."),
+                **_errors(400, 403, 404, 409, 502, 503)},
+            params=acc + [MESSAGE_ID], body={"required": True, "content": {
+                "application/json": {"schema": _ref("MoveRequest")}}}, tags=("mail",))},
         "/api/accounts/{accountId}/messages/{messageId}/attachments/{attachmentId}": {"get": _op(
-            "get_attachment", "The raw bytes of one attachment.", {
+            "get_attachment", "The raw bytes of one attachment, whole (up to 25 MiB) or one byte range.", {
                 "200": {"description": "The attachment, with its content type.",
                         "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                **_errors(400, 403, 404, 409, 502, 503)},
-            params=acc + [MESSAGE_ID, ATTACHMENT_ID], tags=("mail",))},
+                "206": {"description": "One range (at most 25 MiB; Content-Range says which bytes and the total).",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                **_errors(400, 403, 404, 409, 413, 416, 502, 503)},
+            params=acc + [MESSAGE_ID, ATTACHMENT_ID, {
+                "name": "Range", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 64},
+                "description": "bytes=first-last, bytes=first- or bytes=-n. Needed for attachments over 25 MiB "
+                               "(the whole is answered 413 attachment_too_large)."}], tags=("mail",))},
         "/api/accounts/{accountId}/folders": {"get": _op("list_folders", "Mail folders.", {
             "200": _json(_ref("FolderList"), "Folders."), **_errors(403, 404, 409, 502, 503)}, params=acc,
             tags=("mail",))},
     }
 
 
+def _answer_paths() -> dict[str, Any]:
+    idem = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+            "description": "Same key + same body within 24 h returns the first result and sends nothing."}
+    out: dict[str, Any] = {}
+    for kind, op_id, summary in (("reply", "reply_message", "Reply to the sender, in the same conversation."),
+                                 ("replyAll", "reply_all_message", "Reply to all, in the same conversation."),
+                                 ("forward", "forward_message", "Forward (with its attachments) to `to`.")):
+        out[f"/api/accounts/{{accountId}}/messages/{{messageId}}/{kind}"] = {"post": _op(
+            op_id, summary, {"202": _json(_ref("AnswerResult"), "Accepted by Microsoft Graph."),
+                             **_errors(400, 403, 404, 409, 413, 502, 503)},
+            params=[ACCOUNT_ID, MESSAGE_ID, idem], body={"required": True, "content": {
+                "application/json": {"schema": _ref("AnswerRequest")},
+                "multipart/form-data": {"schema": {
+                    "type": "object", "required": ["message"],
+                    "properties": {"message": {"type": "string", "description": "AnswerRequest as JSON"},
+                                   "file": {"type": "string", "format": "binary"}}}}}},
+            tags=("mail",))}
+    return out
+
+
+def _notification_op(op_id: str, summary: str) -> dict[str, Any]:
+    """Graph's side of the contract (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks)."""
+    body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["value"], "description": "Graph's changeNotificationCollection.",
+        "properties": {"value": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {
+            "type": "object", "required": ["subscriptionId"],
+            "properties": {"subscriptionId": {"type": "string", "maxLength": 128},
+                           "clientState": {"type": "string", "maxLength": 128},
+                           "changeType": {"type": "string"}, "lifecycleEvent": {"type": "string"},
+                           "resourceData": {"type": "object", "properties": {"id": {"type": "string"}}}}}}}}}}}
+    token = _q("validationToken", {"type": "string", "maxLength": 1024},
+               "Graph's validation handshake: echoed as text/plain (200).")
+    return _op(op_id, summary, {
+        "200": {"description": "Validation handshake: the URL-decoded validationToken.",
+                "content": {"text/plain": {"schema": {"type": "string"}}}},
+        "202": {"description": "Notifications checked (clientState) and queued."},
+        **_errors(400, 413, 503)}, params=[token], body=body, secured=False, tags=("notifications",))
+
+
+def _notification_paths() -> dict[str, Any]:
+    return {
+        "/api/notifications/microsoft": {"post": _notification_op(
+            "graph_notifications", "Microsoft Graph change notifications (anonymous; Graph calls it).")},
+        "/api/notifications/microsoft/lifecycle": {"post": _notification_op(
+            "graph_lifecycle_notifications", "Microsoft Graph lifecycle notifications (anonymous).")},
+    }
+
+
 def document() -> dict[str, Any]:
-    paths = {**_connect_paths(), **_account_paths(), **_mail_paths()}
+    paths = {**_connect_paths(), **_account_paths(), **_mail_paths(), **_notification_paths()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Outlook mailbox connector", "version": "1.0.0",
@@ -277,7 +435,7 @@ def document() -> dict[str, Any]:
                                 "send and read mail through Microsoft Graph on the user's behalf."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": t} for t in ("connect", "accounts", "mail", "operations")],
+        "tags": [{"name": t} for t in ("connect", "accounts", "mail", "notifications", "operations")],
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",

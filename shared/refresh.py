@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from shared.accounts import ACTIVE, Account, AccountStore, iso, utcnow
 from shared.backoff import backoff_delay
@@ -34,6 +35,9 @@ from shared.errors import (
 from shared.refresh_index import BUCKET, REARM, RefreshIndex
 from shared.storage import Queue, Table
 from shared.tokens import TokenManager
+
+if TYPE_CHECKING:
+    from shared.telemetry import Telemetry
 
 log = logging.getLogger("connector.refresh")
 
@@ -69,7 +73,11 @@ class RefreshJob:
 class Refresher:
     """The timer's fan-out and the queue worker, over injected parts."""
 
-    def __init__(self, *, accounts: AccountStore, tokens: TokenManager, index: RefreshIndex, queue: Queue) -> None:
+    def __init__(self, *, accounts: AccountStore, tokens: TokenManager, index: RefreshIndex, queue: Queue,
+                 telemetry: Telemetry | None = None) -> None:
+        from shared.telemetry import OFF
+
+        self._telemetry = telemetry or OFF
         self._accounts = accounts
         self._tokens = tokens
         self._index = index
@@ -91,7 +99,8 @@ class Refresher:
             log.error("dropping a malformed refresh message")
             return "malformed"
         outcome, acc = self._process(job, now or utcnow())
-        if job.rearm and outcome != "retry_scheduled":  # a retry keeps the re-arm row as its safety net
+        # A retry keeps the re-arm row as its safety net; a refresh has moved it already.
+        if job.rearm and outcome not in ("retry_scheduled", "refreshed"):
             self._index.finish(job.owner, job.account_id, rearm=job.rearm, account=acc)
         return outcome
 
@@ -106,12 +115,14 @@ class Refresher:
             self._index.put(acc)  # refreshed meanwhile: make sure its next row exists
             return "not_due", acc
         try:
-            # The timer already moved this account's index row to the re-arm bucket, so the
-            # refresh need not delete the row of its previous due time.
+            # The timer moved this account's index row to the re-arm bucket: the refresh moves that
+            # row on to the next due time, in the same round trip that writes the new row.
             return "refreshed", self._tokens.refresh(job.owner, job.account_id, force=True, account=acc,
-                                                     previous_row_consumed=True)
+                                                     indexed_at=job.rearm)
         except ReauthRequiredError:
             return "reauth_required", None
+        except NotFoundError:  # disconnected while it was being refreshed: nothing left to do
+            return "gone", None
         except OperatorError as e:
             log.error("refresh of %s skipped: the app registration is rejected (%s)", job.account_id, e.code)
             return "operator_error", self._reindex_at(acc, now + OPERATOR_RETRY)
@@ -146,7 +157,17 @@ class Refresher:
         rows = self._accounts.list_active_due_times()
         for owner, account_id, due in rows:
             self._index.put_row(owner, account_id, due or utcnow())
+        self._report_accounts()
         return len(rows)
+
+    def _report_accounts(self) -> None:
+        """``connector.accounts`` by status (docs/operations.md); best effort, after the repair is done."""
+        if not self._telemetry.enabled:
+            return
+        try:
+            self._telemetry.accounts(self._accounts.count_by_status())
+        except StorageUnavailableError as e:
+            log.warning("accounts by status not reported (%s)", e.code)
 
 
 def cleanup(*, states: Table, idempotency: Table, now: dt.datetime | None = None) -> dict[str, int]:

@@ -22,15 +22,21 @@ With ``KEY_VAULT_URL`` set, both values are Key Vault secrets (``MS_CLIENT_SECRE
   (https://aka.ms/azsdk/blog/vault-uri)
 * **Caching.** Each value is kept in memory for ``ttl_seconds`` (failures for ``error_ttl_seconds``,
   so a vault outage does not turn every request into a vault call); concurrent callers share one
-  read. :meth:`SecretStore.invalidate_client_secret` drops the cached secret: the OAuth module calls
-  it once when Entra answers AADSTS7000215 / AADSTS7000222 (invalid / expired secret) and retries
-  once, which picks up a secret rotated in the vault without a restart.
+  read. :meth:`SecretStore.invalidate_client_credential` drops the cached credential: the OAuth module
+  calls it once when Entra rejects it (AADSTS7000215 / 7000222 for a secret, 700027 for a
+  certificate, 700024 / 70021 for a managed identity's assertion) and retries once, which picks up a
+  secret or certificate rotated in the vault without a restart.
+* **The app's credential** (``MS_CLIENT_CREDENTIAL``, see ``shared.client_credentials``):
+  :meth:`SecretStore.client_credential` is what MSAL takes: the secret, the certificate read as the
+  secret of ``MS_CLIENT_CERT_NAME``, or the managed identity's assertion callable.
+* **The webhook secret** is read at run time too (``WEBHOOK_SECRET_NAME``), never at start-up, so a
+  vault problem cannot stop every function; rotating it in the vault takes effect within the TTL.
 * **Errors.** Anything that stops a read (not found, forbidden, no identity, network) raises
   :class:`SecretUnavailableError` (``secret_unavailable``, 503) naming the secret and the vault —
   never a value. :meth:`SecretStore.check` is what ``/api/health`` calls.
 
-Without ``KEY_VAULT_URL`` the values come from ``MS_CLIENT_SECRET`` and ``TOKEN_ENCRYPTION_KEYS``
-(local development only; ``shared.config`` requires them then).
+Without ``KEY_VAULT_URL`` the values come from ``MS_CLIENT_SECRET``, ``TOKEN_ENCRYPTION_KEYS`` and
+``WEBHOOK_SECRET`` (local development only; ``shared.config`` requires them then).
 
 Azure SDK modules are imported lazily, on the first read: cold start matters on Functions.
 """
@@ -43,6 +49,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.client_credentials import (
+    CertificateError,
+    ClientCertificate,
+    ClientCredential,
+    ManagedIdentityAssertion,
+    certificate_credential,
+    parse_certificate,
+    secret_credential,
+)
 from shared.config import is_loopback_host
 from shared.errors import ConfigurationError, SecretUnavailableError
 
@@ -104,6 +119,7 @@ class SecretStore:
         clock: Callable[[], float] = time.monotonic,
         secret_client_factory: SecretClientFactory | None = None,
         error_ttl_seconds: float = 5,
+        assertion_credential: Any = None,
     ) -> None:
         self._settings = settings
         self._vault = settings.key_vault_url
@@ -114,12 +130,14 @@ class SecretStore:
         self._factory = secret_client_factory
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._locks = {
-            settings.client_secret_name: threading.Lock(),
-            settings.token_keys_secret_name: threading.Lock(),
-        }
+        names = (settings.client_secret_name, settings.token_keys_secret_name, settings.client_cert_name,
+                 settings.webhook_secret_name)
+        self._locks = {name: threading.Lock() for name in names}
         self._cache: dict[str, _Entry] = {}
         self._env_ring: KeyRing | None = None
+        self._assertion = ManagedIdentityAssertion(
+            lambda: assertion_credential if assertion_credential is not None else _managed_identity(settings),
+            settings.client_assertion_audience)
 
     def __repr__(self) -> str:
         source = self._vault or "environment"
@@ -159,6 +177,43 @@ class SecretStore:
             return self._env_ring
         return self._get(self._settings.token_keys_secret_name, self._as_key_ring)
 
+    def client_certificate(self) -> ClientCertificate:
+        """The certificate credential: Key Vault certificate ``MS_CLIENT_CERT_NAME``, read as its secret."""
+        if not self._vault:
+            raise SecretUnavailableError(
+                "MS_CLIENT_CREDENTIAL=certificate needs KEY_VAULT_URL.", secret_name=self._settings.client_cert_name,
+                vault=None, reason="not_set", hint="Set KEY_VAULT_URL (locally: python -m devstack.keyvault).")
+        return self._get(self._settings.client_cert_name, self._as_certificate)
+
+    def client_credential(self) -> ClientCredential:
+        """The app's credential as MSAL takes it (``MS_CLIENT_CREDENTIAL``: secret, certificate, managed_identity)."""
+        kind = self._settings.client_credential
+        if kind == "certificate":
+            return certificate_credential(self.client_certificate())
+        if kind == "managed_identity":
+            return ClientCredential("managed_identity", "managed-identity", {"client_assertion": self._assertion})
+        return secret_credential(self.client_secret())
+
+    def invalidate_client_credential(self) -> None:
+        """Entra rejected the credential: the next :meth:`client_credential` reads it (or a new assertion) afresh."""
+        kind = self._settings.client_credential
+        if kind == "certificate":
+            self._invalidate(self._settings.client_cert_name)
+        elif kind == "managed_identity":
+            self._assertion.invalidate()
+        else:
+            self.invalidate_client_secret()
+
+    def webhook_secret(self) -> str:
+        """The webhook HMAC secret: ``WEBHOOK_SECRET`` locally, Key Vault ``WEBHOOK_SECRET_NAME`` otherwise."""
+        if not self._vault:
+            if not self._settings.webhook_secret:
+                raise SecretUnavailableError(
+                    "WEBHOOK_SECRET is not set and KEY_VAULT_URL is not configured.", secret_name="WEBHOOK_SECRET",
+                    vault=None, reason="not_set", hint="Set KEY_VAULT_URL (Azure) or WEBHOOK_SECRET (local).")
+            return self._settings.webhook_secret
+        return self._get(self._settings.webhook_secret_name, self._as_client_secret)
+
     def invalidate_client_secret(self) -> None:
         """Forget the cached client secret; the next :meth:`client_secret` reads the vault again."""
         self._invalidate(self._settings.client_secret_name)
@@ -168,12 +223,15 @@ class SecretStore:
         self._invalidate(self._settings.token_keys_secret_name)
 
     def check(self) -> None:
-        """Raise :class:`SecretUnavailableError` unless the client secret can be read (``/api/health``).
+        """Raise :class:`SecretUnavailableError` unless the app's credential can be read (``/api/health``).
 
         Served from the cache like any read, so a vault that stops answering (or an identity that loses
         access) fails the health check within ``ttl_seconds``; failures stay cached ``error_ttl_seconds``.
+        For ``managed_identity`` it gets (or reuses) the identity's token for the assertion.
         """
-        self.client_secret()
+        credential = self.client_credential()
+        if credential.kind == "managed_identity":
+            self._assertion()
 
     def close(self) -> None:
         with self._client_lock:
@@ -302,6 +360,17 @@ class SecretStore:
         # every token request.
         return raw.strip()
 
+    def _as_certificate(self, name: str, raw: str) -> ClientCertificate:
+        try:
+            return parse_certificate(raw)
+        except CertificateError as exc:
+            raise SecretUnavailableError(
+                f"The Key Vault certificate '{name}' in {self._vault} is not usable: {exc}.",
+                secret_name=name, vault=self._vault, reason="malformed",
+                hint=f"Create or import '{name}' as a Key Vault certificate with an exportable RSA key "
+                "(PEM or PKCS#12 content type); its secret of the same name must hold key and certificate.",
+            ) from None
+
     def _as_key_ring(self, name: str, raw: str) -> KeyRing:
         from shared.crypto import KeyRing
 
@@ -313,6 +382,13 @@ class SecretStore:
                 secret_name=name, vault=self._vault, reason="malformed",
                 hint=f'Store JSON {{"active":"<kid>","keys":{{"<kid>":"<base64 of 32 random bytes>"}}}} as {name}.',
             ) from None
+
+
+def _managed_identity(settings: Settings) -> Any:
+    """The user-assigned identity (``AZURE_CLIENT_ID``) whose token is the federated client assertion."""
+    from azure.identity import ManagedIdentityCredential
+
+    return ManagedIdentityCredential(client_id=settings.azure_client_id)
 
 
 def _identity_error(exc: Exception, where: str, *, name: str, vault: str | None) -> SecretUnavailableError:

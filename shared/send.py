@@ -1,4 +1,5 @@
-"""Sending as the mailbox: inline ``sendMail`` or draft + upload sessions + ``send`` (SPEC §4)."""
+"""Sending as the mailbox: inline ``sendMail`` or draft + upload sessions + ``send`` (SPEC §4); replies and
+forwards in a conversation, by Graph's direct action or its reply draft + the same upload path (SPEC §4a)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.accounts import iso, utcnow
-from shared.errors import ConnectorError, MicrosoftError, ValidationError
+from shared.errors import ConnectorError, MicrosoftError, UpstreamUnavailableError, ValidationError
 from shared.graph import GraphClient, TokenSource
 from shared.mail import (
+    AnswerRequest,
     Attachment,
     AttachmentPlan,
     SendRequest,
+    answer_payload,
     dumps,
     file_attachment,
     message_payload,
+    plan_answer,
     plan_attachments,
 )
 
@@ -48,11 +52,22 @@ def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: 
     draft = graph.request("POST", "me/messages", mailbox=mailbox, token=token, safe=True,
                           data=dumps(message_payload(req, inline=plan.inline)),
                           headers={"Content-Type": "application/json"}, context=context).json()
-    draft_id = draft["id"]
+    send_draft(graph, token, mailbox, draft["id"], plan, context)
+
+
+def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: str, plan: AttachmentPlan,
+               context: Mapping[str, Any], *, prepare: dict[str, Any] | None = None) -> None:
+    """Finish a draft and send it once: PATCH ``prepare`` (if any), attach the files the draft still lacks
+    (POSTs below 3 MB, upload sessions above), then ``POST /messages/{id}/send``. Before that final
+    send any failure deletes the draft (nothing was sent); after it, the draft is kept for inspection."""
     sending = False
     try:
+        if prepare:  # https://learn.microsoft.com/graph/api/message-update
+            graph.request("PATCH", f"me/messages/{draft_id}", mailbox=mailbox, token=token, safe=True,
+                          data=dumps(prepare), headers={"Content-Type": "application/json"}, context=context)
         for att in plan.posted:  # https://learn.microsoft.com/graph/api/message-post-attachments
-            graph.request("POST", f"me/messages/{draft_id}/attachments", mailbox=mailbox, token=token, safe=True,
+            # Not retried blindly (safe=False): a 5xx whose request did land would attach the file twice.
+            graph.request("POST", f"me/messages/{draft_id}/attachments", mailbox=mailbox, token=token, safe=False,
                           data=dumps(file_attachment(att)), headers={"Content-Type": "application/json"},
                           context=context)
         for att in plan.sessions:
@@ -68,12 +83,63 @@ def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: 
     except Exception as e:
         if not sending:
             _discard_draft(graph, token, mailbox, draft_id)
+            if isinstance(e, ConnectorError) and e.extra.get("outcomeUnknown"):
+                raise _nothing_sent(e) from None
         if isinstance(e, ConnectorError) and e.status == 404:
             # Our own draft vanished: Microsoft's condition, not an unknown message of the caller (SPEC §3).
             raise MicrosoftError("The draft being sent disappeared from the mailbox.", code="draft_not_found",
                                  status=502, microsoft=e.microsoft,
                                  hint="Check Sent Items, then retry the send.") from None
         raise
+
+
+def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str, req: AnswerRequest, *,
+           context: Mapping[str, Any]) -> dict[str, Any]:
+    """Reply, reply-all or forward in the conversation of ``message_id`` (SPEC §4a), delivering once.
+
+    Graph's direct action (``POST /messages/{id}/reply``…, 202, no body) when everything fits one request
+    and Graph's own recipients stand; otherwise ``createReply``… (a draft that already carries the thread's
+    In-Reply-To/References and conversation), then :func:`send_draft` adds recipients and files and sends it.
+    https://learn.microsoft.com/graph/api/message-reply, message-createreply, message-forward
+    """
+    plan = plan_answer(req)
+    result: dict[str, Any] = {"status": "sent", "trackingId": req.tracking_id}
+    if not plan.needs_draft and (req.kind == "forward" or not req.extra_recipients):
+        graph.request("POST", f"me/messages/{message_id}/{req.kind}", mailbox=mailbox, token=token, safe=False,
+                      data=dumps(answer_payload(req, inline=plan.inline)),
+                      headers={"Content-Type": "application/json"}, context=context)
+        return {**result, "sentAt": iso(utcnow()), "messageId": None, "conversationId": None}
+    create = "create" + req.kind[0].upper() + req.kind[1:]
+    try:  # not retried blindly: a 5xx that did land would leave a second draft in the thread
+        draft = graph.request("POST", f"me/messages/{message_id}/{create}", mailbox=mailbox, token=token,
+                              safe=False, data=dumps(answer_payload(req, inline=plan.inline)),
+                              headers={"Content-Type": "application/json"}, context=context).json()
+    except ConnectorError as e:
+        if e.extra.get("outcomeUnknown"):
+            raise _nothing_sent(e) from None  # at worst an unsent draft exists; nothing was delivered
+        raise
+    prepare = None if req.kind == "forward" or not req.extra_recipients else _added_recipients(draft, req)
+    send_draft(graph, token, mailbox, draft["id"], plan, context, prepare=prepare)
+    # Sending moves the draft to Sent Items under a new id (https://learn.microsoft.com/graph/outlook-immutable-id),
+    # so the draft's id would name nothing: Graph gives no id for the sent message.
+    return {**result, "sentAt": iso(utcnow()), "messageId": None, "conversationId": draft.get("conversationId")}
+
+
+def _nothing_sent(err: ConnectorError) -> UpstreamUnavailableError:
+    """An unknown outcome *before* the final send: no message was delivered, so the caller may retry."""
+    return UpstreamUnavailableError(
+        "Microsoft Graph did not answer while the message was prepared; nothing was sent.",
+        hint="Retry the request (with the same Idempotency-Key).", microsoft=err.microsoft,
+        headers={k: v for k, v in err.headers.items() if k == "Retry-After"})
+
+
+def _added_recipients(draft: Mapping[str, Any], req: AnswerRequest) -> dict[str, Any]:
+    """The draft's recipients (as Graph chose them) plus the caller's extra ones."""
+    out: dict[str, Any] = {}
+    for key, extra in (("toRecipients", req.to), ("ccRecipients", req.cc), ("bccRecipients", req.bcc)):
+        if extra:
+            out[key] = list(draft.get(key) or []) + [r.to_graph() for r in extra]
+    return out
 
 
 def _upload(graph: GraphClient, mailbox: str, upload_url: str, att: Attachment,

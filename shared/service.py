@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -30,9 +33,13 @@ from shared.errors import ConnectorError, NotFoundError, OAuthError, ReauthRequi
 from shared.storage import (
     ACCOUNTS_TABLE,
     IDEMPOTENCY_TABLE,
+    NOTIFICATION_QUEUE,
     REFRESH_INDEX_TABLE,
     REFRESH_QUEUE,
+    SEEN_TABLE,
     STATES_TABLE,
+    SUBSCRIPTION_INDEX_TABLE,
+    SUBSCRIPTIONS_TABLE,
     WEBHOOK_QUEUE,
     Storage,
 )
@@ -43,10 +50,13 @@ if TYPE_CHECKING:
     from shared.auth import CallerAuth
     from shared.graph import GraphClient
     from shared.mail import SendRequest
+    from shared.mailbox import MailOps
+    from shared.notifications import Notifications
     from shared.oauth import OAuthClient, PendingConnect, TokenResult
     from shared.refresh import Refresher
     from shared.refresh_index import RefreshIndex
     from shared.secret_store import SecretStore
+    from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
     from shared.webhooks import Webhooks
 
@@ -64,6 +74,7 @@ class CallbackOutcome:
     code: str | None = None
     message: str | None = None
     hint: str | None = None
+    result: str | None = None  # the signed result token (shared.connect_result), on success only
 
 
 class _IssuedToken:
@@ -122,14 +133,16 @@ class Connector:
     def graph(self) -> GraphClient:
         from shared.graph import GraphClient
 
-        return GraphClient(self.settings.graph_base_url, self.session)
+        return GraphClient(self.settings.graph_base_url, self.session, telemetry=self.telemetry)
 
     @cached_property
     def webhooks(self) -> Webhooks:
         from shared.webhooks import Webhooks
 
-        return Webhooks(self.settings.webhook_url, self.settings.webhook_secret,
-                        queue=lambda: self.storage.queue(WEBHOOK_QUEUE), session=self.session)
+        # The HMAC secret is read per delivery (Key Vault, TTL cache), never at start-up.
+        return Webhooks(self.settings.webhook_url, self.secrets.webhook_secret,
+                        queue=lambda: self.storage.queue(WEBHOOK_QUEUE), session=self.session,
+                        telemetry=self.telemetry)
 
     @cached_property
     def refresh_index(self) -> RefreshIndex:
@@ -144,14 +157,45 @@ class Connector:
         webhooks = self.webhooks
         return TokenManager(self.accounts, self.oauth, index=self.refresh_index,
                             keepalive=dt.timedelta(days=self.settings.keepalive_days),
-                            on_reauth=lambda acc, err: webhooks.emit("account.reauth_required", acc.to_public()))
+                            on_reauth=lambda acc, err: webhooks.emit("account.reauth_required", acc.to_public()),
+                            telemetry=self.telemetry)
 
     @cached_property
     def refresher(self) -> Refresher:
         from shared.refresh import Refresher
 
         return Refresher(accounts=self.accounts, tokens=self.tokens, index=self.refresh_index,
-                         queue=self.storage.queue(REFRESH_QUEUE))
+                         queue=self.storage.queue(REFRESH_QUEUE), telemetry=self.telemetry)
+
+    @cached_property
+    def telemetry(self) -> Telemetry:
+        """Spans and metrics (shared.telemetry): configured on first use, a no-op when off."""
+        from shared.telemetry import get_telemetry
+
+        return get_telemetry()
+
+    @cached_property
+    def notifications(self) -> Notifications:
+        """Inbound mail (SPEC §6a): Graph subscriptions, the notification intake and worker, delta catch-up."""
+        from shared.notifications import NotificationConfig, Notifications
+        from shared.subscriptions import SubscriptionStore
+
+        return Notifications(NotificationConfig.from_settings(self.settings), graph=self.graph, tokens=self.tokens,
+                             accounts=self.accounts,
+                             store=SubscriptionStore(self.storage.table(SUBSCRIPTIONS_TABLE), self.secrets.key_ring),
+                             index_table=self.storage.table(SUBSCRIPTION_INDEX_TABLE),
+                             seen=self.storage.table(SEEN_TABLE),
+                             queue=lambda: self.storage.queue(NOTIFICATION_QUEUE), webhooks=self.webhooks,
+                             telemetry=self.telemetry)
+
+    @cached_property
+    def mail_ops(self) -> MailOps:
+        """Reply/forward, organise, find and download (SPEC §3, §4a); listing and downloads live there too."""
+        from shared.mailbox import MailOps
+
+        return MailOps(graph=self.graph, tokens=self.tokens, accounts=self.accounts,
+                       idempotency=self.storage.table(IDEMPOTENCY_TABLE), key_ring=self.secrets.key_ring,
+                       context=self.graph_context())
 
     @cached_property
     def auth(self) -> CallerAuth:
@@ -166,26 +210,34 @@ class Connector:
     # -- connect ------------------------------------------------------------------------------
     def start_connect(self, owner: str, *, return_url: str | None, login_hint: str | None = None,
                       domain_hint: str | None = None, prompt: str | None = None,
-                      account_id: str | None = None) -> Json:
+                      account_id: str | None = None, require_login_hint: bool = False) -> Json:
+        from shared.oauth import STATE_MAC_PURPOSE
+
         if account_id:
             self.accounts.get_account(owner, account_id)  # 404 for an unknown or foreign id
         ring = self.secrets.key_ring()
         return self.oauth.start_connect(
             owner, return_url=return_url, login_hint=login_hint, domain_hint=domain_hint, prompt=prompt,
-            account_id=account_id, seal=lambda data, aad: ring.seal(data, aad=aad))
+            account_id=account_id, require_login_hint=require_login_hint,
+            seal=lambda data, aad: ring.seal(data, aad=aad), mac_key=ring.derive(STATE_MAC_PURPOSE))
 
     def complete_connect(self, params: dict[str, str]) -> CallbackOutcome:
         """Consume ``state`` once; redeem the code; store the account. Raises only for a bad state."""
+        from shared import connect_result
+        from shared.logs import safe
+
         ring = self.secrets.key_ring()
-        pending = self.oauth.consume_state(params.get("state"),
-                                           open_sealed=lambda sealed, aad: ring.open(sealed, aad=aad))
+        state = params.get("state")
+        pending = self.oauth.consume_state(state, open_sealed=lambda sealed, aad: ring.open(sealed, aad=aad))
         try:
             account = self._store_connection(pending, params)
         except ConnectorError as err:
-            log.warning("connect failed for owner's pending flow: %s", err.code)
+            log.warning("connect failed for owner's pending flow: %s", safe(err.code, 64))
             return CallbackOutcome(pending.return_url, "error", account_id=pending.account_id, code=err.code,
                                    message=err.detail, hint=err.hint)
-        return CallbackOutcome(pending.return_url, "connected", account_id=account.id)
+        token = connect_result.sign(ring, issuer=self.settings.public_base_url, audience=self.settings.auth_issuer,
+                                    owner=pending.owner, account_id=account.id, state=state or "")
+        return CallbackOutcome(pending.return_url, "connected", account_id=account.id, result=token)
 
     def _store_connection(self, pending: PendingConnect, params: dict[str, str]) -> Account:
         result = self.oauth.redeem_code(pending, params)
@@ -198,6 +250,8 @@ class Connector:
         me = self.graph.get_json("me", mailbox=home, token=_IssuedToken(result.access_token),
                                  params={"$select": "id,displayName,mail,userPrincipalName"})
         email = str(me.get("mail") or me.get("userPrincipalName") or claims.get("preferred_username") or "")
+        if pending.require_login_hint:
+            _check_login_hint(pending.login_hint or "", (me.get("mail"), me.get("userPrincipalName")))
         existing = self._existing_for(pending, home, email)
         record = self._connected_record(pending.owner, existing, result, home=home, tid=tid, email=email,
                                         display_name=str(me.get("displayName") or claims.get("name") or ""))
@@ -207,7 +261,12 @@ class Connector:
         else:
             saved = self.accounts.create_account(record)
             event = "account.connected"
-        self.refresh_index.put(saved, previous_due=existing.refresh_due_at if existing else None)
+        from shared.refresh_index import bucket_of
+
+        previous = bucket_of(existing.refresh_due_at) if existing and existing.refresh_due_at else None
+        self.refresh_index.put(saved, previous_bucket=previous)
+        saved = self.notifications.on_connected(saved, reconnected=existing is not None)  # never raises
+        self.telemetry.account_status(ACTIVE, event=event.removeprefix("account."))
         self.webhooks.emit(event, saved.to_public())
         return saved
 
@@ -250,6 +309,8 @@ class Connector:
     def delete_account(self, owner: str, account_id: str) -> None:
         acc = self.accounts.delete_account(owner, account_id)
         self.refresh_index.remove(acc)
+        self.notifications.on_disconnect(acc)  # deletes the Graph subscription; never raises
+        self.telemetry.account_status("disconnected", event="disconnected")
         self.webhooks.emit("account.disconnected", replace(acc, status="disconnected").to_public())
 
     def refresh_account(self, owner: str, account_id: str) -> Json:
@@ -275,11 +336,25 @@ class Connector:
 
         def action() -> dict[str, str | None]:
             token = AccountTokenSource(self.tokens, account)
-            result = send(self.graph, token, account.mailbox_key, request, context=self.graph_context())
+            with self._measured_send(request.attachment_bytes):
+                result = send(self.graph, token, account.mailbox_key, request, context=self.graph_context())
             self.tokens.note_use(token.account)
             return result
 
         return run_once(self.storage.table(IDEMPOTENCY_TABLE), owner, account_id, idempotency_key, body_hash, action)
+
+    @contextmanager
+    def _measured_send(self, nbytes: int) -> Iterator[None]:
+        """``connector.send``: outcome (``sent`` or our error code), size class and duration of one send."""
+        started = time.perf_counter()
+        outcome = "sent"
+        try:
+            yield
+        except Exception as e:
+            outcome = e.code if isinstance(e, ConnectorError) else "internal_error"
+            raise
+        finally:
+            self.telemetry.send(outcome, nbytes=nbytes, seconds=time.perf_counter() - started)
 
     def mail_get(self, owner: str, account_id: str, path: str, *,
                  params: dict[str, str] | None = None) -> requests.Response:
@@ -293,24 +368,6 @@ class Connector:
         self.tokens.note_use(token.account)
         return resp
 
-    def list_messages(self, owner: str, account_id: str, *, folder: str | None, top: int, cursor: str | None,
-                      unread_only: bool) -> Json:
-        from shared import messages as m
-
-        ring = self.secrets.key_ring()
-        params: dict[str, str] | None = None
-        if cursor:
-            path = m.open_cursor(ring, owner, account_id, cursor)
-        else:
-            path = f"me/mailFolders/{m.folder_segment(folder)}/messages"
-            params = {"$top": str(top), "$select": ",".join(m.LIST_FIELDS), "$orderby": "receivedDateTime desc"}
-            if unread_only:
-                params["$filter"] = "isRead eq false"
-        body = self.mail_get(owner, account_id, path, params=params).json()
-        next_link = body.get("@odata.nextLink")
-        return {"messages": [m.map_summary(x) for x in body.get("value", [])],
-                "nextCursor": m.seal_cursor(ring, owner, account_id, next_link) if next_link else None}
-
     def get_message(self, owner: str, account_id: str, message_id: str) -> Json:
         from shared import messages as m
 
@@ -319,17 +376,6 @@ class Connector:
         atts = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments",
                              params={"$select": "id,name,contentType,size,isInline"})
         return m.map_detail(msg.json(), atts.json().get("value", []))
-
-    def get_attachment(self, owner: str, account_id: str, message_id: str,
-                       attachment_id: str) -> tuple[bytes, str, str]:
-        from shared import messages as m
-
-        mid = m.check_id(message_id, "messageId")
-        aid = m.check_id(attachment_id, "attachmentId")
-        info = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments/{aid}",
-                             params={"$select": "id,name,contentType,size"}).json()
-        raw = self.mail_get(owner, account_id, f"me/messages/{mid}/attachments/{aid}/$value")
-        return raw.content, str(info.get("contentType") or "application/octet-stream"), str(info.get("name") or "")
 
     def list_folders(self, owner: str, account_id: str) -> Json:
         from shared import messages as m
@@ -342,7 +388,8 @@ class Connector:
 
         acc = self.accounts.get_account(owner, account_id)
         return Diagnosis(tokens=self.tokens, open_tokens=self.accounts.open_tokens, graph=self.graph,
-                         admin_consent_url=self.oauth.admin_consent_url, graph_context=self.graph_context()).run(acc)
+                         admin_consent_url=self.oauth.admin_consent_url, graph_context=self.graph_context(),
+                         notifications=self.notifications.check).run(acc)
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Json]]:
@@ -362,6 +409,18 @@ class Connector:
         checks["appRegistration"] = ({"ok": True} if alert is None else
                                      {"ok": False, "code": alert.code, "detail": alert.detail, "hint": alert.hint})
         return all(c["ok"] for c in checks.values()), checks
+
+
+def _check_login_hint(login_hint: str, names: tuple[object, object]) -> None:
+    """``requireLoginHint``: the signed-in account's UPN or mail must be ``loginHint`` (case-insensitive).
+
+    The message does not name the account that signed in: the link's owner may not be that person."""
+    wanted = login_hint.strip().casefold()
+    if any(isinstance(n, str) and n.strip().casefold() == wanted for n in names):
+        return
+    raise OAuthError(f"The account that signed in is not {login_hint}, which this connect link is for.",
+                     code="account_mismatch",
+                     hint=f"Sign in with {login_hint}, or ask for a new connect link for the other mailbox.")
 
 
 _lock = threading.Lock()

@@ -40,10 +40,15 @@ ACCOUNTS_TABLE = "accounts"
 STATES_TABLE = "oauthstates"
 REFRESH_INDEX_TABLE = "refreshindex"
 IDEMPOTENCY_TABLE = "idempotency"
-TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE)
+SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscriptions per account, and their clientState pointers (SPEC §6a)
+SUBSCRIPTION_INDEX_TABLE = "subscriptionindex"  # due-time index of subscription renewal / safety catch-up
+SEEN_TABLE = "seenmessages"  # message ids already announced (message.received de-duplication)
+TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE, SUBSCRIPTIONS_TABLE,
+          SUBSCRIPTION_INDEX_TABLE, SEEN_TABLE)
 REFRESH_QUEUE = "refresh-jobs"
 WEBHOOK_QUEUE = "webhook-deliveries"
-QUEUES = (REFRESH_QUEUE, WEBHOOK_QUEUE)
+NOTIFICATION_QUEUE = "notification-jobs"
+QUEUES = (REFRESH_QUEUE, WEBHOOK_QUEUE, NOTIFICATION_QUEUE)
 
 # A value Table Storage can hold (https://learn.microsoft.com/rest/api/storageservices/payload-format-for-table-service-operations).
 EntityValue = str | int | float | bool | bytes | None

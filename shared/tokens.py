@@ -32,10 +32,12 @@ from shared.errors import (
     StorageUnavailableError,
     UpstreamUnavailableError,
 )
+from shared.refresh_index import bucket_of
 
 if TYPE_CHECKING:
     from shared.oauth import OAuthClient
     from shared.refresh_index import RefreshIndex
+    from shared.telemetry import Telemetry
 
 log = logging.getLogger("connector.tokens")
 
@@ -44,6 +46,7 @@ REFRESH_MARGIN = dt.timedelta(minutes=5)  # renew an access token this long befo
 # says the client secret is stale and the vault is re-read), so a live holder keeps its lease.
 LEASE = dt.timedelta(seconds=120)
 WAIT_FOR_LEASE_S = 45.0
+RECORD_DUE = "record-due"  # ``refresh(indexed_at=)``: the index row of the record's own due time
 ACTIVE_USE = dt.timedelta(days=1)  # used within this window: keep its access token renewed ahead of expiry
 USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one write an hour per account
 
@@ -51,8 +54,12 @@ USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one
 class TokenManager:
     def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: RefreshIndex, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE) -> None:
+                 sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE,
+                 telemetry: Telemetry | None = None) -> None:
+        from shared.telemetry import OFF
+
         self._store = store
+        self._telemetry = telemetry or OFF
         self._oauth = oauth
         self._index = index
         self._keepalive = keepalive
@@ -117,29 +124,40 @@ class TokenManager:
             if saved is None:
                 return account
             if due is not None:
-                self._index.put(saved, previous_due=account.refresh_due_at)
+                self._index.put(saved, previous_bucket=bucket_of(account.refresh_due_at)
+                                if account.refresh_due_at else None)
             return saved
         except ConnectorError as e:  # a lost index row is repaired by the daily reconciliation
             log.warning("usage of %s not recorded (%s)", account.id, e.code)
             return account
 
     def refresh(self, owner: str, account_id: str, *, force: bool = True, stale_access_token: str | None = None,
-                account: Account | None = None, previous_row_consumed: bool = False) -> Account:
+                account: Account | None = None, indexed_at: str | None = RECORD_DUE) -> Account:
         """Refresh the account's tokens now (or only if needed when ``force`` is False).
 
         ``account``: the record as the caller just read it, which spares one read; its ETag makes
         the lease write fail (and the loop re-read) if it is no longer current.
-        ``previous_row_consumed``: the due-time index no longer holds a row for the old due time
-        (the refresh timer took it), so there is no row to remove.
+        ``indexed_at``: the bucket of the index row that stands for the account now (the refresh
+        worker's re-armed row), which moves to the next due time whoever refreshed; None when no
+        row stands for it. By default (:data:`RECORD_DUE`) the row of the record's own due time
+        moves, and only after our own refresh.
         """
         with self._local_lock(account_id):
             leased = self._take_lease(owner, account_id, force=force, stale_access_token=stale_access_token,
                                       account=account)
-            if isinstance(leased, Account):
-                return leased  # someone else's refresh is as good as ours
+            explicit_row = indexed_at not in (None, RECORD_DUE)
+            if isinstance(leased, Account):  # someone else's refresh is as good as ours
+                if explicit_row:
+                    self._index_quietly(leased, indexed_at)
+                return leased
             acc, tokens, lease = leased
-            return self._refresh_with_lease(acc, tokens, lease,
-                                            previous_due=None if previous_row_consumed else acc.refresh_due_at)
+            previous = indexed_at
+            if indexed_at == RECORD_DUE:
+                previous = bucket_of(acc.refresh_due_at) if acc.refresh_due_at else None
+            saved, ours = self._refresh_with_lease(acc, tokens, lease)
+            if ours or explicit_row:
+                self._index_quietly(saved, previous)
+            return saved
 
     def _take_lease(self, owner: str, account_id: str, *, force: bool, stale_access_token: str | None,
                     account: Account | None) -> Account | tuple[Account, Tokens, str]:
@@ -191,18 +209,20 @@ class TokenManager:
             current = self._store.get_account(acc.owner, acc.id)
             return current if current.lease_id == lease else None
 
-    def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str, *,
-                            previous_due: dt.datetime | None) -> Account:
+    def _refresh_with_lease(self, acc: Account, tokens: Tokens, lease: str) -> tuple[Account, bool]:
+        """Redeem the refresh token under our lease and store the result: (the record, whether we wrote it)."""
         try:
             # Load the key ring first (it may come from Key Vault): once the old refresh token is
             # spent, nothing that could have been done before may stand between the answer and its write.
             ring = self._store.key_ring()
             result = self._oauth.refresh(tokens.refresh_token, acc.scopes or None)
         except ReauthRequiredError as err:
-            return self._on_dead_grant(acc, tokens, lease, err)
-        except Exception:
+            return self._on_dead_grant(acc, tokens, lease, err), False
+        except Exception as e:
+            self._telemetry.refresh(refresh_outcome(e), code=getattr(e, "code", type(e).__name__))
             self._release(acc, lease)
             raise
+        self._telemetry.refresh("ok")
         now = utcnow()
         new_tokens = Tokens(
             access_token=result.access_token,
@@ -224,15 +244,13 @@ class TokenManager:
                            refresh_due_at=self.next_due(new_tokens, now, active_use=_recently_used(current, now)))
 
         saved = self._store_rotated(acc, lease, store, landed=lambda cur: cur.sealed_tokens == sealed)
-        if saved.sealed_tokens == sealed:
-            self._index_quietly(saved, previous_due)
-        return saved
+        return saved, saved.sealed_tokens == sealed
 
-    def _index_quietly(self, account: Account, previous_due: dt.datetime | None) -> None:
+    def _index_quietly(self, account: Account, previous_bucket: str | None) -> None:
         """Move the index row; the record is already stored, so a failure here must not fail the call
         (a missing row is repaired by the daily reconciliation, a stale one costs one read)."""
         try:
-            self._index.put(account, previous_due=previous_due)
+            self._index.put(account, previous_bucket=previous_bucket)
         except ConnectorError as e:
             log.warning("refresh index not updated for %s (%s)", account.id, e.code)
 
@@ -301,10 +319,23 @@ class TokenManager:
         if saved.last_error != last_error:
             return saved  # not our write: whoever owns the row now decided its state
         log.warning("account %s needs re-authentication: %s", acc.id, reason)
+        self._telemetry.refresh("invalid_grant", code=reason)
+        self._telemetry.account_status(REAUTH_REQUIRED, event="refresh_rejected")
         if self._on_reauth:
             self._on_reauth(saved, err)
-        self._index_quietly(saved, acc.refresh_due_at)
+        self._index_quietly(saved, bucket_of(acc.refresh_due_at) if acc.refresh_due_at else None)
         raise err
+
+
+def refresh_outcome(error: BaseException) -> str:
+    """The ``connector.refresh`` outcome of a failed token request (SPEC §6 failure classes)."""
+    from shared.errors import OperatorError, ThrottledError
+
+    if isinstance(error, ReauthRequiredError):
+        return "invalid_grant"
+    if isinstance(error, OperatorError):
+        return "invalid_client"
+    return "throttled" if isinstance(error, ThrottledError) else "transient"
 
 
 def _jitter() -> float:
@@ -329,11 +360,16 @@ class AccountTokenSource:
     def __init__(self, manager: TokenManager, account: Account) -> None:
         self._m = manager
         self.account = account
+        self.adopted = False  # the last refresh() took another writer's tokens instead of redeeming (graph.py)
 
     def get(self) -> str:
         token, self.account = self._m.access_token(self.account)
         return token
 
     def refresh(self, stale: str) -> str:
+        started = utcnow()
         self.account = self._m.refresh(self.account.owner, self.account.id, force=False, stale_access_token=stale)
+        # True when no refresh happened in this call: the tokens another writer stored before it were taken.
+        last = self.account.last_refreshed_at
+        self.adopted = not (last and last >= started)
         return self._m.current_access_token(self.account)

@@ -1,10 +1,14 @@
 """Outbound webhooks: ``account.connected``, ``account.reauth_required``, ``account.recovered``,
-``account.disconnected`` (SPEC §6).
+``account.disconnected`` (SPEC §6), and ``message.received`` (inbound mail, SPEC §6a).
 
-Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``. Signature header, in the
+Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; ``message.received`` carries
+``"data":{"accountId","message":{…}}`` instead. Signature header, in the
 style of Stripe's scheme: ``X-Connector-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>``.
-A receiver recomputes the HMAC over the raw body, compares in constant time, and rejects a
-``t`` older than 5 minutes (replay); see ``docs/webhooks.md``.
+A receiver recomputes the HMAC over the raw body, compares in constant time, rejects a ``t``
+older than 5 minutes or more than :data:`FUTURE_SKEW_S` ahead, and drops event ids it has already
+handled (replays); see ``docs/webhooks.md``. Deliveries never follow redirects: a 3xx would make
+the HTTP client re-post the signed body to wherever ``Location`` points (a 307/308 keeps the
+method and body, RFC 9110 §15.4.8), so it counts as a failed delivery.
 
 Events go through the ``webhook-deliveries`` queue, so a slow or failing receiver never blocks
 the connect or refresh that caused them. Failed deliveries are re-enqueued with exponential
@@ -29,15 +33,19 @@ if TYPE_CHECKING:
     import requests
 
     from shared.storage import Queue
+    from shared.telemetry import Telemetry
 
 AccountJson = dict[str, object]
 
 log = logging.getLogger("connector.webhooks")
 
 EVENTS = ("account.connected", "account.reauth_required", "account.recovered", "account.disconnected")
+MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"} (SPEC §6a), not {"account"}
 SIGNATURE_HEADER = "X-Connector-Signature"
 MAX_ATTEMPTS = 8
 TOLERANCE_S = 300
+FUTURE_SKEW_S = 30  # clock skew accepted on a timestamp from the future
+_MAX_HEADER = 512
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -46,21 +54,40 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 
 
 def verify(secret: str, body: bytes, header: str, *, now: int | None = None, tolerance_s: int = TOLERANCE_S) -> bool:
-    """Receiver-side check (also used by our tests): signature and freshness."""
+    """Receiver-side check (also used by our tests): signature and freshness. Never raises: anything
+    malformed (header, timestamp, a non-ASCII or non-hex ``v1``) is simply not valid."""
     try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        t = int(parts["t"])
-    except (ValueError, KeyError):
+        parts = _signature_parts(header)
+        t = int(parts["t"]) if parts["t"].isascii() and parts["t"].isdigit() and len(parts["t"]) <= 12 else -1
+        given = parts.get("v1", "")
+        if t < 0 or not given.isascii():
+            return False
+        current = int(time.time()) if now is None else now
+        if current - t > tolerance_s or t - current > FUTURE_SKEW_S:
+            return False
+        expected = sign(secret, body, t).split("v1=", 1)[1]
+        return hmac.compare_digest(expected.encode("ascii"), given.encode("ascii"))
+    except Exception:  # a receiver's check must answer False, never a 500
         return False
-    if abs((now or int(time.time())) - t) > tolerance_s:
-        return False
-    expected = sign(secret, body, t).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def _signature_parts(header: object) -> dict[str, str]:
+    if not isinstance(header, str) or len(header) > _MAX_HEADER:
+        raise ValueError("bad signature header")
+    parts = dict(p.strip().split("=", 1) for p in header.split(",") if "=" in p)
+    if "t" not in parts:
+        raise ValueError("no timestamp")
+    return parts
 
 
 class Webhooks:
-    def __init__(self, url: str | None, secret: str | None, *, queue: Callable[[], Queue],
-                 session: requests.Session) -> None:
+    def __init__(self, url: str | None, secret: str | Callable[[], str] | None, *, queue: Callable[[], Queue],
+                 session: requests.Session, telemetry: Telemetry | None = None) -> None:
+        from shared.telemetry import OFF
+
+        self._telemetry = telemetry or OFF  # connector.webhook.delivery (docs/operations.md)
+        # ``secret`` may be a callable (the Key Vault read, cached with a TTL): resolved per delivery,
+        # so a vault problem never stops start-up and a rotated secret is picked up without a restart.
         self._url = url
         self._secret = secret
         self._queue = queue  # the queue, created on first use
@@ -83,6 +110,19 @@ class Webhooks:
         except Exception as e:
             log.error("could not enqueue webhook %s: %s", event, type(e).__name__)
 
+    def enqueue_message_received(self, account_id: str, message: dict[str, object]) -> str | None:
+        """Enqueue ``message.received`` (SPEC §6a); returns the event id, None when webhooks are off.
+
+        Unlike :meth:`emit` it raises (StorageUnavailableError) when the event could not be queued:
+        inbound mail is delivered at least once, so the caller retries instead of losing it."""
+        if not self.enabled:
+            return None
+        event_id = "evt_" + uuid.uuid4().hex
+        payload = {"id": event_id, "type": MESSAGE_RECEIVED, "createdAt": iso(utcnow()),
+                   "data": {"accountId": account_id, "message": message}}
+        self._queue().send(json.dumps({"attempt": 0, "event": payload}).encode())
+        return event_id
+
     def deliver(self, message: bytes) -> None:
         """Queue-trigger body: POST once; on failure re-enqueue with backoff instead of raising."""
         if not self.enabled:
@@ -96,21 +136,26 @@ class Webhooks:
         body = json.dumps(event, separators=(",", ":")).encode()
         if not (self._secret and self._url):  # narrowed by `enabled` above; keeps mypy and -O honest
             return
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self._secret, body, int(time.time())),
-                   "X-Connector-Event": event["type"], "X-Connector-Delivery": event["id"]}
         try:
-            resp = self._session.post(self._url, data=body, headers=headers, timeout=(5, 10))
+            secret = self._secret() if callable(self._secret) else self._secret
+            headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+                       "X-Connector-Event": event["type"], "X-Connector-Delivery": event["id"]}
+            resp = self._session.post(self._url, data=body, headers=headers, timeout=(5, 10), allow_redirects=False)
             ok = 200 <= resp.status_code < 300
             why = f"HTTP {resp.status_code}"
         except Exception as e:
             ok, why = False, type(e).__name__
+        kind = event["type"] if event.get("type") in (*EVENTS, MESSAGE_RECEIVED) else "other"
         if ok:
+            self._telemetry.webhook("delivered", attempt=attempt + 1, event=kind)
             log.info("webhook %s delivered (%s)", event["type"], event["id"])
             return
         attempt += 1
         if attempt >= MAX_ATTEMPTS:
+            self._telemetry.webhook("abandoned", attempt=attempt, event=kind)
             log.error("webhook %s (%s) abandoned after %d attempts: %s", event["type"], event["id"], attempt, why)
             return
+        self._telemetry.webhook("retry", attempt=attempt, event=kind)
         delay = int(backoff_delay(attempt, base=5, cap=3600))
         log.warning("webhook %s failed (%s); retry %d in %d s", event["type"], why, attempt, delay)
         self._queue().send(json.dumps({"attempt": attempt, "event": event}).encode(), visibility_timeout=delay)

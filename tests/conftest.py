@@ -51,7 +51,8 @@ def azurite() -> Iterator[Any]:
 def sandbox() -> Iterator[Any]:
     from devstack.sandbox import SandboxServer
 
-    sb = SandboxServer(port=0).start()
+    # Like `make dev`: the sandbox may call the dev host's loopback http notification URL (Graph: https only).
+    sb = SandboxServer(port=0, allow_http_notifications=True).start()
     yield sb
     sb.stop()
 
@@ -204,6 +205,44 @@ def browser_session(sandbox: Any) -> requests.Session:
     return s
 
 
+class FormPost:
+    """What Entra's ``response_mode=form_post`` page makes the browser do: POST its hidden fields."""
+
+    def __init__(self, action: str, fields: dict[str, str]) -> None:
+        self.action = action
+        self.fields = fields
+
+    def submit(self, http: requests.Session, **kw: Any) -> requests.Response:
+        kw.setdefault("allow_redirects", False)
+        kw.setdefault("timeout", 60)
+        return http.post(self.action, data=self.fields, **kw)
+
+
+def read_form_post(resp: requests.Response) -> FormPost:
+    """Parse the auto-submitting form of a form_post response (one <form>, hidden <input>s)."""
+    from html.parser import HTMLParser
+
+    found: dict[str, Any] = {"action": None, "method": None, "fields": {}}
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = {k: v or "" for k, v in attrs}
+            if tag == "form" and found["action"] is None:
+                found["action"], found["method"] = a.get("action"), a.get("method", "").lower()
+            elif tag == "input" and a.get("type") == "hidden":
+                found["fields"][a["name"]] = a.get("value", "")
+
+    assert resp.status_code == 200 and "<form" in resp.text, (resp.status_code, resp.text[:500])
+    Parser().feed(resp.text)
+    assert found["method"] == "post" and found["action"], resp.text[:500]
+    return FormPost(str(found["action"]), dict(found["fields"]))
+
+
+def authorize(browser: requests.Session, auth_url: str) -> FormPost:
+    """The browser at Entra's /authorize (test users sign in at once): the form_post back to the app."""
+    return read_form_post(browser.get(auth_url, allow_redirects=False, timeout=30))
+
+
 def connect(host: Host, browser: requests.Session, *, sub: str = "owner-a", login_hint: str,
             return_url: str | None = "https://app.example.com/connected", **extra: str) -> dict[str, Any]:
     """Run the whole connect journey; return the parsed redirect (or the HTML page response)."""
@@ -213,14 +252,13 @@ def connect(host: Host, browser: requests.Session, *, sub: str = "owner-a", logi
     r = host.api("GET", "/api/connect/microsoft", sub=sub, params=params)
     assert r.status_code == 200, r.text
     start = r.json()
-    auth = browser.get(start["authUrl"], allow_redirects=False, timeout=30)
-    assert auth.status_code == 302, auth.text[:500]
-    callback = auth.headers["Location"]
-    assert callback.startswith(host.url + "/api/connect/microsoft/callback"), callback
-    cb = host.http.get(callback, allow_redirects=False, timeout=60)
-    out: dict[str, Any] = {"start": start, "callback_url": callback, "response": cb}
+    form = authorize(browser, start["authUrl"])
+    assert form.action == host.url + "/api/connect/microsoft/callback", form.action
+    cb = form.submit(host.http)
+    out: dict[str, Any] = {"start": start, "form": form, "response": cb}
     if cb.status_code == 302:
         loc = cb.headers["Location"]
         out["location"] = loc
         out["result"] = {k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()}
+        out["result_token"] = out["result"].pop("result", None)  # the signed result (connect_result)
     return out

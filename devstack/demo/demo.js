@@ -8,6 +8,8 @@ const $ = (id) => document.getElementById(id);
 let token = null;
 let accounts = [];
 let nextCursor = null;
+const seenIncoming = new Map(); // account id -> Set of message ids already shown
+let lastEventAt = {};
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -104,7 +106,8 @@ function render() {
 async function startConnect(accountId) {
   const q = new URLSearchParams({ returnUrl: location.origin + location.pathname });
   const hint = $("login-hint").value.trim();
-  if (hint) q.set("loginHint", hint);
+  // With a hint, only that account may connect (a forwarded link cannot attach someone else's mailbox).
+  if (hint) { q.set("loginHint", hint); q.set("requireLoginHint", "true"); }
   if ($("prompt").value) q.set("prompt", $("prompt").value);
   if (accountId) q.set("accountId", accountId);
   try {
@@ -120,7 +123,7 @@ async function startPopup() {
   // (only to the origins of ALLOWED_RETURN_URLS) — the pattern for popups and Office dialogs.
   const q = new URLSearchParams();
   const hint = $("login-hint").value.trim();
-  if (hint) q.set("loginHint", hint);
+  if (hint) { q.set("loginHint", hint); q.set("requireLoginHint", "true"); }
   if ($("prompt").value) q.set("prompt", $("prompt").value);
   popup = window.open("about:blank", "outlook-connect", "width=560,height=680");
   try {
@@ -183,9 +186,11 @@ async function loadMessages(ev, more) {
     const r = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}/messages?` + q);
     const items = r.messages.map((m) => el("li", { class: m.isRead ? "read" : "unread", "data-message-id": m.id },
       el("div", { class: "subject" }, m.subject || "(no subject)"),
-      el("div", { class: "muted" }, (m.from && m.from.emailAddress ? m.from.emailAddress.address : "") + " · " +
+      el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " +
         m.receivedDateTime + (m.hasAttachments ? " · 📎" : "")),
-      el("div", { class: "preview" }, m.bodyPreview || "")));
+      el("div", { class: "preview" }, m.bodyPreview || ""),
+      el("button", { type: "button", class: "small reply", "data-testid": "reply",
+                     onclick: (ev) => openReply(ev.target.closest("li"), a, m) }, "Reply")));
     if (more) $("messages").append(...items); else $("messages").replaceChildren(...items);
     if (!items.length && !more) $("messages").replaceChildren(el("li", { class: "muted" }, "No messages."));
     nextCursor = r.nextCursor;
@@ -193,8 +198,32 @@ async function loadMessages(ev, more) {
   } catch (e) { showProblem(e); }
 }
 
+function openReply(li, a, m) {
+  // Answer in the same conversation: Graph keeps In-Reply-To, References and the conversation id.
+  if (li.querySelector("form.reply-form")) return;
+  const text = el("textarea", { rows: "3", "data-testid": "reply-text", required: "" });
+  const out = el("p", { class: "muted", "data-testid": "reply-result", "aria-live": "polite" });
+  const form = el("form", { class: "reply-form" },
+    el("label", {}, "Reply to " + (m.from ? m.from.address || "" : ""), text),
+    el("button", { type: "submit", "data-testid": "reply-send" }, "Send reply"), out);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    out.className = ""; out.textContent = "Sending…";
+    try {
+      const r = await api("POST", `/api/accounts/${encodeURIComponent(a.id)}/messages/` +
+        `${encodeURIComponent(m.id)}/reply`, { comment: text.value });
+      out.className = "ok-text";
+      out.textContent = `Replied at ${r.sentAt} (tracking id ${r.trackingId})`;
+    } catch (e) { showProblem(e, out); }
+  });
+  li.append(form);
+  text.focus();
+}
+
 function readConnectResult() {
-  // The callback redirects back here with status=connected&accountId=… or status=error&code=…&message=…
+  // The callback redirects back here with status=connected&accountId=…&result=… or status=error&code=…&message=…
+  // A real product's back end verifies `result` against the session that started the connect
+  // (docs/connect-security.md) before it trusts status=connected.
   const q = new URLSearchParams(location.search);
   if (!q.has("status")) return;
   if (q.get("status") === "connected") {
@@ -205,6 +234,37 @@ function readConnectResult() {
            (q.get("hint") ? q.get("hint") + " " : "") + "(error code: " + q.get("code") + ")");
   }
   history.replaceState(null, "", location.pathname);
+}
+
+// Incoming mail: poll the account (cheap) and, when its notifications report a new event (or every
+// 15 s), the newest Inbox messages; show the ones not seen before. A product's back end would get a
+// signed message.received webhook instead (docs/webhooks.md).
+async function pollIncoming(tick) {
+  const a = selected();
+  $("incoming-as").textContent = a ? "for " + a.email : "";
+  if (!a || document.hidden) return;
+  try {
+    const acc = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}`);
+    const n = acc.notifications || { status: "off" };
+    $("incoming-status").textContent = `Inbox subscription: ${n.status}` +
+      (n.expiresAt ? `, renewed before ${n.expiresAt}` : "") + (n.lastEventAt ? `; last event ${n.lastEventAt}` : "");
+    const changed = n.lastEventAt !== lastEventAt[a.id];
+    lastEventAt[a.id] = n.lastEventAt;
+    if (!changed && tick % 5 !== 0 && seenIncoming.has(a.id)) return;
+    const r = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}/messages?folder=inbox&top=5`);
+    const first = !seenIncoming.has(a.id);
+    const seen = seenIncoming.get(a.id) || new Set();
+    seenIncoming.set(a.id, seen);
+    for (const m of r.messages.slice().reverse()) {
+      if (seen.has(m.id)) continue;
+      seen.add(m.id);
+      if (first) continue; // what was there before the page looked is not "incoming"
+      $("incoming").prepend(el("li", { class: "unread new", "data-message-id": m.id },
+        el("div", { class: "subject" }, "New: " + (m.subject || "(no subject)")),
+        el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " + m.receivedDateTime),
+        el("div", { class: "preview" }, m.bodyPreview || "")));
+    }
+  } catch (e) { $("incoming-status").textContent = "Incoming mail: " + (e.message || e); }
 }
 
 async function main() {
@@ -223,6 +283,9 @@ async function main() {
   const a = selected();
   if (a && !$("send-to").value) $("send-to").value = a.email;
   document.body.dataset.ready = "true";
+  let tick = 0;
+  pollIncoming(tick);
+  setInterval(() => pollIncoming(++tick), 3000);
 }
 
 main();

@@ -55,10 +55,34 @@ class SandboxControl:
         """Restore the start state; app registrations are kept unless ``clients=True``."""
         self._call("POST", "/reset", json={"clients": clients})
 
-    def register_client(self, client_id: str, client_secret: str, redirect_uris: list[str] | tuple[str, ...],
+    def register_client(self, client_id: str, client_secret: str | None, redirect_uris: list[str] | tuple[str, ...],
                         name: str = "Sandbox app") -> None:
+        """Register (or update) an app; ``client_secret=None`` registers no secret (a secretless app)."""
         self._call("POST", "/clients", json={"client_id": client_id, "client_secret": client_secret,
                                              "redirect_uris": list(redirect_uris), "name": name})
+
+    def add_certificate(self, client_id: str, certificate_pem: str, valid: bool = True) -> dict[str, Any]:
+        """Upload a certificate (public PEM) to the app; ``valid=False`` marks it expired (AADSTS700027)."""
+        return dict(self._call("POST", f"/clients/{self._u(client_id)}/certificates",
+                               json={"certificate": certificate_pem, "valid": valid}))
+
+    def add_federated_credential(self, client_id: str, *, issuer: str, subject: str,
+                                 audiences: tuple[str, ...] = ("api://AzureADTokenExchange",),
+                                 name: str = "fic") -> dict[str, Any]:
+        """A federated identity credential on the app (replaces one of the same ``name``)."""
+        return dict(self._call("POST", f"/clients/{self._u(client_id)}/federated_credentials", json={
+            "name": name, "issuer": issuer, "subject": subject, "audiences": list(audiences)}))
+
+    def add_managed_identity(self, client_id: str, principal_id: str | None = None,
+                             tenant_id: str | None = None) -> dict[str, Any]:
+        """A user-assigned identity; returns its client_id, principal_id, tenant_id and token issuer."""
+        return dict(self._call("POST", "/managed_identities", json={
+            "client_id": client_id, "principal_id": principal_id, "tenant_id": tenant_id}))
+
+    def managed_identity_token(self, client_id: str, resource: str, lifetime_s: int = 3600) -> dict[str, Any]:
+        """The identity's token for ``resource`` in App Service's shape (``access_token``, ``expires_on``...)."""
+        return dict(self._call("POST", f"/managed_identities/{self._u(client_id)}/token",
+                               json={"resource": resource, "lifetime_s": lifetime_s}))
 
     def set_client_secret_valid(self, client_id: str, secret: str, valid: bool) -> None:
         """Add a secret or mark one expired (``valid=False`` -> AADSTS7000222)."""
@@ -92,6 +116,33 @@ class SandboxControl:
             "count": count, "body": body, "user": user,
         })
 
+    # -- change notifications --------------------------------------------------------------------
+    def notification_switches(self, *, drop: int | None = None, duplicate: int | None = None,
+                              allow_http: bool | None = None,
+                              validation_timeout_ms: int | None = None) -> dict[str, Any]:
+        """Drop or duplicate the next N change notifications (-1: all until 0); allow loopback http URLs;
+        shorten the validation handshake's 10 s limit (tests of a slow endpoint)."""
+        return dict(self._call("POST", "/notifications", json={
+            "drop": drop, "duplicate": duplicate, "allow_http": allow_http,
+            "validation_timeout_ms": validation_timeout_ms}))
+
+    def notifications(self) -> dict[str, Any]:
+        """The delivery log (``deliveries``), ``inflight`` and the switches."""
+        return dict(self._call("GET", "/notifications"))
+
+    def subscriptions(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Live subscriptions (all, or one user's), without their clientState."""
+        params = {"user": user} if user else None
+        return list(self._call("GET", "/subscriptions", params=params)["subscriptions"])
+
+    def lifecycle_event(self, subscription_id: str, event: str) -> None:
+        """Send ``reauthorizationRequired``, ``subscriptionRemoved`` or ``missed`` now."""
+        self._call("POST", f"/subscriptions/{self._u(subscription_id)}/lifecycle", json={"event": event})
+
+    def clear_injections(self) -> int:
+        """Drop every pending injection and end injected delays in progress; returns how many were pending."""
+        return int(self._call("DELETE", "/inject")["cleared"])
+
     def set_token_latency(self, ms: int) -> None:
         self._call("POST", "/token_latency", json={"ms": ms})
 
@@ -120,3 +171,25 @@ class SandboxControl:
 
     def counters(self) -> dict[str, Any]:
         return self._call("GET", "/counters")
+
+
+def redirect_fields(resp: requests.Response) -> dict[str, str]:
+    """What Entra hands back to the redirect URI from ``/authorize``: the query of a 302, or the
+    hidden fields of a ``response_mode=form_post`` page (OAuth 2.0 Form Post Response Mode)."""
+    from html.parser import HTMLParser
+    from urllib.parse import parse_qs, urlsplit
+
+    if resp.status_code in (302, 303):
+        return {k: v[0] for k, v in parse_qs(urlsplit(resp.headers["Location"]).query).items()}
+    fields: dict[str, str] = {}
+
+    class _Form(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "input" and a.get("type") == "hidden" and a.get("name"):
+                fields[str(a["name"])] = a.get("value") or ""
+
+    _Form().feed(resp.text)
+    if not fields:
+        raise ValueError(f"/authorize answered {resp.status_code} without a redirect or a form_post page")
+    return fields

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from . import tokens
 from .errors import GraphError
 from .graph import _validate_message, check_file_attachment
 from .mailbox import Mailbox
-from .state import ClientApp, Injection, SandboxState
-from .users import TEST_USERS, TestUser
+from .state import (
+    ClientApp,
+    FederatedCredential,
+    Injection,
+    ManagedIdentity,
+    RegisteredCertificate,
+    SandboxState,
+)
+from .users import CONTOSO_TENANT_ID, TEST_USERS, TestUser
 
 bp = Blueprint("control", __name__, url_prefix="/_sandbox")
 
@@ -86,17 +95,18 @@ def reset() -> Response:
 def register_client() -> Response:
     body = _body()
     client_id = _get(body, "client_id", str, check=bool)
-    secret = _get(body, "client_secret", str, check=bool)
+    secret = _get(body, "client_secret", str, None, check=bool)  # none: a secretless app (certificate, FIC)
     uris = _get(body, "redirect_uris", list, check=lambda v: all(isinstance(u, str) and u for u in v))
     name = _get(body, "name", str, "Sandbox app")
     state = _state()
     with state.lock:
         app = state.clients.get(client_id)
         if app is None:
-            state.clients[client_id] = ClientApp(client_id, name, list(uris), {secret: True})
+            state.clients[client_id] = ClientApp(client_id, name, list(uris), {secret: True} if secret else {})
         else:
             app.redirect_uris = list(uris)
-            app.secrets[secret] = True
+            if secret:
+                app.secrets[secret] = True
             app.name = name
     return jsonify({"client_id": client_id, "redirect_uris": uris})
 
@@ -113,6 +123,89 @@ def set_secret(client_id: str) -> Response:
             raise ControlError(f"unknown client '{client_id}'", 404)
         app.secrets[secret] = valid
     return jsonify({"client_id": client_id, "valid": valid})
+
+
+def _client(state: SandboxState, client_id: str) -> ClientApp:
+    app = state.clients.get(client_id)
+    if app is None:
+        raise ControlError(f"unknown client '{client_id}'", 404)
+    return app
+
+
+@bp.post("/clients/<client_id>/certificates")
+def add_certificate(client_id: str) -> Response:
+    """Upload a certificate's public part to the app (``valid: false`` = its end date has passed: AADSTS700027)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    body = _body()
+    pem = _get(body, "certificate", str, check=lambda v: "-----BEGIN CERTIFICATE-----" in v)
+    valid = _get(body, "valid", bool, True)
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise ControlError("'certificate' is not a PEM certificate") from None
+    sha256 = cert.fingerprint(hashes.SHA256()).hex()
+    reg = RegisteredCertificate(pem, cert.fingerprint(hashes.SHA1()).hex(), sha256, cert.public_key(), valid)
+    state = _state()
+    with state.lock:
+        _client(state, client_id).certificates[sha256] = reg
+    return jsonify({"client_id": client_id, "thumbprint_sha1": reg.thumbprint_sha1, "thumbprint_sha256": sha256,
+                    "valid": valid})
+
+
+@bp.post("/clients/<client_id>/federated_credentials")
+def add_federated_credential(client_id: str) -> Response:
+    body = _body()
+    fic = FederatedCredential(
+        name=_get(body, "name", str, "fic"), issuer=_get(body, "issuer", str, check=bool),
+        subject=_get(body, "subject", str, check=bool),
+        audiences=_get(body, "audiences", list, ["api://AzureADTokenExchange"],
+                       check=lambda v: len(v) == 1 and all(isinstance(a, str) and a for a in v)))
+    state = _state()
+    with state.lock:
+        app = _client(state, client_id)
+        app.federated = [f for f in app.federated if f.name != fic.name] + [fic]
+    return jsonify({"client_id": client_id, "name": fic.name, "issuer": fic.issuer, "subject": fic.subject,
+                    "audiences": fic.audiences})
+
+
+@bp.post("/managed_identities")
+def add_managed_identity() -> Response:
+    """A user-assigned identity the sandbox issues tokens for (its issuer is this sandbox's tenant issuer)."""
+    body = _body()
+    client_id = _get(body, "client_id", str, check=bool)
+    mi = ManagedIdentity(client_id, _get(body, "principal_id", str, None) or str(uuid.uuid4()),
+                         _get(body, "tenant_id", str, CONTOSO_TENANT_ID))
+    state = _state()
+    with state.lock:
+        state.managed_identities[client_id.lower()] = mi
+    return jsonify({"client_id": mi.client_id, "principal_id": mi.principal_id, "tenant_id": mi.tenant_id,
+                    "issuer": f"{request.host_url.rstrip('/')}/{mi.tenant_id}/v2.0"})
+
+
+@bp.post("/managed_identities/<client_id>/token")
+def managed_identity_token(client_id: str) -> Response:
+    """What the platform's local identity endpoint returns (App Service shape) for ``resource``."""
+    body = _body()
+    resource = _get(body, "resource", str, check=bool)
+    lifetime = _get(body, "lifetime_s", int, 3600, check=lambda v: 60 <= v <= 86400)
+    state = _state()
+    with state.lock:
+        mi = state.managed_identities.get(client_id.lower())
+        if mi is None:
+            raise ControlError(f"unknown managed identity '{client_id}'", 404)
+        now = int(state.now())
+        token = tokens.managed_identity_token(
+            _key(), host=request.host_url.rstrip("/"), client_id=mi.client_id, principal_id=mi.principal_id,
+            tenant_id=mi.tenant_id, audience=resource.rstrip("/"), now=now, expires_in=lifetime)
+        state.issued.append(token)
+    return jsonify({"access_token": token, "expires_on": str(now + lifetime), "resource": resource,
+                    "token_type": "Bearer", "client_id": mi.client_id})
+
+
+def _key() -> tokens.SigningKey:
+    return current_app.extensions["sandbox"]["key"]
 
 
 @bp.post("/users/<upn>/revoke_grants")
@@ -211,6 +304,17 @@ def inject() -> Response:
     return jsonify({"injected": count})
 
 
+@bp.delete("/inject")
+def clear_injections() -> Response:
+    """End every injected fault now (pending counts dropped; delays in progress released)."""
+    state = _state()
+    with state.lock:
+        n = len(state.injections)
+        state.injections.clear()
+    state.release()
+    return jsonify({"cleared": n})
+
+
 @bp.post("/token_latency")
 def token_latency() -> Response:
     ms = _get(_body(), "ms", int, check=lambda v: 0 <= v <= 600_000)
@@ -281,6 +385,69 @@ def issued() -> Response:
     state = _state()
     with state.lock:
         return jsonify({"issued": list(state.issued)})
+
+
+# -- change notifications (subscriptions.py) ----------------------------------------------------
+@bp.get("/notifications")
+def notifications() -> Response:
+    """Delivery log (newest last) and the switches."""
+    state = _state()
+    with state.lock:
+        return jsonify({"deliveries": list(state.notification_log), "inflight": state.notify_inflight,
+                        "drop": state.notify_drop, "duplicate": state.notify_duplicate,
+                        "allow_http": state.allow_http_notifications})
+
+
+@bp.post("/notifications")
+def notification_switches() -> Response:
+    """``drop`` / ``duplicate``: the next N change notifications (-1: every one until set to 0);
+    ``allow_http``: accept loopback http notification URLs (Graph requires https);
+    ``validation_timeout_ms``: how long the validation handshake may take (Graph: 10 s)."""
+    body = _body()
+    drop = _get(body, "drop", int, None, check=lambda v: v >= -1)
+    duplicate = _get(body, "duplicate", int, None, check=lambda v: v >= -1)
+    allow_http = _get(body, "allow_http", bool, None)
+    timeout_ms = _get(body, "validation_timeout_ms", int, None, check=lambda v: 100 <= v <= 10_000)
+    state = _state()
+    with state.lock:
+        if timeout_ms is not None:
+            state.validation_timeout_s = timeout_ms / 1000
+        state.notify_drop = state.notify_drop if drop is None else drop
+        state.notify_duplicate = state.notify_duplicate if duplicate is None else duplicate
+        state.allow_http_notifications = state.allow_http_notifications if allow_http is None else allow_http
+        return jsonify({"drop": state.notify_drop, "duplicate": state.notify_duplicate,
+                        "allow_http": state.allow_http_notifications})
+
+
+@bp.get("/subscriptions")
+def list_subscriptions() -> Response:
+    upn = request.args.get("user")
+    user = _user(upn).upn if upn else None
+    state = _state()
+    with state.lock:
+        now = state.now()
+        subs = [s.control_json() for s in state.subscriptions.values()
+                if (user is None or s.upn == user) and s.expires_at > now]
+    return jsonify({"subscriptions": subs})
+
+
+@bp.post("/subscriptions/<sid>/lifecycle")
+def lifecycle(sid: str) -> Response:
+    """Send a lifecycle notification now (``subscriptionRemoved`` also removes the subscription)."""
+    from .subscriptions import LIFECYCLE_EVENTS
+
+    event = _get(_body(), "event", str, check=lambda v: v in LIFECYCLE_EVENTS)
+    state = _state()
+    with state.lock:
+        sub = state.subscriptions.get(sid)
+        if sub is None:
+            raise ControlError(f"unknown subscription '{sid}'", 404)
+        if event == "subscriptionRemoved":
+            del state.subscriptions[sid]
+        elif event == "reauthorizationRequired":
+            sub.reauth_required = True
+        state.notifier.lifecycle(sub, event)
+    return jsonify({"subscription": sid, "event": event})
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -11,6 +11,7 @@ References (cited next to each behaviour):
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import json
@@ -25,7 +26,15 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, request
 
 from .errors import GraphError, graph_error_body
-from .mailbox import MESSAGE_PROPERTIES, Mailbox, iso, new_message_id
+from .mailbox import (
+    MESSAGE_PROPERTIES,
+    Mailbox,
+    email,
+    iso,
+    new_attachment_id,
+    new_message_id,
+    synthetic_chunks,
+)
 from .scopes import has_any
 from .state import AccessTokenRecord, SandboxState
 from .tokens import GRAPH_APP_ID
@@ -340,21 +349,26 @@ def _select() -> list[str] | None:
 
 
 _CLAUSE = re.compile(
-    r"^\s*(isRead|hasAttachments|isDraft|importance|subject|receivedDateTime|sentDateTime)\s+"
-    r"(eq|ne|ge|gt|le|lt)\s+(true|false|'[^']*'|\d{4}-\d\d-\d\dT[\d:.]+Z?)\s*$"
+    r"^\s*(isRead|hasAttachments|isDraft|importance|subject|receivedDateTime|sentDateTime|conversationId|"
+    r"from/emailAddress/address)\s+(eq|ne|ge|gt|le|lt)\s+(true|false|'(?:[^']|'')*'|\d{4}-\d\d-\d\dT[\d:.]+Z?)\s*$"
 )
+_ORDERABLE = r"receivedDateTime|sentDateTime|subject|lastModifiedDateTime"
 
 
-def _filter_fn(raw: str | None) -> Callable[[dict[str, Any]], bool]:
-    if not raw:
-        return lambda m: True
+def _prop(m: dict[str, Any], prop: str) -> Any:
+    if prop == "from/emailAddress/address":
+        return str(((m.get("from") or {}).get("emailAddress") or {}).get("address", "")).lower()
+    return m.get(prop)
+
+
+def _clauses(raw: str) -> list[tuple[str, str, Any]]:
     clauses = []
     for part in re.split(r"\s+and\s+", raw.strip()):
         match = _CLAUSE.match(part)
         if not match:
             raise GraphError(400, "BadRequest", "Invalid filter clause")
         prop, op, lit = match.groups()
-        value: Any = {"true": True, "false": False}.get(lit, lit.strip("'"))
+        value: Any = {"true": True, "false": False}.get(lit, lit[1:-1].replace("''", "'") if lit[:1] == "'" else lit)
         want = "Edm.Boolean" if prop in ("isRead", "hasAttachments", "isDraft") else (
             "Edm.DateTimeOffset" if prop.endswith("DateTime") else "Edm.String")
         got = "Edm.Boolean" if isinstance(value, bool) else (
@@ -365,24 +379,82 @@ def _filter_fn(raw: str | None) -> Callable[[dict[str, Any]], bool]:
                              f"operand types '{want}' and '{got}' for operator kind '{op}'.")
         if want == "Edm.Boolean" and op not in ("eq", "ne"):
             raise GraphError(400, "BadRequest", f"The operator '{op}' is not supported for '{prop}'.")
+        if prop == "from/emailAddress/address":
+            value = str(value).lower()
         clauses.append((prop, op, value))
+    return clauses
+
+
+def _filter_fn(raw: str | None, order_prop: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    if not raw:
+        return lambda m: True
+    clauses = _clauses(raw)
+    if order_prop is not None and clauses[0][0] != order_prop:
+        # $filter with $orderby on messages: the $orderby property must also be in $filter, first.
+        # https://learn.microsoft.com/en-us/graph/api/user-list-messages#using-filter-and-orderby-in-the-same-query
+        raise GraphError(400, "InefficientFilter", "The restriction or sort order is too complex for this operation.")
     ops: dict[str, Callable[[Any, Any], bool]] = {
         "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "ge": lambda a, b: a >= b,
         "gt": lambda a, b: a > b, "le": lambda a, b: a <= b, "lt": lambda a, b: a < b,
     }
-    return lambda m: all(ops[op](m.get(prop), v) for prop, op, v in clauses)
+    return lambda m: all(ops[op](_prop(m, prop), v) for prop, op, v in clauses)
+
+
+_KQL_TERM = re.compile(r'(?:(\w+):)?(?:"((?:[^"\\]|\\.)*)"|(\S+))')
+_KQL_PROPS = {"from": ("from",), "to": ("toRecipients",), "cc": ("ccRecipients",), "subject": ("subject",),
+              "body": ("body",), "participants": ("from", "toRecipients", "ccRecipients", "bccRecipients")}
+
+
+def _kql_text(m: dict[str, Any], fields: tuple[str, ...]) -> str:
+    parts: list[str] = []
+    for f in fields:
+        v = m.get(f)
+        if f == "body":
+            parts.append(str((v or {}).get("content", "")))
+        elif isinstance(v, (dict, list)):
+            for r in v if isinstance(v, list) else [v]:
+                ea = r.get("emailAddress") or {} if isinstance(r, dict) else {}
+                parts.append(f"{ea.get('name') or ''} {ea.get('address') or ''}")
+        else:
+            parts.append(str(v or ""))
+    return " ".join(parts).lower()
+
+
+def _search_fn(raw: str) -> Callable[[dict[str, Any]], bool]:
+    """A small KQL subset: terms (AND implied), ``prop:value`` for from/to/cc/subject/body/participants;
+    bare terms search from, subject and body, as Graph does
+    (https://learn.microsoft.com/en-us/graph/search-query-parameter#using-search-on-message-collections)."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].replace('\\"', '"')
+    terms: list[tuple[tuple[str, ...], str]] = []
+    for m in _KQL_TERM.finditer(text):
+        prop, quoted, bare = m.groups()
+        word = (quoted if quoted is not None else (bare or "").strip("()")).replace('\\"', '"').lower()
+        if not word or (prop is None and quoted is None and word in ("and",)):
+            continue
+        fields = _KQL_PROPS.get((prop or "").lower(), ("from", "subject", "body")) if prop else ("from", "subject",
+                                                                                              "body")
+        terms.append((fields, word))
+    return lambda msg: all(word in _kql_text(msg, fields) for fields, word in terms)
+
+
+SEARCH_MAX_RESULTS = 1000  # "A $search request returns up to 1,000 results" for messages
 
 
 def _list_messages(ctx: _Ctx, folder: str | None) -> tuple[int, Any]:
     state = _sb()
+    search = _q("search")
+    if search is not None:
+        return _search_messages(ctx, folder, search)
     top = _int_option("top", 10, 1000)
     skip = _int_option("skip", 0, 10**9)
     select = _select()
-    pred = _filter_fn(_q("filter"))
-    order = (_q("orderby") or "receivedDateTime desc").strip()
-    om = re.match(r"^(receivedDateTime|sentDateTime|subject|lastModifiedDateTime)(\s+(asc|desc))?$", order)
+    order = (_q("orderby") or "").strip()
+    om = re.match(rf"^({_ORDERABLE})(\s+(asc|desc))?$", order or "receivedDateTime desc")
     if not om:
         raise GraphError(400, "BadRequest", f"The $orderby expression '{order}' is not supported.")
+    pred = _filter_fn(_q("filter"), om.group(1) if order else None)
     with state.lock:
         mb = _mailbox(ctx)
         fid = _folder_or_404(mb, folder) if folder else None
@@ -390,18 +462,57 @@ def _list_messages(ctx: _Ctx, folder: str | None) -> tuple[int, Any]:
         msgs.sort(key=lambda m: (m[om.group(1)], m["id"]), reverse=(om.group(3) != "asc"))
         page = msgs[skip: skip + top]
         value = [mb.message_resource(m, select, expand_attachments=_expands_attachments()) for m in page]
-    ctx_path = f"mailFolders('{folder}')/messages" if folder else "messages"
-    body: dict[str, Any] = {
-        "@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/{ctx_path}"
-                          + (f"({','.join(select)})" if select else ""),
-        "value": value,
-    }
+    body = _page_body(ctx, folder, select, value)
     if skip + top < len(msgs):
         args = {k: v for k, v in request.args.items() if k not in ("$skip", "skip", "$top", "top")}
         args["$top"] = str(top)
         args["$skip"] = str(skip + top)
         body["@odata.nextLink"] = f"{_host()}{request.path}?{urlencode(args)}"
     return 200, body
+
+
+def _page_body(ctx: _Ctx, folder: str | None, select: list[str] | None, value: list[Any]) -> dict[str, Any]:
+    ctx_path = f"mailFolders('{folder}')/messages" if folder else "messages"
+    return {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/{ctx_path}"
+                              + (f"({','.join(select)})" if select else ""), "value": value}
+
+
+def _search_messages(ctx: _Ctx, folder: str | None, search: str) -> tuple[int, Any]:
+    """$search on messages: no $orderby, no $filter; newest sent first; paged with $skiptoken; ≤ 1,000 results.
+    https://learn.microsoft.com/en-us/graph/search-query-parameter#using-search-on-message-collections"""
+    if _q("orderby") is not None:
+        raise GraphError(400, "SearchWithOrderBy", "The query parameter '$orderBy' is not supported with '$search'.")
+    if _q("filter") is not None:
+        raise GraphError(400, "SearchWithFilter", "The query parameter '$filter' is not supported with '$search'.")
+    top = _int_option("top", 10, 1000)
+    token = request.args.get("$skiptoken") or request.args.get("skiptoken")
+    offset = _skiptoken_offset(token) if token else 0
+    select = _select()
+    state = _sb()
+    match = _search_fn(search)
+    with state.lock:
+        mb = _mailbox(ctx)
+        fid = _folder_or_404(mb, folder) if folder else None
+        hits = [m for m in mb.messages.values() if (fid is None or m["parentFolderId"] == fid) and match(m)]
+        hits.sort(key=lambda m: (m["sentDateTime"], m["id"]), reverse=True)
+        hits = hits[:SEARCH_MAX_RESULTS]
+        value = [mb.message_resource(m, select) for m in hits[offset: offset + top]]
+    body = _page_body(ctx, folder, select, value)
+    if offset + top < len(hits):
+        args = {k: v for k, v in request.args.items() if k not in ("$skiptoken", "skiptoken")}
+        args["$skiptoken"] = base64.urlsafe_b64encode(f"search:{offset + top}".encode()).decode()
+        body["@odata.nextLink"] = f"{_host()}{request.path}?{urlencode(args)}"
+    return 200, body
+
+
+def _skiptoken_offset(token: str) -> int:
+    try:
+        kind, _, n = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "search" and n.isdigit():
+            return int(n)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise GraphError(400, "BadRequest", "The $skiptoken is invalid.")
 
 
 def _expands_attachments() -> bool:
@@ -510,6 +621,11 @@ def get_attachment_value(ctx: _Ctx, mid: str, aid: str) -> Response:
     with state.lock:
         att = _attachment_or_404(_message_or_404(_mailbox(ctx), mid), aid)
         data = att.get("_bytes")
+        synthetic = att.get("_synthetic")
+    if synthetic is not None:  # streamed, never held whole
+        seed, size = synthetic
+        return Response(synthetic_chunks(seed, size), status=200, content_type=att["contentType"],
+                        headers={"Content-Length": str(size)})
     if data is None:
         raise GraphError(501, "NotImplemented", "The sandbox keeps only the size and SHA-256 of attachments "
                          "larger than 16 MB.")
@@ -529,7 +645,16 @@ def add_attachment(ctx: _Ctx, mid: str) -> tuple[int, Any]:
         return 201, Mailbox.attachment_resource(att)
 
 
-def check_file_attachment(att: dict[str, Any]) -> None:
+def check_file_attachment(att: dict[str, Any], *, synthetic_ok: bool = True) -> None:
+    """A fileAttachment as Graph checks it. ``synthetic_ok`` (control API seeding only): ``{"name", "size",
+    "seed"}`` stands for a large attachment whose content the sandbox generates (see synthetic_chunks)."""
+    if synthetic_ok and "contentBytes" not in att and isinstance(att.get("seed"), str):
+        size = att.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_ATTACHMENT_BYTES:
+            raise GraphError(400, "ErrorInvalidRequest", "A synthetic attachment needs a size of 1 to 150 MB.")
+    elif not isinstance(att.get("contentBytes"), str):
+        raise GraphError(400, "ErrorInvalidRequest", "The property 'contentBytes' is required for a file "
+                         "attachment.")
     if not att.get("name"):
         raise GraphError(400, "ErrorInvalidRequest", "The attachment name is required.")
     for prop in ("name", "contentType"):
@@ -538,9 +663,6 @@ def check_file_attachment(att: dict[str, Any]) -> None:
             raise _cannot_convert(val, "Edm.String")
         if isinstance(val, str) and any(c in val for c in "\r\n\x00"):
             raise GraphError(400, "ErrorInvalidRequest", f"The attachment {prop} contains invalid characters.")
-    if not isinstance(att.get("contentBytes"), str):
-        raise GraphError(400, "ErrorInvalidRequest", "The property 'contentBytes' is required for a file "
-                         "attachment.")
 
 
 def _make_attachments(items: Any, now: float) -> list[dict[str, Any]]:
@@ -558,7 +680,7 @@ def _make_attachments(items: Any, now: float) -> list[dict[str, Any]]:
         if otype != "#microsoft.graph.fileAttachment":
             raise GraphError(400, "ErrorInvalidRequest", f"The attachment type '{otype}' is not supported by "
                              "the sandbox.")
-        check_file_attachment(att)
+        check_file_attachment(att, synthetic_ok=False)
         try:
             out.append(Mailbox.make_attachment(att, now))
         except (binascii.Error, ValueError, TypeError):
@@ -622,7 +744,28 @@ def _typed(k: str, v: Any) -> Any:
         return v.lower()
     if k == "categories" and not (isinstance(v, list) and all(isinstance(c, str) for c in v)):
         raise _cannot_convert(v, "Collection(Edm.String)")
+    if k == "flag":
+        return _followup_flag(v)
     return v
+
+
+_FLAG_STATUS = ("notFlagged", "complete", "flagged")
+
+
+def _followup_flag(v: Any) -> dict[str, Any]:
+    # https://learn.microsoft.com/en-us/graph/api/resources/followupflag
+    if not isinstance(v, dict):
+        raise _request_body_read("An unexpected 'PrimitiveValue' node was found when reading the property 'flag'. "
+                                 "A 'StartObject' node was expected.")
+    unknown = set(v) - {"flagStatus", "startDateTime", "dueDateTime", "completedDateTime", "@odata.type"}
+    if unknown:
+        raise _request_body_read(f"The property '{sorted(unknown)[0]}' does not exist on type "
+                                 "'microsoft.graph.followupFlag'.")
+    status = v.get("flagStatus", "notFlagged")
+    match = next((s for s in _FLAG_STATUS if isinstance(status, str) and s.lower() == status.lower()), None)
+    if match is None:
+        raise _request_body_read(f"Requested value '{status}' was not found.")
+    return {**{k: v[k] for k in v if k != "@odata.type"}, "flagStatus": match}
 
 
 def _validate_message(msg: Any, *, for_send: bool) -> dict[str, Any]:
@@ -713,6 +856,28 @@ def _save_to_sent_items(mb: Mailbox, fields: dict[str, Any], attachments: list[d
     msg["hasAttachments"] = bool(attachments)
 
 
+def deliver_to_sandbox_users(state: SandboxState, sender: Mailbox, fields: dict[str, Any],
+                             attachments: list[dict[str, Any]], now: float) -> None:
+    """Mail to another test user lands in that user's Inbox (state lock held), so one sandbox user can
+    send another one mail and its change notifications; other recipients are only recorded as sent."""
+    addresses = {str((r.get("emailAddress") or {}).get("address", "")).lower()
+                 for name in ("toRecipients", "ccRecipients", "bccRecipients") for r in fields.get(name) or []
+                 if isinstance(r, dict)}
+    internet_id = f"<{uuid.uuid4().hex}@sandbox.local>"
+    for address in sorted(addresses):
+        rcpt = state.mailboxes.get(address)
+        if rcpt is None:
+            continue
+        copy = {k: fields[k] for k in ("subject", "body", "toRecipients", "ccRecipients", "importance",
+                                       "conversationId") if k in fields}
+        copy.update({"from": email(sender.user.upn, sender.user.display_name), "receivedDateTime": iso(now),
+                     "sentDateTime": iso(now), "internetMessageId": internet_id})
+        msg = rcpt.add_message("inbox", copy, now)
+        if attachments:
+            msg["_attachments"] = list(attachments)
+            msg["hasAttachments"] = True
+
+
 @bp.post("/v1.0/me/sendMail")
 @graph_call(scopes=SEND_SCOPES)
 def send_mail(ctx: _Ctx) -> tuple[int, Any]:
@@ -744,6 +909,7 @@ def send_mail(ctx: _Ctx) -> tuple[int, Any]:
         mb.sent.append(record)
         if save_raw:
             _save_to_sent_items(mb, fields, attachments, now)
+        deliver_to_sandbox_users(state, mb, fields, attachments, now)
         state.counters["sendmail"] += 1
     return 202, None
 
@@ -936,14 +1102,173 @@ def send_draft(ctx: _Ctx, mid: str) -> tuple[int, Any]:
             raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
         now = state.now()
         keep = ("subject", "body", "toRecipients", "ccRecipients", "bccRecipients", "replyTo", "from",
-                "importance", "internetMessageHeaders", "categories")
+                "importance", "internetMessageHeaders", "categories", "conversationId")
         payload = {k: fields[k] for k in keep if k in fields}
-        mb.sent.append(_sent_record(mb, payload, msg["_attachments"], "draft", True, now, message_id=mid))
+        record = _sent_record(mb, payload, msg["_attachments"], "draft", True, now, message_id=mid)
+        if msg.get("_inReplyTo"):
+            record.update(inReplyTo=msg["_inReplyTo"], references=msg["_references"])
+        mb.sent.append(record)
         msg["isDraft"] = False
         msg["sentDateTime"] = iso(now)
-        msg["parentFolderId"] = mb.folder_id("sentitems")
+        # The sent draft lands in Sent Items as another item: like any move, its id changes (unless the
+        # app asked for immutable ids), so the draft's id is gone after the send.
+        mb.move(mid, mb.folder_id("sentitems") or "")
+        deliver_to_sandbox_users(state, mb, payload, msg["_attachments"], now)
         state.counters["sendmail"] += 1
     return 202, None
+
+
+# ---------------------------------------------------------------------------------------------
+# reply / replyAll / forward, their createReply* drafts, and move
+# ---------------------------------------------------------------------------------------------
+ANSWER_ACTIONS = ("reply", "replyAll", "forward", "createReply", "createReplyAll", "createForward")
+
+
+def _optional_body() -> Any:
+    # The create* actions may be called without a body; the others take one.
+    if not request.get_data(cache=True).strip():
+        return {}
+    return _body_json()
+
+
+def _answer_params(action: str, payload: Any) -> tuple[str | None, dict[str, Any], list[dict[str, Any]]]:
+    """(comment, message, toRecipients) of https://learn.microsoft.com/en-us/graph/api/message-reply,
+    message-replyall and message-forward (and the create* variants, which take the same parameters)."""
+    if not isinstance(payload, dict):
+        raise _request_body_read("An unexpected 'StartArray' node was found when reading from the JSON reader. "
+                                 "A 'StartObject' node was expected.")
+    allowed = {"comment", "message"} | ({"torecipients"} if action.lower().endswith("forward") else set())
+    for k in payload:
+        if k.lower() not in allowed:
+            raise _request_body_read(f"The parameter '{k}' in the request payload is not a valid parameter for "
+                                     f"the operation '{action}'.")
+    values = {k.lower(): v for k, v in payload.items()}
+    comment = values.get("comment")
+    if comment is not None and not isinstance(comment, str):
+        raise _cannot_convert(comment, "Edm.String")
+    message = _validate_message(values.get("message") or {}, for_send=False)
+    to = _validate_recipients("ToRecipients", values["torecipients"]) if values.get("torecipients") else []
+    if comment and "body" in message:
+        # "You can specify either a comment or the body property of the message parameter. Specifying both
+        # will return an HTTP 400 Bad Request error."
+        raise GraphError(400, "ErrorInvalidRequest", "Specify either the comment or the body of the message "
+                         "parameter, not both.")
+    return comment, message, to
+
+
+def _without(upn: str, recipients: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for r in recipients:
+        addr = str(r["emailAddress"].get("address", "")).lower()
+        if addr and addr != upn.lower() and addr not in seen:
+            seen.add(addr)
+            out.append(r)
+    return out
+
+
+def _answer_fields(mb: Mailbox, original: dict[str, Any], action: str, comment: str | None,
+                   message: dict[str, Any], to: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reply/forward as Exchange builds it: recipients, RE:/FW: subject, quoted body, same conversation."""
+    kind = action[len("create"):] if action.startswith("create") else action
+    kind = kind[0].lower() + kind[1:]
+    cc_r: list[dict[str, Any]] = []
+    if kind == "forward":
+        to_r = to
+    else:
+        to_r = _without(mb.user.upn, list(original.get("replyTo") or [original["from"]]))
+        if kind == "replyAll":
+            to_r = _without(mb.user.upn, to_r + list(original.get("toRecipients") or []))
+            cc_r = _without(mb.user.upn, list(original.get("ccRecipients") or []))
+    sender = original["from"]["emailAddress"]
+    quoted = (f"<hr><b>From:</b> {sender.get('name') or ''} &lt;{sender.get('address') or ''}&gt;<br>"
+              f"<b>Sent:</b> {original['sentDateTime']}<br><b>Subject:</b> {original['subject']}<br><br>"
+              f"{original['body'].get('content', '')}")
+    fields: dict[str, Any] = {
+        "subject": ("FW: " if kind == "forward" else "RE: ") + str(original.get("subject") or ""),
+        "body": {"contentType": "html", "content": f"<div>{comment or ''}</div>{quoted}"},
+        "toRecipients": to_r, "ccRecipients": cc_r, "conversationId": original["conversationId"],
+    }
+    fields.update(message)
+    fields["conversationId"] = original["conversationId"]
+    return fields
+
+
+def _link_to(msg: dict[str, Any], original: dict[str, Any]) -> None:
+    # In-Reply-To / References, which keep the answer in the recipient's thread (RFC 5322 §3.6.4).
+    msg["_inReplyTo"] = original["internetMessageId"]
+    msg["_references"] = (original.get("_references") or []) + [original["internetMessageId"]]
+
+
+def _answer(ctx: _Ctx, mid: str, action: str) -> tuple[int, Any]:
+    comment, message, to = _answer_params(action, _optional_body() if action.startswith("create") else _body_json())
+    state = _sb()
+    with state.lock:
+        mb = _mailbox(ctx)
+        original = _message_or_404(mb, mid)
+        now = state.now()
+        fields = _answer_fields(mb, original, action, comment, message, to)
+        attachments = _make_attachments(fields.pop("attachments", []), now)
+        if action.lower().endswith("forward"):
+            attachments = [dict(a, id=new_attachment_id()) for a in original["_attachments"]] + attachments
+        if action.startswith("create"):
+            # https://learn.microsoft.com/en-us/graph/api/message-createreply : 201 Created, a draft in Drafts.
+            draft = mb.add_message("drafts", dict(fields, isDraft=True, isRead=True, receivedDateTime=iso(now)), now)
+            draft.update(toRecipients=fields["toRecipients"], ccRecipients=fields["ccRecipients"],
+                         _attachments=attachments, hasAttachments=bool(attachments))
+            _link_to(draft, original)
+            res = mb.message_resource(draft)
+            return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity",
+                         **res}
+        _check_addresses(fields)
+        fields.setdefault("from", email(mb.user.upn, mb.user.display_name))
+        record = _sent_record(mb, fields, attachments, action, True, now)
+        record.update(inReplyTo=original["internetMessageId"],
+                      references=(original.get("_references") or []) + [original["internetMessageId"]])
+        mb.sent.append(record)
+        _save_to_sent_items(mb, fields, attachments, now)
+        state.counters["sendmail"] += 1
+    return 202, None  # https://learn.microsoft.com/en-us/graph/api/message-reply : 202 Accepted, no body
+
+
+def _answer_view(ctx: _Ctx, mid: str, action: str) -> tuple[int, Any]:
+    scopes = WRITE_SCOPES if action.startswith("create") else SEND_SCOPES
+    if not has_any(ctx.rec.scopes if ctx.rec else [], *scopes):
+        raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+    return _answer(ctx, mid, action)
+
+
+for _action in ANSWER_ACTIONS:
+    bp.add_url_rule(f"/v1.0/me/messages/<mid>/{_action}", endpoint=f"answer_{_action}", methods=["POST"],
+                    defaults={"action": _action}, view_func=graph_call(scopes=READ_SCOPES)(_answer_view))
+
+
+@bp.post("/v1.0/me/messages/<mid>/move")
+@graph_call(scopes=WRITE_SCOPES)
+def move_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
+    # https://learn.microsoft.com/en-us/graph/api/message-move : 201 Created with the message, under a new id.
+    payload = _body_json()
+    if not isinstance(payload, dict):
+        raise _request_body_read("An unexpected 'StartArray' node was found when reading from the JSON reader. "
+                                 "A 'StartObject' node was expected.")
+    for k in payload:
+        if k.lower() != "destinationid":
+            raise _request_body_read(f"The parameter '{k}' in the request payload is not a valid parameter for "
+                                     "the operation 'move'.")
+    dest = next(iter(payload.values()), None)
+    if not isinstance(dest, str) or not dest:
+        raise GraphError(400, "ErrorInvalidParameter", "The value of the parameter 'DestinationId' is empty.")
+    state = _sb()
+    with state.lock:
+        mb = _mailbox(ctx)
+        _message_or_404(mb, mid)
+        fid = mb.folder_id(dest)
+        if fid is None:
+            if not _ID_RE.match(dest):
+                raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
+            raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        res = mb.message_resource(mb.move(mid, fid))
+    return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity", **res}
 
 
 # ---------------------------------------------------------------------------------------------

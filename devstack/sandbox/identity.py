@@ -22,6 +22,7 @@ from urllib.parse import urlencode, urlparse
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import tokens
+from .assertions import check_client_assertion
 from .errors import aadsts_body, aadsts_response
 from .scopes import OIDC_SCOPES, InvalidScopeError, parse_scopes, resource_scopes
 from .state import (
@@ -29,6 +30,7 @@ from .state import (
     RT_INACTIVITY_S,
     AccessTokenRecord,
     AuthCode,
+    ClientApp,
     PendingAuth,
     RefreshTokenRecord,
     SandboxState,
@@ -200,14 +202,20 @@ def _redirect_with(params: dict[str, str], values: dict[str, str]) -> Response:
     if params.get("state") is not None and "state" not in values:
         values = dict(values, state=params["state"])
     if mode == "form_post":
+        # OAuth 2.0 Form Post Response Mode, as Entra answers it: a 200 page whose form POSTs the
+        # values to the redirect URI on load (the code never appears in a URL), not cached.
+        # https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow#successful-response
         fields = "".join(
             f"<input type='hidden' name='{html.escape(k)}' value='{html.escape(v)}'>" for k, v in values.items()
         )
-        return _page(
+        page = _page(
             "Working...",
-            f"<form method='post' action='{html.escape(uri)}'>{fields}<noscript><button>Continue</button>"
-            "</noscript></form><script>document.forms[0].submit()</script>",
+            f"<form method='post' name='hiddenform' action='{html.escape(uri)}'>{fields}<noscript><p>Script is "
+            "disabled. Click Submit to continue.</p><button>Submit</button></noscript></form>"
+            "<script>document.forms[0].submit()</script>",
         )
+        page.headers["Cache-Control"] = "no-store, no-cache"
+        return page
     sep = "#" if mode == "fragment" else ("&" if "?" in uri else "?")
     return _redirect(uri + sep + urlencode(values))
 
@@ -512,12 +520,44 @@ def token(tenant: str) -> Response:
             "happen if the application has not been installed by the administrator of the tenant or consented "
             "to by any user in the tenant. You may have sent your authentication request to the wrong tenant.",
         )
-    # Client authentication failures are HTTP 401 invalid_client.
+    refused = _authenticate_client(client, secret, tenant)
+    if refused is not None:
+        return refused
+    if not grant_type:
+        return _missing("grant_type")
+    if grant_type == "authorization_code":
+        return _grant_code(client_id)
+    if grant_type == "refresh_token":
+        return _grant_refresh(client_id)
+    return _err(400, "unsupported_grant_type", 70003, f"The app requested an unsupported grant type '{grant_type}'.")
+
+
+def _authenticate_client(client: ClientApp, secret: str | None, tenant: str) -> Response | None:
+    """Client authentication (secret, or a certificate / federated client assertion); None when it passes.
+
+    Failures are HTTP 401 invalid_client, as Entra answers them. Assertions: devstack/sandbox/assertions.py.
+    """
+    state, key = _sb()
+    assertion = request.form.get("client_assertion")
+    if assertion and secret:
+        return _err(400, "invalid_request", 90014, "A client may use only one authentication method: send "
+                    "'client_assertion' or 'client_secret', not both.")
+    if assertion:
+        with state.lock:
+            method, failure = check_client_assertion(
+                client, assertion, request.form.get("client_assertion_type"), key=key, host=_host(), tenant=tenant,
+                now=state.now())
+            state.counters[f"client_auth:{method}"] += 1
+        if failure is not None:
+            return _err(failure.status, failure.error, failure.code, failure.text)
+        return None
     if not secret:
         return _err(401, "invalid_client", 7000218,
                     "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+    client_id = client.client_id
     with state.lock:
         valid = client.secrets.get(secret)
+        state.counters["client_auth:secret"] += 1
     if valid is None:
         return _err(
             401, "invalid_client", 7000215,
@@ -531,13 +571,7 @@ def token(tenant: str) -> Response:
             "new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials "
             "for added security: https://aka.ms/certCreds.",
         )
-    if not grant_type:
-        return _missing("grant_type")
-    if grant_type == "authorization_code":
-        return _grant_code(client_id)
-    if grant_type == "refresh_token":
-        return _grant_refresh(client_id)
-    return _err(400, "unsupported_grant_type", 70003, f"The app requested an unsupported grant type '{grant_type}'.")
+    return None
 
 
 def _injected_token_response(status: int, retry_after: int | None, body: Any) -> Response:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import random
 import secrets
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .users import TestUser
@@ -58,13 +60,32 @@ def _folder_id(user: TestUser, name: str) -> str:
     return "AQMkAD" + base64.urlsafe_b64encode(digest + digest[:12]).decode() + "AAA="
 
 
+def new_conversation_id() -> str:
+    return "AAQkAG" + base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
+
+
+SYNTHETIC_CHUNK = 1024 * 1024
+
+
+def synthetic_chunks(seed: str, size: int) -> Iterator[bytes]:
+    """Deterministic pseudo-random content of ``size`` bytes: a large attachment the sandbox can serve
+    (and a test can check) without holding it. Tests compute the same stream to verify a download."""
+    rng = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(SYNTHETIC_CHUNK, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
 def email(address: str, name: str | None = None) -> dict[str, Any]:
     return {"emailAddress": {"name": name or address, "address": address}}
 
 
 class Mailbox:
-    def __init__(self, user: TestUser) -> None:
+    def __init__(self, user: TestUser, on_added: Callable[[Mailbox, dict[str, Any]], None] | None = None) -> None:
         self.user = user
+        self.on_added = on_added  # a message appeared in a folder (change notifications)
         self.folders: dict[str, dict[str, Any]] = {}
         for wk, display in WELL_KNOWN_FOLDERS.items():
             fid = _folder_id(user, wk)
@@ -121,7 +142,7 @@ class Mailbox:
             "bodyPreview": str(body.get("content", ""))[:255],
             "importance": fields.get("importance", "normal"),
             "parentFolderId": fid,
-            "conversationId": "AAQkAG" + base64.urlsafe_b64encode(secrets.token_bytes(24)).decode(),
+            "conversationId": fields.get("conversationId") or new_conversation_id(),
             "isDeliveryReceiptRequested": False,
             "isReadReceiptRequested": False,
             "isRead": bool(fields.get("isRead", False)),
@@ -135,11 +156,13 @@ class Mailbox:
             "ccRecipients": fields.get("ccRecipients") or [],
             "bccRecipients": fields.get("bccRecipients") or [],
             "replyTo": fields.get("replyTo") or [],
-            "flag": {"flagStatus": "notFlagged"},
+            "flag": fields.get("flag") or {"flagStatus": "notFlagged"},
             "internetMessageHeaders": fields.get("internetMessageHeaders") or [],
             "_attachments": attachments,
         }
         self.messages[mid] = msg
+        if self.on_added is not None:
+            self.on_added(self, msg)
         return msg
 
     def seed(self, count_or_list: int | list[dict[str, Any]], folder: str, now: float) -> list[str]:
@@ -149,8 +172,12 @@ class Mailbox:
     @staticmethod
     def make_attachment(att: dict[str, Any], now: float, raw: bytes | None = None,
                         sha256: str | None = None, size: int | None = None) -> dict[str, Any]:
+        synthetic = None
         if raw is None and att.get("contentBytes") is not None:
             raw = base64.b64decode(att["contentBytes"], validate=True)
+        elif raw is None and sha256 is None and isinstance(att.get("seed"), str):
+            synthetic = (att["seed"], int(att["size"]))  # served by streaming synthetic_chunks()
+            size = synthetic[1]
         if raw is not None:
             sha256 = hashlib.sha256(raw).hexdigest()
             size = len(raw)
@@ -166,6 +193,7 @@ class Mailbox:
             "sha256": sha256,
             # Bytes are kept only for small attachments (reads); large ones keep size + SHA-256.
             "_bytes": raw if raw is not None and len(raw) <= 16 * 1024 * 1024 else None,
+            "_synthetic": synthetic,
         }
 
     @staticmethod
@@ -199,6 +227,19 @@ class Mailbox:
         if expand_attachments:
             out["attachments"] = [self.attachment_resource(a) for a in msg["_attachments"]]
         return out
+
+    def move(self, mid: str, fid: str) -> dict[str, Any]:
+        """Move a message to folder ``fid``. Exchange gives the moved item a new id (unless the app asked for
+        immutable ids), so the sandbox does too: the old id is gone afterwards."""
+        msg = self.messages.pop(mid)
+        msg["id"] = new_message_id()
+        msg["parentFolderId"] = fid
+        msg["webLink"] = msg["webLink"].replace(mid, msg["id"])
+        msg["changeKey"] = base64.b64encode(secrets.token_bytes(12)).decode()
+        self.messages[msg["id"]] = msg
+        if self.on_added is not None:  # a moved message is a created one in its new folder
+            self.on_added(self, msg)
+        return msg
 
     def total_size(self, msg: dict[str, Any]) -> int:
         return len(str(msg["body"].get("content", "")).encode()) + sum(a["size"] for a in msg["_attachments"])

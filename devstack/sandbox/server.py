@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from devstack import env_port, port_number
 from devstack.certs import ensure_certs
 
-from . import control, graph, identity
+from . import control, delta, graph, identity, subscriptions
 from .state import ClientApp, SandboxState
 from .tokens import SigningKey
 from .users import TEST_USERS
@@ -40,6 +40,8 @@ def create_app(state: SandboxState, key: SigningKey) -> Flask:
     app.extensions["sandbox"] = {"state": state, "key": key}
     app.config["MAX_CONTENT_LENGTH"] = 160 * 1024 * 1024
     app.register_blueprint(control.bp)
+    app.register_blueprint(subscriptions.bp)
+    app.register_blueprint(delta.bp)
     app.register_blueprint(graph.bp)
     app.register_blueprint(identity.bp)
 
@@ -103,6 +105,7 @@ class SandboxServer:
         redirect_uris: Sequence[str] = DEFAULT_REDIRECT_URIS,
         cert_dir: str | os.PathLike[str] | None = None,
         verbose: bool = False,
+        allow_http_notifications: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -112,6 +115,9 @@ class SandboxServer:
         self.state = SandboxState(
             ClientApp(client_id, DEFAULT_APP_NAME, list(redirect_uris), {client_secret: True})
         )
+        if allow_http_notifications is not None:  # else SANDBOX_ALLOW_HTTP_NOTIFICATIONS (README: notifications)
+            self.state.allow_http_default = allow_http_notifications
+            self.state.reset()
         self.app = create_app(self.state, self.key)
         self._server: Any = None
         self._thread: threading.Thread | None = None

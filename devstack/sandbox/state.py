@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,43 @@ DEFAULT_SEED = 3  # messages seeded in each mailbox's inbox at start and on rese
 
 
 @dataclass
+class RegisteredCertificate:
+    """A certificate uploaded to an app registration (a key credential): only its public part."""
+
+    certificate_pem: str
+    thumbprint_sha1: str  # hex, lower case
+    thumbprint_sha256: str  # hex, lower case
+    public_key: Any
+    valid: bool = True  # False: the key credential's end date has passed
+
+
+@dataclass
+class FederatedCredential:
+    """A federated identity credential on an app registration (issuer + subject + audiences)."""
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: list[str]
+
+
+@dataclass
+class ManagedIdentity:
+    """A user-assigned managed identity: ``client_id`` (app id) and ``principal_id`` (object id, the ``sub``)."""
+
+    client_id: str
+    principal_id: str
+    tenant_id: str
+
+
+@dataclass
 class ClientApp:
     client_id: str
     name: str
     redirect_uris: list[str]
     secrets: dict[str, bool] = field(default_factory=dict)  # secret -> valid (False = expired)
+    certificates: dict[str, RegisteredCertificate] = field(default_factory=dict)  # by SHA-256 thumbprint
+    federated: list[FederatedCredential] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +127,11 @@ class SandboxState:
         # Every code, access, refresh and id token ever issued (never reset): lets tests prove
         # that none of them reaches a log line or a stored entity of the product.
         self.issued: list[str] = []
+        # Graph only calls https notification URLs; loopback http only when told (README: notifications).
+        self.allow_http_default = os.environ.get("SANDBOX_ALLOW_HTTP_NOTIFICATIONS", "").lower() in ("1", "true", "yes")
+        from .subscriptions import Notifier
+
+        self.notifier = Notifier(self)
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -106,9 +144,12 @@ class SandboxState:
                 self.clients: dict[str, ClientApp] = {
                     dc.client_id: ClientApp(dc.client_id, dc.name, list(dc.redirect_uris), dict(dc.secrets))
                 }
+                self.managed_identities: dict[str, ManagedIdentity] = {}
             else:
                 for app in self.clients.values():
                     app.secrets = {s: True for s in app.secrets}
+                    for cert in app.certificates.values():
+                        cert.valid = True
             self.codes: dict[str, AuthCode] = {}
             self.refresh_tokens: dict[str, RefreshTokenRecord] = {}
             self.access_tokens: dict[str, AccessTokenRecord] = {}
@@ -126,10 +167,20 @@ class SandboxState:
             self.inflight: Counter[tuple[str, str]] = Counter()
             self.max_inflight: dict[str, int] = {}
             self.request_log: dict[tuple[str, str], deque[float]] = {}
+            # Change notifications (subscriptions.py) and delta queries (delta.py).
+            self.subscriptions: dict[str, Any] = {}
+            self.allow_http_notifications = self.allow_http_default
+            self.validation_timeout_s = 10.0  # Graph's handshake limit; tests may shorten it
+            self.notify_drop = 0  # the next N change notifications are dropped (-1: all, until set to 0)
+            self.notify_duplicate = 0  # the next N change notifications are sent twice (-1: all)
+            self.notify_inflight = getattr(self, "notify_inflight", 0)
+            self.notification_log: deque[dict[str, Any]] = deque(maxlen=5000)
+            self.delta_tokens: OrderedDict[str, Any] = OrderedDict()
+            self.delta_pages: OrderedDict[str, Any] = OrderedDict()
             self.mailboxes: dict[str, Mailbox] = {}
             for u in TEST_USERS.values():
                 if u.has_mailbox:
-                    mb = Mailbox(u)
+                    mb = Mailbox(u, on_added=self._message_added)
                     mb.seed(DEFAULT_SEED, "inbox", now=self.now())
                     self.mailboxes[u.upn] = mb
             self.uploads: dict[str, Any] = {}
@@ -137,6 +188,11 @@ class SandboxState:
 
     def now(self) -> float:
         return time.time() + self.clock_offset
+
+    def _message_added(self, mb: Mailbox, msg: dict[str, Any]) -> None:
+        from .subscriptions import message_arrived
+
+        message_arrived(self, mb, msg)
 
     # -- injections ------------------------------------------------------------------------
     def take_injection(self, path: str, user: str | None = None) -> Injection | None:
@@ -240,6 +296,9 @@ class SandboxState:
                 "token_errors": {
                     k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("token_error:")
                 },
+                "client_auth_by_method": {
+                    k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("client_auth:")
+                },
                 "authorize_requests": self.counters["authorize"],
                 "graph_requests": self.counters["graph"],
                 "graph_requests_by_user": graph_by_user,
@@ -248,5 +307,8 @@ class SandboxState:
                 "sendmail": self.counters["sendmail"],
                 "upload_chunks": self.counters["upload_chunks"],
                 "max_concurrent_per_mailbox": dict(self.max_inflight),
+                "notifications": {k.split("_", 1)[1]: v for k, v in self.counters.items() if k.startswith("notify_")},
+                "subscriptions_created": self.counters["subscriptions_created"],
+                "delta_requests": self.counters["delta_requests"],
                 "inflight": {u: n for (c, u), n in self.inflight.items()},
             }

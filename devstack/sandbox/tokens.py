@@ -140,3 +140,25 @@ def opaque_code() -> str:
 
 def new_guid() -> str:
     return str(uuid.uuid4())
+
+
+def managed_identity_token(key: SigningKey, *, host: str, client_id: str, principal_id: str, tenant_id: str,
+                           audience: str, now: int, expires_in: int) -> str:
+    """An app-only token of a user-assigned managed identity, as Entra issues it through the platform's
+    local identity endpoint: ``sub`` / ``oid`` = the identity's object (principal) id, ``azp`` = its client
+    id, ``idtyp`` = ``app``. For ``api://AzureADTokenExchange`` it is the federated client assertion
+    (https://learn.microsoft.com/entra/workload-id/workload-identity-federation-config-app-trust-managed-identity).
+    """
+    claims: dict[str, Any] = {
+        "aud": audience,
+        "iss": f"{host}/{tenant_id}/v2.0",
+        "iat": now, "nbf": now, "exp": now + expires_in,
+        "azp": client_id, "azpacr": "2",
+        "idtyp": "app",
+        "oid": principal_id,
+        "sub": principal_id,
+        "tid": tenant_id,
+        "uti": b64url(secrets.token_bytes(16)),
+        "ver": "2.0",
+    }
+    return key.sign(claims)

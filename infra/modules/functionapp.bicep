@@ -1,8 +1,8 @@
 // Flex Consumption (FC1) plan + Linux function app, Python 3.11, running as the user-assigned
 // managed identity. The code package is read from a blob container with that identity; host
-// storage, Key Vault references and Application Insights use it too. No app setting holds a
-// secret value: WEBHOOK_SECRET is a Key Vault reference, the client secret and the token key ring
-// are read by the app from Key Vault at run time.
+// storage and Application Insights use it too. No app setting holds a secret value or a Key Vault
+// reference: the app reads its Entra credential (secret or certificate), the token key ring and the
+// webhook secret from Key Vault at run time (TTL cache), so a vault problem never stops start-up.
 
 @description('Function app name.')
 param name string
@@ -37,8 +37,10 @@ param applicationInsightsName string
 @description('Key Vault URI (https://<name>.vault.azure.net/).')
 param keyVaultUri string
 
-@description('Maximum instances Flex Consumption scales out to.')
-@minValue(1)
+// Flex Consumption: "the lowest maximum instance count is 40, the highest 1000"
+// (https://learn.microsoft.com/azure/azure-functions/flex-consumption-how-to#set-instance-limits).
+@description('Maximum instances Flex Consumption scales out to (40-1000).')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
@@ -50,13 +52,18 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
+@description('Zone-redundant plan (only in regions that offer it for Flex Consumption; use ZRS storage with it).')
+param zoneRedundant bool = false
+
+@description('Always-ready instances for the HTTP trigger group (0 = none): the OAuth callback and API skip cold starts, at a fixed cost.')
+@minValue(0)
+@maxValue(1000)
+param alwaysReadyHttpInstances int = 0
+
 @description('Settings read by the app (shared/config.py SETTINGS, non-local ones) as [{name, value}]; the settings below are appended.')
 param appSettings array
 
-@description('Key Vault secret name of the webhook signing secret.')
-param webhookSecretName string
-
-@description('Public base URL override (custom domain / front door). Empty: https://<name>.azurewebsites.net.')
+@description('Public base URL override (custom domain / front door), without a trailing slash (main.bicep normalises it). Empty: https://<name>.azurewebsites.net.')
 param publicBaseUrl string = ''
 
 @description('DNS suffix of App Service default host names (azurewebsites.net in the public cloud).')
@@ -85,6 +92,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
   properties: {
     reserved: true
+    zoneRedundant: zoneRedundant
   }
 }
 
@@ -104,19 +112,17 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     clientAffinityEnabled: false
     publicNetworkAccess: 'Enabled'
-    // Key Vault references (WEBHOOK_SECRET) resolve with the user-assigned identity; without this
-    // the platform would try a system-assigned identity the app does not have.
+    // Should an operator add a Key Vault reference, it resolves with the user-assigned identity (the
+    // template itself uses none); without this the platform would try a system-assigned identity.
     keyVaultReferenceIdentity: identityId
+    // No ftpsState: Flex Consumption rejects it in newer regions (error 51021); FTP and SCM basic-auth
+    // publishing are off through the basicPublishingCredentialsPolicies below. No cors block: browsers
+    // never call the API cross-origin (callers are back ends; the connect flow is a redirect).
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
       remoteDebuggingEnabled: false
-      cors: {
-        allowedOrigins: []
-        supportCredentials: false
-      }
       appSettings: concat(appSettings, derivedSettings, platformSettings)
     }
     functionAppConfig: {
@@ -133,6 +139,13 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        // https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#always-ready-instances
+        alwaysReady: alwaysReadyHttpInstances > 0 ? [
+          {
+            name: 'http'
+            instanceCount: alwaysReadyHttpInstances
+          }
+        ] : []
       }
       runtime: {
         name: 'python'
@@ -160,8 +173,7 @@ resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2
   }
 }
 
-// Settings that depend on this template's resources. No secret value: WEBHOOK_SECRET is a Key
-// Vault reference resolved by the platform with keyVaultReferenceIdentity.
+// Settings that depend on this template's resources (no secret value).
 var derivedSettings = [
   {
     name: 'KEY_VAULT_URL'
@@ -170,10 +182,6 @@ var derivedSettings = [
   {
     name: 'PUBLIC_BASE_URL'
     value: baseUrl
-  }
-  {
-    name: 'WEBHOOK_SECRET'
-    value: '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${webhookSecretName}/)'
   }
 ]
 
@@ -216,6 +224,15 @@ var platformSettings = [
   {
     name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
     value: 'Authorization=AAD;ClientId=${identityClientId}'
+  }
+  {
+    // OpenTelemetry in the Python worker (host.json "telemetryMode": "OpenTelemetry"): the host lets the
+    // worker export its own telemetry instead of forwarding its logs (no duplicates); the app configures
+    // the exporters itself (shared/telemetry.py), so PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY, which makes
+    // the worker call configure_azure_monitor() too, stays unset.
+    // https://learn.microsoft.com/azure/azure-functions/opentelemetry-howto
+    name: 'PYTHON_ENABLE_OPENTELEMETRY'
+    value: 'true'
   }
   {
     // The Python worker runs synchronous functions on min(32, cores + 4) threads by default: one or

@@ -11,6 +11,8 @@
 //     https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/security#key-vault-secrets-user
 //   Key Vault Secrets Officer      b86a8fe4-44ce-4948-aee5-eccb2c155cd7
 //     https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/security#key-vault-secrets-officer
+//   Key Vault Certificates Officer a4417e6f-fecd-4de8-b567-7b0420556985
+//     https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/security#key-vault-certificates-officer
 //   Monitoring Metrics Publisher   3913510d-42f4-4e42-8a64-420c390055eb
 //     https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/monitor#monitoring-metrics-publisher
 //
@@ -18,14 +20,21 @@
 //   - Blob Data Owner on the storage account: the Functions host keeps its leases/keys in blobs
 //     and Flex Consumption reads the deployment package with this identity (the documented role
 //     for AzureWebJobsStorage with an identity).
-//   - Queue Data Contributor: queue triggers (refresh-jobs, webhook-deliveries) and their -poison
+//   - Queue Data Contributor: queue triggers (refresh-jobs, webhook-deliveries, notification-jobs) and their -poison
 //     queues; the app enqueues work.
-//   - Table Data Contributor: the app's tables (accounts, oauthstates, refreshindex, idempotency).
+//   - Table Data Contributor: the app's tables (accounts, oauthstates, refreshindex, idempotency,
+//     subscriptions, subscriptionindex, seenmessages).
 //   - Key Vault Secrets User (read secrets only) on the one vault that holds this app's secrets.
 //   - Monitoring Metrics Publisher on the Application Insights component: Entra-authenticated
 //     telemetry ingestion (local auth is disabled).
 //   - Key Vault Secrets Officer for the deploying principal (AZURE_PRINCIPAL_ID): the azd
 //     postprovision hook creates the token key ring and webhook secret.
+//   - Key Vault Certificates Officer for the deploying principal, only with
+//     msClientCredential=certificate: the operator creates / rotates the certificate in the vault
+//     (the app reads its key as a secret with Secrets User).
+//   - Storage Table Data Contributor for the deploying principal, only with grantDeployerDataRoles:
+//     `python -m shared.cli reencrypt` (key rotation, docs/deploy.md) reads and rewrites the accounts
+//     table from the operator's machine (it reads the key ring with the Secrets Officer role above).
 
 @description('Principal (object) id of the app\'s user-assigned managed identity.')
 param appPrincipalId string
@@ -40,6 +49,12 @@ param deployerPrincipalId string = ''
   'Group'
 ])
 param deployerPrincipalType string = 'User'
+
+@description('Also give the deploying principal Key Vault Certificates Officer (MS_CLIENT_CREDENTIAL=certificate).')
+param grantDeployerCertificatesOfficer bool = false
+
+@description('Also give the deploying principal Storage Table Data Contributor (for `python -m shared.cli reencrypt`).')
+param grantDeployerDataRoles bool = false
 
 @description('Storage account used for host storage, deployment package, tables and queues.')
 param storageAccountName string
@@ -56,6 +71,7 @@ var roleIds = {
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
+  keyVaultCertificatesOfficer: 'a4417e6f-fecd-4de8-b567-7b0420556985'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
 }
 
@@ -126,6 +142,26 @@ resource deployerSecretsOfficer 'Microsoft.Authorization/roleAssignments@2022-04
   scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.keyVaultSecretsOfficer)
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
+  }
+}
+
+resource deployerTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (grantDeployerDataRoles && !empty(deployerPrincipalId)) {
+  name: guid(storage.id, deployerPrincipalId, roleIds.storageTableDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataContributor)
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
+  }
+}
+
+resource deployerCertificatesOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (grantDeployerCertificatesOfficer && !empty(deployerPrincipalId)) {
+  name: guid(vault.id, deployerPrincipalId, roleIds.keyVaultCertificatesOfficer)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.keyVaultCertificatesOfficer)
     principalId: deployerPrincipalId
     principalType: deployerPrincipalType
   }

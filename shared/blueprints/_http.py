@@ -8,7 +8,8 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, cast
 
 import azure.functions as func
 
@@ -16,12 +17,21 @@ from shared.logs import configure as _configure_logging
 
 if TYPE_CHECKING:
     from shared.service import Connector
+    from shared.telemetry import Invocation
 
 JsonBody = Mapping[str, object] | Sequence[object]
+#: The default of an HTTP function's ``context: func.Context`` parameter when it is called directly (tests,
+#: benchmarks): the worker always passes the real one. The annotation must stay exactly ``func.Context``,
+#: the worker's test for the parameter (https://learn.microsoft.com/azure/azure-functions/functions-reference-python#context).
+NO_CONTEXT = cast("func.Context", None)
 _configure_logging()
 log = logging.getLogger("connector.http")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Always fullmatch: "$" also matches before a trailing newline ("abc\n" would pass).
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: How deep a request's JSON may nest. Our bodies nest 3 levels; 32 leaves room and keeps every
+#: recursive walk (validation, canonical JSON for idempotency) far from Python's recursion limit.
+MAX_JSON_DEPTH = 32
 
 
 class Context:
@@ -51,11 +61,11 @@ class Context:
 
 def correlation_id(req: func.HttpRequest) -> str:
     # W3C Trace Context (https://www.w3.org/TR/trace-context/#traceparent-header) or Graph's header.
-    m = _TRACEPARENT.match(req.headers.get("traceparent", "").strip().lower())
+    m = _TRACEPARENT.fullmatch(req.headers.get("traceparent", "").strip().lower())
     if m:
         return m.group(1)
     cid = req.headers.get("x-ms-client-request-id", "").strip()
-    if _SAFE_ID.match(cid):
+    if _SAFE_ID.fullmatch(cid):
         return cid
     return uuid.uuid4().hex
 
@@ -76,36 +86,68 @@ def problem_response(exc: BaseException) -> func.HttpResponse:
 Handler = Callable[["Connector", Context], "func.HttpResponse | JsonBody"]
 
 
-def handle(req: func.HttpRequest, function: str, fn: Handler, *, auth: bool = True) -> func.HttpResponse:
-    """Run ``fn(connector, ctx)``; JSON bodies become 200, errors become problem+json."""
+def handle(req: func.HttpRequest, function: str, fn: Handler, *, auth: bool = True,
+           context: func.Context | None = None) -> func.HttpResponse:
+    """Run ``fn(connector, ctx)``; JSON bodies become 200, errors become problem+json.
+
+    ``context``: the host's invocation context; its ``trace_context.trace_parent`` is the parent of
+    the invocation span (shared.telemetry), else the caller's ``traceparent`` header."""
     started = time.perf_counter()
     cid = correlation_id(req)
     ctx = Context(function, account_id=req.route_params.get("accountId"))
-    error: BaseException | None = None
-    try:
-        from shared.service import get_connector
+    with _invocation(req, function, cid, context) as span:
+        error: BaseException | None = None
+        try:
+            from shared.service import get_connector
 
-        connector = get_connector()
-        if auth:
-            ctx.caller = connector.authenticate(req.headers.get("Authorization"))
-        result = fn(connector, ctx)
-        resp = result if isinstance(result, func.HttpResponse) else json_response(result)
-    except Exception as e:
-        error = e
-        resp = problem_response(e)
-    resp.headers["x-correlation-id"] = cid
-    _log_line(req, ctx, cid, resp.status_code, started, error)
+            connector = get_connector()
+            if auth:
+                ctx.caller = connector.authenticate(req.headers.get("Authorization"))
+            result = fn(connector, ctx)
+            resp = result if isinstance(result, func.HttpResponse) else json_response(result)
+        except Exception as e:
+            error = e
+            resp = problem_response(e)
+        resp.headers["x-correlation-id"] = cid
+        span.set("connector.account_id", ctx.account_ref)
+        span.outcome(status=resp.status_code, code=_code_of(error), error=error if resp.status_code >= 500 else None)
+        _log_line(req, ctx, cid, resp.status_code, started, error, trace_id=span.trace_id)
     return resp
 
 
+def _invocation(req: func.HttpRequest, function: str, cid: str,
+                context: func.Context | None) -> AbstractContextManager[Invocation]:
+    """The invocation span: child of the host's trace context, tagged with the correlation id we return."""
+    from shared.telemetry import get_telemetry
+
+    parent = context.trace_context.trace_parent if context is not None else None
+    if not parent:
+        header = req.headers.get("traceparent", "").strip().lower()
+        parent = header if _TRACEPARENT.fullmatch(header) else None
+    attrs: dict[str, str | None] = {"connector.correlation_id": cid, "http.request.method": req.method,
+                                    "url.path": _route_of(req.url),
+                                    "faas.invocation_id": context.invocation_id if context is not None else None}
+    return get_telemetry().invocation(function, trigger="http", trace_parent=parent, attributes=attrs)
+
+
+def _code_of(error: BaseException | None) -> str | None:
+    from shared.errors import ConnectorError
+
+    if error is None:
+        return None
+    return error.code if isinstance(error, ConnectorError) else "internal_error"
+
+
 def _log_line(req: func.HttpRequest, ctx: Context, cid: str, status: int, started: float,
-              error: BaseException | None) -> None:
+              error: BaseException | None, *, trace_id: str | None = None) -> None:
     from shared.errors import ConnectorError
 
     line: dict[str, object] = {
         "correlationId": cid, "function": ctx.function, "method": req.method,
         "route": _route_of(req.url), "status": status, "durationMs": round((time.perf_counter() - started) * 1e3, 1),
     }
+    if trace_id and trace_id != cid:
+        line["traceId"] = trace_id  # the OpenTelemetry trace (operation_Id in Application Insights)
     if ctx.caller:
         line["owner"] = ctx.caller
     if ctx.account_ref:
@@ -115,9 +157,12 @@ def _log_line(req: func.HttpRequest, ctx: Context, cid: str, status: int, starte
         if error.microsoft is not None:
             line["microsoft"] = error.microsoft.to_json()
     elif error is not None:
+        from shared.logs import safe
+
         line["code"] = "internal_error"
         line["exception"] = type(error).__name__
-        log.error("unhandled %s in %s", type(error).__name__, ctx.function, exc_info=(type(error), error, None))
+        # The message only, on this line: an exception message can quote request input.
+        log.error("unhandled %s in %s: %s", type(error).__name__, ctx.function, safe(error, 300))
     level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
     log.log(level, json.dumps(line))
 
@@ -139,11 +184,68 @@ def query(req: func.HttpRequest, name: str, *, max_len: int = 2048) -> str | Non
     return value
 
 
+def json_body(raw: bytes | str, field: str) -> object:
+    """Parse a request's JSON; 400 naming ``field`` when it is not JSON or nests deeper than
+    :data:`MAX_JSON_DEPTH` (``[`` x 100,000 must not become a RecursionError and a 500)."""
+    from shared.errors import ValidationError
+
+    try:
+        value: object = json.loads(raw)
+    except RecursionError:
+        value = None
+        depth_ok = False
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError(field, f"The {field} is not valid JSON.") from None
+    else:
+        depth_ok = _depth_within(value, MAX_JSON_DEPTH)
+    if not depth_ok:
+        raise ValidationError(field, f"The {field} nests deeper than {MAX_JSON_DEPTH} levels.")
+    return value
+
+
+def _depth_within(value: object, limit: int) -> bool:
+    """Iterative (no recursion): True when no container in ``value`` is nested deeper than ``limit``."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True
+
+
+def query_bool(req: func.HttpRequest, name: str) -> bool:
+    """An optional boolean query parameter: ``true``/``false`` (also ``1``/``0``); else 400 naming it."""
+    raw = query(req, name, max_len=8)
+    if raw is None or raw == "":
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    from shared.errors import ValidationError
+
+    raise ValidationError(name, f"{name} must be true or false.")
+
+
+# Bidi controls and other invisible format characters (Unicode category Cf: U+202E RIGHT-TO-LEFT
+# OVERRIDE and kin, zero-width joiners) make "invoice\u202Efdp.exe" display as "invoiceexe.pdf".
+def _visible(name: str) -> str:
+    import unicodedata
+
+    return "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"))
+
+
 def content_disposition(name: str) -> str:
-    """``attachment`` with an ASCII ``filename`` and the exact UTF-8 name as ``filename*`` (RFC 6266 §4.3,
-    RFC 8187), so non-Latin file names survive and nothing can break out of the header."""
+    """``attachment`` with an ASCII ``filename`` and the UTF-8 name as ``filename*`` (RFC 6266 §4.3,
+    RFC 8187), so non-Latin file names survive and nothing can break out of the header; controls and
+    bidi/format characters are dropped from both."""
     from urllib.parse import quote
 
+    name = _visible(name)
     ascii_name = "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in " ._-()"))[:200].strip()
     value = f'attachment; filename="{ascii_name or "attachment"}"'
     if name and ascii_name != name:

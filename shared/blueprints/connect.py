@@ -1,4 +1,5 @@
-"""GET /api/connect/microsoft and its Entra redirect URI, /api/connect/microsoft/callback."""
+"""GET /api/connect/microsoft, its Entra redirect URI /api/connect/microsoft/callback (POST: Entra's
+``response_mode=form_post``), and GET /api/connect/microsoft/keys (the public keys of ``result``)."""
 
 from __future__ import annotations
 
@@ -10,51 +11,97 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, JsonBody, handle, query
+from shared.blueprints._http import NO_CONTEXT, Context, JsonBody, handle, json_response, query, query_bool
 
 if TYPE_CHECKING:
-    from shared.service import Connector
+    from shared.service import CallbackOutcome, Connector
 
 bp = func.Blueprint()
 
-# The callback URL carries the authorization code: never leak it through Referer or caches.
-_NO_LEAK = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+# The callback's answers follow a sign-in: never leak anything through Referer or caches, never framed
+# (clickjacking; https://developer.mozilla.org/docs/Web/HTTP/Headers/Content-Security-Policy/frame-ancestors).
+_NO_LEAK = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store", "X-Frame-Options": "DENY"}
+_FORM = "application/x-www-form-urlencoded"
+_MAX_CALLBACK_BODY = 64 * 1024  # code, state, client_info, session_state: a few KB at most
+_MAX_PARAM = 8192
 
 
 @bp.route(route="connect/microsoft", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def connect_microsoft(req: func.HttpRequest) -> func.HttpResponse:
+def connect_microsoft(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> JsonBody:
         ctx.account_ref = query(req, "accountId", max_len=64)
         return c.start_connect(
             ctx.owner, return_url=query(req, "returnUrl"), login_hint=query(req, "loginHint", max_len=256),
             domain_hint=query(req, "domainHint", max_len=256), prompt=query(req, "prompt", max_len=32),
-            account_id=ctx.account_ref,
+            account_id=ctx.account_ref, require_login_hint=query_bool(req, "requireLoginHint"),
         )
 
-    return handle(req, "connect_microsoft", run)
+    return handle(req, "connect_microsoft", run, context=context)
 
 
-@bp.route(route="connect/microsoft/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def connect_microsoft_callback(req: func.HttpRequest) -> func.HttpResponse:
+@bp.route(route="connect/microsoft/keys", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def connect_result_keys(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
+    """The JWK Set (RFC 7517 §5) that verifies the callback's ``result`` token (shared.connect_result)."""
+
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        params = {k: v for k, v in req.params.items() if len(v) < 8192}
-        outcome = c.complete_connect(params)
+        from shared.connect_result import jwks
+
+        return json_response(jwks(c.secrets.key_ring()), headers={"Cache-Control": "public, max-age=300"})
+
+    return handle(req, "connect_result_keys", run, auth=False, context=context)
+
+
+@bp.route(route="connect/microsoft/callback", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def connect_microsoft_callback(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
+        outcome = c.complete_connect(callback_params(req))
         ctx.account_ref = outcome.account_id
-        result: dict[str, str] = {"status": outcome.status}
-        if outcome.account_id:
-            result["accountId"] = outcome.account_id
-        if outcome.status == "error":
-            result["code"] = outcome.code or "error"
-            result["message"] = (outcome.message or "")[:300]
-            if outcome.hint:  # e.g. the admin-consent URL for consent_required: the product can show it
-                result["hint"] = outcome.hint[:600]
+        result = _result_params(outcome)
         if outcome.return_url:
             return func.HttpResponse(status_code=302, headers={"Location": _append(outcome.return_url, result),
                                                                **_NO_LEAK})
         origins = sorted({_origin(u) for u in c.settings.allowed_return_urls})
         return _result_page(result, origins)
 
-    return handle(req, "connect_microsoft_callback", run, auth=False)
+    return handle(req, "connect_microsoft_callback", run, auth=False, context=context)
+
+
+def callback_params(req: func.HttpRequest) -> dict[str, str]:
+    """What Entra sent: the form of a ``form_post`` POST, or the query of a GET.
+
+    The product asks for ``response_mode=form_post`` (RFC 9700 §4.3.1: a code in a URL is kept by
+    history, logs and Referer), so a code in a query string was not sent by the Entra flow we
+    started: it is refused before the state is looked at. A GET still carries Entra's error
+    redirects (``error``, ``error_description``, ``state``)."""
+    from shared.errors import PayloadTooLargeError, ValidationError
+
+    if req.method == "POST":
+        ctype = (req.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype != _FORM:
+            raise ValidationError("Content-Type", f"The callback takes {_FORM} (Entra's form_post).")
+        if len(req.get_body()) > _MAX_CALLBACK_BODY:
+            raise PayloadTooLargeError("The callback body is too large.", extra={"field": "body"})
+        source = {k: v for k, v in req.form.items()}
+    else:
+        source = dict(req.params.items())
+        if "code" in source:
+            raise ValidationError("code", "The authorization code must arrive by POST (response_mode=form_post), "
+                                  "not in the URL. Start the connect flow again.")
+    return {k: v for k, v in source.items() if isinstance(v, str) and len(v) < _MAX_PARAM}
+
+
+def _result_params(outcome: CallbackOutcome) -> dict[str, str]:
+    result: dict[str, str] = {"status": outcome.status}
+    if outcome.account_id:
+        result["accountId"] = outcome.account_id
+    if outcome.result:
+        result["result"] = outcome.result
+    if outcome.status == "error":
+        result["code"] = outcome.code or "error"
+        result["message"] = (outcome.message or "")[:300]
+        if outcome.hint:  # e.g. the admin-consent URL for consent_required: the product can show it
+            result["hint"] = outcome.hint[:600]
+    return result
 
 
 def _append(url: str, params: dict[str, str]) -> str:
@@ -96,6 +143,10 @@ def _result_page(result: dict[str, str], origins: list[str]) -> func.HttpRespons
 <p id="detail">{html.escape(detail)}</p>
 {'' if ok else f'<p>Code: <code id="code">{html.escape(result.get("code", ""))}</code></p>'}
 {f'<p id="hint">{html.escape(hint)}</p>' if hint and not ok else ''}
+<script nonce="{nonce}">
+// Before any third-party script runs: nothing of the callback's URL (state, an error) stays in it.
+try {{ history.replaceState(null, "", location.pathname); }} catch (e) {{}}
+</script>
 <script nonce="{nonce}" src="{_OFFICE_JS}"></script>
 <script nonce="{nonce}">
 (function () {{
@@ -109,6 +160,6 @@ def _result_page(result: dict[str, str], origins: list[str]) -> func.HttpRespons
 }})();
 </script></body></html>"""
     csp = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}' {_OFFICE_JS_ORIGIN}; "
-           "base-uri 'none'; form-action 'none'")
+           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return func.HttpResponse(body, status_code=200 if ok else 400, mimetype="text/html", charset="utf-8",
                              headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", **_NO_LEAK})

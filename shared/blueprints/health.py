@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, JsonBody, handle, json_response
+from shared.blueprints._http import NO_CONTEXT, Context, JsonBody, handle, json_response
 
 if TYPE_CHECKING:
     from shared.service import Connector
@@ -15,19 +15,19 @@ bp = func.Blueprint()
 
 
 @bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def health(req: func.HttpRequest) -> func.HttpResponse:
+def health(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
         ok, checks = c.health()
         return json_response({"status": "ok" if ok else "unhealthy", "checks": checks}, 200 if ok else 503)
 
-    return handle(req, "health", run, auth=False)
+    return handle(req, "health", run, auth=False, context=context)
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def openapi(req: func.HttpRequest) -> func.HttpResponse:
+def openapi(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> JsonBody:
         from shared.openapi import document
 
         return document()
 
-    return handle(req, "openapi", run, auth=False)
+    return handle(req, "openapi", run, auth=False, context=context)

@@ -2,57 +2,78 @@
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, handle, json_response
+from shared.blueprints._http import NO_CONTEXT, Context, handle, json_body, json_response
 
 if TYPE_CHECKING:
+    from shared.mail import Attachment
     from shared.service import Connector
 
 bp = func.Blueprint()
 
 
 @bp.route(route="accounts/{accountId}/send", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-def send_mail(req: func.HttpRequest) -> func.HttpResponse:
+def send_mail(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
         from shared.errors import ValidationError
-        from shared.mail import make_attachment, parse_send_request, request_fingerprint
+        from shared.mail import parse_send_request, request_fingerprint
 
-        raw = req.get_body()
         ctype = (req.headers.get("Content-Type") or "").lower()
         files = None
         if ctype.startswith("multipart/form-data"):
-            message = req.form.get("message")
-            if message is None:
-                raise ValidationError("message", "multipart requests need a JSON part named 'message'.")
-            body = _json(message, "message")
-            files = []
-            for i, (_, f) in enumerate(req.files.items(multi=True)):
-                field = f"files[{i}]"
-                # The part's stream (spooled to a temporary file when large) is read chunk by chunk
-                # at upload time: the file is never copied into memory beside the request body.
-                files.append(make_attachment(f.filename, f.content_type or "application/octet-stream",
-                                             f.stream, field))
+            body, files = _multipart(req)
         elif ctype.startswith("application/json") or not ctype:
-            body = _json(raw, "body")
+            body = json_body(req.get_body(), "body")
         else:
             raise ValidationError("Content-Type", "Send application/json or multipart/form-data.")
         request = parse_send_request(body, files=files, max_total=c.settings.send_max_total_bytes)
         key = req.headers.get("Idempotency-Key")
-        fingerprint = request_fingerprint(body, request.attachments) if key else ""
+        fingerprint = request_fingerprint(body, request.attachments) if key and isinstance(body, dict) else ""
         result = c.send_mail(ctx.owner, ctx.account_id, request, idempotency_key=key, body_hash=fingerprint)
         return json_response(result, 202)
 
-    return handle(req, "send_mail", run)
+    return handle(req, "send_mail", run, context=context)
 
 
-def _json(raw: bytes | str, field: str) -> Any:
+def _multipart(req: func.HttpRequest) -> tuple[object, list[Attachment]]:
+    """The JSON part ``message`` and the file parts, after counting the parts (RFC 7578) without parsing."""
     from shared.errors import ValidationError
+    from shared.mail import make_attachment
 
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError(field, f"The {field} is not valid JSON.") from None
+    check_multipart_parts(req.get_body(), req.headers.get("Content-Type") or "")
+    message = req.form.get("message")
+    if message is None:
+        raise ValidationError("message", "multipart requests need a JSON part named 'message'.")
+    body = json_body(message, "message")
+    files = []
+    for i, (_, f) in enumerate(req.files.items(multi=True)):
+        # The part's stream (spooled to a temporary file when large) is read chunk by chunk at upload
+        # time: the file is never copied into memory beside the request body.
+        files.append(make_attachment(f.filename, f.content_type or "application/octet-stream", f.stream,
+                                     f"files[{i}]"))
+    return body, files
+
+
+def check_multipart_parts(raw: bytes, content_type: str) -> None:
+    """413 before parsing when the body has more parts than a message may have attachments (+1).
+
+    Every part starts with the delimiter ``--boundary`` (RFC 2046 §5.1.1), so counting delimiters
+    bounds the parts in one fast pass; a multipart parser would first build them all."""
+    from email.message import Message
+
+    from shared.errors import PayloadTooLargeError, ValidationError
+    from shared.mail import MAX_ATTACHMENTS
+
+    m = Message()
+    m["Content-Type"] = content_type
+    boundary = m.get_param("boundary")
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70:  # RFC 2046 §5.1.1: 1-70 characters
+        raise ValidationError("Content-Type", "multipart/form-data needs a boundary parameter of 1-70 characters.")
+    parts = raw.count(b"--" + boundary.encode("latin-1", "replace")) - 1
+    if parts > MAX_ATTACHMENTS + 1:
+        raise PayloadTooLargeError(f"The request has more than {MAX_ATTACHMENTS + 1} parts.",
+                                   hint=f"Send at most {MAX_ATTACHMENTS} files with the 'message' part.",
+                                   extra={"field": "files"})

@@ -199,6 +199,20 @@ def test_connect_send_and_read_in_a_browser(browser: Browser, host: Host, contro
     b.css("#load-messages").click()
     b.wait(lambda: b.all("#messages li[data-message-id]"), "the inbox list")
     _step(b, "inbox", lambda: _assert(len(b.all("#messages li[data-message-id]")) >= 1, "inbox messages are listed"))
+
+    # Reply to the first inbox message from the list: one answer, in that message's conversation.
+    before = len(control.sent("adele@contoso.onmicrosoft.com"))
+    b.css("#messages li[data-message-id] [data-testid=reply]").click()
+    b.css("#messages [data-testid=reply-text]").send_keys("Replying from the demo")
+    b.css("#messages [data-testid=reply-send]").click()
+    b.wait(lambda: b.text("#messages [data-testid=reply-result]") not in ("", "Sending…"), "the reply result")
+    replies = control.sent("adele@contoso.onmicrosoft.com")[before:]
+    _step(b, "replied", lambda: (
+        _assert(b.text("#messages [data-testid=reply-result]").startswith("Replied at"),
+                b.text("#messages [data-testid=reply-result]")),
+        _assert(len(replies) == 1 and replies[0]["via"] == "reply", replies),
+        _assert(replies[0]["message"]["subject"].startswith("RE: "), replies[0]["message"]["subject"]),
+    ))
     from selenium.webdriver.support.ui import Select
 
     Select(b.css("#folder")).select_by_value("sentitems")

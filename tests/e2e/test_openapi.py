@@ -112,7 +112,8 @@ def test_real_responses_validate(host: Host, doc: dict[str, Any], browser_sessio
     r = host.http.get(host.url + "/api/connect/microsoft/callback", params={"state": "bad"}, timeout=30)
     c.check("GET", "/api/connect/microsoft/callback", r)
     acc = connect(host, browser_session, sub=owner, login_hint="adele@contoso.onmicrosoft.com")
-    c.check("GET", "/api/connect/microsoft/callback", acc["response"])
+    c.check("POST", "/api/connect/microsoft/callback", acc["response"])
+    c.check("GET", "/api/connect/microsoft/keys", host.http.get(host.url + "/api/connect/microsoft/keys", timeout=30))
     aid = acc["result"]["accountId"]
     call("GET", "/api/accounts")
     call("GET", f"/api/accounts/{aid}")

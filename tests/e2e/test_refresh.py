@@ -34,17 +34,17 @@ def make_due(host: Host, owner: str, account_id: str) -> None:
     from azure.data.tables import UpdateMode
 
     from shared.accounts import owner_partition
-    from shared.refresh_index import bucket_of
+    from shared.refresh_index import bucket_of, row_key
 
     accounts, index = _tables(host)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
     pk = owner_partition(owner)
     old = accounts.get_entity(pk, account_id).get("refreshDueAt")
     if old:  # the row moves with the due time, as it does when time really passes
-        index.delete_entity(bucket_of(dt.datetime.fromisoformat(old.replace("Z", "+00:00"))), f"{pk}|{account_id}")
+        index.delete_entity(bucket_of(dt.datetime.fromisoformat(old.replace("Z", "+00:00"))), row_key(owner, account_id))
     accounts.update_entity({"PartitionKey": pk, "RowKey": account_id, "refreshDueAt": past.isoformat()},
                            mode=UpdateMode.MERGE)
-    index.upsert_entity({"PartitionKey": bucket_of(past), "RowKey": f"{pk}|{account_id}", "owner": owner,
+    index.upsert_entity({"PartitionKey": bucket_of(past), "RowKey": row_key(owner, account_id), "owner": owner,
                          "accountId": account_id})
 
 
@@ -250,10 +250,11 @@ def test_poison_refresh_message_ends_in_poison_queue(host: Host) -> None:
 
 
 def _index_rows(host: Host, owner: str, account_id: str) -> list[str]:
-    from shared.accounts import owner_partition
+    """The buckets the account is indexed under, read by the index's own query."""
+    from shared.refresh_index import RefreshIndex
+    from shared.storage import Table
 
-    rk = f"{owner_partition(owner)}|{account_id}"
-    return sorted(e["PartitionKey"] for e in _tables(host)[1].query_entities("RowKey eq @rk", parameters={"rk": rk}))
+    return RefreshIndex(Table(_tables(host)[1])).buckets_of(owner, account_id)
 
 
 def _due_bucket(host: Host, owner: str, account_id: str) -> str:

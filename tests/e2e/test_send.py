@@ -299,6 +299,25 @@ def test_small_files_that_do_not_fit_inline_are_posted_to_the_draft(host: Host, 
     assert got == {name: hashlib.sha256(data).hexdigest() for name, data in files}
 
 
+def test_a_5xx_on_a_draft_attachment_is_not_retried_blindly_and_nothing_is_sent(host: Host, account: str,
+                                                                               control: Any) -> None:
+    """A 5xx on POST …/attachments may have landed: retrying it could attach the file twice. The draft is
+    discarded, nothing was sent, so the answer is a plain 503 the caller may retry with the same key."""
+    files = [(f"p{i}.bin", os.urandom(1_500_000)) for i in range(3)]
+    body = {"to": ["parts@example.com"], "trackingId": "attach-503"}
+    control.inject("/v1.0/me/messages/*/attachments", status=503, retry_after=3, count=1, user=USER)
+    first = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER, files=_multipart(body, *files),
+                     headers={"Idempotency-Key": "attach-503"})
+    assert first.status_code == 503, first.text
+    assert first.json()["code"] == "upstream_unavailable" and "outcomeUnknown" not in first.json()
+    assert _sent_by_tracking(control, "attach-503") == []
+    again = host.api("POST", f"/api/accounts/{account}/send", sub=OWNER, files=_multipart(body, *files),
+                     headers={"Idempotency-Key": "attach-503"})
+    assert again.status_code == 202, again.text
+    [sent] = _sent_by_tracking(control, "attach-503")
+    assert sorted(a["name"] for a in sent["message"]["attachments"]) == ["p0.bin", "p1.bin", "p2.bin"]
+
+
 def test_save_to_sent_items_false_is_refused_where_graph_cannot_honour_it(host: Host, account: str,
                                                                            control: Any) -> None:
     before = len(control.sent(USER))

@@ -161,8 +161,12 @@ def _routes(acc: str, mid: str) -> list[tuple[str, str, dict[str, Any]]]:
         ("GET", f"/api/accounts/{acc}/folders", {}),
         ("GET", f"/api/accounts/{acc}/diagnose", {}),
         ("POST", f"/api/accounts/{acc}/refresh", {}),
+        # Graph's notification: when it cannot be queued, 503 so that Graph delivers it again.
+        ("POST", "/api/notifications/microsoft", {"sub": None, "json": {"value": [
+            {"subscriptionId": "s-1", "clientState": "c" * 43, "changeType": "created", "resourceData": {"id": "AAMk1"}}]}}),
         ("GET", "/api/connect/microsoft", {"params": {"returnUrl": "https://app.example.com/connected"}}),
-        ("GET", "/api/connect/microsoft/callback", {"params": {"state": state, "code": "c"}, "sub": None}),
+        # Entra's form_post (RFC 9700 §4.3.1): the code and state come in the POST body.
+        ("POST", "/api/connect/microsoft/callback", {"data": {"state": state, "code": "c"}, "sub": None}),
         ("DELETE", f"/api/accounts/{acc}", {}),
     ]
 

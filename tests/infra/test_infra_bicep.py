@@ -36,6 +36,7 @@ ROLE_GUIDS = {
     "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
     "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
     "Key Vault Secrets Officer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+    "Key Vault Certificates Officer": "a4417e6f-fecd-4de8-b567-7b0420556985",
     "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
 }
 # (role, resource type it is scoped to, principal parameter) - and nothing else.
@@ -46,9 +47,15 @@ EXPECTED_ASSIGNMENTS = {
     ("Key Vault Secrets User", "Microsoft.KeyVault/vaults", "appPrincipalId"),
     ("Monitoring Metrics Publisher", "Microsoft.Insights/components", "appPrincipalId"),
     ("Key Vault Secrets Officer", "Microsoft.KeyVault/vaults", "deployerPrincipalId"),
+    # Optional (grantDeployerDataRoles): `python -m shared.cli reencrypt` from the operator's machine.
+    ("Storage Table Data Contributor", "Microsoft.Storage/storageAccounts", "deployerPrincipalId"),
+    # Only with MS_CLIENT_CREDENTIAL=certificate: the operator creates the certificate in the vault.
+    ("Key Vault Certificates Officer", "Microsoft.KeyVault/vaults", "deployerPrincipalId"),
 }
-TABLES = {"accounts", "oauthstates", "refreshindex", "idempotency"}
-QUEUES = {"refresh-jobs", "refresh-jobs-poison", "webhook-deliveries", "webhook-deliveries-poison"}
+TABLES = {"accounts", "oauthstates", "refreshindex", "idempotency", "subscriptions", "subscriptionindex",
+          "seenmessages"}
+QUEUES = {"refresh-jobs", "refresh-jobs-poison", "webhook-deliveries", "webhook-deliveries-poison",
+          "notification-jobs", "notification-jobs-poison"}
 # App settings Bicep may write besides the non-local names in shared.config.SETTINGS.
 # (The identity-based AzureWebJobsStorage__accountName / __tableServiceUri / __queueServiceUri / __clientId
 # and AZURE_CLIENT_ID are read by the app, so they are in SETTINGS; these are read only by the Functions host.)
@@ -57,6 +64,7 @@ PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__credential",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     "PYTHON_THREADPOOL_THREAD_COUNT",  # the Python worker's thread pool (queue trigger concurrency)
+    "PYTHON_ENABLE_OPENTELEMETRY",  # the worker exports OpenTelemetry itself (docs/operations.md)
 }
 # Settings Flex Consumption rejects (runtime/deployment are in functionAppConfig instead).
 FLEX_FORBIDDEN_SETTINGS = {
@@ -277,7 +285,9 @@ def security_violations(templates: dict[str, dict]) -> list[str]:
         "function app: keyVaultReferenceIdentity must be the user-assigned identity",
     )
     expect(dig(props, "siteConfig", "minTlsVersion") == "1.2", "function app: minTlsVersion must be 1.2")
-    expect(dig(props, "siteConfig", "ftpsState") == "Disabled", "function app: ftpsState must be Disabled")
+    # Flex Consumption rejects siteConfig.ftpsState in newer regions (error 51021); the
+    # basicPublishingCredentialsPolicies below turn FTP off instead.
+    expect(dig(props, "siteConfig", "ftpsState") is None, "function app: no siteConfig.ftpsState on Flex Consumption")
     expect(dig(props, "siteConfig", "remoteDebuggingEnabled") is False, "function app: remote debugging must be off")
     runtime = dig(props, "functionAppConfig", "runtime") or {}
     expect(
@@ -317,9 +327,12 @@ def security_violations(templates: dict[str, dict]) -> list[str]:
         "Authorization=AAD" in auth and "ClientId=${identityClientId}" in auth,
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be Authorization=AAD;ClientId=<identity>",
     )
+    # Secrets are read by the app at run time (TTL cache, re-read on rotation), never resolved by the
+    # platform at start-up: no Key Vault reference can stop every function.
+    expect("WEBHOOK_SECRET" not in settings, "WEBHOOK_SECRET must not be an app setting (read from Key Vault)")
     expect(
-        str(settings.get("WEBHOOK_SECRET", "")).startswith("@Microsoft.KeyVault(SecretUri="),
-        "WEBHOOK_SECRET must be a Key Vault reference",
+        not any("@Microsoft.KeyVault(" in json.dumps(value) for value in settings.values()),
+        "no app setting may be a Key Vault reference",
     )
     secure = secure_params(main) | secure_params(fa_tpl)
     for name, value in settings.items():
@@ -548,9 +561,8 @@ def test_setting_defaults_match_config(templates: dict[str, dict]) -> None:
             continue
         if value in main_params:
             bicep_default = main_params[value].get("default")
-            want = None if s.required else s.default
-            if want is not None or s.required:
-                assert bicep_default == want or str(bicep_default) == want, f"{s.name}: default differs from SETTINGS"
+            if s.default is not None or s.required:
+                assert _bicep_default_matches(s, bicep_default), f"{s.name}: default differs from SETTINGS"
             checked.add(s.name)
         elif value in main_vars and s.default is not None:
             assert main_vars[value]["value"] == s.default, f"{s.name}: value differs from SETTINGS default"
@@ -558,6 +570,15 @@ def test_setting_defaults_match_config(templates: dict[str, dict]) -> None:
     # Every written setting with a default (or required) is fed from main.bicep, so none escapes the check.
     must = {s.name for s in SETTINGS if s.name in settings and (s.default is not None or s.required)}
     assert must - {"PUBLIC_BASE_URL"} <= checked, sorted(must - checked)  # PUBLIC_BASE_URL: the app's own URL
+
+
+def _bicep_default_matches(s: Any, bicep_default: Any) -> bool:
+    if s.name == "MS_CLIENT_ID":
+        # Required by the app, but empty in Bicep while bootstrapping with infra/entra-app (docs/deploy.md):
+        # the app then refuses to start, naming it.
+        return bicep_default == ""
+    want = None if s.required else s.default
+    return bicep_default == want or str(bicep_default) == want
 
 
 def test_main_outputs(templates: dict[str, dict]) -> None:
@@ -578,8 +599,11 @@ def test_main_outputs(templates: dict[str, dict]) -> None:
         "KEY_VAULT_NAME",
         "TOKEN_KEYS_SECRET_NAME",
         "WEBHOOK_SECRET_NAME",
-        "AZURE_FUNCTION_APP_NAME",
-        "AZURE_RESOURCE_GROUP",
+        "MS_CLIENT_SECRET_NAME",
+        "MS_CLIENT_CREDENTIAL",
+        "MS_CLIENT_CERT_NAME",
+        "MANAGED_IDENTITY_PRINCIPAL_ID",
+        "FEDERATED_CREDENTIAL_ISSUER",
     ):
         assert name in outputs and name in hook, name
 
@@ -594,7 +618,7 @@ def test_parameters_file_maps_azd_variables(templates: dict[str, dict]) -> None:
     assert values["environmentName"] == "${AZURE_ENV_NAME}"
     assert values["location"] == "${AZURE_LOCATION}"
     assert values["principalId"] == "${AZURE_PRINCIPAL_ID}"
-    assert values["msClientId"] == "${MS_CLIENT_ID}"
+    assert values["msClientId"] == "${MS_CLIENT_ID=}"
     assert "msClientSecret" in secure_params(templates["main.bicep"])
 
 

@@ -42,9 +42,10 @@ def test_rows_move_with_the_due_time_and_leave_with_the_account(index: tuple[Ref
     a = _account(1, NOW + dt.timedelta(days=7))
     idx.put(a)
     moved = replace(a, refresh_due_at=NOW + dt.timedelta(minutes=40))
-    idx.put(moved, previous_due=a.refresh_due_at)
+    idx.put(moved, previous_bucket=bucket_of(NOW + dt.timedelta(days=7)))
     assert _rows(table) == {(bucket_of(NOW + dt.timedelta(minutes=40)), row_key("owner-1", "acc_1"))}
-    idx.put(replace(moved, status=REAUTH_REQUIRED, refresh_due_at=None), previous_due=moved.refresh_due_at)
+    idx.put(replace(moved, status=REAUTH_REQUIRED, refresh_due_at=None),
+            previous_bucket=bucket_of(NOW + dt.timedelta(minutes=40)))
     assert _rows(table) == set()  # a dead grant is not refreshed again
     idx.put(moved)
     idx.remove(moved)

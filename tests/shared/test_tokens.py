@@ -10,12 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from shared.accounts import ACTIVE, utcnow
-from tests.conftest import Host, wait_for
+from tests.conftest import Host, authorize, wait_for
 
 USER = "megan@contoso.onmicrosoft.com"
 
@@ -33,8 +32,7 @@ def _connector(host: Host, lease: dt.timedelta) -> Any:
 
 def _connect(c: Any, browser: Any, owner: str) -> str:
     start = c.start_connect(owner, return_url=None, login_hint=USER)
-    loc = browser.get(start["authUrl"], allow_redirects=False, timeout=30).headers["Location"]
-    out = c.complete_connect({k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()})
+    out = c.complete_connect(authorize(browser, start["authUrl"]).fields)  # Entra's form_post fields
     assert out.status == "connected", out
     return str(out.account_id)
 
@@ -146,9 +144,5 @@ def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_
     assert stored.sealed_tokens == after.sealed_tokens
     # The refresh completed as if nothing happened: the next due time is indexed (not left to the
     # daily reconciliation).
-    from shared.accounts import owner_partition
-
-    index = c.storage.table("refreshindex")
-    rows = [e["PartitionKey"] for e in index.query("RowKey eq @rk",
-                                                            parameters={"rk": f"{owner_partition(owner)}|{acc_id}"})]
+    rows = c.refresh_index.buckets_of(owner, acc_id)
     assert bucket_of(stored.refresh_due_at) in rows

@@ -1,0 +1,215 @@
+"""Graph subscriptions on an account's Inbox, and where we keep them (SPEC §6a).
+
+Microsoft's contract (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks):
+
+* ``POST /subscriptions`` with ``changeType``, ``notificationUrl``, ``lifecycleNotificationUrl``,
+  ``resource``, ``expirationDateTime`` and a ``clientState`` of at most 128 characters; before it
+  answers 201, Graph validates *both* URLs (``?validationToken=…`` echoed as text/plain within 10 s).
+* An Outlook message subscription lives at most 10,080 minutes (under 7 days,
+  https://learn.microsoft.com/graph/api/resources/subscription#subscription-lifetime); it is renewed
+  with ``PATCH /subscriptions/{id}`` (which also reauthorizes it), reauthorized with
+  ``POST /subscriptions/{id}/reauthorize`` and removed with ``DELETE``
+  (https://learn.microsoft.com/graph/change-notifications-lifecycle-events).
+
+Table ``subscriptions`` holds two kinds of rows:
+
+* **state** (PartitionKey = owner partition, RowKey = account id): the subscription id, its expiry,
+  the Inbox delta link and the due time of the next maintenance (renewal / safety catch-up);
+* **pointer** (PartitionKey = ``cs-`` + SHA-256 of the clientState, RowKey = ``cs``): owner,
+  account, subscription id and the clientState sealed with the token key ring. The notification
+  endpoint finds a subscription by the clientState a notification carries, so a pointer written
+  *before* ``POST /subscriptions`` already recognises notifications that race its answer; an unknown
+  or wrong clientState finds nothing. The clientState is a 256-bit random value, so its SHA-256 in a
+  key reveals nothing; the sealed copy is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from shared.accounts import iso, owner_partition, parse_iso, utcnow
+from shared.crypto import KeyRing, account_aad
+from shared.errors import MicrosoftError, NotFoundError
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableEntity
+
+    from shared.graph import GraphClient, TokenSource
+    from shared.storage import EntityValue, Table
+
+# Outlook messages: at most 10,080 minutes; ask for a little less so clock skew never makes Graph refuse it.
+MAX_LIFETIME = dt.timedelta(minutes=10_080)
+REQUESTED_LIFETIME = MAX_LIFETIME - dt.timedelta(minutes=10)
+INBOX_RESOURCE = "me/mailFolders('Inbox')/messages"
+CLIENT_STATE_BYTES = 32  # 43 base64url characters, within Graph's 128
+_POINTER_RK = "cs"
+_NOT_FOUND_CODES = {"ResourceNotFound", "ItemNotFound", "ErrorItemNotFound", "NotFound", "InvalidSubscriptionId"}
+
+
+class SubscriptionGoneError(Exception):
+    """Graph no longer knows the subscription (expired, removed): create a new one."""
+
+
+@dataclass(frozen=True)
+class SubscriptionState:
+    owner: str
+    account_id: str
+    subscription_id: str = ""
+    client_key: str = ""  # the pointer row's PartitionKey
+    expires_at: dt.datetime | None = None
+    delta_link: str = ""
+    delta_synced_at: dt.datetime | None = None  # start of the last complete catch-up round
+    due_at: dt.datetime | None = None  # next maintenance (index row)
+    failures: int = 0
+    last_error: str = ""
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Pointer:
+    owner: str
+    account_id: str
+    subscription_id: str
+
+
+def client_key(client_state: str) -> str:
+    return "cs-" + hashlib.sha256(client_state.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class SubscriptionStore:
+    """State and pointer rows (errors mapped by :mod:`shared.storage`)."""
+
+    def __init__(self, table: Table, key_ring: Callable[[], KeyRing]) -> None:
+        self._table = table
+        self._key_ring = key_ring
+
+    # -- state rows ---------------------------------------------------------------------------
+    def get(self, owner: str, account_id: str) -> SubscriptionState | None:
+        try:
+            return _state_from(self._table.get(owner_partition(owner), account_id))
+        except NotFoundError:
+            return None
+
+    def save(self, state: SubscriptionState) -> SubscriptionState:
+        """Write the state row (upsert: the worker of one account is the only writer that matters;
+        a lost race costs at most one extra renewal or catch-up)."""
+        return replace(state, etag=self._table.replace(_state_entity(state), etag=None))
+
+    def delete(self, state: SubscriptionState) -> None:
+        self._table.delete_if_present(owner_partition(state.owner), state.account_id)
+        if state.client_key:
+            self._table.delete_if_present(state.client_key, _POINTER_RK)
+
+    def all_states(self) -> list[SubscriptionState]:
+        """Every state row (the daily reconciliation only)."""
+        rows = self._table.query("RowKey ne @p", parameters={"p": _POINTER_RK})
+        return [_state_from(e) for e in rows]
+
+    # -- pointer rows ---------------------------------------------------------------------------
+    def new_pointer(self, owner: str, account_id: str) -> tuple[str, str]:
+        """A fresh clientState and its pointer row (subscription id still unknown): (clientState, key)."""
+        client_state = secrets.token_urlsafe(CLIENT_STATE_BYTES)
+        key = client_key(client_state)
+        sealed = self._key_ring().seal(client_state.encode(), aad=account_aad(owner, account_id, "clientState"))
+        self._table.create({"PartitionKey": key, "RowKey": _POINTER_RK, "owner": owner, "accountId": account_id,
+                            "subscriptionId": "", "clientState": sealed})
+        return client_state, key
+
+    def bind_pointer(self, key: str, subscription_id: str) -> None:
+        self._table.merge({"PartitionKey": key, "RowKey": _POINTER_RK, "subscriptionId": subscription_id})
+
+    def drop_pointer(self, key: str) -> None:
+        if key:
+            self._table.delete_if_present(key, _POINTER_RK)
+
+    def lookup(self, client_state: str) -> Pointer | None:
+        """The subscription a clientState belongs to, or None (unknown or wrong clientState)."""
+        try:
+            e = self._table.get(client_key(client_state), _POINTER_RK)
+        except NotFoundError:
+            return None
+        owner, account_id = str(e.get("owner") or ""), str(e.get("accountId") or "")
+        try:
+            stored = self._key_ring().open(str(e.get("clientState") or ""),
+                                           aad=account_aad(owner, account_id, "clientState"))
+        except Exception:  # tampered or moved row: not ours
+            return None
+        if not hmac.compare_digest(stored, client_state.encode("utf-8", "surrogatepass")):
+            return None
+        return Pointer(owner, account_id, str(e.get("subscriptionId") or ""))
+
+
+# -- Graph calls ---------------------------------------------------------------------------------
+def create(graph: GraphClient, token: TokenSource, mailbox: str, *, notification_url: str, lifecycle_url: str,
+           client_state: str, now: dt.datetime) -> tuple[str, dt.datetime]:
+    """POST /subscriptions (Graph validates both URLs first). Returns (id, expiry).
+    https://learn.microsoft.com/graph/api/subscription-post-subscriptions"""
+    body = {"changeType": "created", "notificationUrl": notification_url, "lifecycleNotificationUrl": lifecycle_url,
+            "resource": INBOX_RESOURCE, "expirationDateTime": iso(now + REQUESTED_LIFETIME),
+            "clientState": client_state, "latestSupportedTlsVersion": "v1_2"}
+    doc = graph.request("POST", "subscriptions", mailbox=mailbox, token=token, json=body, safe=False).json()
+    return str(doc["id"]), parse_iso(doc.get("expirationDateTime")) or now + REQUESTED_LIFETIME
+
+
+def renew(graph: GraphClient, token: TokenSource, mailbox: str, subscription_id: str, *,
+          now: dt.datetime) -> dt.datetime:
+    """PATCH /subscriptions/{id}: renews and reauthorizes. https://learn.microsoft.com/graph/api/subscription-update"""
+    body = {"expirationDateTime": iso(now + REQUESTED_LIFETIME)}
+    try:
+        doc = graph.request("PATCH", f"subscriptions/{subscription_id}", mailbox=mailbox, token=token, json=body,
+                            safe=True).json()
+    except MicrosoftError as e:
+        raise _gone_or(e) from None
+    return parse_iso(doc.get("expirationDateTime")) or now + REQUESTED_LIFETIME
+
+
+def reauthorize(graph: GraphClient, token: TokenSource, mailbox: str, subscription_id: str) -> None:
+    """POST /subscriptions/{id}/reauthorize (a ``reauthorizationRequired`` challenge).
+    https://learn.microsoft.com/graph/api/subscription-reauthorize"""
+    try:
+        graph.request("POST", f"subscriptions/{subscription_id}/reauthorize", mailbox=mailbox, token=token, safe=True)
+    except MicrosoftError as e:
+        raise _gone_or(e) from None
+
+
+def delete(graph: GraphClient, token: TokenSource, mailbox: str, subscription_id: str) -> None:
+    """DELETE /subscriptions/{id}; a subscription Graph no longer knows is deleted already."""
+    try:
+        graph.request("DELETE", f"subscriptions/{subscription_id}", mailbox=mailbox, token=token, safe=True)
+    except MicrosoftError as e:
+        if not isinstance(_gone_or(e), SubscriptionGoneError):
+            raise
+
+
+def _gone_or(e: MicrosoftError) -> Exception:
+    code = e.microsoft.error if e.microsoft is not None else None
+    return SubscriptionGoneError() if code in _NOT_FOUND_CODES else e
+
+
+# -- entities ------------------------------------------------------------------------------------
+def _state_entity(s: SubscriptionState) -> dict[str, EntityValue]:
+    return {"PartitionKey": owner_partition(s.owner), "RowKey": s.account_id, "owner": s.owner,
+            "accountId": s.account_id, "subscriptionId": s.subscription_id, "clientKey": s.client_key,
+            "expiresAt": iso(s.expires_at) or "", "deltaLink": s.delta_link,
+            "deltaSyncedAt": iso(s.delta_synced_at) or "", "dueAt": iso(s.due_at) or "", "failures": s.failures,
+            "lastError": s.last_error, "updatedAt": iso(utcnow())}
+
+
+def _state_from(e: TableEntity) -> SubscriptionState:
+    def text(name: str) -> str:
+        value = e.get(name)
+        return str(value) if value else ""
+
+    failures = e.get("failures")
+    return SubscriptionState(
+        owner=text("owner"), account_id=text("accountId") or text("RowKey"), subscription_id=text("subscriptionId"),
+        client_key=text("clientKey"), expires_at=parse_iso(e.get("expiresAt")), delta_link=text("deltaLink"),
+        delta_synced_at=parse_iso(e.get("deltaSyncedAt")), due_at=parse_iso(e.get("dueAt")),
+        failures=failures if isinstance(failures, int) else 0, last_error=text("lastError"),
+        etag=str(e.metadata.get("etag") or "") or None)

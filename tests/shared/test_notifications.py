@@ -1,0 +1,88 @@
+"""Inbound mail, the pure parts: Graph notification parsing, jobs, the NOTIFICATIONS_ENABLED default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shared.config import load_settings
+from shared.errors import ConfigurationError, ValidationError
+from shared.notifications import MAX_ITEMS, Change, Job, NotificationConfig, message_summary, parse_batch
+from tests.shared.test_config import GOOD
+
+
+def _item(**over: Any) -> dict[str, Any]:
+    item = {"subscriptionId": "7f1b4c2e-0000-4000-8000-000000000001", "clientState": "cs", "changeType": "created",
+            "resource": "Users/u/Messages/AAMk1", "resourceData": {"id": "AAMk1="}}
+    item.update(over)
+    return item
+
+
+def test_parses_graphs_change_and_lifecycle_notifications() -> None:
+    changes = parse_batch({"value": [
+        _item(), _item(changeType="updated"), _item(changeType="created,updated", resourceData={"id": "AAMk2"}),
+        {"subscriptionId": "s-1", "clientState": "cs", "lifecycleEvent": "missed"},
+        {"subscriptionId": "s-1", "clientState": "cs", "lifecycleEvent": "somethingNew"}]})
+    assert changes == [Change("7f1b4c2e-0000-4000-8000-000000000001", "cs", message_id="AAMk1="),
+                       Change("7f1b4c2e-0000-4000-8000-000000000001", "cs", message_id="AAMk2"),
+                       Change("s-1", "cs", lifecycle_event="missed")]
+
+
+@pytest.mark.parametrize("doc,field", [
+    (None, "value"), ([], "value"), ({"value": "x"}, "value"), ({"value": []}, "value"),
+    ({"value": [_item()] * (MAX_ITEMS + 1)}, "value"), ({"value": ["x"]}, "value[0]"),
+    ({"value": [_item(subscriptionId=None)]}, "value[0].subscriptionId"),
+    ({"value": [_item(subscriptionId="a/b")]}, "value[0].subscriptionId"),
+    ({"value": [_item(clientState="x" * 129)]}, "value[0].clientState"),
+    ({"value": [_item(clientState=1)]}, "value[0].clientState"),
+    ({"value": [_item(changeType=["created"])]}, "value[0].changeType"),
+    ({"value": [_item(resourceData=None)]}, "value[0].resourceData.id"),
+    ({"value": [_item(resourceData={"id": "../../x"})]}, "value[0].resourceData.id"),
+    ({"value": [{"subscriptionId": "s", "lifecycleEvent": 3}]}, "value[0].lifecycleEvent"),
+])
+def test_wrong_shapes_and_types_are_validation_errors(doc: Any, field: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        parse_batch(doc)
+    assert e.value.status == 400 and e.value.field == field
+
+
+def test_job_round_trip_and_malformed_jobs() -> None:
+    job = Job("changes", "owner", "acc_1", "sid", ("m1", "m2"), attempt=2)
+    assert Job.from_message(job.to_message()) == job
+    for raw in (b"{}", b"[]", b'{"kind": "evil", "owner": "o", "accountId": "a"}',
+                b'{"kind": "changes", "owner": "o", "accountId": "a", "ids": [1]}'):
+        with pytest.raises(ValueError):
+            Job.from_message(raw)
+
+
+@pytest.mark.parametrize("env,on", [
+    ({}, False),  # GOOD: http PUBLIC_BASE_URL, Graph in the cloud
+    ({"PUBLIC_BASE_URL": "https://connector.example.com"}, True),
+    ({"GRAPH_BASE_URL": "https://localhost:8443/v1.0"}, True),  # the local sandbox
+    ({"PUBLIC_BASE_URL": "https://connector.example.com", "NOTIFICATIONS_ENABLED": "false"}, False),
+    ({"NOTIFICATIONS_ENABLED": "true"}, True),
+    ({"NOTIFICATIONS_ENABLED": "auto", "PUBLIC_BASE_URL": "https://c.example.com"}, True),
+])
+def test_notifications_enabled_default(env: dict[str, str], on: bool) -> None:
+    settings = load_settings({**GOOD, "PUBLIC_BASE_URL": "http://connector.example.com", **env})
+    cfg = NotificationConfig.from_settings(settings)
+    assert cfg.enabled is on
+    assert cfg.lifecycle_url == cfg.notification_url + "/lifecycle"
+    assert cfg.notification_url.endswith("/api/notifications/microsoft")
+
+
+def test_notifications_enabled_refuses_nonsense() -> None:
+    with pytest.raises(ConfigurationError) as e:
+        load_settings({**GOOD, "NOTIFICATIONS_ENABLED": "sometimes"})
+    assert e.value.setting == "NOTIFICATIONS_ENABLED"
+
+
+def test_message_summary_has_exactly_the_spec_fields() -> None:
+    summary = message_summary({"id": "m", "subject": "s", "from": {"emailAddress": {"address": "a@b.c", "name": "A"}},
+                               "toRecipients": [], "receivedDateTime": "2026-01-01T00:00:00Z", "conversationId": "c",
+                               "internetMessageId": "<i@x>", "hasAttachments": False, "bodyPreview": "p",
+                               "isRead": False, "body": {"content": "secret body"}})
+    assert set(summary) == {"id", "subject", "from", "toRecipients", "receivedDateTime", "conversationId",
+                            "internetMessageId", "hasAttachments", "bodyPreview", "isRead"}
+    assert summary["from"] == {"address": "a@b.c", "name": "A"}
