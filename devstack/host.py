@@ -205,7 +205,7 @@ class DevHost:
         self.q_max_poll = _timespan_seconds(q.get("maxPollingInterval", "00:01:00"), 60.0)
         # A taken message stays invisible this long (the real host: 10 minutes, renewed while it runs);
         # when an instance dies mid-message, that is when another one sees it. Chaos runs shorten it.
-        self.q_lease = int(os.environ.get("DEVHOST_QUEUE_LEASE_SECONDS") or 600)
+        self.q_lease = _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", os.environ.get("DEVHOST_QUEUE_LEASE_SECONDS"), 600)
         self.q_base64 = q.get("messageEncoding", "base64") == "base64"
         self.static = static or {}
         # The master key for /admin calls from off loopback (Core Tools' x-functions-key).
@@ -420,18 +420,24 @@ class DevHost:
                                   time_next_visible=m.next_visible_on)
                 try:
                     _call(q.fn, {q.arg: fm})
+                    failed = False
                 except Exception:
                     log.error("devstack host: %s failed (dequeue %s)\n%s", q.name, m.dequeue_count,
                               traceback.format_exc(limit=3))
-                    if m.dequeue_count >= self.q_max_dequeue:
+                    failed = True
+                try:  # the bookkeeping after the function: a lease that ran out meanwhile must not stop the loop
+                    if not failed:
+                        client.delete_message(m)
+                    elif m.dequeue_count >= self.q_max_dequeue:
                         if poison is None:
                             poison = self._queue_client(q, q.queue + "-poison")
                         poison.send_message(content)
                         client.delete_message(m)
                     else:
                         client.update_message(m, visibility_timeout=vt)
-                    return
-                client.delete_message(m)
+                except Exception as e:  # e.g. 404 or a pop receipt mismatch: the message was leased again
+                    log.warning("devstack host: %s: message %s not settled (%s); it will be seen again",
+                                q.name, m.id, type(e).__name__)
 
             list(pool.map(handle, msgs))
         pool.shutdown(wait=False)
@@ -519,6 +525,19 @@ def _key_matches(given: str | None, key: str) -> bool:
     return bool(given) and hmac.compare_digest(str(given).encode(), key.encode())
 
 
+def _positive_int(name: str, raw: str | None, default: int) -> int:
+    """A whole number of seconds ≥ 1 from the environment, or a clear start-up error naming it."""
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"devstack host: {name} must be a whole number of seconds, at least 1 (got {raw!r})")
+    return value
+
+
 def _trusted_host(req: Request) -> bool:
     """``Host`` and, when sent, ``Origin`` name loopback. Not PUBLIC_BASE_URL's host: behind a tunnel that
     name reaches the host from anywhere (and a tunnel's traffic arrives from loopback), so anyone could
@@ -602,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         dev = DevHost(app, host=a.host, port=a.port, static=demo_static())
-    except (CronError, KeyError) as e:  # a bad timer schedule or unset %SETTING%: one clear line
+    except (CronError, KeyError, ValueError) as e:  # a bad schedule, unset %SETTING% or bad number: one line
         print(f"devstack host: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
     try:

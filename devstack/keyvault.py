@@ -26,9 +26,16 @@ content type ``application/x-pem-file``, or base64 PKCS#12 with ``application/x-
 
 **Key Vault data plane (HTTPS, signed by the devstack CA).**
 * ``GET /secrets/{name}[/{version}]?api-version=…`` → the SecretBundle
-  ``{"value","id","attributes":{"enabled","created","updated","recoveryLevel"},"tags"}``
-  (https://learn.microsoft.com/rest/api/keyvault/secrets/get-secret/get-secret);
+  ``{"value","id","attributes":{"enabled","created","updated","recoveryLevel"[,"exp","nbf"]},"tags"
+  [,"contentType","managed","kid"]}`` (https://learn.microsoft.com/rest/api/keyvault/secrets/get-secret/get-secret);
+  a disabled version answers 403 ``Forbidden`` / ``SecretDisabled``, like Key Vault;
   ``PUT /secrets/{name}?api-version=…`` with ``{"value",…}`` creates a new version (set_secret).
+* ``GET /secrets/{name}/versions?api-version=…[&maxresults=N]`` → ``{"value":[SecretItem…],"nextLink"}``:
+  items are ``{"id","attributes","tags"[,"contentType","managed"]}`` without a value, at most
+  ``maxresults`` (1-25, default 25) per page, in no particular order (Key Vault promises none), and
+  ``nextLink`` is an absolute URL with ``$skiptoken`` while more remain, else ``null``
+  (https://learn.microsoft.com/rest/api/keyvault/secrets/get-secret-versions/get-secret-versions).
+  A name without versions gives an empty list.
 * Errors use Key Vault's body ``{"error":{"code","message"}}``: 404 ``SecretNotFound``, 403
   ``Forbidden`` with ``innererror.code`` ``ForbiddenByRbac`` (what an RBAC vault answers when the
   identity lacks "Key Vault Secrets User"), 401 ``Unauthorized``
@@ -47,8 +54,10 @@ content type ``application/x-pem-file``, or base64 PKCS#12 with ``application/x-
 * The vault accepts only tokens its own identity endpoint issued for ``https://vault.azure.net``
   that have not expired or been revoked, so a missing or wrong token is really refused.
 
-Test controls: :meth:`set_secret`, :meth:`forbid` / :meth:`allow`, :meth:`delete_secret`,
-:meth:`reads` (authenticated reads per secret), :attr:`requests` (every vault request with whether
+Test controls: :meth:`set_secret`, :meth:`set_certificate`, :meth:`update_version` (enable / disable,
+expiry: what ``PATCH /secrets/{name}/{version}`` changes), :meth:`forbid` / :meth:`allow`,
+:meth:`delete_secret`, :meth:`reads` (authenticated reads of values per secret), :meth:`listings`
+(authenticated version-list pages per secret), :attr:`requests` (every vault request with whether
 it carried a valid token — never the token), :attr:`token_requests`, :meth:`revoke_tokens`,
 :meth:`issued_tokens` (for leak checks).
 """
@@ -77,6 +86,7 @@ MSI_API_VERSION = "2019-08-01"
 DEFAULT_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 _NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")  # Key Vault object names: alphanumerics and dashes
 _VERSION_RE = re.compile(r"[0-9a-f]{32}")
+MAX_PAGE_SIZE = 25  # Key Vault's maximum (and default) maxresults
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,19 @@ class _Version:
     content_type: str | None
     created: int
     tags: dict[str, str]
+    enabled: bool = True
+    expires: int | None = None  # attributes.exp (epoch seconds)
+    not_before: int | None = None  # attributes.nbf
+    managed: bool = False  # the secret backs a Key Vault certificate
+
+    def attributes(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"enabled": self.enabled, "created": self.created, "updated": self.created,
+                                 "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90}
+        if self.expires is not None:
+            attrs["exp"] = self.expires
+        if self.not_before is not None:
+            attrs["nbf"] = self.not_before
+        return attrs
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -139,6 +162,7 @@ class KeyVaultDouble:
         self._forbidden: set[str] = set()
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (resource, expires_at)
         self._reads: Counter[str] = Counter()
+        self._listings: Counter[str] = Counter()
         self._requests: list[RecordedRequest] = []
         self._token_requests = 0
         self.msi_header = msi_header or secrets.token_urlsafe(24)
@@ -196,30 +220,46 @@ class KeyVaultDouble:
         return {"IDENTITY_ENDPOINT": self.msi_endpoint, "IDENTITY_HEADER": self.msi_header}
 
     # ------------------------------------------------------------------ controls
-    def set_secret(self, name: str, value: str, *, content_type: str | None = None) -> str:
+    def set_secret(self, name: str, value: str, *, content_type: str | None = None, expires: int | None = None,
+                   not_before: int | None = None, managed: bool = False) -> str:
         """Store a new version of ``name``; returns the version id."""
         if not _NAME_RE.fullmatch(name):
             raise ValueError("Key Vault secret names are 1-127 characters of 0-9 a-z A-Z -")
-        v = _Version(uuid.uuid4().hex, value, content_type, int(time.time()), {})
+        v = _Version(uuid.uuid4().hex, value, content_type, int(time.time()), {}, expires=expires,
+                     not_before=not_before, managed=managed)
         with self._lock:
             self._secrets.setdefault(name.lower(), []).append(v)  # names are case-insensitive
         return v.version
 
     def set_certificate(self, name: str, key_pem: str, cert_pem: str, *, pkcs12: bool = False) -> str:
-        """Store certificate ``name``'s secret as Key Vault does (PEM bundle, or base64 PKCS#12)."""
-        if not pkcs12:
-            return self.set_secret(name, key_pem + cert_pem, content_type="application/x-pem-file")
+        """Store a new version of certificate ``name``'s secret as Key Vault does (PEM bundle, or base64
+        PKCS#12): ``managed``, with the certificate's validity as ``nbf`` / ``exp``. Returns the version id."""
         import base64
 
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.serialization import pkcs12 as p12
 
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        exp, nbf = int(cert.not_valid_after_utc.timestamp()), int(cert.not_valid_before_utc.timestamp())
+        if not pkcs12:
+            return self.set_secret(name, key_pem + cert_pem, content_type="application/x-pem-file", expires=exp,
+                                   not_before=nbf, managed=True)
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
         blob = p12.serialize_key_and_certificates(name.encode(), key, cert, None,  # type: ignore[arg-type]
                                                   serialization.NoEncryption())
-        return self.set_secret(name, base64.b64encode(blob).decode(), content_type="application/x-pkcs12")
+        return self.set_secret(name, base64.b64encode(blob).decode(), content_type="application/x-pkcs12",
+                               expires=exp, not_before=nbf, managed=True)
+
+    def update_version(self, name: str, version: str, *, enabled: bool | None = None,
+                       expires: int | None = None) -> None:
+        """Change a version's attributes, as ``PATCH /secrets/{name}/{version}`` (or the portal) does."""
+        with self._lock:
+            v = next(v for v in self._secrets[name.lower()] if v.version == version)
+            if enabled is not None:
+                v.enabled = enabled
+            if expires is not None:
+                v.expires = expires
 
     def delete_secret(self, name: str) -> None:
         with self._lock:
@@ -238,6 +278,11 @@ class KeyVaultDouble:
         """Authenticated GETs of ``name`` that reached the vault (whatever their outcome)."""
         with self._lock:
             return self._reads[name.lower()]
+
+    def listings(self, name: str) -> int:
+        """Authenticated pages of ``GET /secrets/{name}/versions`` served."""
+        with self._lock:
+            return self._listings[name.lower()]
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -352,44 +397,82 @@ class KeyVaultDouble:
         if len(parts) < 2 or len(parts) > 3 or parts[0] != "secrets":
             return _kv_error(404, "NotFound", "The requested operation is not supported by the Key Vault double.")
         name = parts[1]
+        if len(parts) == 3 and parts[2] == "versions" and _NAME_RE.fullmatch(name):
+            if req.method != "GET":
+                return _kv_error(405, "MethodNotAllowed", "The method is not supported by the Key Vault double.")
+            return self._list_versions(req, name)
         version = parts[2] if len(parts) == 3 and parts[2] else None
         if not _NAME_RE.fullmatch(name) or (version is not None and not _VERSION_RE.fullmatch(version)):
             return _kv_error(400, "BadParameter", "The secret name or version is not valid.")
-        key = name.lower()
         if req.method == "GET":
-            with self._lock:
-                self._reads[key] += 1
-            if self._is_forbidden(key):
-                return self._forbidden_response("getSecret", name)
-            with self._lock:
-                versions = list(self._secrets.get(key, ()))
-            chosen = versions[-1] if versions and version is None else next(
-                (v for v in versions if v.version == version), None
-            )
-            if chosen is None:
-                what = name if version is None else f"{name}/{version}"
-                return _kv_error(
-                    404, "SecretNotFound",
-                    f"A secret with (name/id) {what} was not found in this key vault. If you recently deleted this "
-                    "secret you may be able to recover it using the correct recovery command.",
-                )
-            return self._bundle(name, chosen)
+            return self._get_secret(name, version)
         if req.method == "PUT" and version is None:
-            if self._is_forbidden(key):
-                return self._forbidden_response("setSecret", name)
-            try:
-                body = json.loads(req.get_data() or b"{}")
-                value = body["value"]
-                if not isinstance(value, str):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                return _kv_error(400, "BadParameter", "The request body must be JSON with a string 'value'.")
-            self.set_secret(name, value, content_type=body.get("contentType"))
-            with self._lock:
-                latest = self._secrets[key][-1]
-                latest.tags = dict(body.get("tags") or {})
-            return self._bundle(name, latest)
+            return self._put_secret(req, name)
         return _kv_error(405, "MethodNotAllowed", "The method is not supported by the Key Vault double.")
+
+    def _get_secret(self, name: str, version: str | None) -> Response:
+        key = name.lower()
+        with self._lock:
+            self._reads[key] += 1
+        if self._is_forbidden(key):
+            return self._forbidden_response("getSecret", name)
+        with self._lock:
+            versions = list(self._secrets.get(key, ()))
+        chosen = versions[-1] if versions and version is None else next(
+            (v for v in versions if v.version == version), None
+        )
+        if chosen is None:
+            what = name if version is None else f"{name}/{version}"
+            return _kv_error(
+                404, "SecretNotFound",
+                f"A secret with (name/id) {what} was not found in this key vault. If you recently deleted this "
+                "secret you may be able to recover it using the correct recovery command.",
+            )
+        if not chosen.enabled:
+            return _kv_error(403, "Forbidden", "Operation get is not allowed on a disabled secret.",
+                             inner="SecretDisabled")
+        return self._bundle(name, chosen)
+
+    def _put_secret(self, req: Request, name: str) -> Response:
+        key = name.lower()
+        if self._is_forbidden(key):
+            return self._forbidden_response("setSecret", name)
+        try:
+            body = json.loads(req.get_data() or b"{}")
+            value = body["value"]
+            if not isinstance(value, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return _kv_error(400, "BadParameter", "The request body must be JSON with a string 'value'.")
+        self.set_secret(name, value, content_type=body.get("contentType"))
+        with self._lock:
+            latest = self._secrets[key][-1]
+            latest.tags = dict(body.get("tags") or {})
+        return self._bundle(name, latest)
+
+    def _list_versions(self, req: Request, name: str) -> Response:
+        """One page of SecretItems (no values); ``nextLink`` carries ``$skiptoken`` while more remain."""
+        key = name.lower()
+        if self._is_forbidden(key):
+            return self._forbidden_response("readMetadata", name)
+        try:
+            size = int(req.args.get("maxresults") or MAX_PAGE_SIZE)
+            start = int(req.args.get("$skiptoken") or 0)
+        except ValueError:
+            return _kv_error(400, "BadParameter", "maxresults and $skiptoken must be numbers.")
+        if not 1 <= size <= MAX_PAGE_SIZE or start < 0:
+            return _kv_error(400, "BadParameter", f"maxresults must be between 1 and {MAX_PAGE_SIZE}.")
+        with self._lock:
+            self._listings[key] += 1
+            # Key Vault promises no order; by version id is as good as random, so callers must sort.
+            versions = sorted(self._secrets.get(key, ()), key=lambda v: v.version)
+        page = versions[start:start + size]
+        next_link = None
+        if start + size < len(versions):
+            next_link = (f"{self.url}/secrets/{name}/versions?api-version={req.args['api-version']}"
+                         f"&$skiptoken={start + size}&maxresults={size}")
+        return Response(json.dumps({"value": [self._item(name, v) for v in page], "nextLink": next_link}),
+                        status=200, content_type="application/json; charset=utf-8")
 
     def _is_forbidden(self, key: str) -> bool:
         with self._lock:
@@ -404,21 +487,19 @@ class KeyVaultDouble:
             inner="ForbiddenByRbac",
         )
 
-    def _bundle(self, name: str, v: _Version) -> Response:
-        body: dict[str, Any] = {
-            "value": v.value,
-            "id": f"{self.url}/secrets/{name}/{v.version}",
-            "attributes": {
-                "enabled": True,
-                "created": v.created,
-                "updated": v.created,
-                "recoveryLevel": "Recoverable+Purgeable",
-                "recoverableDays": 90,
-            },
-            "tags": v.tags,
-        }
+    def _item(self, name: str, v: _Version) -> dict[str, Any]:
+        item: dict[str, Any] = {"id": f"{self.url}/secrets/{name}/{v.version}", "attributes": v.attributes(),
+                                "tags": v.tags}
         if v.content_type:
-            body["contentType"] = v.content_type
+            item["contentType"] = v.content_type
+        if v.managed:
+            item["managed"] = True
+        return item
+
+    def _bundle(self, name: str, v: _Version) -> Response:
+        body = {"value": v.value, **self._item(name, v)}
+        if v.managed:
+            body["kid"] = f"{self.url}/keys/{name}/{v.version}"
         return Response(json.dumps(body), status=200, content_type="application/json; charset=utf-8")
 
 

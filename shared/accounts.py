@@ -269,6 +269,17 @@ class AccountStore:
             raise _no_account() from None
         return replace(account, notifications=summary, etag=etag)
 
+    def set_last_event(self, account: Account, at: dt.datetime) -> Account:
+        """MERGE only ``notifications.lastEventAt`` (the status and expiry columns belong to the worker
+        that maintains the subscription: a stale copy must not write them back). NotFoundError when gone."""
+        fields: dict[str, EntityValue] = {"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
+                                          "notifLastEventAt": iso(at) or ""}
+        try:
+            etag = self._table.merge(fields)
+        except NotFoundError:
+            raise _no_account() from None
+        return replace(account, notifications=replace(account.notifications, last_event_at=at), etag=etag)
+
     def delete_account(self, owner: str, account_id: str) -> Account:
         """Destroy the tokens at once, then delete the record."""
         acc = self.get_account(owner, account_id)

@@ -232,6 +232,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MS_CLIENT_CERT_NAME", "ms-client-cert", attr="client_cert_name", parse=_vault_object_name,
             doc="Key Vault certificate name for `MS_CLIENT_CREDENTIAL=certificate` (its private key is read as "
                 "the secret of the same name)."),
+    Setting("MS_CLIENT_CERT_RETRY_SECONDS", "900", attr="client_cert_retry_seconds", parse=_int_between(0, 86400),
+            local_only=True,
+            doc="While Entra rejects the newest version of the certificate (not uploaded to the app registration "
+                "yet) and the previous version is used, the newest is tried again this often (seconds)."),
+    Setting("KEY_VAULT_CACHE_SECONDS", "300", attr="key_vault_cache_seconds", parse=_int_between(0, 3600),
+            local_only=True,
+            doc="How long values read from Key Vault are cached (seconds); a credential Entra rejects is re-read "
+                "at most every 30 s (or this, if shorter) while it stays rejected."),
     Setting("MS_CLIENT_ASSERTION_AUDIENCE", "api://AzureADTokenExchange", attr="client_assertion_audience",
             parse=_assertion_audience,
             doc="Audience of the managed identity's token for `managed_identity` (`api://AzureADTokenExchangeUSGov` "
@@ -333,6 +341,8 @@ class Settings:
     client_secret_name: str
     client_credential: str
     client_cert_name: str
+    client_cert_retry_seconds: int
+    key_vault_cache_seconds: int
     client_assertion_audience: str
     token_keys_secret_name: str
     authority_host: str

@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from shared import delta, subscriptions
@@ -82,7 +82,11 @@ log = logging.getLogger("connector.notifications")
 
 MAX_BODY_BYTES = 1024 * 1024  # a notification batch; Graph's are a few KB
 MAX_ITEMS = 1000
+MAX_UNKNOWN_LOOKUPS = 4  # distinct unknown clientStates a batch may look up; the rest are dropped unread
 IDS_PER_JOB = 100  # message ids per queue message (64 KB queue limit)
+MAX_RECIPIENTS = 50  # toRecipients in a message.received event (toRecipientsCount has the total)
+MAX_TEXT = 1024  # characters kept of a text field of the event (subject, names, bodyPreview, …)
+MAX_SUMMARY_JSON = 24 * 1024  # the event's message summary; a queue message holds 48 KB before base64
 RENEW_BEFORE = dt.timedelta(days=1)
 CATCHUP_EVERY = dt.timedelta(hours=6)  # the safety catch-up
 BASELINE = dt.timedelta(days=1)  # a new delta round lists this much of the Inbox (not announced)
@@ -189,28 +193,42 @@ class Job:
             raise ValueError(type(e).__name__) from None
 
 
-class _StoredToken:
-    """The access token a deleted account still holds in memory (disconnect): never refreshed."""
+@dataclass
+class _Batch:
+    """What one notification batch has looked up (each clientState is read at most once per batch)."""
 
-    def __init__(self, access_token: str) -> None:
-        self._token = access_token
-
-    def get(self) -> str:
-        return self._token
-
-    def refresh(self, stale: str) -> str:
-        raise ReauthRequiredError("The account was disconnected.")
+    pointers: dict[str, Pointer | None] = field(default_factory=dict)
+    unknown: int = 0
 
 
 def message_summary(m: dict[str, object]) -> dict[str, object]:
-    """The ``message`` of ``message.received``: Graph's fields, addresses flattened like the API's."""
+    """The ``message`` of ``message.received``: Graph's fields, addresses flattened like the API's.
+
+    Bounded so the event always fits a queue message (64 KiB of base64, JSON with non-ASCII escaped):
+    the first :data:`MAX_RECIPIENTS` ``toRecipients`` (fewer when still too large) with
+    ``toRecipientsCount`` telling how many there are, and text fields cut at :data:`MAX_TEXT` characters."""
     from shared.messages import map_summary
 
     s = map_summary(dict(m))
-    out: dict[str, object] = {k: s.get(k) for k in ("id", "subject", "from", "toRecipients", "receivedDateTime",
-                                                     "conversationId", "hasAttachments", "bodyPreview", "isRead")}
-    out["internetMessageId"] = m.get("internetMessageId")
+    recipients = [_address(r) for r in s.get("toRecipients") or []]
+    out: dict[str, object] = {k: _cut(s.get(k)) for k in ("id", "subject", "receivedDateTime", "conversationId",
+                                                          "hasAttachments", "bodyPreview", "isRead")}
+    out["from"] = _address(s.get("from"))
+    out["internetMessageId"] = _cut(m.get("internetMessageId"))
+    out["toRecipientsCount"] = len(recipients)
+    kept = recipients[:MAX_RECIPIENTS]
+    while kept and len(json.dumps({**out, "toRecipients": kept})) > MAX_SUMMARY_JSON:
+        kept = kept[:len(kept) // 2]
+    out["toRecipients"] = kept
     return out
+
+
+def _cut(value: object) -> object:
+    return value[:MAX_TEXT] if isinstance(value, str) else value
+
+
+def _address(value: object) -> object:
+    return {k: _cut(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class Notifications:
@@ -249,8 +267,9 @@ class Notifications:
         jobs: dict[tuple[str, str, str], list[str]] = {}
         lifecycle: list[Job] = []
         dropped = 0
+        batch = _Batch()
         for c in changes:
-            ptr = self._pointer(c)
+            ptr = self._pointer(c, batch)
             if ptr is None:
                 dropped += 1
             elif c.lifecycle_event:
@@ -267,17 +286,31 @@ class Notifications:
                                     "reason": "unknown subscription or wrong clientState"}))
         return len(changes) - dropped, dropped
 
-    def _pointer(self, c: Change) -> Pointer | None:
+    def _pointer(self, c: Change, batch: _Batch) -> Pointer | None:
+        """The subscription of a notification's clientState: from the batch, the process cache, or one
+        storage read. After :data:`MAX_UNKNOWN_LOOKUPS` unknown clientStates a batch reads no more."""
         if not c.client_state:
             return None
-        key = subscriptions.client_key(c.client_state)
+        if c.client_state in batch.pointers:
+            ptr = batch.pointers[c.client_state]
+        elif batch.unknown >= MAX_UNKNOWN_LOOKUPS:
+            return None
+        else:
+            ptr = batch.pointers[c.client_state] = self._lookup(c.client_state)
+            batch.unknown += ptr is None
+        if ptr is None or (ptr.subscription_id and ptr.subscription_id != c.subscription_id):
+            return None
+        return ptr
+
+    def _lookup(self, client_state: str) -> Pointer | None:
+        key = subscriptions.client_key(client_state)
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(key)
-        ptr = hit[0] if hit is not None and hit[1] > now else self._store.lookup(c.client_state)
-        if ptr is None or (ptr.subscription_id and ptr.subscription_id != c.subscription_id):
-            return None
-        if hit is None and ptr.subscription_id:
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        ptr = self._store.lookup(client_state)
+        if ptr is not None and ptr.subscription_id:  # bound pointers only: an unbound one changes soon
             with self._cache_lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
@@ -299,21 +332,28 @@ class Notifications:
             return account
 
     def on_disconnect(self, account: Account) -> None:
-        """The account was deleted: delete its Graph subscription with the access token it still holds
-        in memory (never refreshed: the grant is being destroyed), then our rows. Never raises."""
+        """The account is about to be deleted: delete its Graph subscription while the grant still exists
+        (one token refresh allowed), then our rows. Never raises: the deletion goes on regardless, and a
+        subscription left behind expires by itself within days."""
         try:
             state = self._store.get(account.owner, account.id)
-            if state is None:
-                return
-            if state.subscription_id and account.sealed_tokens:
-                tokens = self._accounts.open_tokens(account)
-                if tokens.expires_at > utcnow() + dt.timedelta(minutes=1):
-                    subscriptions.delete(self._graph, _StoredToken(tokens.access_token), account.mailbox_key,
-                                         state.subscription_id)
+        except ConnectorError as e:
+            log.warning("subscription of disconnected %s not deleted (%s); it expires by itself", account.id, e.code)
+            return
+        if state is None:
+            return
+        if state.subscription_id:
+            try:
+                subscriptions.delete(self._graph, AccountTokenSource(self._tokens, account), account.mailbox_key,
+                                     state.subscription_id)
+            except Exception as e:
+                log.warning("subscription of disconnected %s not deleted (%s); it expires by itself", account.id,
+                            e.code if isinstance(e, ConnectorError) else type(e).__name__)
+        try:
             self._unindex(state)
             self._store.delete(state)
         except ConnectorError as e:
-            log.warning("subscription of disconnected %s not deleted (%s); it expires by itself", account.id, e.code)
+            log.warning("rows of disconnected %s not deleted (%s); the daily reconciliation will", account.id, e.code)
 
     def check(self, account: Account) -> tuple[bool, str, str | None]:
         """The diagnose check: (ok, detail, hint)."""
@@ -393,10 +433,12 @@ class Notifications:
             outcome = self._failed(job, "reauth_required", retry=None)
         except _TRANSIENT as e:
             outcome = self._retry_later(job, e)
-        except ConnectorError as e:
-            log.warning("notification job %s for %s failed: %s", job.kind, job.account_id, e.code)
+        except Exception as e:  # ours, or e.g. a second DeltaExpiredError, a link outside Graph, a bad answer
+            code = e.code if isinstance(e, ConnectorError) else "internal_error"
+            log.warning("notification job %s for %s failed: %s (%s)", job.kind, job.account_id, code,
+                        type(e).__name__)
             # One unreadable message is not a broken subscription; the safety catch-up tries it again.
-            outcome = "failed" if job.kind == "changes" else self._failed(job, e.code, retry=FAILED_RETRY)
+            outcome = "failed" if job.kind == "changes" else self._failed(job, code, retry=FAILED_RETRY)
         log.info(json.dumps({"event": "notifications.job", "kind": job.kind, "accountId": job.account_id,
                              "outcome": outcome}))
         return outcome
@@ -429,11 +471,13 @@ class Notifications:
             acc = self._accounts.get_account(job.owner, job.account_id)
         except NotFoundError:
             state = self._store.get(job.owner, job.account_id)
+            self._unindex(state or SubscriptionState(job.owner, job.account_id), job.rearm)
             if state is not None:
-                self._unindex(state)
                 self._store.delete(state)
             return "gone"
-        if acc.status != ACTIVE:
+        if acc.status != ACTIVE:  # reauth_required: a re-connect subscribes again (on_connected)
+            if job.rearm:
+                self._unindex(SubscriptionState(job.owner, job.account_id), job.rearm)
             return "inactive"
         if job.kind == "changes":  # the hot path needs only the account (one read)
             return acc, SubscriptionState(job.owner, job.account_id)
@@ -533,7 +577,7 @@ class Notifications:
         now = utcnow()
         sent = 0
         for mid in job.ids:
-            if not self._claim(acc.id, mid, now):
+            if not self._claim(acc.id, mid):
                 continue
             try:
                 msg = self._graph.get_json(f"me/messages/{mid}", mailbox=acc.mailbox_key, token=token,
@@ -547,6 +591,9 @@ class Notifications:
             except Exception:
                 self._release(acc.id, mid)
                 raise
+            if _too_old(msg, now):  # e.g. old mail moved back into the Inbox: not new mail
+                self._mark(acc.id, mid, "old")
+                continue
             sent += self._emit(acc, mid, msg)
         if sent:
             self._note_event(token.account, now)
@@ -555,26 +602,34 @@ class Notifications:
     def _announce(self, acc: Account, item: dict[str, object], now: dt.datetime) -> int:
         """A message found by delta: announced unless already announced (or too old to be new)."""
         mid = str(item["id"])
-        received = _parse_time(item.get("receivedDateTime"))
-        if received is not None and received < now - DEDUP_WINDOW + dt.timedelta(days=1):
+        if _too_old(item, now):
             return 0
-        return self._emit(acc, mid, item, source="catch_up") if self._claim(acc.id, mid, now) else 0
+        return self._emit(acc, mid, item, source="catch_up") if self._claim(acc.id, mid) else 0
 
     def _emit(self, acc: Account, mid: str, msg: dict[str, object], *, source: str = "notification") -> int:
+        """Enqueue ``message.received``. A message the queue refuses (not a transient failure) is marked
+        ``rejected`` and skipped, so it can never stop a catch-up; a transient failure releases the claim."""
         try:
             self._webhooks.enqueue_message_received(acc.id, message_summary(msg))
-        except Exception:
+        except _TRANSIENT:
             self._release(acc.id, mid)
             raise
+        except Exception as e:
+            self._mark(acc.id, mid, "rejected")
+            log.error(json.dumps({"event": "notifications.rejected", "accountId": acc.id,
+                                  "reason": e.code if isinstance(e, ConnectorError) else type(e).__name__}))
+            return 0
         self._mark(acc.id, mid, "sent")
         received = _parse_time(msg.get("receivedDateTime"))
         if received is not None:
             self._telemetry.notification_lag((dt.datetime.now(dt.UTC) - received).total_seconds(), source=source)
         return 1
 
-    def _claim(self, account_id: str, mid: str, now: dt.datetime) -> bool:
-        """Claim a message id for announcing; False when it is (being) announced already."""
+    def _claim(self, account_id: str, mid: str) -> bool:
+        """Claim a message id for announcing; False when it is (being) announced already. The claim's time
+        is the clock's, not the job's start, so a long job's fresh claim never looks abandoned."""
         pk, rk = account_id, _seen_key(mid)
+        now = utcnow()
         row = {"PartitionKey": pk, "RowKey": rk, "state": "claimed", "at": iso(now),
                "expiresAt": iso(now + DEDUP_WINDOW)}
         try:
@@ -610,8 +665,12 @@ class Notifications:
 
     def _note_event(self, acc: Account, now: dt.datetime) -> None:
         last = acc.notifications.last_event_at
-        if last is None or now - last >= LAST_EVENT_EVERY:
-            self._summary(acc, replace(acc.notifications, last_event_at=now))
+        if last is not None and now - last < LAST_EVENT_EVERY:
+            return
+        try:  # best effort, and only lastEventAt: this copy's status may be stale (pending → active meanwhile)
+            self._accounts.set_last_event(acc, now)
+        except ConnectorError as e:
+            log.debug("lastEventAt of %s not written: %s", acc.id, e.code)
 
     def _summary(self, acc: Account, summary: NotificationSummary) -> None:
         if summary == acc.notifications:
@@ -666,6 +725,13 @@ class Notifications:
 
 def _seen_key(mid: str) -> str:
     return hashlib.sha256(mid.encode()).hexdigest()[:48]
+
+
+def _too_old(msg: dict[str, object], now: dt.datetime) -> bool:
+    """Received before the de-duplication window (less a day of margin): never announced as new, since its
+    de-duplication row may be gone already."""
+    received = _parse_time(msg.get("receivedDateTime"))
+    return received is not None and received < now - DEDUP_WINDOW + dt.timedelta(days=1)
 
 
 def _parse_time(value: object) -> dt.datetime | None:

@@ -49,6 +49,7 @@ from shared.storage import etag_of
 if TYPE_CHECKING:
     import requests
 
+    from shared.client_credentials import ClientCredential
     from shared.secret_store import SecretStore
     from shared.storage import Table
 
@@ -61,6 +62,9 @@ STATE_MAC_PURPOSE = "oauth-state-partition/v1"
 MAX_PENDING_STATES_PER_OWNER = 10
 _RESERVED_SCOPES = {"openid", "profile", "offline_access"}
 PROMPTS = ("select_account", "consent", "login")
+#: Credentials presented per token call: the cached one, then a re-read or rotated one, then (certificates) the
+#: newest again after the previous version was rejected too.
+MAX_CREDENTIAL_ATTEMPTS = 3
 
 
 class _NoTokenCache:
@@ -118,9 +122,12 @@ class OAuthClient:
 
     # -- MSAL app -----------------------------------------------------------------------------
     def _msal_app(self) -> Any:
+        return self._msal_app_for(self._secrets.client_credential())
+
+    def _msal_app_for(self, credential: ClientCredential) -> Any:
         # MS_CLIENT_CREDENTIAL: the secret, {"private_key", "public_certificate"} (MSAL signs the assertion)
-        # or {"client_assertion": <managed identity token callable>}; rebuilt when it is rotated.
-        credential = self._secrets.client_credential()
+        # or {"client_assertion": <managed identity token callable>}; rebuilt when it is rotated (or, for a
+        # certificate, when the previous version is presented while Entra does not know the newest).
         with self._lock:
             if self._app is None or credential.version != self._app_version:
                 import msal
@@ -259,42 +266,52 @@ class OAuthClient:
         return self._call_token_endpoint(lambda app: app.acquire_token_by_refresh_token(refresh_token, wanted))
 
     def _call_token_endpoint(self, call: Any) -> TokenResult:
-        from msal.oauth2cli.oidc import IdTokenError
-
-        for attempt in (1, 2):
-            try:
-                raw = call(self._msal_app())
-            except json.JSONDecodeError:
-                # An answer that is not JSON (a proxy's or load balancer's error page): transient.
-                raise UpstreamUnavailableError("The Microsoft token endpoint answered with something that is not "
-                                               "JSON.", hint="Transient; retry shortly.") from None
-            except IdTokenError as e:  # id token nonce / issuer / audience check failed
-                raise OAuthError(f"The sign-in response failed validation ({type(e).__name__}).",
-                                 code="invalid_id_token", hint="Start the connect flow again.") from None
-            except ValueError as e:  # MSAL raises ValueError for state mismatch and similar
-                raise OAuthError(f"The sign-in response was rejected: {str(e)[:120]}", code="invalid_callback") \
-                    from None
-            except ConnectorError:
-                raise
-            except Exception as e:  # network errors and 5xx (MSAL raises on 5xx)
-                raise UpstreamUnavailableError(
-                    f"The Microsoft token endpoint could not be reached ({type(e).__name__}).",
-                    hint="Transient; retry shortly.") from None
-            if "error" in raw:
-                err = from_token_error(raw, context=self._error_context())
-                if is_invalid_client(err):
-                    if attempt == 1 and err.code in CLIENT_CREDENTIAL_REJECTED:
-                        # The secret or certificate may have been rotated in Key Vault, or the managed
-                        # identity's assertion gone stale: re-read it once, retry once.
-                        self._secrets.invalidate_client_credential()
-                        continue
-                    self.operator_alert = err
-                    log.error("Entra rejected the app's client credentials: %s (%s)", err.code,
-                              err.microsoft.codes if err.microsoft else "")
+        credential = self._secrets.client_credential()
+        for attempt in range(1, MAX_CREDENTIAL_ATTEMPTS + 1):
+            raw = _invoke_token_call(call, self._msal_app_for(credential))
+            if "error" not in raw:
+                self._secrets.accept_client_credential(credential)
+                self.operator_alert = None
+                return _token_result(raw)
+            err = from_token_error(raw, context=self._error_context())
+            if not is_invalid_client(err):
                 raise err
-            self.operator_alert = None
-            return _token_result(raw)
+            # The secret or certificate may have been rotated in Key Vault (or the newest certificate is not on
+            # the app registration yet), or the managed identity's assertion gone stale: the store re-reads it
+            # (throttled) and names the credential to present instead, if any.
+            retry = (self._secrets.reject_client_credential(credential, err.code)
+                     if attempt < MAX_CREDENTIAL_ATTEMPTS and err.code in CLIENT_CREDENTIAL_REJECTED else None)
+            if retry is not None:
+                credential = retry
+                continue
+            self.operator_alert = err
+            log.error("Entra rejected the app's client credentials: %s (%s)", err.code,
+                      err.microsoft.codes if err.microsoft else "")
+            raise err
         raise OperatorError("unreachable")  # pragma: no cover
+
+
+def _invoke_token_call(call: Any, app: Any) -> dict[str, Any]:
+    """Run one MSAL token call; MSAL's exceptions become connector errors (the answer's ``error`` is not looked at)."""
+    from msal.oauth2cli.oidc import IdTokenError
+
+    try:
+        return dict(call(app))
+    except json.JSONDecodeError:
+        # An answer that is not JSON (a proxy's or load balancer's error page): transient.
+        raise UpstreamUnavailableError("The Microsoft token endpoint answered with something that is not "
+                                       "JSON.", hint="Transient; retry shortly.") from None
+    except IdTokenError as e:  # id token nonce / issuer / audience check failed
+        raise OAuthError(f"The sign-in response failed validation ({type(e).__name__}).",
+                         code="invalid_id_token", hint="Start the connect flow again.") from None
+    except ValueError as e:  # MSAL raises ValueError for state mismatch and similar
+        raise OAuthError(f"The sign-in response was rejected: {str(e)[:120]}", code="invalid_callback") from None
+    except ConnectorError:
+        raise
+    except Exception as e:  # network errors and 5xx (MSAL raises on 5xx)
+        raise UpstreamUnavailableError(
+            f"The Microsoft token endpoint could not be reached ({type(e).__name__}).",
+            hint="Transient; retry shortly.") from None
 
 
 _PARTITION_PREFIX = "s-"

@@ -20,12 +20,24 @@ With ``KEY_VAULT_URL`` set, both values are Key Vault secrets (``MS_CLIENT_SECRE
   (the ``devstack.keyvault`` double) can never pass that check, so — only for ``localhost`` /
   ``127.0.0.1`` / ``::1`` vault URLs — the client is built with ``verify_challenge_resource=False``.
   (https://aka.ms/azsdk/blog/vault-uri)
-* **Caching.** Each value is kept in memory for ``ttl_seconds`` (failures for ``error_ttl_seconds``,
-  so a vault outage does not turn every request into a vault call); concurrent callers share one
-  read. :meth:`SecretStore.invalidate_client_credential` drops the cached credential: the OAuth module
-  calls it once when Entra rejects it (AADSTS7000215 / 7000222 for a secret, 700027 for a
-  certificate, 700024 / 70021 for a managed identity's assertion) and retries once, which picks up a
-  secret or certificate rotated in the vault without a restart.
+* **Caching.** Each value is kept in memory for ``ttl_seconds`` (``KEY_VAULT_CACHE_SECONDS``; failures
+  for ``error_ttl_seconds``, so a vault outage does not turn every request into a vault call);
+  concurrent callers share one read.
+* **Rejected credentials.** When Entra rejects the app's credential (AADSTS7000215 / 7000222 for a
+  secret, 700027 for a certificate, 700024 / 70021 for a managed identity's assertion) the OAuth module
+  calls :meth:`SecretStore.reject_client_credential`, which re-reads it so a secret or certificate
+  rotated in the vault is picked up without a restart, and says whether a retry can present another
+  one. The re-read is skipped while the cached value was read less than :data:`REREAD_INTERVAL_S`
+  ago (or the TTL, if shorter) and Entra has accepted nothing since: a credential that stays
+  rejected (an expired secret) costs one vault read per interval, not one per token request.
+  :meth:`SecretStore.accept_client_credential` records each acceptance.
+* **Certificate rotation.** Key Vault renews a certificate as a new version with a new key, which
+  Entra does not know until it is uploaded to the app registration. When Entra rejects the newest
+  version with AADSTS700027, the previous enabled, unexpired version of the certificate's secret
+  (``list_properties_of_secret_versions`` + ``get_secret(name, version)``) is presented instead, and
+  the newest is tried again every ``MS_CLIENT_CERT_RETRY_SECONDS`` (see ``shared.certificate_rotation``);
+  :meth:`SecretStore.client_credential_warning` is the operator hint for ``/api/health``. Listing
+  needs the *list* (``secrets/readMetadata``) permission, which *Key Vault Secrets User* includes.
 * **The app's credential** (``MS_CLIENT_CREDENTIAL``, see ``shared.client_credentials``):
   :meth:`SecretStore.client_credential` is what MSAL takes: the secret, the certificate read as the
   secret of ``MS_CLIENT_CERT_NAME``, or the managed identity's assertion callable.
@@ -43,12 +55,15 @@ Azure SDK modules are imported lazily, on the first read: cold start matters on 
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from shared.certificate_rotation import CertificateRotation, CertificateVersion
 from shared.client_credentials import (
     CertificateError,
     ClientCertificate,
@@ -69,6 +84,13 @@ if TYPE_CHECKING:
 SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
 #: (connect, read) timeouts in seconds for Key Vault requests.
 SDK_TIMEOUTS: dict[str, float] = {"connection_timeout": 5, "read_timeout": 30}
+#: While Entra keeps rejecting the app's credential, Key Vault is re-read at most this often (seconds).
+REREAD_INTERVAL_S = 30.0
+#: At most this many earlier versions of the certificate are read when looking for a fallback.
+MAX_FALLBACK_READS = 5
+
+log = logging.getLogger("connector.secrets")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 _RBAC_HINT = (
     "Grant the function app's managed identity the 'Key Vault Secrets User' role on the vault "
@@ -95,11 +117,17 @@ def default_credential(settings: Settings) -> Any:
 _is_loopback = is_loopback_host
 
 
+class _Fetched(NamedTuple):
+    value: str
+    version: str  # Key Vault version id ("" when the client does not say)
+
+
 @dataclass(frozen=True)
 class _Entry:
     expires_at: float
     value: Any = None
     error: SecretUnavailableError | None = None
+    read_at: float = 0.0
 
     def unwrap(self) -> Any:
         if self.error is not None:
@@ -115,16 +143,24 @@ class SecretStore:
         settings: Settings,
         *,
         credential: Any = None,
-        ttl_seconds: float = 300,
+        ttl_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         secret_client_factory: SecretClientFactory | None = None,
         error_ttl_seconds: float = 5,
         assertion_credential: Any = None,
+        cert_retry_seconds: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._vault = settings.key_vault_url
         self._credential = credential
-        self._ttl = ttl_seconds
+        self._ttl = float(settings.key_vault_cache_seconds if ttl_seconds is None else ttl_seconds)
+        self._reread_s = min(REREAD_INTERVAL_S, self._ttl)
+        self._accepted_at = float("-inf")  # when Entra last accepted the app's credential (clock)
+        self._searched_at: float | None = None  # when earlier certificate versions were last looked up
+        self._wall = wall_clock
+        retry = settings.client_cert_retry_seconds if cert_retry_seconds is None else cert_retry_seconds
+        self._rotation = CertificateRotation(retry, clock=clock, wall_clock=wall_clock)
         self._error_ttl = error_ttl_seconds
         self._clock = clock
         self._factory = secret_client_factory
@@ -178,7 +214,11 @@ class SecretStore:
         return self._get(self._settings.token_keys_secret_name, self._as_key_ring)
 
     def client_certificate(self) -> ClientCertificate:
-        """The certificate credential: Key Vault certificate ``MS_CLIENT_CERT_NAME``, read as its secret."""
+        """The certificate presented to Entra: the newest version of Key Vault certificate ``MS_CLIENT_CERT_NAME``
+        (read as its secret), or the previous one while Entra rejects the newest (``shared.certificate_rotation``)."""
+        return self._rotation.choose(self._newest_certificate()).cert
+
+    def _newest_certificate(self) -> CertificateVersion:
         if not self._vault:
             raise SecretUnavailableError(
                 "MS_CLIENT_CREDENTIAL=certificate needs KEY_VAULT_URL.", secret_name=self._settings.client_cert_name,
@@ -194,8 +234,38 @@ class SecretStore:
             return ClientCredential("managed_identity", "managed-identity", {"client_assertion": self._assertion})
         return secret_credential(self.client_secret())
 
+    def reject_client_credential(self, credential: ClientCredential, code: str) -> ClientCredential | None:
+        """Entra rejected ``credential`` (product error ``code``): the credential to present instead, or None.
+
+        Re-reads it (throttled, see the module doc); for a certificate Entra does not know
+        (``invalid_client_certificate``, AADSTS700027) falls back to the previous version.
+        """
+        kind = self._settings.client_credential
+        if kind == "managed_identity":
+            self._assertion.invalidate()  # a new token from the identity endpoint: worth one retry
+            return self.client_credential()
+        if kind == "certificate":
+            cert = self._certificate_rejected(credential, code)
+            return None if cert is None else certificate_credential(cert.cert)
+        if not self._reread(self._settings.client_secret_name):
+            return None
+        fresh = self.client_credential()
+        return fresh if fresh.version != credential.version else None
+
+    def accept_client_credential(self, credential: ClientCredential) -> None:
+        """Entra accepted ``credential``: a later rejection re-reads at once; a newest certificate ends the fallback."""
+        self._accepted_at = self._clock()
+        if credential.kind == "certificate":
+            self._rotation.accepted(credential.version)
+
+    def client_credential_warning(self) -> dict[str, str] | None:
+        """An operator hint while the previous certificate is presented because Entra rejects the newest."""
+        status = self._rotation.status() if self._settings.client_credential == "certificate" else None
+        return None if status is None else status.health(self._settings.client_cert_name)
+
     def invalidate_client_credential(self) -> None:
-        """Entra rejected the credential: the next :meth:`client_credential` reads it (or a new assertion) afresh."""
+        """Forget the cached credential unconditionally: the next :meth:`client_credential` reads it (or a new
+        assertion) afresh."""
         kind = self._settings.client_credential
         if kind == "certificate":
             self._invalidate(self._settings.client_cert_name)
@@ -246,7 +316,24 @@ class SecretStore:
         with self._locks[name]:  # waits for a read in flight, so the next call really re-reads
             self._cache.pop(name, None)
 
-    def _get(self, name: str, transform: Callable[[str, str], Any]) -> Any:
+    def _reread(self, name: str) -> bool:
+        """Invalidate ``name`` after a rejection, unless it was read within the re-read interval and Entra has
+        accepted nothing since (it stays rejected: re-reading the vault per token request would not help)."""
+        if not self._vault:
+            return False
+        entry = self._cache.get(name)
+        if entry is not None and self._clock() - entry.read_at < self._reread_s and self._accepted_at < entry.read_at:
+            log.info("Not re-reading %s from Key Vault: read %.0f s ago and still rejected.", name,
+                     self._clock() - entry.read_at)
+            return False
+        self._invalidate(name)
+        return True
+
+    def _search_allowed(self) -> bool:
+        at = self._searched_at
+        return at is None or self._clock() - at >= self._reread_s or self._accepted_at > at
+
+    def _get(self, name: str, transform: Callable[[str, _Fetched], Any]) -> Any:
         entry = self._cache.get(name)
         if entry is not None and self._clock() < entry.expires_at:
             return entry.unwrap()
@@ -259,8 +346,69 @@ class SecretStore:
             except SecretUnavailableError as exc:
                 self._cache[name] = _Entry(expires_at=self._clock() + self._error_ttl, error=exc.copy())
                 raise
-            self._cache[name] = _Entry(expires_at=self._clock() + self._ttl, value=value)
+            now = self._clock()
+            self._cache[name] = _Entry(expires_at=now + self._ttl, value=value, read_at=now)
             return value
+
+    # ------------------------------------------------------------------ certificate rotation
+    def _certificate_rejected(self, credential: ClientCredential, code: str) -> CertificateVersion | None:
+        if self._rotation.is_fallback(credential.version):
+            self._rotation.fallback_rejected(credential.version)
+            return self._newest_certificate()  # the previous version is gone from Entra: the newest again
+        if self._reread(self._settings.client_cert_name):
+            newest = self._newest_certificate()
+            if newest.thumbprint != credential.version:
+                return newest  # rotated in the vault to a version Entra may know
+        if code != "invalid_client_certificate":
+            return None
+        return self._fall_back(credential)
+
+    def _fall_back(self, rejected: ClientCredential) -> CertificateVersion | None:
+        """Entra does not know the newest version: present the previous one (looked up at most once per
+        re-read interval while nothing is accepted; else the one known from before)."""
+        newest = self._newest_certificate()
+        if newest.thumbprint != rejected.version:
+            return newest  # another version is the newest by now
+        if self._search_allowed():
+            self._searched_at = self._clock()
+            previous = self._previous_certificate(newest)
+        else:
+            previous = self._rotation.held()
+        if previous is not None:
+            self._rotation.engage(newest, previous)
+        return previous
+
+    def _previous_certificate(self, newest: CertificateVersion) -> CertificateVersion | None:
+        """The most recent other enabled, unexpired version of the certificate that Entra has not just rejected."""
+        name = self._settings.client_cert_name
+        skip = self._rotation.excluded() | {newest.thumbprint}
+        for version in self._candidate_versions(name, newest.version)[:MAX_FALLBACK_READS]:
+            try:
+                found = self._as_certificate(name, self._fetch(name, version))
+            except SecretUnavailableError as exc:
+                log.warning("Skipping version %s of the Key Vault certificate %s (%s).", version, name, exc.reason)
+                continue
+            if found.thumbprint not in skip and found.cert.not_after > self._wall():
+                return found
+        log.warning("Entra rejects the newest version of the Key Vault certificate %s and no earlier enabled, "
+                    "unexpired version is left to fall back on.", name)
+        return None
+
+    def _candidate_versions(self, name: str, newest_version: str) -> list[str]:
+        """Version ids of ``name`` other than the newest that are enabled and valid now, most recent first."""
+        from azure.core.exceptions import AzureError
+
+        now = dt.datetime.fromtimestamp(self._wall(), dt.timezone.utc)
+        try:
+            items = list(self._secret_client().list_properties_of_secret_versions(name))
+        except AzureError as exc:
+            log.warning("Could not list the versions of the Key Vault certificate %s (%s); no fallback.", name,
+                        self._map_error(name, exc).reason)
+            return []
+        usable = [p for p in items if p.version and p.version != newest_version and p.enabled is not False
+                  and (p.expires_on is None or p.expires_on > now) and (p.not_before is None or p.not_before <= now)]
+        usable.sort(key=lambda p: p.created_on or _EPOCH, reverse=True)  # Key Vault lists in no given order
+        return [str(p.version) for p in usable]
 
     # ------------------------------------------------------------------ Key Vault
     def _secret_client(self) -> Any:
@@ -292,11 +440,12 @@ class SecretStore:
             kwargs["verify_challenge_resource"] = False
         return SecretClient(vault_url, credential, **kwargs)
 
-    def _fetch(self, name: str) -> str:
+    def _fetch(self, name: str, version: str | None = None) -> _Fetched:
         from azure.core.exceptions import AzureError
 
         try:
-            secret = self._secret_client().get_secret(name)
+            client = self._secret_client()
+            secret = client.get_secret(name, version) if version else client.get_secret(name)
         except AzureError as exc:
             raise self._map_error(name, exc) from None
         value = getattr(secret, "value", None)
@@ -306,7 +455,7 @@ class SecretStore:
                 secret_name=name, vault=self._vault, reason="empty",
                 hint=f"Set a value for the secret '{name}' in {self._vault}.",
             )
-        return value
+        return _Fetched(value, str(getattr(getattr(secret, "properties", None), "version", None) or ""))
 
     def _map_error(self, name: str, exc: Exception) -> SecretUnavailableError:
         from azure.core.exceptions import (
@@ -355,14 +504,14 @@ class SecretStore:
 
     # ------------------------------------------------------------------ transforms
     @staticmethod
-    def _as_client_secret(name: str, raw: str) -> str:
+    def _as_client_secret(name: str, raw: _Fetched) -> str:
         # Entra client secrets contain no whitespace; a trailing newline pasted into the vault would break
         # every token request.
-        return raw.strip()
+        return raw.value.strip()
 
-    def _as_certificate(self, name: str, raw: str) -> ClientCertificate:
+    def _as_certificate(self, name: str, raw: _Fetched) -> CertificateVersion:
         try:
-            return parse_certificate(raw)
+            return CertificateVersion(raw.version, parse_certificate(raw.value))
         except CertificateError as exc:
             raise SecretUnavailableError(
                 f"The Key Vault certificate '{name}' in {self._vault} is not usable: {exc}.",
@@ -371,11 +520,11 @@ class SecretStore:
                 "(PEM or PKCS#12 content type); its secret of the same name must hold key and certificate.",
             ) from None
 
-    def _as_key_ring(self, name: str, raw: str) -> KeyRing:
+    def _as_key_ring(self, name: str, raw: _Fetched) -> KeyRing:
         from shared.crypto import KeyRing
 
         try:
-            return KeyRing.from_json(raw, setting=name)
+            return KeyRing.from_json(raw.value, setting=name)
         except ConfigurationError as exc:
             raise SecretUnavailableError(
                 f"The Key Vault secret '{name}' in {self._vault} is not a valid token key ring: {exc.detail}",

@@ -307,9 +307,11 @@ class Connector:
         return self.accounts.get_account(owner, account_id).to_public()
 
     def delete_account(self, owner: str, account_id: str) -> None:
+        # The Graph subscription goes first, while the grant exists (a refresh may be needed); never raises,
+        # so the record (and with it the tokens) is deleted even when Graph could not be reached.
+        self.notifications.on_disconnect(self.accounts.get_account(owner, account_id))
         acc = self.accounts.delete_account(owner, account_id)
         self.refresh_index.remove(acc)
-        self.notifications.on_disconnect(acc)  # deletes the Graph subscription; never raises
         self.telemetry.account_status("disconnected", event="disconnected")
         self.webhooks.emit("account.disconnected", replace(acc, status="disconnected").to_public())
 
@@ -408,6 +410,8 @@ class Connector:
             alert = None
         checks["appRegistration"] = ({"ok": True} if alert is None else
                                      {"ok": False, "code": alert.code, "detail": alert.detail, "hint": alert.hint})
+        if alert is None:  # working, but on the previous certificate: the operator has something to do
+            checks["appRegistration"].update(self.secrets.client_credential_warning() or {})
         return all(c["ok"] for c in checks.values()), checks
 
 

@@ -4,8 +4,10 @@
   404 → :class:`~shared.errors.NotFoundError`, 409 → :class:`~shared.errors.ConflictError`
   (``already_exists``), 412 → :class:`~shared.errors.ConflictError` (``etag_conflict``), and
   anything that means "storage is not answering" (connection refused or reset, timeouts, 408,
-  429, 5xx) → :class:`~shared.errors.StorageUnavailableError` (503 with ``Retry-After``). No
-  storage condition reaches a caller as a 500.
+  429, 5xx) → :class:`~shared.errors.StorageUnavailableError` (503 with ``Retry-After``); any
+  other refusal (413 a record or message too large, 400 …) → a :class:`~shared.errors.ConnectorError`
+  (``storage_payload_too_large`` / ``storage_rejected``, 500: our request was wrong), never a raw
+  azure-core error.
 * **Budgets.** Each call has connect/read timeouts and a bounded retry budget, so an HTTP request
   gets its 503 within about 15 s when storage hangs (``INTERACTIVE``). Timers and queue workers
   may wait longer: their entry points run inside :func:`background_budget`.
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict, TypeVar
 
-from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
+from shared.errors import ConflictError, ConnectorError, NotFoundError, PayloadTooLargeError, StorageUnavailableError
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -111,6 +113,14 @@ def unavailable(what: str) -> StorageUnavailableError:
                                    hint="Retry after the given delay; nothing was changed by this request.")
 
 
+def rejected(status: int) -> ConnectorError:
+    """Storage refused the request itself (4xx): retrying the same call cannot succeed."""
+    if status == 413:
+        return PayloadTooLargeError("The storage service refused the record as too large (413).",
+                                    code="storage_payload_too_large", status=500)
+    return ConnectorError(f"The storage service refused the request ({status}).", code="storage_rejected")
+
+
 def mapped(call: Callable[[], T]) -> T:
     """Run one storage call; translate azure-core's errors into the exception tree."""
     from azure.core.exceptions import (
@@ -142,7 +152,7 @@ def mapped(call: Callable[[], T]) -> T:
             raise ConflictError("The record changed concurrently.", code="etag_conflict") from None
         if status in (408, 429) or status >= 500:
             raise unavailable(f"answered {status}") from None
-        raise
+        raise rejected(status) from None
     except AzureError as e:  # ServiceRequestError, ServiceResponseError, timeouts: nothing answered
         raise unavailable(type(e).__name__) from None
 

@@ -36,6 +36,7 @@ vocabularies (outcomes, error codes, size classes), never an id or an address.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -91,9 +92,28 @@ def scrub(text: str) -> str:
 
 
 def strip_url(url: str) -> str:
-    """Scheme, host and path of ``url``; path segments that look like an address or a token go."""
+    """Scheme, host and path of ``url``; path segments that look like an address or a token go. A URL on
+    the webhook receiver's host (``WEBHOOK_URL``) keeps only scheme and host: such URLs often carry their
+    secret in the path (``https://hooks.slack.com/services/T…/B…/<secret>``)."""
     base = url.split("#", 1)[0].split("?", 1)[0]
+    origin = _origin(base)
+    if origin and origin.lower() == _webhook_origin(os.environ.get("WEBHOOK_URL", "")):
+        return origin
     return "/".join("{redacted}" if "@" in seg or _JWT.search(seg) else seg for seg in base.split("/"))
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of an absolute URL, else ""."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme:
+        return ""
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}" if host else ""
+
+
+@functools.lru_cache(maxsize=4)
+def _webhook_origin(webhook_url: str) -> str:
+    return _origin(webhook_url.split("#", 1)[0].split("?", 1)[0]).lower()
 
 
 def _clean_value(key: str, value: object) -> object:

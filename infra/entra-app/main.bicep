@@ -57,6 +57,11 @@ resource app 'Microsoft.Graph/applications@v1.0' = {
   uniqueName: appName
   displayName: appName
   signInAudience: signInAudience
+  // Personal-account audiences require v2 access tokens ("api.requestedAccessTokenVersion is invalid"
+  // otherwise); harmless for the organisational ones.
+  api: {
+    requestedAccessTokenVersion: 2
+  }
   web: {
     redirectUris: [
       redirectUri

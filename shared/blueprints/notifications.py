@@ -10,6 +10,9 @@
 * acknowledge a notification batch with 202 as soon as it is checked (clientState) and enqueued —
   Graph wants a 2xx within 3 s and throttles slow endpoints; 503 when it could not be queued, so
   Graph retries; 400/413 problem+json for a body that is not a notification collection.
+
+The queue worker and the timers run like those of :mod:`shared.blueprints.timers`: in a span whose parent
+is the host's trace context, with the storage budget of background work.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 import azure.functions as func
 
 from shared.blueprints._http import Context, handle, json_body
+from shared.blueprints.timers import _invocation  # the span and storage budget of background invocations
 
 if TYPE_CHECKING:
     from shared.service import Connector
@@ -69,29 +73,26 @@ def graph_lifecycle_notifications(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.queue_trigger(arg_name="msg", queue_name="notification-jobs", connection="AzureWebJobsStorage")
-def notification_worker(msg: func.QueueMessage) -> None:
+def notification_worker(msg: func.QueueMessage, context: func.Context) -> None:
     from shared.service import get_connector
-    from shared.storage import background_budget
 
-    with background_budget():
+    with _invocation("notification_worker", context, msg=msg):
         get_connector().notifications.process(msg.get_body())
 
 
 @bp.timer_trigger(schedule="%REFRESH_SCHEDULE%", arg_name="timer", run_on_startup=False)
-def notifications_timer(timer: func.TimerRequest) -> None:
+def notifications_timer(timer: func.TimerRequest, context: func.Context) -> None:
     """Subscription renewal and the safety catch-up, from the due-time index (same cadence as refresh)."""
     from shared.service import get_connector
-    from shared.storage import background_budget
 
-    with background_budget():
+    with _invocation("notifications_timer", context):
         get_connector().notifications.enqueue_due()
 
 
 @bp.timer_trigger(schedule="0 45 3 * * *", arg_name="timer", run_on_startup=False)
-def notifications_reconcile(timer: func.TimerRequest) -> None:
+def notifications_reconcile(timer: func.TimerRequest, context: func.Context) -> None:
     """Daily: subscribe existing accounts, repair the index, switch off cleanly, purge old de-duplication rows."""
     from shared.service import get_connector
-    from shared.storage import background_budget
 
-    with background_budget():
+    with _invocation("notifications_reconcile", context):
         get_connector().notifications.reconcile()

@@ -235,3 +235,13 @@ def test_start_host_fails_fast_with_the_log_tail(tmp_path: Any) -> None:
     with pytest.raises(DevstackError, match=r"(?s)exited with status 1.*MS_CLIENT_ID"):
         p.wait_healthy(60)
     assert time.monotonic() - started < 30 and p.proc.returncode == 1
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "soon"])
+def test_a_bad_queue_lease_setting_is_refused_naming_it(raw: str) -> None:
+    from devstack.host import _positive_int
+
+    with pytest.raises(ValueError, match="DEVHOST_QUEUE_LEASE_SECONDS"):
+        _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", raw, 600)
+    assert _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", None, 600) == 600
+    assert _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", "20", 600) == 20

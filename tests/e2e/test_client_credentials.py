@@ -4,7 +4,9 @@ an app registration that has no client secret at all. Real MSAL in the host, rea
 Vault double, a private Microsoft sandbox per kind (its clock is moved here) and Azurite.
 
 For each kind: sign-in, refresh and send work; a wrong certificate / a missing federated credential gives
-the mapped AADSTS error with a hint; a rotated certificate and an expired assertion are re-read once."""
+the mapped AADSTS error with a hint; a rotated certificate and an expired assertion are re-read once. A new
+certificate version Entra does not know yet (Key Vault auto-renewal) does not stop anything: the previous
+version is used, health says what to do, and the newest is used once it is on the app registration."""
 
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ def _private_sandbox() -> tuple[SandboxServer, SandboxControl]:
     return sb, SandboxControl(sb.url, verify=sb.ca_path)
 
 
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[Any]:
+    """A private Azurite. These hosts are configured unlike the session host (their own sandboxes, no
+    webhooks, no notifications): sharing its queues, each would run the other's jobs with the wrong
+    configuration (and a private host would consume the session's webhook deliveries)."""
+    from devstack.azurite import Azurite
+
+    az = Azurite().start()
+    yield az
+    az.stop()
+
+
 def _host_env(azurite: Any, sb: SandboxServer, vault: KeyVaultDouble, base: str, **extra: str) -> dict[str, str]:
     import os
 
@@ -56,10 +70,7 @@ def _host_env(azurite: Any, sb: SandboxServer, vault: KeyVaultDouble, base: str,
         "AUTH_ISSUER": "https://issuer.test", "AUTH_AUDIENCE": "outlook-connector-tests",
         "AUTH_HS256_SECRET": secrets.token_urlsafe(32), "ALLOWED_RETURN_URLS": "https://app.example.com/connected",
         "REFRESH_SCHEDULE": "0 0 0 1 1 *", "CLEANUP_SCHEDULE": "0 0 0 1 1 *", "PYTHONUNBUFFERED": "1",
-        # This host's accounts hold tokens of a private sandbox, but the queues are the session's: a job
-        # it enqueued (an inbox subscription after connect) would be run by the session host against the
-        # session sandbox, which rejects those tokens. Production hosts all share one configuration.
-        "NOTIFICATIONS_ENABLED": "false",
+        "NOTIFICATIONS_ENABLED": "false",  # the private sandboxes are not told to call loopback http
     })
     env.update(extra)
     return env
@@ -108,6 +119,26 @@ def mi_stack(azurite: Any, vault: KeyVaultDouble) -> Iterator[tuple[Host, Sandbo
     finally:
         proc.stop()
         vault.token_service = None
+        ctl.close()
+        sb.stop()
+
+
+@pytest.fixture(scope="module")
+def rotation_stack(azurite: Any, vault: KeyVaultDouble) -> Iterator[tuple[Host, SandboxControl]]:
+    vault.set_certificate("rotating-cert", *CERT_A)
+    sb, ctl = _private_sandbox()
+    port = free_port()
+    # No cache and no wait before retrying the newest version: the host reads the vault on every token call and
+    # tries the newest first each time, so the test needs no clock (the 15-minute schedule is a unit test's).
+    env = _host_env(azurite, sb, vault, f"http://127.0.0.1:{port}", MS_CLIENT_CREDENTIAL="certificate",
+                    MS_CLIENT_CERT_NAME="rotating-cert", KEY_VAULT_CACHE_SECONDS="0", MS_CLIENT_CERT_RETRY_SECONDS="0")
+    ctl.register_client(env["MS_CLIENT_ID"], None, [f"http://127.0.0.1:{port}/api/connect/microsoft/callback"])
+    ctl.add_certificate(env["MS_CLIENT_ID"], CERT_A[1])
+    proc, host = _start(env, port, "certificate-rotation")
+    try:
+        yield host, ctl
+    finally:
+        proc.stop()
         ctl.close()
         sb.stop()
 
@@ -190,3 +221,38 @@ def test_managed_identity_sign_in_refresh_send_and_stale_assertion(mi_stack: tup
     log = host.log_text()
     for token in vault.issued_tokens() + ctl.issued_secrets():
         assert token not in log
+
+
+def test_new_certificate_version_unknown_to_entra_falls_back_to_the_previous_one(
+        rotation_stack: tuple[Host, SandboxControl], vault: KeyVaultDouble, browser_session: Any) -> None:
+    host, ctl = rotation_stack
+    owner = "owner-cert-rotation"
+    out = connect(host, browser_session, sub=owner, login_hint=USER)  # certificate A: registered, used
+    assert out["result"]["status"] == "connected", out["result"]
+    account = out["result"]["accountId"]
+    assert ctl.counters()["token_errors"].get("700027", 0) == 0
+
+    # Key Vault renews the certificate: version B, a new key pair Entra has never seen.
+    key_b, cert_b = new_client_certificate("cert-b-renewed")
+    vault.set_certificate("rotating-cert", key_b, cert_b, pkcs12=True)
+    r = host.api("POST", f"/api/accounts/{account}/refresh", sub=owner)
+    assert r.status_code == 200, r.text  # B rejected (AADSTS700027), A presented instead
+    assert ctl.counters()["token_errors"].get("700027", 0) == 1
+    out = connect(host, browser_session, sub=owner, login_hint=USER)  # sign-in keeps working too
+    assert out["result"]["status"] == "connected", out["result"]
+    health = _health(host)
+    check = health["checks"]["appRegistration"]
+    assert health["status"] == "ok" and check["ok"] is True and check["warning"] == "certificate_not_registered"
+    assert "app registration" in check["hint"] and "rotating-cert" in check["detail"]
+    assert "the app registration does not have it yet" in host.log_text()
+
+    # The operator uploads B; the next try of the newest uses it, without a restart.
+    ctl.add_certificate(host.env["MS_CLIENT_ID"], cert_b)
+    errors = ctl.counters()["token_errors"].get("700027", 0)
+    r = host.api("POST", f"/api/accounts/{account}/refresh", sub=owner)
+    assert r.status_code == 200, r.text
+    assert ctl.counters()["token_errors"].get("700027", 0) == errors  # B accepted at the first presentation
+    assert "warning" not in _health(host)["checks"]["appRegistration"]
+    log = host.log_text()
+    for key in (CERT_A[0], key_b):
+        assert key.splitlines()[1] not in log

@@ -36,8 +36,10 @@ def vault_host(host: Host, vault: Any, control: Any) -> Any:
     vault.set_secret("ms-client-secret", "an-old-secret-that-entra-no-longer-accepts")
     env = {k: v for k, v in host.env.items() if k not in ("MS_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS")}
     env.update(vault.identity_env())
+    # No cache: a rejected secret is otherwise re-read at most every 30 s, and this test rotates it within
+    # seconds (the throttle itself is tests/shared/test_secret_store.py's).
     env.update({"KEY_VAULT_URL": vault.url, "PUBLIC_BASE_URL": base, "ALLOWED_RETURN_URLS":
-                "https://app.example.com/connected"})
+                "https://app.example.com/connected", "KEY_VAULT_CACHE_SECONDS": "0"})
     log_path = ARTIFACTS / "host-keyvault.log"
     proc = start_host(env, port, log_path)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -100,8 +101,8 @@ def test_arrival_becomes_one_signed_message_received(host: Host, browser_session
     assert event["headers"]["X-Connector-Event"] == "message.received" and doc["id"].startswith("evt_")
     msg = doc["data"]["message"]
     assert msg["id"] == mid and msg["subject"] == "Quarterly numbers" and msg["bodyPreview"] == "See attached."
-    assert set(msg) == {"id", "subject", "from", "toRecipients", "receivedDateTime", "conversationId",
-                        "internetMessageId", "hasAttachments", "bodyPreview", "isRead"}
+    assert set(msg) == {"id", "subject", "from", "toRecipients", "toRecipientsCount", "receivedDateTime",
+                        "conversationId", "internetMessageId", "hasAttachments", "bodyPreview", "isRead"}
     assert "account" not in doc["data"]
     wait_for(lambda: account(host, owner, aid)["notifications"]["lastEventAt"], what="lastEventAt")
     checks = {c["name"]: c for c in host.api("GET", f"/api/accounts/{aid}/diagnose", sub=owner).json()["checks"]}
@@ -274,3 +275,206 @@ def test_reconnect_catches_up_what_arrived_meanwhile(host: Host, browser_session
     wait_for(lambda: len(received(webhooks, aid)) == 3, timeout=30, what="catch-up after the re-connect")
     assert sorted(e["doc"]["data"]["message"]["id"] for e in received(webhooks, aid)) == sorted(ids)
     assert len(control.subscriptions(ADELE)) == 1  # renewed, not duplicated
+
+
+# -- review regressions: in-process parts on the host's settings (same Azurite, same sandbox) -----------
+
+
+class _CountingTransport:
+    """The real azure-core transport, counting reads of the ``subscriptions`` table (the intake's lookups)."""
+
+    def __init__(self) -> None:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        from shared._http import new_session
+
+        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        self.reads = 0
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        pass
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        if request.method == "GET" and "/subscriptions(" in request.url:
+            self.reads += 1
+        return self._inner.send(request, **kwargs)
+
+
+def in_process(host: Host, transport: _CountingTransport | None = None) -> Any:
+    from shared.config import load_settings
+    from shared.service import Connector
+    from shared.storage import Storage
+
+    settings = load_settings(host.env)
+    return Connector(settings, storage=Storage(settings, transport=transport)) if transport else Connector(settings)
+
+
+def job(kind: str, owner: str, account_id: str, **kw: Any) -> bytes:
+    from shared.notifications import Job
+
+    return Job(kind, owner, account_id, **kw).to_message()
+
+
+def index_buckets(host: Host, account_id: str) -> list[str]:
+    table = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "subscriptionindex")
+    return [r["PartitionKey"] for r in table.list_entities() if str(r["RowKey"]).endswith("|" + account_id)]
+
+
+def test_a_message_with_hundreds_of_recipients_is_announced_bounded_and_catch_up_goes_on(
+        host: Host, browser_session: Any, control: Any, webhooks: WebhookReceiver, sandbox_http: None) -> None:
+    owner = "owner-oversized"
+    aid = connected(host, browser_session, owner, ADELE)
+    control.notification_switches(drop=-1)
+    name = "Zoë Ångström-Müller 日本語 " * 3
+    crowd = [{"emailAddress": {"address": f"person{i}@example.com", "name": name}} for i in range(400)]
+    [big, after] = control.seed_messages(ADELE, [{"subject": "all hands", "toRecipients": crowd},
+                                                 {"subject": "after the big one"}])
+    assert in_process(host).notifications.process(job("maintain", owner, aid)) == "maintain"
+    events = wait_for(lambda: len(received(webhooks, aid)) == 2 and received(webhooks, aid), timeout=30,
+                      what="both messages via the catch-up")
+    by_id = {e["doc"]["data"]["message"]["id"]: e["doc"]["data"]["message"] for e in events}
+    assert set(by_id) == {big, after}
+    assert by_id[big]["toRecipientsCount"] == 400 and 0 < len(by_id[big]["toRecipients"]) <= 50
+    assert by_id[after]["toRecipientsCount"] == len(by_id[after]["toRecipients"])
+
+
+@pytest.mark.parametrize("why", ["gone", "inactive"])
+def test_maintenance_of_a_deleted_or_reauth_account_leaves_no_index_row(
+        host: Host, browser_session: Any, control: Any, sandbox_http: None, why: str) -> None:
+    from shared.refresh_index import RefreshIndex
+    from shared.storage import SUBSCRIPTION_INDEX_TABLE
+
+    owner = f"owner-rearm-{why}"
+    aid = connected(host, browser_session, owner, ADELE)
+    c = in_process(host)
+    make_due(host, aid)
+    _, due, rearm = RefreshIndex(c.storage.table(SUBSCRIPTION_INDEX_TABLE)).take_due(dt.datetime.now(dt.UTC))
+    assert aid in [d.account_id for d in due] and index_buckets(host, aid) == [rearm]  # the re-armed row
+    acc = c.accounts.get_account(owner, aid)
+    if why == "gone":
+        c.accounts.delete_account(owner, aid)
+    else:
+        c.accounts.update_with(acc, lambda a: replace(a, status="reauth_required"))
+    assert c.notifications.process(job("maintain", owner, aid, rearm=rearm)) == why
+    assert index_buckets(host, aid) == []  # not back every 30 minutes forever
+
+
+def test_a_claim_is_timed_by_the_clock_not_by_the_jobs_start(host: Host, browser_session: Any,
+                                                              sandbox_http: None) -> None:
+    from shared.notifications import CLAIM_STALE, _seen_key
+    from shared.storage import SEEN_TABLE
+
+    owner = "owner-claim"
+    aid = connected(host, browser_session, owner, ADELE)
+    n = in_process(host).notifications
+    seen = in_process(host).storage.table(SEEN_TABLE)
+    assert n._claim(aid, "AAMk-claim") is True
+    row = seen.get(aid, _seen_key("AAMk-claim"))
+    assert abs((dt.datetime.fromisoformat(str(row["at"])) - dt.datetime.now(dt.UTC)).total_seconds()) < 30
+    assert n._claim(aid, "AAMk-claim") is False  # a parallel duplicate job does not take it over
+    abandoned = (dt.datetime.now(dt.UTC) - CLAIM_STALE - dt.timedelta(seconds=5)).isoformat()
+    seen.replace({**row, "at": abandoned}, etag=None)
+    assert n._claim(aid, "AAMk-claim") is True  # an abandoned claim is taken over
+
+
+def test_the_intake_reads_storage_once_per_clientstate_and_refreshes_its_cache(
+        host: Host, browser_session: Any, control: Any, sandbox_http: None) -> None:
+    from shared.crypto import account_aad
+    from shared.notifications import MAX_UNKNOWN_LOOKUPS
+    from shared.storage import SUBSCRIPTIONS_TABLE
+    from shared.subscriptions import client_key
+
+    owner = "owner-intake"
+    aid = connected(host, browser_session, owner, ADELE)
+    sid = subscription_of(control, ADELE)["id"]
+    transport = _CountingTransport()
+    c = in_process(host, transport)
+    n = c.notifications
+
+    def item(client_state: str, i: int) -> dict[str, Any]:
+        return {"subscriptionId": sid, "clientState": client_state, "changeType": "created",
+                "resourceData": {"id": f"AAMkIntake{i}"}}
+
+    assert n.accept({"value": [item(f"forged-{i}", i) for i in range(1000)]}) == (0, 1000)
+    assert transport.reads <= MAX_UNKNOWN_LOOKUPS  # not one read per forged clientState
+    [state] = [s for s in n._store.all_states() if s.account_id == aid]
+    sealed = str(c.storage.table(SUBSCRIPTIONS_TABLE).get(state.client_key, "cs")["clientState"])
+    real = c.secrets.key_ring().open(sealed, aad=account_aad(owner, aid, "clientState")).decode()
+    before = transport.reads
+    assert n.accept({"value": [item(real, i) for i in range(3)]}) == (3, 0)
+    assert transport.reads == before + 1
+    key = client_key(real)
+    n._cache[key] = (n._cache[key][0], 0.0)  # the cached entry expired
+    assert n.accept({"value": [item(real, 9)]}) == (1, 0)
+    assert n.accept({"value": [item(real, 10)]}) == (1, 0)
+    assert transport.reads == before + 2  # re-cached after one read, not read on every batch
+    wait_for(lambda: queues_idle(host), what="the intake's jobs to finish")
+
+
+def test_disconnect_deletes_the_subscription_after_refreshing_an_expired_token(
+        host: Host, browser_session: Any, control: Any, sandbox_http: None) -> None:
+    owner = "owner-disconnect-expired"
+    aid = connected(host, browser_session, owner, ADELE)
+    control.expire_access_tokens(ADELE)  # the stored access token no longer works: one refresh is needed
+    assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
+    assert control.subscriptions(ADELE) == []
+
+
+def test_disconnect_deletes_the_account_even_when_the_subscription_delete_fails(
+        host: Host, browser_session: Any, control: Any, sandbox_http: None) -> None:
+    owner = "owner-disconnect-fails"
+    aid = connected(host, browser_session, owner, ADELE)
+    control.inject("/v1.0/subscriptions/", status=403, count=1, user=ADELE)
+    assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
+    assert host.api("GET", f"/api/accounts/{aid}", sub=owner).status_code == 404
+    assert len(control.subscriptions(ADELE)) == 1  # left to expire by itself
+    assert control.clear_injections() == 0
+
+
+def test_last_event_does_not_write_back_a_stale_status(host: Host, browser_session: Any,
+                                                       sandbox_http: None) -> None:
+    owner = "owner-last-event"
+    aid = connected(host, browser_session, owner, ADELE)
+    c = in_process(host)
+    fresh = c.accounts.get_account(owner, aid)
+    stale = replace(fresh, notifications=replace(fresh.notifications, status="pending", last_event_at=None))
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    c.notifications._note_event(stale, now)
+    n = account(host, owner, aid)["notifications"]
+    assert n["status"] == "active" and n["expiresAt"] and n["lastEventAt"] >= now.isoformat()[:19]
+
+
+def test_unexpected_errors_fail_the_job_instead_of_escaping(host: Host, browser_session: Any, control: Any,
+                                                            sandbox_http: None) -> None:
+    owner = "owner-unexpected"
+    aid = connected(host, browser_session, owner, ADELE)
+    wait_for(lambda: queues_idle(host), what="the connect's jobs to finish")
+    c = in_process(host)
+    gone = {"error": {"code": "SyncStateNotFound", "message": "The sync state is not found."}}
+    control.inject("/v1.0/me/mailFolders/inbox/messages/delta", status=410, count=2, body=gone, user=ADELE)
+    assert c.notifications.process(job("maintain", owner, aid)) == "failed"  # the second 410 as well
+    state = c.notifications._store.get(owner, aid)
+    c.notifications._store.save(replace(state, delta_link="https://elsewhere.example/v1.0/delta?token=x"))
+    assert c.notifications.process(job("maintain", owner, aid)) == "failed"  # a link outside GRAPH_BASE_URL
+    assert account(host, owner, aid)["notifications"]["status"] == "failed"
+
+
+def test_old_mail_moved_back_into_the_inbox_is_not_announced(host: Host, browser_session: Any, control: Any,
+                                                             sandbox_http: None) -> None:
+    owner = "owner-old-mail"
+    aid = connected(host, browser_session, owner, ADELE)
+    sid = subscription_of(control, ADELE)["id"]
+    control.notification_switches(drop=-1)
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=20)).isoformat().replace("+00:00", "Z")
+    [mid] = control.seed_messages(ADELE, [{"subject": "from the archive", "receivedDateTime": old}])
+    c = in_process(host)
+    assert c.notifications.process(job("changes", owner, aid, subscription_id=sid, ids=(mid,))) == "duplicate"

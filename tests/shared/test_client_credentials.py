@@ -3,6 +3,7 @@ identity's assertion through the real ManagedIdentityCredential, and the webhook
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -139,6 +140,156 @@ def test_malformed_or_missing_certificate_is_a_named_503(vault: KeyVaultDouble) 
     with pytest.raises(SecretUnavailableError) as ei:
         store.client_credential()
     assert ei.value.reason == "malformed" and "AAAA" not in str(ei.value.detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Certificate rotation: Entra does not know the newest version yet
+# --------------------------------------------------------------------------------------------
+
+REJECTED = {"error": "invalid_client", "error_codes": [700027],
+            "error_description": "AADSTS700027: Client assertion contains an invalid signature. [Reason - The key "
+                                 "was not found.]"}
+
+
+class Entra:
+    """The token endpoint's verdict per presented credential; records what was presented."""
+
+    def __init__(self, *accepted: str) -> None:
+        self.accepted = set(accepted)
+        self.presented: list[str] = []
+
+    def __call__(self, credential: Any) -> dict[str, Any]:
+        self.presented.append(credential.version)
+        if credential.version in self.accepted:
+            return {"access_token": "at", "refresh_token": "rt", "expires_in": 3600, "scope": "Mail.Send"}
+        return dict(REJECTED)
+
+    def call(self, oauth: Any) -> list[str]:
+        self.presented.clear()
+        oauth._call_token_endpoint(self)
+        return list(self.presented)
+
+
+def _oauth(store: SecretStore, monkeypatch: Any) -> Any:
+    from shared.oauth import OAuthClient
+
+    oauth = OAuthClient(store._settings, secrets_store=store, session=None, states_table=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(oauth, "_msal_app_for", lambda credential: credential)  # the "app" is the credential
+    return oauth
+
+
+def _thumb(cert_pem: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(cert_pem.encode()).fingerprint(hashes.SHA256()).hex()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_newest_certificate_unknown_to_entra_falls_back_until_it_is_registered(
+        vault: KeyVaultDouble, monkeypatch: Any, caplog: Any) -> None:  # noqa: F811
+    caplog.set_level(logging.DEBUG)
+    key_a, cert_a = new_client_certificate("a")
+    key_b, cert_b = new_client_certificate("b")
+    a, b = _thumb(cert_a), _thumb(cert_b)
+    vault.set_certificate("ms-client-cert", key_a, cert_a)
+    clock = Clock()
+    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=clock, ttl_seconds=300,
+                        cert_retry_seconds=900)
+    oauth, entra = _oauth(store, monkeypatch), Entra(a)
+    assert entra.call(oauth) == [a] and store.client_credential_warning() is None
+
+    vault.set_certificate("ms-client-cert", key_b, cert_b, pkcs12=True)  # auto-renewal: a new key pair
+    clock.now += 301  # the cache expires: the app reads B, Entra rejects it, A keeps working
+    assert entra.call(oauth) == [b, a] and oauth.operator_alert is None
+    assert vault.listings("ms-client-cert") == 1
+    warning = store.client_credential_warning()
+    assert warning is not None and warning["warning"] == "certificate_not_registered"
+    sha1_b = parse_certificate(key_b + cert_b).thumbprint_sha1.upper()
+    assert sha1_b in warning["detail"] and "app registration" in warning["hint"]
+    assert any(r.levelno == logging.WARNING and "app registration does not have it" in r.getMessage()
+               for r in caplog.records)
+    reads = vault.reads("ms-client-cert")
+    for _ in range(3):  # on the fallback: one presentation per call, no vault traffic
+        clock.now += 60
+        assert entra.call(oauth) == [a]
+    assert vault.reads("ms-client-cert") == reads + 0 and vault.listings("ms-client-cert") == 1
+
+    clock.now += 900  # the scheduled retry of the newest: still unknown, back to A
+    assert entra.call(oauth) == [b, a] and store.client_credential_warning() is not None
+    entra.accepted.add(b)  # the operator uploads B to the app registration
+    clock.now += 100
+    assert entra.call(oauth) == [a]  # the retry is not due yet
+    clock.now += 800
+    assert entra.call(oauth) == [b] and store.client_credential_warning() is None
+    assert entra.call(oauth) == [b]
+    text = caplog.text + repr(store) + json.dumps(warning)
+    for key in (key_a, key_b):
+        assert key.splitlines()[1] not in text
+
+
+def test_fallback_skips_disabled_and_expired_versions_and_ends_when_entra_rejects_it(
+        vault: KeyVaultDouble, monkeypatch: Any) -> None:  # noqa: F811
+    import time
+
+    certs = {n: new_client_certificate(n) for n in ("a", "disabled", "expired", "newest")}
+    versions = {n: vault.set_certificate("ms-client-cert", *pair) for n, pair in certs.items()}
+    vault.update_version("ms-client-cert", versions["disabled"], enabled=False)
+    vault.update_version("ms-client-cert", versions["expired"], expires=int(time.time()) - 60)
+    t = {n: _thumb(pair[1]) for n, pair in certs.items()}
+    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=Clock())
+    oauth, entra = _oauth(store, monkeypatch), Entra(t["a"], t["disabled"], t["expired"])
+    assert entra.call(oauth) == [t["newest"], t["a"]]
+    # The app registration drops A and gets the newest: A's rejection makes the app present the newest at once.
+    entra.accepted = {t["newest"]}
+    assert entra.call(oauth) == [t["a"], t["newest"]] and store.client_credential_warning() is None
+
+
+def test_no_earlier_version_means_the_operator_error(vault: KeyVaultDouble, monkeypatch: Any) -> None:  # noqa: F811
+    from shared.errors import OperatorError
+
+    key, cert = new_client_certificate("only")
+    vault.set_certificate("ms-client-cert", key, cert)
+    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=Clock())
+    oauth, entra = _oauth(store, monkeypatch), Entra()
+    with pytest.raises(OperatorError) as ei:
+        entra.call(oauth)
+    assert ei.value.code == "invalid_client_certificate" and oauth.operator_alert is not None
+    assert entra.presented == [_thumb(cert)] and store.client_credential_warning() is None
+
+
+def test_an_expired_secret_costs_one_vault_read_per_30_seconds_not_one_per_token_call(
+        vault: KeyVaultDouble, monkeypatch: Any) -> None:  # noqa: F811
+    from shared.errors import OperatorError
+
+    clock = Clock()
+    store = SecretStore(vault_settings(vault), clock=clock, ttl_seconds=300)
+    oauth = _oauth(store, monkeypatch)
+    expired = {"error": "invalid_client", "error_codes": [7000222],
+               "error_description": "AADSTS7000222: The provided client secret keys for app are expired."}
+    calls = []
+
+    def entra(credential: Any) -> dict[str, Any]:
+        calls.append(credential.version)
+        return dict(expired)
+
+    for _ in range(10):
+        clock.now += 2
+        with pytest.raises(OperatorError):
+            oauth._call_token_endpoint(entra)
+    assert vault.reads("ms-client-secret") == 1  # read 2 s before the first rejection: not read again
+    assert len(calls) == 10  # and no retry with the same value
+    clock.now += 30
+    with pytest.raises(OperatorError):
+        oauth._call_token_endpoint(entra)
+    assert vault.reads("ms-client-secret") == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
 
 from shared.config import load_settings
 from shared.errors import ConfigurationError, ValidationError
-from shared.notifications import MAX_ITEMS, Change, Job, NotificationConfig, message_summary, parse_batch
+from shared.notifications import (
+    MAX_ITEMS,
+    MAX_RECIPIENTS,
+    Change,
+    Job,
+    NotificationConfig,
+    message_summary,
+    parse_batch,
+)
 from tests.shared.test_config import GOOD
 
 
@@ -83,6 +93,27 @@ def test_message_summary_has_exactly_the_spec_fields() -> None:
                                "toRecipients": [], "receivedDateTime": "2026-01-01T00:00:00Z", "conversationId": "c",
                                "internetMessageId": "<i@x>", "hasAttachments": False, "bodyPreview": "p",
                                "isRead": False, "body": {"content": "secret body"}})
-    assert set(summary) == {"id", "subject", "from", "toRecipients", "receivedDateTime", "conversationId",
-                            "internetMessageId", "hasAttachments", "bodyPreview", "isRead"}
-    assert summary["from"] == {"address": "a@b.c", "name": "A"}
+    assert set(summary) == {"id", "subject", "from", "toRecipients", "toRecipientsCount", "receivedDateTime",
+                            "conversationId", "internetMessageId", "hasAttachments", "bodyPreview", "isRead"}
+    assert summary["from"] == {"address": "a@b.c", "name": "A"} and summary["toRecipientsCount"] == 0
+
+
+def test_message_summary_always_fits_a_queue_message() -> None:
+    """Hundreds of recipients with non-ASCII names (6 bytes each once JSON-escaped) and huge text fields:
+    the event stays well within a queue message (64 KiB of base64), the count tells what was left out."""
+    name = "Zoë Ångström-Müller 日本語 " * 8
+    many = [{"emailAddress": {"address": f"user{i}@example.com", "name": name}} for i in range(900)]
+    summary = message_summary({"id": "m", "subject": "Ü" * 100_000, "toRecipients": many,
+                               "from": {"emailAddress": {"address": "a@b.c", "name": "Ö" * 50_000}},
+                               "bodyPreview": "é" * 10_000, "internetMessageId": "<" + "x" * 10_000 + ">"})
+    event = json.dumps({"attempt": 0, "event": {"id": "evt_x", "type": "message.received",
+                                                "createdAt": "2026-01-01T00:00:00Z",
+                                                "data": {"accountId": "acc_x", "message": summary}}})
+    assert len(base64.b64encode(event.encode())) < 64 * 1024
+    assert summary["toRecipientsCount"] == 900
+    recipients = summary["toRecipients"]
+    assert isinstance(recipients, list) and 0 < len(recipients) <= MAX_RECIPIENTS
+    assert recipients[0] == {"address": "user0@example.com", "name": name}
+    plain = [{"emailAddress": {"address": f"user{i}@example.com", "name": f"Zoë {i}"}} for i in range(60)]
+    small = message_summary({"id": "m", "toRecipients": plain})
+    assert isinstance(small["toRecipients"], list) and len(small["toRecipients"]) == MAX_RECIPIENTS

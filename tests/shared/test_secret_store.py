@@ -329,3 +329,60 @@ def test_no_secret_or_token_in_logs(vault, caplog):
 def test_challenge_resource_check_is_only_relaxed_for_loopback(url, loopback):
     # verify_challenge_resource=False is passed only for these (see SecretStore._default_factory).
     assert secret_store_module._is_loopback(url) is loopback
+
+
+def test_double_lists_versions_with_paging_and_serves_each_version(vault):
+    # The real SecretClient against the double: GET /secrets/{name}/versions with nextLink paging, GET of one
+    # version, a disabled version refused as Key Vault refuses it, certificate-backed secrets' attributes.
+    from azure.core.exceptions import HttpResponseError
+    from azure.identity import ManagedIdentityCredential
+    from azure.keyvault.secrets import SecretClient
+
+    from devstack.certs import new_client_certificate
+
+    ids = [vault.set_secret("paged", f"value-{i}") for i in range(5)]
+    vault.update_version("paged", ids[1], enabled=False)
+    client = SecretClient(vault.url, ManagedIdentityCredential(), verify_challenge_resource=False,
+                          connection_verify=vault.ca_cert)
+    pages = [list(page) for page in client.list_properties_of_secret_versions("paged", max_page_size=2).by_page()]
+    assert [len(p) for p in pages] == [2, 2, 1] and vault.listings("paged") == 3
+    items = {p.version: p for page in pages for p in page}
+    assert set(items) == set(ids) and items[ids[1]].enabled is False and items[ids[0]].enabled is True
+    assert client.get_secret("paged", ids[3]).value == "value-3" and client.get_secret("paged").value == "value-4"
+    with pytest.raises(HttpResponseError) as ei:
+        client.get_secret("paged", ids[1])
+    assert ei.value.status_code == 403 and "disabled" in str(ei.value.message)
+    assert list(client.list_properties_of_secret_versions("no-such-secret")) == []
+    key_pem, cert_pem = new_client_certificate(days=30)
+    version = vault.set_certificate("a-cert", key_pem, cert_pem, pkcs12=True)
+    listed = next(iter(client.list_properties_of_secret_versions("a-cert")))
+    assert listed.version == version and listed.managed is True and listed.content_type == "application/x-pkcs12"
+    assert listed.expires_on is not None and listed.not_before is not None and listed.expires_on > listed.not_before
+    client.close()
+
+
+def test_a_rejected_credential_is_reread_at_most_every_30_seconds(vault):
+    clock = FakeClock()
+    store = SecretStore(vault_settings(vault), clock=clock, ttl_seconds=300)
+    stale = store.client_credential()
+    assert vault.reads("ms-client-secret") == 1
+    clock.now += 100
+    # Entra rejects it: re-read once; the vault still has the same value, so a retry would not help.
+    assert store.reject_client_credential(stale, "client_secret_expired") is None
+    assert vault.reads("ms-client-secret") == 2
+    for _ in range(5):  # it stays rejected: no vault read per token request
+        clock.now += 5
+        assert store.reject_client_credential(stale, "client_secret_expired") is None
+    assert vault.reads("ms-client-secret") == 2
+    vault.set_secret("ms-client-secret", "rotated-secret")
+    clock.now += 6  # 31 s after the re-read
+    fresh = store.reject_client_credential(stale, "client_secret_expired")
+    assert fresh is not None and fresh.msal == "rotated-secret" and vault.reads("ms-client-secret") == 3
+    # Accepted, then rejected a second later: re-read at once (it may just have been rotated).
+    store.accept_client_credential(fresh)
+    clock.now += 1
+    assert store.reject_client_credential(fresh, "client_secret_expired") is None
+    assert vault.reads("ms-client-secret") == 4
+    clock.now += 1
+    assert store.reject_client_credential(fresh, "client_secret_expired") is None
+    assert vault.reads("ms-client-secret") == 4

@@ -136,3 +136,19 @@ def test_retry_after_and_backoff() -> None:
     delays = [backoff_delay(3, base=1.0, cap=100) for _ in range(200)]
     assert all(4 <= d <= 12 for d in delays) and len({round(d, 3) for d in delays}) > 50  # 8 s ± 50 %, jittered
     assert backoff_delay(30, base=1.0, cap=60) <= 60
+
+
+def test_refusals_map_to_connector_errors_not_raw_azure_errors(azurite: Any, table: Table) -> None:
+    """A message over the queue's 64 KiB (base64) limit answers 413, an oversized property 400: both become
+    ConnectorErrors (retrying cannot help), never a raw HttpResponseError that escapes a worker."""
+    from shared.errors import ConnectorError, PayloadTooLargeError
+
+    queue = Storage(_settings(azurite.connection_string)).queue("sq" + uuid.uuid4().hex[:12])
+    queue.create_if_missing()
+    with pytest.raises(PayloadTooLargeError) as big:
+        queue.send(b"x" * 60_000)
+    assert big.value.code == "storage_payload_too_large" and big.value.status == 500
+    queue.send(b"x" * 40_000)  # within the limit
+    with pytest.raises(ConnectorError) as bad:
+        table.create({"PartitionKey": "p", "RowKey": "bad/key#?", "v": 1})
+    assert type(bad.value) is ConnectorError and bad.value.code == "storage_rejected"

@@ -8,6 +8,7 @@ their spans and metrics; then everything exported is scanned for tokens, codes, 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import secrets
@@ -202,6 +203,39 @@ def test_webhook_delivery_is_counted(otel: Any, stack: dict[str, Any], webhooks:
     stack["c"].webhooks.deliver(json.dumps({"attempt": 0, "event": event}).encode())
     assert _value(otel, "connector.webhook.delivery", outcome="delivered", event="account.connected") >= 1
     assert _value(otel, "connector.webhook.attempts", outcome="delivered", event="account.connected") >= 1
+
+
+def test_notification_functions_run_in_the_hosts_trace(otel: Any, stack: dict[str, Any]) -> None:
+    """The notification worker and timers get the same span and storage budget as shared.blueprints.timers."""
+    from shared.blueprints import notifications
+
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    app.register_functions(notifications.bp)
+    fns = {f.get_function_name(): f.get_user_function() for f in app.get_functions()}
+    from azure.functions.queue import QueueMessage  # the worker's concrete type (carries dequeue_count)
+
+    msg = QueueMessage(id="msg-1", body=b"not a job", dequeue_count=2, pop_receipt=None)
+    fns["notification_worker"](msg, context=_Context("notification_worker"))
+    [span] = _spans(otel, "notification_worker")
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == HOST_SPAN
+    assert span.attributes["messaging.message.id"] == "msg-1"
+    assert span.attributes["messaging.message.delivery_attempt"] == 2
+    for name in ("notifications_timer", "notifications_reconcile"):
+        assert "context" in inspect.signature(fns[name]).parameters, name
+
+
+def test_webhook_urls_keep_only_their_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Slack-style webhook URL carries its secret in the path: spans keep scheme and host only."""
+    from shared.telemetry import clean_attributes, strip_url
+
+    monkeypatch.setenv("WEBHOOK_URL", "https://hooks.slack.com/services/T000/B000/XyZsecretPath")
+    for url in ("https://hooks.slack.com/services/T000/B000/XyZsecretPath",
+                "https://HOOKS.slack.com/services/T000/B000/XyZsecretPath?x=1#f"):
+        assert strip_url(url) == url.split("/services")[0]
+    assert "XyZsecretPath" not in str(clean_attributes(
+        {"url.full": "https://hooks.slack.com/services/T000/B000/XyZsecretPath"}))
+    assert strip_url("https://graph.microsoft.com/v1.0/me/messages?$top=1") == \
+        "https://graph.microsoft.com/v1.0/me/messages"
 
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
