@@ -17,10 +17,12 @@ backoff and jitter (visibility timeout), up to :data:`MAX_ATTEMPTS`.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +45,8 @@ EVENTS = ("account.connected", "account.reauth_required", "account.recovered", "
 MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"} (SPEC §6a), not {"account"}
 SIGNATURE_HEADER = "X-Connector-Signature"
 MAX_ATTEMPTS = 8
+PENDING_MAX = 10_000  # events kept in memory while storage is down
+PENDING_RETRY_S = 900  # how long they are retried before they are given up (logged at ERROR)
 TOLERANCE_S = 300
 FUTURE_SKEW_S = 30  # clock skew accepted on a timestamp from the future
 _MAX_HEADER = 512
@@ -82,7 +86,8 @@ def _signature_parts(header: object) -> dict[str, str]:
 
 class Webhooks:
     def __init__(self, url: str | None, secret: str | Callable[[], str] | None, *, queue: Callable[[], Queue],
-                 session: requests.Session, telemetry: Telemetry | None = None) -> None:
+                 session: requests.Session, telemetry: Telemetry | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         from shared.telemetry import OFF
 
         self._telemetry = telemetry or OFF  # connector.webhook.delivery (docs/operations.md)
@@ -92,6 +97,12 @@ class Webhooks:
         self._secret = secret
         self._queue = queue  # the queue, created on first use
         self._session = session
+        # Events that could not be queued (storage down) wait here and are retried in the background:
+        # the operation that caused them already happened, so the event must still go out.
+        self._pending: collections.deque[bytes] = collections.deque(maxlen=PENDING_MAX)
+        self._pending_lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+        self._sleep = sleep
 
     @property
     def enabled(self) -> bool:
@@ -105,10 +116,51 @@ class Webhooks:
             raise ValueError(f"unknown webhook event {event!r}")  # a programming error, not a delivery problem
         payload = {"id": "evt_" + uuid.uuid4().hex, "type": event, "createdAt": iso(utcnow()),
                    "data": {"account": account}}
+        message = json.dumps({"attempt": 0, "event": payload}).encode()
         try:
-            self._queue().send(json.dumps({"attempt": 0, "event": payload}).encode())
-        except Exception as e:
-            log.error("could not enqueue webhook %s: %s", event, type(e).__name__)
+            self._queue().send(message)
+        except Exception as e:  # storage trouble: keep the event and retry it in the background
+            log.warning("could not enqueue webhook %s (%s); retrying in the background", event, type(e).__name__)
+            self._keep(message)
+
+    def _keep(self, message: bytes) -> None:
+        with self._pending_lock:
+            if len(self._pending) == self._pending.maxlen:
+                log.error("webhook retry buffer full; the oldest pending event is dropped")
+            self._pending.append(message)
+            if self._retrier is None or not self._retrier.is_alive():
+                self._retrier = threading.Thread(target=self._flush_pending, name="webhook-enqueue-retry",
+                                                 daemon=True)
+                self._retrier.start()
+
+    def _flush_pending(self) -> None:
+        """Re-enqueue kept events with backoff until storage answers (bounded: PENDING_RETRY_S)."""
+        deadline = time.monotonic() + PENDING_RETRY_S
+        attempt = 0
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                message = self._pending[0]
+            try:
+                self._queue().send(message)
+            except Exception as e:  # still down: wait and try again
+                attempt += 1
+                log.debug("webhook re-enqueue failed (%s)", type(e).__name__)
+                self._sleep(backoff_delay(attempt, base=0.5, cap=30.0))
+                continue
+            attempt = 0
+            with self._pending_lock:
+                if self._pending and self._pending[0] is message:
+                    self._pending.popleft()
+        with self._pending_lock:
+            lost, self._pending = len(self._pending), collections.deque(maxlen=PENDING_MAX)
+        log.error("%d webhook event(s) could not be queued within %d s and are lost", lost, PENDING_RETRY_S)
+
+    def pending_events(self) -> int:
+        """Events kept for a background re-enqueue (health and tests)."""
+        with self._pending_lock:
+            return len(self._pending)
 
     def enqueue_message_received(self, account_id: str, message: dict[str, object]) -> str | None:
         """Enqueue ``message.received`` (SPEC §6a); returns the event id, None when webhooks are off.

@@ -1,0 +1,68 @@
+"""An event whose enqueue fails (storage down) is kept and queued once storage answers again: the
+operation that caused it already happened, so the product must still hear of it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import requests
+
+from tests.conftest import wait_for
+
+
+class _RefuseFirst:
+    """An azure-core transport that refuses the first ``n`` requests (as a storage outage does)."""
+
+    def __init__(self, n: int) -> None:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        from shared._http import new_session
+
+        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        self.left = n
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        pass
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        from azure.core.exceptions import ServiceRequestError
+
+        if self.left > 0:
+            self.left -= 1
+            raise ServiceRequestError("connection refused (test)")
+        return self._inner.send(request, **kwargs)
+
+
+def test_an_event_not_queued_during_an_outage_is_queued_when_storage_is_back(azurite: Any) -> None:
+    from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+
+    from shared.storage import Queue
+    from shared.webhooks import Webhooks
+
+    name = "wh" + uuid.uuid4().hex[:12]
+    transport = _RefuseFirst(n=7)  # more than one call's retries: the first enqueue fails
+    client = QueueClient.from_connection_string(
+        azurite.connection_string, name, transport=transport, retry_total=0,
+        message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy())
+    reader = QueueClient.from_connection_string(azurite.connection_string, name,
+                                                message_decode_policy=BinaryBase64DecodePolicy())
+    reader.create_queue()
+    hooks = Webhooks("http://127.0.0.1:9/hook", "secret", queue=lambda: Queue(client), session=requests.Session(),
+                     sleep=lambda s: None)  # the background retry waits on backoff; the test need not
+    hooks.emit("account.disconnected", {"id": "acc_1"})  # storage refuses: kept, not lost
+    wait_for(lambda: hooks.pending_events() == 0, timeout=30, what="the kept event to be queued")
+    [msg] = list(reader.receive_messages())
+    event = json.loads(msg.content)["event"]
+    assert event["type"] == "account.disconnected" and event["data"]["account"]["id"] == "acc_1"
+    assert transport.left == 0
