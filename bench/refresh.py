@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench._stack import Stack, machine, write_section
+from devstack.transport import WrappingTransport
 
 USERS = ("adele@contoso.onmicrosoft.com", "megan@contoso.onmicrosoft.com", "pat@outlook.com")
 
@@ -68,28 +69,12 @@ def _raw_queue(c: Any, name: str) -> Any:
                                               message_decode_policy=BinaryBase64DecodePolicy())
 
 
-class _CountingTransport:
+class _CountingTransport(WrappingTransport):
     """An azure-core transport that counts, at the HTTP layer, every entity Table Storage returns."""
 
     def __init__(self) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
-
-        from shared._http import new_session
-
-        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        super().__init__()
         self.counts: dict[str, int] = {}
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        pass
-
-    def open(self) -> None:
-        self._inner.open()
-
-    def close(self) -> None:
-        pass
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         response = self._inner.send(request, **kwargs)

@@ -15,6 +15,7 @@ import pytest
 from azure.data.tables import TableClient
 from azure.storage.queue import QueueClient
 
+from devstack.transport import WrappingTransport
 from shared.webhooks import verify
 from tests.conftest import Host, WebhookReceiver, connect, wait_for
 
@@ -280,28 +281,12 @@ def test_reconnect_catches_up_what_arrived_meanwhile(host: Host, browser_session
 # -- review regressions: in-process parts on the host's settings (same Azurite, same sandbox) -----------
 
 
-class _CountingTransport:
+class _CountingTransport(WrappingTransport):
     """The real azure-core transport, counting reads of the ``subscriptions`` table (the intake's lookups)."""
 
     def __init__(self) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
-
-        from shared._http import new_session
-
-        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        super().__init__()
         self.reads = 0
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        pass
-
-    def open(self) -> None:
-        self._inner.open()
-
-    def close(self) -> None:
-        pass
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         if request.method == "GET" and "/subscriptions(" in request.url:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from devstack.transport import WrappingTransport
 from shared.accounts import ACTIVE, utcnow
 from tests.conftest import Host, authorize, wait_for
 
@@ -87,30 +88,14 @@ def test_holder_whose_lease_ran_out_still_stores_the_live_refresh_token(
     assert control.live_refresh_tokens(USER) == live_before
 
 
-class _LoseResponses:
+class _LoseResponses(WrappingTransport):
     """An azure-core transport around the real one that performs chosen PUTs and then drops their
     responses, as a reset connection would: the SDK retries the PUT, which now fails its ETag check."""
 
     def __init__(self) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
-
-        from shared._http import new_session
-
-        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        super().__init__()
         self.drop: list[bool] = []  # one flag per coming PUT to the accounts table
         self.dropped = 0
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        pass
-
-    def open(self) -> None:
-        self._inner.open()
-
-    def close(self) -> None:
-        pass
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         from azure.core.exceptions import ServiceResponseError

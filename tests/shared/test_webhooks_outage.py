@@ -9,31 +9,16 @@ from typing import Any
 
 import requests
 
+from devstack.transport import WrappingTransport
 from tests.conftest import wait_for
 
 
-class _RefuseFirst:
+class _RefuseFirst(WrappingTransport):
     """An azure-core transport that refuses the first ``n`` requests (as a storage outage does)."""
 
     def __init__(self, n: int) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
-
-        from shared._http import new_session
-
-        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        super().__init__()
         self.left = n
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        pass
-
-    def open(self) -> None:
-        self._inner.open()
-
-    def close(self) -> None:
-        pass
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         from azure.core.exceptions import ServiceRequestError
