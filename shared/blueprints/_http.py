@@ -219,16 +219,9 @@ def _depth_within(value: object, limit: int) -> bool:
 
 def query_bool(req: func.HttpRequest, name: str) -> bool:
     """An optional boolean query parameter: ``true``/``false`` (also ``1``/``0``); else 400 naming it."""
-    raw = query(req, name, max_len=8)
-    if raw is None or raw == "":
-        return False
-    if raw.lower() in ("true", "1"):
-        return True
-    if raw.lower() in ("false", "0"):
-        return False
-    from shared.errors import ValidationError
+    from shared.messages import parse_bool
 
-    raise ValidationError(name, f"{name} must be true or false.")
+    return parse_bool(query(req, name, max_len=8), name)
 
 
 # Bidi controls and other invisible format characters (Unicode category Cf: U+202E RIGHT-TO-LEFT

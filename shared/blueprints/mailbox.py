@@ -20,18 +20,10 @@ def _answer(req: func.HttpRequest, kind: str, function: str, context: func.Conte
     """JSON or multipart/form-data (a JSON part ``message`` and raw file parts), exactly as a send."""
 
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        from shared.blueprints.send import _multipart
-        from shared.errors import ValidationError
+        from shared.blueprints.send import read_mail_body
         from shared.mail import answer_fingerprint, parse_answer_request
 
-        ctype = (req.headers.get("Content-Type") or "").lower()
-        files = None
-        if ctype.startswith("multipart/form-data"):
-            body, files = _multipart(req)
-        elif ctype.startswith("application/json") or not ctype:
-            body = json_body(req.get_body(), "body")
-        else:
-            raise ValidationError("Content-Type", "Send application/json or multipart/form-data.")
+        body, files = read_mail_body(req)
         request = parse_answer_request(kind, body, files=files, max_total=c.settings.send_max_total_bytes)
         key = req.headers.get("Idempotency-Key")
         mid = req.route_params.get("messageId") or ""

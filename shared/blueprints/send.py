@@ -18,17 +18,9 @@ bp = func.Blueprint()
 @bp.route(route="accounts/{accountId}/send", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def send_mail(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        from shared.errors import ValidationError
         from shared.mail import parse_send_request, request_fingerprint
 
-        ctype = (req.headers.get("Content-Type") or "").lower()
-        files = None
-        if ctype.startswith("multipart/form-data"):
-            body, files = _multipart(req)
-        elif ctype.startswith("application/json") or not ctype:
-            body = json_body(req.get_body(), "body")
-        else:
-            raise ValidationError("Content-Type", "Send application/json or multipart/form-data.")
+        body, files = read_mail_body(req)
         request = parse_send_request(body, files=files, max_total=c.settings.send_max_total_bytes)
         key = req.headers.get("Idempotency-Key")
         fingerprint = request_fingerprint(body, request.attachments) if key and isinstance(body, dict) else ""
@@ -36,6 +28,19 @@ def send_mail(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func
         return json_response(result, 202)
 
     return handle(req, "send_mail", run, context=context)
+
+
+def read_mail_body(req: func.HttpRequest) -> tuple[object, list[Attachment] | None]:
+    """The body of a send, reply or forward: JSON, or multipart/form-data (a JSON part ``message`` and
+    raw file parts). ``None`` files for JSON, whose attachments ride in the body as base64."""
+    from shared.errors import ValidationError
+
+    ctype = (req.headers.get("Content-Type") or "").lower()
+    if ctype.startswith("multipart/form-data"):
+        return _multipart(req)
+    if ctype.startswith("application/json") or not ctype:
+        return json_body(req.get_body(), "body"), None
+    raise ValidationError("Content-Type", "Send application/json or multipart/form-data.")
 
 
 def _multipart(req: func.HttpRequest) -> tuple[object, list[Attachment]]:
