@@ -28,7 +28,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shared.errors import CryptoError
 
@@ -88,6 +88,13 @@ def _split(sealed: str) -> tuple[str, str, str, str]:
     if not _KID_RE.fullmatch(kid):
         raise CryptoError("The stored token has a malformed key id.")
     return version, kid, nonce, body
+
+
+class RingSource(Protocol):
+    """The current key ring; given a sealed value, one that knows the value's key id (re-read once if
+    another instance sealed it with a key this one has not loaded yet)."""
+
+    def __call__(self, sealed: str | None = None) -> KeyRing: ...
 
 
 def kid_of(sealed: str) -> str:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import requests
 
     from shared.accounts import AccountStore
-    from shared.crypto import KeyRing
+    from shared.crypto import RingSource
     from shared.graph import GraphClient
     from shared.mail import AnswerRequest
     from shared.storage import Table
@@ -70,7 +70,7 @@ class _As:
 
 class MailOps:
     def __init__(self, *, graph: GraphClient, tokens: TokenManager, accounts: AccountStore, idempotency: Table,
-                 key_ring: Callable[[], KeyRing], context: Mapping[str, str], download_max: int = DOWNLOAD_MAX) -> None:
+                 key_ring: RingSource, context: Mapping[str, str], download_max: int = DOWNLOAD_MAX) -> None:
         self._graph = graph
         self._tokens = tokens
         self._accounts = accounts
@@ -144,7 +144,7 @@ class MailOps:
         ring = self._key_ring()
         who = self._as(owner, account_id)
         if cursor:
-            path, params = m.open_cursor(ring, owner, account_id, cursor), None
+            path, params = m.open_cursor(self._key_ring(cursor), owner, account_id, cursor), None
         else:
             path, opts = m.list_request(query)
             params = opts

@@ -196,8 +196,23 @@ class SecretStore:
             return self._settings.client_secret
         return self._get(self._settings.client_secret_name, self._as_client_secret)
 
-    def key_ring(self) -> KeyRing:
-        """The token encryption key ring (see ``shared.crypto``)."""
+    def key_ring(self, sealed: str | None = None) -> KeyRing:
+        """The token encryption key ring (see ``shared.crypto``). Given a ``sealed`` value whose key id the
+        cached ring lacks (another instance sealed it after a rotation), the vault is re-read once."""
+        ring = self._current_key_ring()
+        if sealed is not None and self._vault:
+            from shared.crypto import kid_of
+
+            try:
+                unknown = kid_of(sealed) not in ring.kids
+            except Exception:  # not a sealed value at all: opening it will say so
+                unknown = False
+            if unknown:
+                self.invalidate_key_ring()
+                ring = self._current_key_ring()
+        return ring
+
+    def _current_key_ring(self) -> KeyRing:
         if not self._vault:
             if self._env_ring is None:
                 from shared.crypto import KeyRing

@@ -228,7 +228,8 @@ class Connector:
 
         ring = self.secrets.key_ring()
         state = params.get("state")
-        pending = self.oauth.consume_state(state, open_sealed=lambda sealed, aad: ring.open(sealed, aad=aad))
+        pending = self.oauth.consume_state(
+            state, open_sealed=lambda sealed, aad: self.secrets.key_ring(sealed).open(sealed, aad=aad))
         try:
             account = self._store_connection(pending, params)
         except ConnectorError as err:

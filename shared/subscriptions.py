@@ -29,12 +29,11 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
-from shared.crypto import KeyRing, account_aad
+from shared.crypto import RingSource, account_aad
 from shared.errors import MicrosoftError, NotFoundError
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ def client_key(client_state: str) -> str:
 class SubscriptionStore:
     """State and pointer rows (errors mapped by :mod:`shared.storage`)."""
 
-    def __init__(self, table: Table, key_ring: Callable[[], KeyRing]) -> None:
+    def __init__(self, table: Table, key_ring: RingSource) -> None:
         self._table = table
         self._key_ring = key_ring
 
@@ -136,7 +135,8 @@ class SubscriptionStore:
             return None
         owner, account_id = str(e.get("owner") or ""), str(e.get("accountId") or "")
         try:
-            stored = self._key_ring().open(str(e.get("clientState") or ""),
+            sealed = str(e.get("clientState") or "")
+            stored = self._key_ring(sealed).open(sealed,
                                            aad=account_aad(owner, account_id, "clientState"))
         except Exception:  # tampered or moved row: not ours
             return None

@@ -386,3 +386,22 @@ def test_a_rejected_credential_is_reread_at_most_every_30_seconds(vault):
     clock.now += 1
     assert store.reject_client_credential(fresh, "client_secret_expired") is None
     assert vault.reads("ms-client-secret") == 4
+
+
+def test_a_value_sealed_with_a_key_this_instance_has_not_loaded_rereads_the_ring_once(vault):
+    """After a rotation another instance seals (an OAuth state, a cursor) with the new active key: the
+    cached ring is re-read once instead of failing to decrypt (a 500 on the callback)."""
+    store = SecretStore(vault_settings(vault), clock=FakeClock())
+    old = store.key_ring()
+    assert old.kids == ("k1", "k2") and vault.reads("token-encryption-keys") == 1
+    key_3 = bytes(range(32))
+    vault.set_secret("token-encryption-keys", json.dumps({"active": "k3", "keys": {
+        "k1": base64.b64encode(KEY_1).decode(), "k3": base64.b64encode(key_3).decode()}}))
+    aad = account_aad("owner", "acct", "oauth-state")
+    sealed = KeyRing("k3", {"k3": key_3}).seal(b"flow", aad=aad)  # what the other instance stored
+    assert store.key_ring() is old  # a plain read still uses the cache
+    assert store.key_ring(sealed).open(sealed, aad=aad) == b"flow"
+    assert vault.reads("token-encryption-keys") == 2
+    known = store.key_ring().seal(b"x", aad=aad)  # a key id the ring knows costs no read
+    store.key_ring(known)
+    assert vault.reads("token-encryption-keys") == 2
