@@ -134,7 +134,8 @@ def audit(stack: ChaosStack, registry: Registry, rec: Recorder, faults: Faults, 
     ca.requests_and_latency(a, rec, windows)
     ca.sends(a, stack, rec)
     api = Api(stack, None, random.Random(1))
-    ca.accounts(a, stack, api, registry.all(), faults.revoked_at)
+    kills = [f.started for f in faults.log if f.name.startswith("host SIGKILLed")]
+    ca.accounts(a, stack, api, registry.all(), faults.revoked_at, t_start=rec.t_start, kills=kills)
     ca.drain(stack, bound_s=300 if opts.scale is FULL else 120)  # the reauth webhooks the audit caused
     api.close()
     ca.webhooks(a, stack, rec)
@@ -194,6 +195,11 @@ def table(r: Result) -> str:
     for f in r.faults:
         rec = f"{f.recovery_s:.1f} s" if f.recovery_s is not None else "NOT RECOVERED"
         lines.append(f"| {f.name}: {f.detail} | {f.started:.0f} | {f.ended:.0f} | {rec} |")
+    if a.killed_mid_refresh:
+        lines += ["", "Lost to a SIGKILL between Entra's answer and the write (each matched to a live refresh "
+                  "token minted within 2 s before the kill that no account holds; with Entra, which does not "
+                  "revoke a used refresh token, the stored one would still work): "
+                  + ", ".join(f"`{x}`" for x in a.killed_mid_refresh)]
     if not r.ok:
         lines += ["", "Failures: " + "; ".join(a.failures() or ["a fault did not recover"])]
     return "\n".join(lines)

@@ -142,6 +142,14 @@ class TokenManager:
         row stands for it. By default (:data:`RECORD_DUE`) the row of the record's own due time
         moves, and only after our own refresh.
         """
+        return self.refresh_reporting(owner, account_id, force=force, stale_access_token=stale_access_token,
+                                      account=account, indexed_at=indexed_at)[0]
+
+    def refresh_reporting(self, owner: str, account_id: str, *, force: bool = True,
+                          stale_access_token: str | None = None, account: Account | None = None,
+                          indexed_at: str | None = RECORD_DUE) -> tuple[Account, bool]:
+        """:meth:`refresh`, and whether this call redeemed the refresh token itself (False when it took
+        tokens another writer stored: those may predate a revocation that also hit the caller's)."""
         with self._local_lock(account_id):
             leased = self._take_lease(owner, account_id, force=force, stale_access_token=stale_access_token,
                                       account=account)
@@ -149,7 +157,7 @@ class TokenManager:
             if isinstance(leased, Account):  # someone else's refresh is as good as ours
                 if explicit_row:
                     self._index_quietly(leased, indexed_at)
-                return leased
+                return leased, False
             acc, tokens, lease = leased
             previous = indexed_at
             if indexed_at == RECORD_DUE:
@@ -157,7 +165,7 @@ class TokenManager:
             saved, ours = self._refresh_with_lease(acc, tokens, lease)
             if ours or explicit_row:
                 self._index_quietly(saved, previous)
-            return saved
+            return saved, ours
 
     def _take_lease(self, owner: str, account_id: str, *, force: bool, stale_access_token: str | None,
                     account: Account | None) -> Account | tuple[Account, Tokens, str]:
@@ -367,9 +375,10 @@ class AccountTokenSource:
         return token
 
     def refresh(self, stale: str) -> str:
-        started = utcnow()
-        self.account = self._m.refresh(self.account.owner, self.account.id, force=False, stale_access_token=stale)
-        # True when no refresh happened in this call: the tokens another writer stored before it were taken.
-        last = self.account.last_refreshed_at
-        self.adopted = not (last and last >= started)
+        # adopted: this call took tokens another writer stored instead of redeeming. Their access token
+        # may have been issued before the revocation that rejected ``stale`` (a time comparison cannot
+        # tell: the other writer may store it after this call began), so Graph gets one more refresh.
+        self.account, redeemed = self._m.refresh_reporting(self.account.owner, self.account.id, force=False,
+                                                           stale_access_token=stale)
+        self.adopted = not redeemed
         return self._m.current_access_token(self.account)

@@ -101,6 +101,11 @@ class SandboxControl:
         params = {"client_id": client_id} if client_id else None
         return int(self._call("GET", f"/users/{self._u(user)}/refresh_tokens", params=params)["live"])
 
+    def live_refresh_token_mint_times(self, user: str, client_id: str | None = None) -> list[float]:
+        """When each live refresh token of the user was minted (``time.monotonic()`` of this machine)."""
+        params = {"client_id": client_id} if client_id else None
+        return [float(t) for t in self._call("GET", f"/users/{self._u(user)}/refresh_tokens", params=params)["minted"]]
+
     def seed_messages(self, user: str, messages: list[dict[str, Any]] | int, folder: str = "inbox") -> list[str]:
         body: dict[str, Any] = {"folder": folder}
         body["count" if isinstance(messages, int) else "messages"] = messages

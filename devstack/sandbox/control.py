@@ -235,7 +235,8 @@ def conditional_access(upn: str) -> Response:
 def live_refresh_tokens(upn: str) -> Response:
     user = _user(upn)
     client_id = request.args.get("client_id")
-    return jsonify({"user": user.upn, "live": _state().live_refresh_tokens(user.upn, client_id)})
+    minted = _state().live_refresh_tokens(user.upn, client_id)
+    return jsonify({"user": user.upn, "live": len(minted), "minted": minted})
 
 
 @bp.post("/users/<upn>/messages")

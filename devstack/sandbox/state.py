@@ -81,6 +81,9 @@ class RefreshTokenRecord:
     issued_at: float  # of the original grant (sign-in)
     last_used: float
     rotated: bool = False  # replaced by a newer one (only enforced in strict mode)
+    # When this token itself was minted, on the machine's monotonic clock (shared by every process on
+    # it): lets an audit tell when a live token nobody stored was handed out.
+    minted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -256,12 +259,13 @@ class SandboxState:
             )
 
     # -- grants ----------------------------------------------------------------------------
-    def live_refresh_tokens(self, upn: str, client_id: str | None = None) -> int:
+    def live_refresh_tokens(self, upn: str, client_id: str | None = None) -> list[float]:
+        """The mint times (monotonic clock) of the user's refresh tokens that would be redeemed now."""
         with self.lock:
             now = self.now()
             valid_from = self.tokens_valid_from.get(upn, 0.0)
-            return sum(
-                1 for r in self.refresh_tokens.values()
+            return sorted(
+                r.minted for r in self.refresh_tokens.values()
                 if r.user.upn == upn
                 and (client_id is None or r.client_id == client_id)
                 and not (r.rotated and self.strict_rotation)

@@ -131,3 +131,33 @@ def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_
     # daily reconciliation).
     rows = c.refresh_index.buckets_of(owner, acc_id)
     assert bucket_of(stored.refresh_due_at) in rows
+
+
+def test_a_retry_that_takes_another_writers_tokens_reports_them_adopted(
+        host: Host, browser_session: Any, strict_slow_token_endpoint: Any) -> None:
+    """Chaos finding: Graph rejected a caller's token (401) while another instance was refreshing; the
+    caller waited for that refresh and took its tokens, but was told it had redeemed them itself
+    (the other writer stored them after the caller began), so when Microsoft had revoked those
+    too, the caller got a 502 instead of its one real refresh (``adopted``, shared/graph.py)."""
+    from shared.tokens import AccountTokenSource
+
+    control = strict_slow_token_endpoint
+    a, b = _connector(host, dt.timedelta(seconds=60)), _connector(host, dt.timedelta(seconds=60))
+    owner = "owner-adopt"
+    acc_id = _connect(a, browser_session, owner)
+    account = a.accounts.get_account(owner, acc_id)
+    rejected = a.accounts.open_tokens(account).access_token
+    control.set_token_latency(1500)  # B holds the lease while its token request is in flight
+    done: dict[str, Any] = {}
+    tb = threading.Thread(target=lambda: done.setdefault("b", b.tokens.refresh(owner, acc_id, force=True)))
+    tb.start()
+    wait_for(lambda: a.accounts.get_account(owner, acc_id).lease_id, what="B's lease")
+    source = AccountTokenSource(a.tokens, account)
+    token = source.refresh(rejected)  # waits for B's refresh, then takes what B stored
+    tb.join(30)
+    stored = a.accounts.open_tokens(a.accounts.get_account(owner, acc_id)).access_token
+    assert token == stored != rejected
+    assert source.adopted is True
+    # A refresh this call makes itself is not adopted.
+    control.set_token_latency(0)
+    assert source.refresh(token) != token and source.adopted is False
