@@ -32,7 +32,8 @@ class ErrorInfo:
     code: str
     status: int
     hint: str
-    kind: str = "user"  # "user": the user acts; "reauth": grant dead; "operator": our app registration
+    kind: str = "user"  # "user": the user acts; "reauth": grant dead; "operator": our app registration;
+    # "transient": retry later (503 + Retry-After)
 
 
 # https://learn.microsoft.com/entra/identity-platform/reference-error-codes#aadsts-error-codes
@@ -121,11 +122,14 @@ AADSTS: dict[int, ErrorInfo] = {
 # https://learn.microsoft.com/graph/errors and the Outlook mail API error codes
 GRAPH: dict[str, ErrorInfo] = {
     # Only reached after one refresh + retry: the grant itself refreshed fine, so this is not
-    # (yet) a dead grant; the refresher decides that, not a Graph 401.
+    # (yet) a dead grant; the refresher decides that, not a Graph 401. Most often transient (a
+    # revocation that also hit the token minted during this call), so 503 + Retry-After; a 401
+    # is a refusal, so even a send may be retried.
     "InvalidAuthenticationToken": ErrorInfo(
-        "graph_token_rejected", 502,
-        "Graph rejected a freshly refreshed access token. Retry; if it persists, re-connect the mailbox "
-        "(a Conditional Access or token-protection policy may apply)."),
+        "graph_token_rejected", 503,
+        "Graph rejected a freshly refreshed access token; nothing was done. Retry after the given delay; if it "
+        "persists, re-connect the mailbox (a Conditional Access or token-protection policy may apply).",
+        "transient"),
     "ErrorAccessDenied": ErrorInfo(
         "mail_access_denied", 403,
         "The granted permissions do not allow this (e.g. Mail.Send was not consented). Re-connect with consent "
@@ -272,6 +276,8 @@ def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,
     if m is not None:
         if m.kind == "reauth":
             return ReauthRequiredError(detail, hint=m.hint, microsoft=details, extra={"reason": m.code})
+        if m.kind == "transient":
+            return UpstreamUnavailableError(detail, code=m.code, hint=_fmt(m.hint, ctx), microsoft=details)
         return MicrosoftError(detail, code=m.code, status=m.status, hint=_fmt(m.hint, ctx), microsoft=details)
     if status >= 500:
         return UpstreamUnavailableError(detail, microsoft=details, hint="Microsoft Graph failed; try again later.")

@@ -63,7 +63,7 @@ def test_account_disconnected_mid_refresh_does_not_poison_the_refresh_job(host: 
 def test_second_401_after_adopting_another_writers_tokens_earns_one_real_refresh() -> None:
     """Chaos finding 3: a call whose token Graph rejected (401) took the tokens another refresher had
     just stored instead of refreshing; when Microsoft had revoked those too (CAE revokes all of a
-    user's access tokens at once), the retry got 401 again and the caller a 502 graph_token_rejected
+    user's access tokens at once), the retry got 401 again and the caller a 502 (now 503) graph_token_rejected
     although one real refresh would have worked. Now that case gets one refresh more, and only it."""
     from tests.shared.test_graph import FakeToken, FakeTransport, get, graph_error, make_client, reply
 

@@ -199,10 +199,11 @@ def test_second_401_is_not_our_401_and_names_no_token() -> None:
     fake = FakeTransport(graph_error(401, "InvalidAuthenticationToken"), graph_error(401, "InvalidAuthenticationToken"))
     client, _ = make_client(fake)
     token = FakeToken()
-    with pytest.raises(MicrosoftError) as e:
+    with pytest.raises(UpstreamUnavailableError) as e:
         get(client, "me", token=token)
     assert token.refreshed_from == ["access-1"] and len(fake.requests) == 2
-    assert e.value.status == 502 and e.value.code == "graph_token_rejected"
+    assert e.value.status == 503 and e.value.code == "graph_token_rejected"
+    assert e.value.headers.get("Retry-After", "").isdigit()  # a refusal: the caller may retry, even a send
     assert "access-" not in str(e.value) and "access-" not in (e.value.hint or "")
 
 
@@ -233,7 +234,7 @@ def test_mailbox_not_enabled_is_409_mailbox_not_available() -> None:
     (404, {"error": {"code": "ResourceNotFound", "message": "no"}}, (502, "graph_resource_not_found")),
     (404, None, (502, "graph_error")),
     (401, None, (502, "graph_error")),
-    (401, {"error": {"code": "InvalidAuthenticationToken"}}, (502, "graph_token_rejected")),
+    (401, {"error": {"code": "InvalidAuthenticationToken"}}, (503, "graph_token_rejected")),
     (403, {"error": {"code": "ErrorAccessDenied"}}, (403, "mail_access_denied")),
     (400, {"error": {"code": "SomethingNew"}}, (400, "graph_error")),
 ])
