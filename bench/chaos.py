@@ -208,7 +208,7 @@ def table(r: Result) -> str:
 _OUTCOME = {"2xx": "2xx (and the callback's 302)", "mapped_4xx": "mapped 4xx (problem with a code)",
             "503_retry_after": "503 with Retry-After", "other": "anything else (must be 0; no 500s)",
             "client_error": "bench client errors (must be 0)",
-            "no_answer": "no answer (instance killed mid-request, or the client's own 1 s timeout)"}
+            "no_answer": "no answer (instance killed mid-request or mid-answer, or the client's own 1 s timeout)"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,8 +177,8 @@ class Api:
                         self.rec.transport_retries += 1
                 if (attempt + 1) % len(urls) == 0:
                     time.sleep(0.5)  # every instance refused: wait for one to come back (bounded above)
-            except requests.Timeout:
-                break
+            except (requests.Timeout, requests.exceptions.ChunkedEncodingError):
+                break  # no (whole) answer: a timeout, or a body cut off by an instance killed while sending it
         if self.rec:
             self.rec.add(route, resp, t0, (time.monotonic() - start) * 1000)
         return resp

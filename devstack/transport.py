@@ -1,4 +1,4 @@
-"""An azure-core transport over a real ``RequestsTransport`` that subclasses can watch or disturb.
+"""An azure-core transport over the connector's real one that subclasses can watch or disturb.
 
 Tests and benchmarks inject faults or counters at the library boundary (the transport azure-core
 lets every client take), never inside our own code: a subclass overrides :meth:`send` to count
@@ -12,11 +12,9 @@ from typing import Any
 
 class WrappingTransport:
     def __init__(self) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
+        from shared._storage_transport import StorageTransport
 
-        from shared._http import new_session
-
-        self._inner = RequestsTransport(session=new_session(None), session_owner=False)
+        self._inner = StorageTransport()  # what shared.storage.Storage uses when nothing is injected
 
     def __enter__(self) -> WrappingTransport:
         return self

@@ -217,6 +217,18 @@ class AccountStore:
         except NotFoundError:
             raise _no_account() from None
 
+    def set_lease(self, account: Account, lease_id: str, until: dt.datetime) -> Account:
+        """Take the refresh lease: a MERGE of the two lease fields, conditional on ``account.etag``
+        (412 → ConflictError ``etag_conflict``). A two-field write costs the SDK far less CPU than
+        replacing the whole record, and the refresher makes one per refresh."""
+        fields: dict[str, EntityValue] = {"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
+                                          "leaseId": lease_id, "leaseUntil": iso(until) or ""}
+        try:
+            etag = self._table.merge(fields, etag=account.etag)
+        except NotFoundError:
+            raise _no_account() from None
+        return replace(account, lease_id=lease_id, lease_until=until, etag=etag)
+
     def update_with(self, account: Account, change: Callable[[Account], Account | None], *,
                     landed: Callable[[Account], bool] | None = None, attempts: int = 8) -> Account:
         """The one ETag read-modify-write loop (optimistic concurrency:

@@ -309,19 +309,12 @@ class Storage:
         return f"https://{self._settings.storage_account_name}.{kind}.core.windows.net"
 
     def _shared_transport(self) -> HttpTransport:
-        """One HTTP transport for every table and queue client.
-
-        Its session comes from :func:`shared._http.new_session`: ``trust_env`` off (azure-core's default
-        session reads proxy settings and REQUESTS_CA_BUNDLE from the environment on every request, which
-        costs measurable CPU per call and lets the environment change what TLS trusts) and a pooled
-        connection set shared by all clients.
-        """
+        """One HTTP transport for every table and queue client: :class:`shared._storage_transport.StorageTransport`
+        (``http.client`` with a keep-alive pool; it never reads proxy or CA settings from the environment)."""
         if self._transport is None:
-            from azure.core.pipeline.transport import RequestsTransport
+            from shared._storage_transport import StorageTransport
 
-            from shared._http import new_session
-
-            self._transport = RequestsTransport(session=new_session(None, pool_size=64), session_owner=False)
+            self._transport = StorageTransport(pool_size=64)
         return self._transport
 
     def table(self, name: str) -> Table:

@@ -202,8 +202,7 @@ class TokenManager:
     def _write_lease(self, acc: Account, lease: str, now: dt.datetime) -> Account | None:
         """Take the lease with an ETag-conditional write; None when another writer came first."""
         try:
-            return self._store.update_account(replace(acc, lease_id=lease, lease_until=now + self._lease),
-                                              etag=acc.etag)
+            return self._store.set_lease(acc, lease, now + self._lease)
         except StorageUnavailableError:
             # The write may have landed before the failure: never leave a lease nobody will use.
             try:

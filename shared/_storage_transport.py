@@ -1,0 +1,188 @@
+"""The last hop of every Table and Queue call: azure-core's transport interface over ``http.client``.
+
+Why not azure-core's ``RequestsTransport``: a refresh makes about five storage calls, and a third of
+each call's CPU went to requests and urllib3 (session and environment merging, the cookie jar, URL
+re-parsing and re-encoding) that a storage client never uses (issue 11; ``bench/refresh.py``).
+The SDKs' pipelines — shared-key or token auth, retries, timeouts, error mapping — stay as they are;
+only the socket work changes. Anything this transport does not handle the plain way (a streamed
+download, file uploads, a legacy request object) goes to a ``RequestsTransport`` unchanged.
+
+* Keep-alive connections are pooled per (scheme, host, port). A pooled connection the server has
+  closed (readable while idle: EOF) is dropped before reuse; one that fails before any answer
+  arrived (the server closed it just as we sent) is retried once on a new connection, as urllib3
+  and browsers do for keep-alive (RFC 9112 §9.3.1: a request on a connection the server closed
+  was not processed).
+* Timeouts: ``connection_timeout`` for the TCP/TLS handshake, ``read_timeout`` for every read
+  afterwards (azure-core per-call options; :class:`shared.storage.Budget` sets both).
+* Errors: azure-core's own types, so its retry policy and :func:`shared.storage.mapped` see what
+  they see from ``RequestsTransport``: ``ServiceRequestError`` (nothing was sent),
+  ``ServiceResponseError`` (sent, no answer), and their ``…TimeoutError`` forms.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import ssl
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from azure.core.exceptions import (
+    ServiceRequestError,
+    ServiceRequestTimeoutError,
+    ServiceResponseError,
+    ServiceResponseTimeoutError,
+)
+from azure.core.pipeline.transport import HttpTransport
+
+if TYPE_CHECKING:
+    from azure.core.pipeline.transport import RequestsTransport
+
+_Key = tuple[str, str, int]
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class StorageTransport(HttpTransport):
+    def __init__(self, *, pool_size: int = 64, connection_timeout: float = 10.0, read_timeout: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._pool_size = pool_size
+        self._connection_timeout = connection_timeout
+        self._read_timeout = read_timeout
+        self._ssl_context = ssl_context
+        self._lock = threading.Lock()
+        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._fallback: RequestsTransport | None = None
+
+    # -- HttpTransport ----------------------------------------------------------------------
+    def __enter__(self) -> StorageTransport:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass  # shared by every client of a Storage: closed by its owner, not by one client
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        from azure.core.pipeline._tools import is_rest
+
+        method, data = str(request.method), getattr(request, "data", None)
+        if kwargs.get("stream") or getattr(request, "files", None) or not is_rest(request) \
+                or not (data is None or isinstance(data, (bytes, str))):
+            return self._requests_transport().send(request, **kwargs)
+        connect_s = float(kwargs.get("connection_timeout") or self._connection_timeout)
+        read_s = float(kwargs.get("read_timeout") or self._read_timeout)
+        url = urlsplit(request.url)
+        scheme = url.scheme.lower()
+        key: _Key = (scheme, url.hostname or "", url.port or (443 if scheme == "https" else 80))
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        body = data.encode("utf-8") if isinstance(data, str) else data
+        headers = dict(request.headers)
+        for attempt in (1, 2):
+            conn, reused = self._acquire(key, connect_s)
+            try:
+                if conn.sock is None:
+                    self._connect(conn, connect_s)
+                conn.sock.settimeout(read_s)
+                conn.request(method, target, body=body, headers=headers)
+                raw = conn.getresponse()
+                response = _response(request, raw)
+            except ServiceRequestError:
+                conn.close()
+                raise
+            except _STALE as e:
+                conn.close()
+                if reused and attempt == 1:
+                    continue  # a keep-alive connection the server had closed: nothing was processed
+                raise ServiceResponseError(f"connection closed: {type(e).__name__}", error=e) from None
+            except TimeoutError as e:
+                conn.close()
+                raise ServiceResponseTimeoutError(f"no answer within {read_s:g} s", error=e) from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise ServiceResponseError(f"{type(e).__name__}", error=e) from None
+            self._release(key, conn, raw)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- connections -------------------------------------------------------------------------
+    def _acquire(self, key: _Key, connect_s: float) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if not _closed_by_peer(conn):
+                    return conn, True
+                conn.close()
+        scheme, host, port = key
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=connect_s, context=self._tls()), False
+        return http.client.HTTPConnection(host, port, timeout=connect_s), False
+
+    @staticmethod
+    def _connect(conn: http.client.HTTPConnection, connect_s: float) -> None:
+        conn.timeout = connect_s
+        try:
+            conn.connect()
+        except TimeoutError as e:
+            raise ServiceRequestTimeoutError(f"no connection within {connect_s:g} s", error=e) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ServiceRequestError(f"could not connect: {type(e).__name__}", error=e) from None
+
+    def _release(self, key: _Key, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse) -> None:
+        if raw.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._pool_size:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import certifi
+
+            self._ssl_context = ssl.create_default_context(cafile=certifi.where())
+        return self._ssl_context
+
+    def _requests_transport(self) -> RequestsTransport:
+        with self._lock:
+            if self._fallback is None:
+                from azure.core.pipeline.transport import RequestsTransport
+
+                from shared._http import new_session
+
+                self._fallback = RequestsTransport(session=new_session(None, pool_size=self._pool_size),
+                                                   session_owner=False)
+            return self._fallback
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive socket that is readable has been closed (or sent garbage): do not reuse it."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _response(request: Any, raw: http.client.HTTPResponse) -> Any:
+    """azure-core's REST response over an ``http.client`` answer, its body read (storage answers are small)."""
+    # azure-core's own adapter for http.client answers (it parses batch sub-responses with it);
+    # azure-core is pinned in requirements.txt.
+    from azure.core.rest._http_response_impl import RestHttpClientTransportResponse
+
+    response = RestHttpClientTransportResponse(request=request, internal_response=raw)
+    response.read()
+    return response

@@ -1,0 +1,130 @@
+"""StorageTransport (shared/_storage_transport.py) against small real HTTP servers on loopback: keep-alive
+reuse, connections the server closed, timeouts and refusals as azure-core's own error types.
+(Every Table and Queue test of the suite runs over it against Azurite as well.)"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError, ServiceResponseTimeoutError
+from azure.core.rest import HttpRequest
+
+from shared._storage_transport import StorageTransport
+
+
+class _Server:
+    """A raw HTTP/1.1 server: ``answer(conn_no, req_no)`` decides per request: "ok", "ok-then-close"
+    (answer as keep-alive, then close the socket), "drop" (close without answering) or "hang"."""
+
+    def __init__(self, answer: Callable[[int, int], str]) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.requests: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            for i in range(1, 100):
+                line = f.readline()
+                if not line:
+                    return
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                self.requests.append((n, i))
+                what = self.answer(n, i)
+                if what == "drop":
+                    return
+                if what == "hang":
+                    self._stop.wait(30)
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                if what == "ok-then-close":
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+@contextmanager
+def server(answer: Callable[[int, int], str]) -> Iterator[_Server]:
+    s = _Server(answer)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _get(t: StorageTransport, port: int, **kw: float) -> int:
+    return int(t.send(HttpRequest("GET", f"http://127.0.0.1:{port}/x"), **kw).status_code)
+
+
+def test_keep_alive_connections_are_reused() -> None:
+    with server(lambda n, i: "ok") as s:
+        t = StorageTransport()
+        assert [_get(t, s.port) for _ in range(5)] == [200] * 5
+        assert s.connections == 1 and len(s.requests) == 5
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    with server(lambda n, i: "ok-then-close") as s:
+        t = StorageTransport()
+        assert _get(t, s.port) == 200
+        deadline = time.monotonic() + 5
+        while s.connections == 1 and len(s.requests) == 1 and time.monotonic() < deadline:
+            assert _get(t, s.port) == 200  # the closed socket is seen (EOF) and dropped before reuse
+        assert s.connections == 2 and s.requests == [(1, 1), (2, 1)]
+
+
+def test_a_keep_alive_connection_closed_as_the_request_went_out_is_retried_once() -> None:
+    # The server reads the second request on the first connection and closes without answering.
+    with server(lambda n, i: "drop" if (n, i) == (1, 2) else "ok") as s:
+        t = StorageTransport()
+        assert _get(t, s.port) == 200
+        assert _get(t, s.port) == 200
+        assert s.requests == [(1, 1), (1, 2), (2, 1)]
+
+
+def test_a_new_connection_that_closes_without_answer_is_a_response_error() -> None:
+    with server(lambda n, i: "drop") as s:
+        with pytest.raises(ServiceResponseError):
+            _get(StorageTransport(), s.port)
+        assert len(s.requests) == 1  # not replayed: only a reused keep-alive connection is
+
+
+def test_no_answer_within_the_read_timeout() -> None:
+    with server(lambda n, i: "hang") as s:
+        started = time.monotonic()
+        with pytest.raises(ServiceResponseTimeoutError):
+            _get(StorageTransport(), s.port, read_timeout=0.5)
+        assert time.monotonic() - started < 5
+
+
+def test_a_refused_connection_is_a_request_error() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(ServiceRequestError) as e:
+        _get(StorageTransport(), port, connection_timeout=2)
+    assert not isinstance(e.value, ServiceResponseError)
