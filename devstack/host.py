@@ -10,6 +10,8 @@ It does what the Azure Functions host does for this app, reading only the enviro
 * polls Azure Storage queues for queue triggers with the ``host.json`` queue options: base64
   messages, batch size, visibility timeout on failure, ``maxDequeueCount`` then ``<queue>-poison``
   (https://learn.microsoft.com/azure/azure-functions/functions-bindings-storage-queue-trigger);
+* ignores the trigger of a function disabled with ``AzureWebJobs.<FUNCTION_NAME>.Disabled=true``
+  (https://learn.microsoft.com/azure/azure-functions/disable-function);
 * answers ``POST /admin/functions/{name}`` with body ``{"input": "..."}`` to run a non-HTTP
   function now (https://learn.microsoft.com/azure/azure-functions/functions-manually-run-non-http).
   Unlike the real host it answers 202 *after* the function has run, so callers can rely on it.
@@ -68,6 +70,12 @@ def _timespan_seconds(value: str, default: float) -> float:
         return int(h) * 3600 + int(m) * 60 + float(s)
     except (ValueError, AttributeError):
         return default
+
+
+def disabled(function_name: str) -> bool:
+    """``AzureWebJobs.<FUNCTION_NAME>.Disabled`` = true: the host ignores the function's trigger (it can still
+    be run through the admin endpoint). https://learn.microsoft.com/azure/azure-functions/disable-function"""
+    return os.environ.get(f"AzureWebJobs.{function_name}.Disabled", "").strip().lower() in ("true", "1")
 
 
 def load_host_json(root: Path = ROOT) -> dict[str, Any]:
@@ -226,6 +234,8 @@ class DevHost:
         d = trig.get_dict_repr()
         name, fn = f.get_function_name(), f.get_user_function()
         kind = d["type"]
+        if kind == "httpTrigger" and disabled(name):
+            return  # not served: 404, like the host
         if kind == "httpTrigger":
             template = d.get("route") or name
             pattern, _ = compile_route(template)
@@ -450,9 +460,11 @@ class DevHost:
         th.start()
         self._threads.append(th)
         for t in self.timers:
-            self._spawn(f"timer-{t.name}", self._timer_loop, t)
+            if not disabled(t.name):
+                self._spawn(f"timer-{t.name}", self._timer_loop, t)
         for q in self.queues:
-            self._spawn(f"queue-{q.name}", self._queue_loop, q)
+            if not disabled(q.name):
+                self._spawn(f"queue-{q.name}", self._queue_loop, q)
         return self
 
     def _spawn(self, name: str, target: Callable[..., None], arg: Any) -> None:
@@ -629,8 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"devstack host: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
+    off = sorted(f.name for f in [*h.timers, *h.queues] if disabled(f.name))
     print(f"devstack host: serving {len(h.http)} HTTP, {len(h.timers)} timer and {len(h.queues)} queue "
-          f"functions on {h.url}", flush=True)
+          f"functions on {h.url}" + (f" (disabled: {', '.join(off)})" if off else ""), flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

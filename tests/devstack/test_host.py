@@ -245,3 +245,35 @@ def test_a_bad_queue_lease_setting_is_refused_naming_it(raw: str) -> None:
         _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", raw, 600)
     assert _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", None, 600) == 600
     assert _positive_int("DEVHOST_QUEUE_LEASE_SECONDS", "20", 600) == 20
+
+
+def test_a_disabled_function_is_not_triggered_but_can_be_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AzureWebJobs.<name>.Disabled=true``: the host ignores the trigger; the admin endpoint still runs it
+    (https://learn.microsoft.com/azure/azure-functions/disable-function)."""
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    ran: list[str] = []
+
+    @app.timer_trigger(schedule="* * * * * *", arg_name="t")
+    def disabled_tick(t: Any) -> None:
+        ran.append("tick")
+
+    @app.route(route="off", methods=["GET"])
+    def off(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse("on")
+
+    @app.route(route="on", methods=["GET"])
+    def on(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse("on")
+
+    monkeypatch.setenv("AzureWebJobs.disabled_tick.Disabled", "true")
+    monkeypatch.setenv("AzureWebJobs.off.Disabled", "True")
+    h = DevHost(app, port=0).start()
+    try:
+        base = f"http://127.0.0.1:{h.port}"
+        assert requests.get(f"{base}/api/off", timeout=10).status_code == 404  # a disabled HTTP function
+        assert requests.get(f"{base}/api/on", timeout=10).status_code == 200
+        assert not any(t.name == "timer-disabled_tick" for t in threading.enumerate())
+        r = requests.post(f"{base}/admin/functions/disabled_tick", json={"input": ""}, timeout=10)
+        assert r.status_code == 202 and ran == ["tick"]
+    finally:
+        h.stop()

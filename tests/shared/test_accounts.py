@@ -95,3 +95,31 @@ def test_token_write_is_conditional_on_etag(table: Any) -> None:
     with pytest.raises(ConflictError):
         store.update_account(replace(created, display_name="stale"), etag=created.etag)
     assert store.get_account("o", "acc_x").display_name == first.display_name == "first"
+
+
+def test_update_with_merges_only_changed_columns_and_stays_conditional(table: Any) -> None:
+    """The ETag loop writes the differing columns as a conditional MERGE (less SDK CPU than a replace):
+    a column it did not change keeps what another writer stored, and a stale ETag still loses."""
+    store = AccountStore(table, lambda: KeyRing("a", {"a": _key()}))
+    acc = store.create_account(_account(store, "owner-m", "acc_m"))
+    read = store.get_account("owner-m", "acc_m")
+    later = utcnow() + dt.timedelta(hours=2)
+    saved = store.update_with(read, lambda cur: replace(cur, refresh_due_at=later, last_error=None))
+    raw = table.get(owner_partition("owner-m"), "acc_m")
+    assert store.get_account("owner-m", "acc_m").refresh_due_at == later
+    assert raw["email"] == "a@b.example" and raw["tokensKid"] == "a"  # untouched columns are intact
+    # An out-of-band column survives (a merge), and the ETag returned is the stored one.
+    table.merge({"PartitionKey": owner_partition("owner-m"), "RowKey": "acc_m", "note": "x"})
+    current = store.get_account("owner-m", "acc_m")
+    after = store.update_with(current, lambda cur: replace(cur, display_name="B"))
+    assert table.get(owner_partition("owner-m"), "acc_m")["note"] == "x"
+    assert store.get_account("owner-m", "acc_m").etag == after.etag and after.display_name == "B"
+    # Conditional: a write from a stale read fails its ETag check and is asked again on the fresh record.
+    seen: list[str] = []
+
+    def rename(cur: Account) -> Account:
+        seen.append(cur.display_name)
+        return replace(cur, display_name="C")
+
+    assert store.update_with(saved, rename).display_name == "C"
+    assert seen == ["A", "B"] and acc.etag != saved.etag

@@ -89,19 +89,20 @@ def test_holder_whose_lease_ran_out_still_stores_the_live_refresh_token(
 
 
 class _LoseResponses(WrappingTransport):
-    """An azure-core transport around the real one that performs chosen PUTs and then drops their
-    responses, as a reset connection would: the SDK retries the PUT, which now fails its ETag check."""
+    """An azure-core transport around the real one that performs chosen writes to the accounts table and
+    then drops their responses, as a reset connection would: the SDK retries the write, which now fails
+    its ETag check."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.drop: list[bool] = []  # one flag per coming PUT to the accounts table
+        self.drop: list[bool] = []  # one flag per coming write to the accounts table
         self.dropped = 0
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         from azure.core.exceptions import ServiceResponseError
 
         response = self._inner.send(request, **kwargs)
-        if request.method == "PUT" and "/accounts(" in request.url and self.drop:
+        if request.method in ("PUT", "MERGE", "PATCH") and "/accounts(" in request.url and self.drop:
             if self.drop.pop(0):
                 self.dropped += 1
                 raise ServiceResponseError("connection reset after the write (test)")
@@ -120,7 +121,7 @@ def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_
     owner = "owner-lost-response"
     acc_id = _connect(c, browser_session, owner)
     before = c.accounts.get_account(owner, acc_id)
-    transport.drop = [True]  # the final write's answer is lost (the lease is a MERGE, not a PUT)
+    transport.drop = [False, True]  # the lease write goes through; the final write's answer is lost
     after = c.tokens.refresh(owner, acc_id, force=True)
     assert transport.dropped == 1
     assert after.status == ACTIVE and after.lease_id is None
