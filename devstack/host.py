@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"devstack host: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
-    off = sorted(f.name for f in [*h.timers, *h.queues] if disabled(f.name))
+    off = sorted([t.name for t in h.timers if disabled(t.name)] + [q.name for q in h.queues if disabled(q.name)])
     print(f"devstack host: serving {len(h.http)} HTTP, {len(h.timers)} timer and {len(h.queues)} queue "
           f"functions on {h.url}" + (f" (disabled: {', '.join(off)})" if off else ""), flush=True)
     try:
