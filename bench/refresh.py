@@ -271,9 +271,10 @@ def run(total: int = 10_000, due: int = 1_000, live: int = 600) -> dict[str, Any
 
 Bar: ≥ 100 refreshes/s per worker. One worker process spends **{cpu_ms:.1f} ms of CPU per refresh**
 (its own process time ÷ refreshes), a ceiling of about {1000 / cpu_ms:.0f} refreshes/s for a process that
-has a core to itself. Each refresh is one account read, a lease write, the token call, the final write,
-the next due-time row and the re-armed row's removal (plus the queue message's delete, which the Functions
-host does in production and this benchmark's worker does itself). Every storage call runs on
+has a core to itself. Each refresh is one account read, a lease write (a two-column MERGE), the token
+call, the final write (a MERGE of the changed columns), the next due-time row and the re-armed row's
+removal (plus the queue message's delete, which the Functions host does in production and this
+benchmark's worker does itself). Every storage call runs on
 `shared/_storage_transport.py` (azure-core's transport interface over `http.client` with a keep-alive
 pool) instead of requests + urllib3. One refresh at a time in-process (`Refresher.process` thread time,
 `_sequential_cpu`), the same run measured it at **{seq_before:.1f} ms of CPU with requests and
