@@ -8,10 +8,14 @@ only the socket work changes. Anything this transport does not handle the plain 
 download, file uploads, a legacy request object) goes to a ``RequestsTransport`` unchanged.
 
 * Keep-alive connections are pooled per (scheme, host, port). A pooled connection the server has
-  closed (readable while idle: EOF) is dropped before reuse; one that fails before any answer
-  arrived (the server closed it just as we sent) is retried once on a new connection, as urllib3
-  and browsers do for keep-alive (RFC 9112 §9.3.1: a request on a connection the server closed
-  was not processed).
+  closed (readable while idle: EOF) is dropped before reuse. One that fails before any byte of an
+  answer arrived (the server closed it just as we sent) is retried once on a new connection, but
+  only for an idempotent request (RFC 9112 §9.3.1, RFC 9110 §9.2.2: GET, HEAD, PUT, DELETE, OPTIONS)
+  or a conditional one (``If-Match``: a replay that already landed fails its ETag check). A POST
+  (insert, queue message) is never replayed here: azure-core's retry policy decides, as with
+  ``RequestsTransport``.
+* When the server answers early and closes while the body is still going out (an early 413), the
+  answer is read rather than reported as a broken connection, as urllib3 does.
 * Timeouts: ``connection_timeout`` for the TCP/TLS handshake, ``read_timeout`` for every read
   afterwards (azure-core per-call options; :class:`shared.storage.Budget` sets both).
 * Errors: azure-core's own types, so its retry policy and :func:`shared.storage.mapped` see what
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 
 _Key = tuple[str, str, int]
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 
 
 class StorageTransport(HttpTransport):
@@ -86,21 +91,30 @@ class StorageTransport(HttpTransport):
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         body = data.encode("utf-8") if isinstance(data, str) else data
         headers = dict(request.headers)
+        if body is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["Content-Length"] = str(len(body))  # bytes, not the characters azure-core counted
+        replayable = method.upper() in _IDEMPOTENT or any(k.lower() == "if-match" for k in headers)
         for attempt in (1, 2):
             conn, reused = self._acquire(key, connect_s)
+            answered = False
             try:
                 if conn.sock is None:
                     self._connect(conn, connect_s)
                 conn.sock.settimeout(read_s)
-                conn.request(method, target, body=body, headers=headers)
+                try:
+                    conn.request(method, target, body=body, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server may have answered early and closed: read what it said, if anything
                 raw = conn.getresponse()
+                answered = True
                 response = _response(request, raw)
             except ServiceRequestError:
                 conn.close()
                 raise
             except _STALE as e:
                 conn.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and not answered and replayable:
                     continue  # a keep-alive connection the server had closed: nothing was processed
                 raise ServiceResponseError(f"connection closed: {type(e).__name__}", error=e) from None
             except TimeoutError as e:

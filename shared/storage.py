@@ -96,6 +96,8 @@ INTERACTIVE = Budget(connection_timeout=3, read_timeout=4, retry_total=2, total_
 BACKGROUND = Budget(connection_timeout=5, read_timeout=20, retry_total=3, total_s=60)
 _budget: contextvars.ContextVar[Budget] = contextvars.ContextVar("storage_budget", default=INTERACTIVE)
 RETRY_AFTER_S = 5
+# azure-core's default retryable methods, plus PATCH for MERGE writes (see Table.merge).
+_MERGE_RETRY = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH"})
 
 
 @contextlib.contextmanager
@@ -209,8 +211,12 @@ class Table:
         from azure.data.tables import UpdateMode
 
         cond = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
+        # A MERGE is a PATCH, which azure-core does not retry after a lost answer unless told: replaying
+        # it is safe (the same columns again; a conditional one fails its ETag check, which the callers'
+        # ``landed`` checks recognise), so it gets the same retries as a replace (PUT).
         return _etag(mapped(lambda: self._client.update_entity(entity, mode=UpdateMode.MERGE, etag=etag,
-                                                               match_condition=cond, **_budget.get().table_kw())))
+                                                               match_condition=cond, retry_on_methods=_MERGE_RETRY,
+                                                               **_budget.get().table_kw())))
 
     def upsert(self, entity: Entity) -> str:
         from azure.data.tables import UpdateMode

@@ -152,3 +152,27 @@ def test_refusals_map_to_connector_errors_not_raw_azure_errors(azurite: Any, tab
     with pytest.raises(ConnectorError) as bad:
         table.create({"PartitionKey": "p", "RowKey": "bad/key#?", "v": 1})
     assert type(bad.value) is ConnectorError and bad.value.code == "storage_rejected"
+
+
+def test_a_merge_is_retried_like_a_replace(azurite: Any) -> None:
+    """A MERGE is a PATCH, which azure-core retries only when told: the first attempt is refused
+    (nothing sent), the retry lands, as a replace (PUT) would."""
+    from azure.core.exceptions import ServiceRequestError
+
+    from devstack.transport import WrappingTransport
+
+    class _RefuseFirstPatch(WrappingTransport):
+        refused = 0
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            if request.method == "PATCH" and not self.refused:
+                self.refused += 1
+                raise ServiceRequestError("connection refused (test)")
+            return super().send(request, **kwargs)
+
+    transport = _RefuseFirstPatch()
+    t = Storage(_settings(azurite.connection_string), transport=transport).table("mr" + uuid.uuid4().hex[:12])
+    t.create_if_missing()
+    etag = t.create({"PartitionKey": "p", "RowKey": "r", "v": 1})
+    t.merge({"PartitionKey": "p", "RowKey": "r", "v": 2}, etag=etag)
+    assert transport.refused == 1 and t.get("p", "r")["v"] == 2

@@ -29,6 +29,8 @@ class _Server:
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self.requests: list[tuple[int, int]] = []
+        self.methods: list[str] = []
+        self.bodies: list[bytes] = []
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -48,10 +50,17 @@ class _Server:
                 line = f.readline()
                 if not line:
                     return
-                while f.readline() not in (b"\r\n", b""):
-                    pass
+                length = 0
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    if h.lower().startswith(b"content-length:"):
+                        length = int(h.split(b":", 1)[1])
                 self.requests.append((n, i))
+                self.methods.append(line.split(b" ", 1)[0].decode())
                 what = self.answer(n, i)
+                if what == "early":  # answer before reading the body, then close
+                    conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    return
+                self.bodies.append(f.read(length) if length else b"")
                 if what == "drop":
                     return
                 if what == "hang":
@@ -77,6 +86,10 @@ def server(answer: Callable[[int, int], str]) -> Iterator[_Server]:
 
 def _get(t: StorageTransport, port: int, **kw: float) -> int:
     return int(t.send(HttpRequest("GET", f"http://127.0.0.1:{port}/x"), **kw).status_code)
+
+
+def _send(t: StorageTransport, port: int, method: str, body: str | bytes, **headers: str) -> int:
+    return int(t.send(HttpRequest(method, f"http://127.0.0.1:{port}/x", content=body, headers=headers)).status_code)
 
 
 def test_keep_alive_connections_are_reused() -> None:
@@ -128,3 +141,39 @@ def test_a_refused_connection_is_a_request_error() -> None:
     with pytest.raises(ServiceRequestError) as e:
         _get(StorageTransport(), port, connection_timeout=2)
     assert not isinstance(e.value, ServiceResponseError)
+
+
+def test_a_post_is_not_replayed_on_a_new_connection() -> None:
+    """An insert or a queue message the server may have processed: the retry policy decides, not the
+    transport (RFC 9110 §9.2.2: POST is not idempotent)."""
+    with server(lambda n, i: "drop" if (n, i) == (1, 2) else "ok") as s:
+        t = StorageTransport()
+        assert _send(t, s.port, "POST", b"{}") == 200
+        with pytest.raises(ServiceResponseError):
+            _send(t, s.port, "POST", b'{"a": 1}')
+        assert s.requests == [(1, 1), (1, 2)]
+
+
+def test_a_conditional_patch_is_replayed_on_a_new_connection() -> None:
+    """With If-Match a replay that already landed fails its ETag check, which callers recognise."""
+    with server(lambda n, i: "drop" if (n, i) == (1, 2) else "ok") as s:
+        t = StorageTransport()
+        assert _send(t, s.port, "PUT", b"{}") == 200
+        assert _send(t, s.port, "PATCH", b'{"a": 1}', **{"If-Match": 'W/"1"'}) == 200
+        assert s.requests == [(1, 1), (1, 2), (2, 1)] and s.methods[1:] == ["PATCH", "PATCH"]
+
+
+def test_an_early_answer_to_a_large_body_is_read() -> None:
+    """The server refuses a body before reading it (413) and closes: the answer, not a broken pipe."""
+    with server(lambda n, i: "early") as s:
+        assert _send(StorageTransport(), s.port, "PUT", b"x" * (8 << 20)) == 413
+
+
+def test_a_text_body_is_sent_with_its_length_in_bytes() -> None:
+    with server(lambda n, i: "ok") as s:
+        t = StorageTransport()
+        req = HttpRequest("PUT", f"http://127.0.0.1:{s.port}/x", content="héllo ✓")
+        req.headers["Content-Length"] = str(len("héllo ✓"))  # characters, as a str body would be counted
+        assert t.send(req).status_code == 200
+        assert _get(t, s.port) == 200  # the connection is still in step
+        assert s.bodies[0] == "héllo ✓".encode() and s.connections == 1
