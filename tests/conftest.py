@@ -24,6 +24,13 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+# The app's timer and queue functions (shared/blueprints/timers.py, notifications.py). A second host on the
+# session's storage runs none of them (``AzureWebJobs.<name>.Disabled``, as on Azure): its workers would
+# take the session host's queue messages, and one it held when it stopped stays invisible for the
+# queue lease (10 minutes), stalling every later test that waits for the queues to drain.
+BACKGROUND_FUNCTIONS = ("refresh_timer", "refresh_worker", "refresh_reconcile", "webhook_delivery", "cleanup_timer",
+                        "notification_worker", "notifications_timer", "notifications_reconcile")
+HTTP_ONLY = {f"AzureWebJobs.{name}.Disabled": "true" for name in BACKGROUND_FUNCTIONS}
 
 
 def wait_for(condition: Any, *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from devstack.process import start_host
-from tests.conftest import ARTIFACTS, Host, connect, free_port
+from tests.conftest import ARTIFACTS, HTTP_ONLY, Host, connect, free_port
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def vault_host(host: Host, vault: Any, control: Any) -> Any:
     # seconds (the throttle itself is tests/shared/test_secret_store.py's).
     env.update({"KEY_VAULT_URL": vault.url, "PUBLIC_BASE_URL": base, "ALLOWED_RETURN_URLS":
                 "https://app.example.com/connected", "KEY_VAULT_CACHE_SECONDS": "0"})
+    env.update(HTTP_ONLY)  # on the session's queues: its workers would take (and strand) other tests' messages
     log_path = ARTIFACTS / "host-keyvault.log"
     proc = start_host(env, port, log_path)
     try:

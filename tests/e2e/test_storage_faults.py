@@ -19,16 +19,13 @@ import requests
 
 from devstack.azurite import connection_string
 from devstack.process import start_host
-from tests.conftest import ARTIFACTS, Host, connect, free_port, wait_for
+from tests.conftest import ARTIFACTS, HTTP_ONLY, Host, connect, free_port, wait_for
 
 USER = "adele@contoso.onmicrosoft.com"
 OWNER = "owner-storage-faults"
 # The client gives up far beyond the connector's interactive storage budget (about 13 s): a route
 # that hangs fails the test with a read timeout instead of answering.
 CLIENT_TIMEOUT_S = 30
-# The app's timer and queue functions (shared/blueprints/timers.py, notifications.py).
-BACKGROUND_FUNCTIONS = ("refresh_timer", "refresh_worker", "refresh_reconcile", "webhook_delivery", "cleanup_timer",
-                        "notification_worker", "notifications_timer", "notifications_reconcile")
 
 
 class StorageProxy:
@@ -135,9 +132,7 @@ def fault_host(host: Host, proxy: StorageProxy) -> Any:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(host.env, AzureWebJobsStorage=proxy.connection_string(), PUBLIC_BASE_URL=base)
-    # HTTP only: its timers and queue workers would share the session's queues with the main host and
-    # take other tests' messages into the outage (AzureWebJobs.<name>.Disabled, as on Azure).
-    env.update({f"AzureWebJobs.{name}.Disabled": "true" for name in BACKGROUND_FUNCTIONS})
+    env.update(HTTP_ONLY)  # its workers would take other tests' queue messages into the outage
     log_path = ARTIFACTS / "host-storage-faults.log"
     proc = start_host(env, port, log_path)
     try:
