@@ -235,16 +235,9 @@ class AccountStore:
         return replace(wanted, etag=etag)
 
     def set_lease(self, account: Account, lease_id: str, until: dt.datetime) -> Account:
-        """Take the refresh lease: a MERGE of the two lease fields, conditional on ``account.etag``
-        (412 → ConflictError ``etag_conflict``). A two-field write costs the SDK far less CPU than
-        replacing the whole record, and the refresher makes one per refresh."""
-        fields: dict[str, EntityValue] = {"PartitionKey": owner_partition(account.owner), "RowKey": account.id,
-                                          "leaseId": lease_id, "leaseUntil": iso(until) or ""}
-        try:
-            etag = self._table.merge(fields, etag=account.etag)
-        except NotFoundError:
-            raise _no_account() from None
-        return replace(account, lease_id=lease_id, lease_until=until, etag=etag)
+        """Take the refresh lease: a MERGE of the two lease columns, conditional on ``account.etag``
+        (412 → ConflictError ``etag_conflict``)."""
+        return self._write_changes(account, replace(account, lease_id=lease_id, lease_until=until))
 
     def update_with(self, account: Account, change: Callable[[Account], Account | None], *,
                     landed: Callable[[Account], bool] | None = None, attempts: int = 8) -> Account:

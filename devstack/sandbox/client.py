@@ -98,8 +98,7 @@ class SandboxControl:
         self._call("POST", f"/users/{self._u(user)}/conditional_access", json={"blocked": blocked})
 
     def live_refresh_tokens(self, user: str, client_id: str | None = None) -> int:
-        params = {"client_id": client_id} if client_id else None
-        return int(self._call("GET", f"/users/{self._u(user)}/refresh_tokens", params=params)["live"])
+        return len(self.live_refresh_token_mint_times(user, client_id))
 
     def live_refresh_token_mint_times(self, user: str, client_id: str | None = None) -> list[float]:
         """When each live refresh token of the user was minted (``time.monotonic()`` of this machine)."""
