@@ -25,9 +25,11 @@ NOTIFY = "/api/notifications/microsoft"
 
 
 @pytest.fixture()
-def sandbox_http(control: Any) -> Iterator[None]:
+def sandbox_http(host: Host, control: Any) -> Iterator[None]:
     """A fresh sandbox that accepts the dev host's loopback http notification URL (Graph requires https;
-    the session's sandbox is told so, like `make dev`'s)."""
+    the session's sandbox is told so, like `make dev`'s). Earlier tests' background jobs finish first:
+    one still running would create its subscription in the fresh sandbox."""
+    wait_for(lambda: queues_idle(host), timeout=120, what="earlier tests' background jobs")
     control.reset()
     control.notification_switches(allow_http=True, drop=0, duplicate=0)
     yield
