@@ -160,20 +160,26 @@ def accounts(a: Audit, stack: ChaosStack, api: Api, mailboxes: list[Mailbox], re
 
 def _killed_mid_refresh(stack: ChaosStack, user: str, lost: list[str], *, audit_began: float, t_start: float,
                         kills: list[float]) -> list[str]:
-    """The lost accounts of ``user`` that a host SIGKILL explains, each matched to its own orphan.
+    """The lost accounts of ``user`` that a host SIGKILL explains, each matched to its own lost rotation.
 
     A host killed after the sandbox rotated a refresh token and before the connector stored the new
-    one leaves a live refresh token that no account holds (an orphan: minted before the audit, which
-    rotated every held one, and never redeemed), while the stored one is dead under strict rotation.
+    one leaves the stored token dead under strict rotation and its successor live but never redeemed.
     No client can survive that with strict rotation; Entra does not revoke a refresh token when it is
     used (https://learn.microsoft.com/entra/identity-platform/refresh-tokens), so there the stored
-    one keeps working. Only an orphan minted within 2 s before a kill (a token request plus the
-    write) excuses a loss; any other loss stays a failure.
+    one keeps working. The sandbox keeps each token's successor, so the audit asks it for exactly
+    that signature: a rotated token presented again (the stored one, by the next refresh) whose
+    successor was never used. Such a loss is excused only when a host was killed after the successor
+    was minted, before the stale token came back and within the refresh lease (the longest a host may
+    hold a new token it has not stored: it keeps retrying the write through a storage outage). A lost
+    rotation without a kill in that window, or a loss without a lost rotation, stays a failure.
     """
-    minted = stack.control.live_refresh_token_mint_times(user, CLIENT_ID)
-    orphans = [m - t_start for m in minted if m < audit_began]
-    near_kill = [m for m in orphans if any(k - 2.0 <= m <= k + 0.5 for k in kills)]
-    return lost[:len(near_kill)]
+    from shared.tokens import LEASE
+
+    kills_at = [t_start + k for k in kills]
+    rotations = [(m, p) for m, p in stack.control.lost_rotations(user, CLIENT_ID) if m < audit_began]
+    explained = [m for m, p in rotations
+                 if any(m - 0.5 <= k <= min(p, m + LEASE.total_seconds()) for k in kills_at)]
+    return lost[:len(explained)]
 
 
 def _verify_refresh(api: Api, owner: str, acc_id: str) -> str:

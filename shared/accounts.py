@@ -14,14 +14,10 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from shared.crypto import KeyRing, account_aad, kid_of
 from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
-from shared.storage import EntityValue, Table, etag_of
-
-if TYPE_CHECKING:
-    from azure.data.tables import TableEntity
+from shared.storage import EntityValue, Row, Table, etag_of
 
 CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts (SPEC §2)
 ACTIVE = "active"
@@ -366,7 +362,7 @@ def _notification_columns(n: NotificationSummary) -> dict[str, EntityValue]:
             "notifLastEventAt": iso(n.last_event_at) or ""}
 
 
-def _from_entity(e: TableEntity) -> Account:
+def _from_entity(e: Row) -> Account:
     def s(name: str, default: str = "") -> str:
         value = e.get(name)
         return str(value) if value else default

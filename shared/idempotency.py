@@ -28,9 +28,7 @@ from shared.errors import ConflictError, ConnectorError, NotFoundError, Validati
 from shared.storage import etag_of
 
 if TYPE_CHECKING:
-    from azure.data.tables import TableEntity
-
-    from shared.storage import Table
+    from shared.storage import Row, Table
 
 log = logging.getLogger("connector.idempotency")
 
@@ -105,7 +103,7 @@ def _claim(table: Table, pk: str, rk: str, body_hash: str, sleep: Callable[[floa
         sleep(0.2)  # a concurrent duplicate is sending: wait for its result
 
 
-def _replay(existing: TableEntity, body_hash: str) -> SendResult | None:
+def _replay(existing: Row, body_hash: str) -> SendResult | None:
     """The first request's result, a 409 for a reused key or an unknown outcome, or None (still pending)."""
     if existing.get("bodyHash") != body_hash:
         raise ConflictError("This Idempotency-Key was already used with a different request body.",

@@ -22,9 +22,7 @@ from shared.accounts import ACTIVE, Account, owner_partition
 from shared.errors import ConflictError, NotFoundError
 
 if TYPE_CHECKING:
-    from azure.data.tables import TableEntity
-
-    from shared.storage import EntityValue, Table
+    from shared.storage import EntityValue, Row, Table
 
 BUCKET = dt.timedelta(minutes=5)
 REARM = dt.timedelta(minutes=30)  # an enqueued account comes back this much later unless its worker finishes
@@ -84,7 +82,7 @@ class RefreshIndex:
         self._delete_rows(rows)
         return len(rows), [DueAccount(str(r["owner"]), str(r["accountId"])) for r in unique], rearm
 
-    def _delete_rows(self, rows: list[TableEntity]) -> None:
+    def _delete_rows(self, rows: list[Row]) -> None:
         by_partition: dict[str, list[str]] = defaultdict(list)
         for r in rows:  # all ≤ now, so never the re-arm bucket
             by_partition[str(r["PartitionKey"])].append(str(r["RowKey"]))

@@ -172,7 +172,7 @@ class Connector:
         """Spans and metrics (shared.telemetry): configured on first use, a no-op when off."""
         from shared.telemetry import get_telemetry
 
-        return get_telemetry()
+        return get_telemetry(self.settings)
 
     @cached_property
     def notifications(self) -> Notifications:

@@ -28,14 +28,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict, TypeVar
 
+from shared._table_rows import EntityValue, Row
 from shared.errors import ConflictError, ConnectorError, NotFoundError, PayloadTooLargeError, StorageUnavailableError
 
 if TYPE_CHECKING:
-    from azure.core.credentials import TokenCredential
+    from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
+    from azure.core.pipeline import Pipeline
     from azure.core.pipeline.transport import HttpTransport
+    from azure.core.rest import HttpRequest, HttpResponse
     from azure.data.tables import TableClient, TableEntity
     from azure.storage.queue import QueueClient
 
+    from shared._table_rest import TableRest
     from shared.config import Settings
 
 ACCOUNTS_TABLE = "accounts"
@@ -52,8 +56,6 @@ WEBHOOK_QUEUE = "webhook-deliveries"
 NOTIFICATION_QUEUE = "notification-jobs"
 QUEUES = (REFRESH_QUEUE, WEBHOOK_QUEUE, NOTIFICATION_QUEUE)
 
-# A value Table Storage can hold (https://learn.microsoft.com/rest/api/storageservices/payload-format-for-table-service-operations).
-EntityValue = str | int | float | bool | bytes | None
 Entity = Mapping[str, EntityValue]
 T = TypeVar("T")
 
@@ -160,78 +162,72 @@ def mapped(call: Callable[[], T]) -> T:
 
 
 class Table:
-    """One table: typed calls, errors mapped, every call within the current :class:`Budget`."""
+    """One table: typed calls, errors mapped, every call within the current :class:`Budget`.
 
-    def __init__(self, client: TableClient) -> None:
+    Single-row calls go over :class:`shared._table_rest.TableRest` (the same transport, retry policy
+    and credential, a fraction of the SDK's CPU); queries, transactions and table creation over
+    azure-data-tables' ``TableClient``. Every row comes back as a :class:`Row`.
+    """
+
+    def __init__(self, client: TableClient, rest: TableRest) -> None:
         self._client = client
+        self._rest = rest
         self.name = client.table_name
 
-    def get(self, pk: str, rk: str, *, select: Sequence[str] | None = None) -> TableEntity:
+    def get(self, pk: str, rk: str, *, select: Sequence[str] | None = None) -> Row:
         kw = _budget.get().table_kw()
-        return mapped(lambda: self._client.get_entity(pk, rk, select=list(select) if select else None, **kw))
+        return mapped(lambda: self._rest.get(pk, rk, select=list(select) if select else None, **kw))
 
     def query(self, query_filter: str, *, parameters: Mapping[str, str] | None = None,
-              select: Sequence[str] | None = None, page_size: int | None = None) -> list[TableEntity]:
+              select: Sequence[str] | None = None, page_size: int | None = None) -> list[Row]:
         """All rows matching the filter (the pages are read inside the error mapping)."""
-        def run() -> list[TableEntity]:
-            return list(self._client.query_entities(query_filter, parameters=dict(parameters or {}),
-                                                    select=list(select) if select else None,
-                                                    results_per_page=page_size, **_budget.get().table_kw()))
+        def run() -> list[Row]:
+            return [_row(e) for e in self._client.query_entities(
+                query_filter, parameters=dict(parameters or {}), select=list(select) if select else None,
+                results_per_page=page_size, **_budget.get().table_kw())]
         return mapped(run)
 
-    def scan(self) -> list[TableEntity]:
+    def scan(self) -> list[Row]:
         """Every row (operator commands only: a request or timer never scans a table)."""
-        return mapped(lambda: list(self._client.list_entities(**_budget.get().table_kw())))
+        return mapped(lambda: [_row(e) for e in self._client.list_entities(**_budget.get().table_kw())])
 
-    def first(self, query_filter: str, *, parameters: Mapping[str, str] | None = None) -> TableEntity | None:
-        def run() -> TableEntity | None:
+    def first(self, query_filter: str, *, parameters: Mapping[str, str] | None = None) -> Row | None:
+        def run() -> Row | None:
             pages = self._client.query_entities(query_filter, parameters=dict(parameters or {}), results_per_page=1,
                                                 **_budget.get().table_kw())
-            return next(iter(pages), None)
+            e = next(iter(pages), None)
+            return None if e is None else _row(e)
         return mapped(run)
 
     def create(self, entity: Entity) -> str:
         """Insert; :class:`ConflictError` (``already_exists``) if the row exists. Returns the ETag."""
-        return _etag(mapped(lambda: self._client.create_entity(entity, **_budget.get().table_kw())))
+        return mapped(lambda: self._rest.insert(entity, **_budget.get().table_kw()))
 
     def replace(self, entity: Entity, *, etag: str | None) -> str:
         """Replace the row, conditional on ``etag`` when given (else an upsert). Returns the new ETag."""
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
         kw = _budget.get().table_kw()
         if etag:
-            return _etag(mapped(lambda: self._client.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified, **kw)))
-        return _etag(mapped(lambda: self._client.upsert_entity(entity, mode=UpdateMode.REPLACE, **kw)))
+            return mapped(lambda: self._rest.update(entity, merge=False, etag=etag, **kw))
+        return mapped(lambda: self._rest.upsert(entity, merge=False, **kw))
 
     def merge(self, entity: Entity, *, etag: str | None = None) -> str:
-        """Merge the given properties into an existing row (conditional on ``etag`` when given)."""
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
-        cond = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
+        """Merge the given properties into an existing row (conditional on ``etag`` when given;
+        :class:`NotFoundError` when the row does not exist). Returns the new ETag."""
         # A MERGE is a PATCH, which azure-core does not retry after a lost answer unless told: replaying
         # it is safe (the same columns again; a conditional one fails its ETag check, which the callers'
         # ``landed`` checks recognise), so it gets the same retries as a replace (PUT).
-        return _etag(mapped(lambda: self._client.update_entity(entity, mode=UpdateMode.MERGE, etag=etag,
-                                                               match_condition=cond, retry_on_methods=_MERGE_RETRY,
-                                                               **_budget.get().table_kw())))
+        kw = _budget.get().table_kw()
+        return mapped(lambda: self._rest.update(entity, merge=True, etag=etag, retry_on_methods=_MERGE_RETRY, **kw))
 
     def upsert(self, entity: Entity) -> str:
-        from azure.data.tables import UpdateMode
-
-        return _etag(mapped(lambda: self._client.upsert_entity(entity, mode=UpdateMode.MERGE,
-                                                               **_budget.get().table_kw())))
+        """Insert the row, or merge these properties into it. Returns the new ETag."""
+        kw = _budget.get().table_kw()
+        return mapped(lambda: self._rest.upsert(entity, merge=True, retry_on_methods=_MERGE_RETRY, **kw))
 
     def delete_if_present(self, pk: str, rk: str, *, etag: str | None = None) -> bool:
         """Delete the row; False if it was already gone (or, with ``etag``, is no longer that version)."""
-        from azure.core import MatchConditions
-
-        cond = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
         try:
-            mapped(lambda: self._client.delete_entity(pk, rk, etag=etag, match_condition=cond,
-                                                      **_budget.get().table_kw()))
+            mapped(lambda: self._rest.delete(pk, rk, etag=etag, **_budget.get().table_kw()))
         except NotFoundError:
             return False
         except ConflictError:
@@ -276,13 +272,40 @@ class Queue:
             pass
 
 
-def _etag(meta: Mapping[str, object]) -> str:
-    return str(meta.get("etag") or "")
+def etag_of(row: Row) -> str | None:
+    return row.etag or None
 
 
-def etag_of(entity: TableEntity) -> str | None:
-    etag = entity.metadata.get("etag")
-    return str(etag) if etag else None
+def _row(e: TableEntity) -> Row:
+    """A ``TableEntity`` from the SDK as a :class:`Row` (typed values as plain Python values)."""
+    from azure.data.tables import EntityProperty
+
+    props: dict[str, EntityValue] = {}
+    for name, value in e.items():
+        if isinstance(value, EntityProperty):
+            value = value.value
+        props[name] = value if value is None or isinstance(value, (str, int, float, bool, bytes)) else str(value)
+    etag = e.metadata.get("etag")
+    return Row(props, str(etag) if etag else None)
+
+
+def _rest_pipeline(transport: HttpTransport,
+                   credential: AzureNamedKeyCredential | TokenCredential | None) -> Pipeline[HttpRequest, HttpResponse]:
+    """The pipeline of :class:`~shared._table_rest.TableRest`: azure-core's retry policy with the budget
+    options (as the SDK client has), the version and date headers, then Shared Key or a bearer token
+    (``https://storage.azure.com/.default``) or nothing (a SAS in the URL)."""
+    from azure.core.credentials import AzureNamedKeyCredential
+    from azure.core.pipeline import Pipeline
+    from azure.core.pipeline.policies import BearerTokenCredentialPolicy, RetryPolicy
+
+    from shared._table_rest import SharedKeyPolicy, StorageHeaders
+
+    policies: list[object] = [RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()), StorageHeaders()]
+    if isinstance(credential, AzureNamedKeyCredential):
+        policies.append(SharedKeyPolicy(credential))
+    elif credential is not None:
+        policies.append(BearerTokenCredentialPolicy(credential, "https://storage.azure.com/.default"))
+    return Pipeline(transport=transport, policies=policies)  # type: ignore[arg-type]
 
 
 class Storage:
@@ -295,6 +318,7 @@ class Storage:
         self._transport = transport
         self._lock = threading.Lock()
         self._tables: dict[str, Table] = {}
+        self._rest_pipeline: Pipeline[HttpRequest, HttpResponse] | None = None
         self._queues: dict[str, Queue] = {}
         self._ensured = False
 
@@ -339,8 +363,22 @@ class Storage:
                           if cs else
                           TableClient(self._endpoint("table"), name, credential=self._get_credential(),
                                       transport=transport, timeout=total, **kw))
-                table = self._tables[name] = Table(client)
+                table = self._tables[name] = Table(client, self._table_rest(client))
         return table
+
+    def _table_rest(self, client: TableClient) -> TableRest:
+        """Single-row calls on the same endpoint, credential and transport as ``client``."""
+        from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+
+        from shared._table_rest import TableRest
+
+        credential = client.credential
+        sas = credential.signature if isinstance(credential, AzureSasCredential) else ""
+        if self._rest_pipeline is None:
+            self._rest_pipeline = _rest_pipeline(self._shared_transport(), credential
+                                                 if isinstance(credential, AzureNamedKeyCredential) else
+                                                 None if sas else self._get_credential())
+        return TableRest(pipeline=self._rest_pipeline, endpoint=client.url, table=client.table_name, sas=sas)
 
     def queue(self, name: str) -> Queue:
         with self._lock:

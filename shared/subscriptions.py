@@ -35,12 +35,11 @@ from typing import TYPE_CHECKING
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.crypto import RingSource, account_aad
 from shared.errors import MicrosoftError, NotFoundError
+from shared.storage import etag_of
 
 if TYPE_CHECKING:
-    from azure.data.tables import TableEntity
-
     from shared.graph import GraphClient, TokenSource
-    from shared.storage import EntityValue, Table
+    from shared.storage import EntityValue, Row, Table
 
 # Outlook messages: at most 10,080 minutes; ask for a little less so clock skew never makes Graph refuse it.
 MAX_LIFETIME = dt.timedelta(minutes=10_080)
@@ -201,7 +200,7 @@ def _state_entity(s: SubscriptionState) -> dict[str, EntityValue]:
             "lastError": s.last_error, "updatedAt": iso(utcnow())}
 
 
-def _state_from(e: TableEntity) -> SubscriptionState:
+def _state_from(e: Row) -> SubscriptionState:
     def text(name: str) -> str:
         value = e.get(name)
         return str(value) if value else ""
@@ -212,4 +211,4 @@ def _state_from(e: TableEntity) -> SubscriptionState:
         client_key=text("clientKey"), expires_at=parse_iso(e.get("expiresAt")), delta_link=text("deltaLink"),
         delta_synced_at=parse_iso(e.get("deltaSyncedAt")), due_at=parse_iso(e.get("dueAt")),
         failures=failures if isinstance(failures, int) else 0, last_error=text("lastError"),
-        etag=str(e.metadata.get("etag") or "") or None)
+        etag=etag_of(e))

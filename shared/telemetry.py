@@ -443,8 +443,9 @@ _lock = threading.Lock()
 _current: Telemetry | None = None
 
 
-def get_telemetry() -> Telemetry:
-    """The process's telemetry, configured on first use (inside the first invocation, never at import)."""
+def get_telemetry(settings: Settings | None = None) -> Telemetry:
+    """The process's telemetry, configured on first use (inside the first invocation, never at import)
+    from ``settings`` (those of the connector asking), else from the process's settings."""
     global _current
     if _current is None:
         with _lock:
@@ -453,7 +454,7 @@ def get_telemetry() -> Telemetry:
 
                 mode = "off"
                 try:
-                    settings = get_settings()
+                    settings = settings or get_settings()
                     mode = mode_of(settings)
                     _current = _azure(settings) if mode == "azure" else _console() if mode == "console" else OFF
                 except Exception as e:  # telemetry must never fail an invocation

@@ -46,6 +46,7 @@ REFRESH_MARGIN = dt.timedelta(minutes=5)  # renew an access token this long befo
 # says the client secret is stale and the vault is re-read), so a live holder keeps its lease.
 LEASE = dt.timedelta(seconds=120)
 WAIT_FOR_LEASE_S = 45.0
+STORE_ROTATED_ATTEMPTS = 12  # writes of a rotated token through a storage outage (within the lease)
 RECORD_DUE = "record-due"  # ``refresh(indexed_at=)``: the index row of the record's own due time
 ACTIVE_USE = dt.timedelta(days=1)  # used within this window: keep its access token renewed ahead of expiry
 USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one write an hour per account
@@ -264,16 +265,18 @@ class TokenManager:
     def _store_rotated(self, acc: Account, lease: str, store: Callable[[Account], Account | None], *,
                        landed: Callable[[Account], bool]) -> Account:
         """Write the rotated tokens. The new refresh token exists only in this process now: keep trying
-        through storage outages while the lease is ours (the storage layer has retried each attempt)."""
-        for failures in range(1, 7):
+        through storage outages while the lease is ours (the storage layer has retried each attempt),
+        at most 2 s apart, so the write lands soon after storage is back: until it does, a crash of this
+        process loses the token (with strict rotation, the account with it)."""
+        for failures in range(1, STORE_ROTATED_ATTEMPTS + 1):
             try:
                 return self._store.update_with(acc, store, landed=landed, attempts=50)
             except StorageUnavailableError:
-                if failures == 6 or (acc.lease_until and utcnow() > acc.lease_until):
+                if failures == STORE_ROTATED_ATTEMPTS or (acc.lease_until and utcnow() > acc.lease_until):
                     log.error("could not store the rotated tokens of %s: storage unavailable", acc.id)
                     self._release(acc, lease)
                     raise
-                self._sleep(backoff_delay(failures, base=0.5, cap=8.0))
+                self._sleep(backoff_delay(failures, base=0.25, cap=2.0))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _still_ours_to_write(self, acc: Account, used: Tokens) -> bool:

@@ -105,6 +105,13 @@ class SandboxControl:
         params = {"client_id": client_id} if client_id else None
         return [float(t) for t in self._call("GET", f"/users/{self._u(user)}/refresh_tokens", params=params)["minted"]]
 
+    def lost_rotations(self, user: str, client_id: str | None = None) -> list[tuple[float, float]]:
+        """(successor minted, stale token presented), ``time.monotonic()`` of this machine, for each of the
+        user's refresh tokens presented again after rotation while their successor was never redeemed."""
+        params = {"client_id": client_id} if client_id else None
+        rows = self._call("GET", f"/users/{self._u(user)}/lost_rotations", params=params)["rotations"]
+        return [(float(r["minted"]), float(r["stalePresented"])) for r in rows]
+
     def seed_messages(self, user: str, messages: list[dict[str, Any]] | int, folder: str = "inbox") -> list[str]:
         body: dict[str, Any] = {"folder": folder}
         body["count" if isinstance(messages, int) else "messages"] = messages

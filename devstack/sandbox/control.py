@@ -239,6 +239,13 @@ def live_refresh_tokens(upn: str) -> Response:
     return jsonify({"user": user.upn, "live": len(minted), "minted": minted})
 
 
+@bp.get("/users/<upn>/lost_rotations")
+def lost_rotations(upn: str) -> Response:
+    user = _user(upn)
+    found = _state().lost_rotations(user.upn, request.args.get("client_id"))
+    return jsonify({"user": user.upn, "rotations": [{"minted": m, "stalePresented": p} for m, p in found]})
+
+
 @bp.post("/users/<upn>/messages")
 def seed_messages(upn: str) -> Response:
     user = _user(upn)

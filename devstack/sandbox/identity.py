@@ -666,6 +666,8 @@ def _grant_refresh(client_id: str) -> Response:
             return _err(400, "invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
         if rec.client_id != client_id or (rec.rotated and state.strict_rotation):
             # Strict rotation (sandbox switch, default on): a refresh token that was already exchanged is dead.
+            if rec.rotated and rec.stale_presented is None:
+                rec.stale_presented = time.monotonic()
             return _err(400, "invalid_grant", 70000, "The provided value for the input parameter 'refresh_token' "
                         "or 'assertion' is not valid.")
         valid_from = state.tokens_valid_from.get(rec.user.upn, 0.0)
@@ -702,11 +704,13 @@ def _grant_refresh(client_id: str) -> Response:
         scopes += [s for s in rec.scopes if s in OIDC_SCOPES]
         grant_time = rec.issued_at
         user = rec.user
-    return _issue_tokens(client_id, user, scopes, nonce=None, grant_time=grant_time, rt_scopes=rec.scopes)
+    return _issue_tokens(client_id, user, scopes, nonce=None, grant_time=grant_time, rt_scopes=rec.scopes,
+                         rotated_from=rec)
 
 
 def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: str | None,
-                  grant_time: float | None, rt_scopes: list[str] | None = None) -> Response:
+                  grant_time: float | None, rt_scopes: list[str] | None = None,
+                  rotated_from: RefreshTokenRecord | None = None) -> Response:
     # Successful token response fields:
     # https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow#successful-response-2
     state, key = _sb()
@@ -738,6 +742,8 @@ def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: s
             )
             body["refresh_token"] = rt
             state.issued.append(rt)
+            if rotated_from is not None:
+                rotated_from.successor = rt
         if "openid" in scopes:
             body["id_token"] = tokens.id_token(key, host=host, user=user, client_id=client_id, nonce=nonce,
                                                now=int(now), scopes=set(scopes))

@@ -84,6 +84,11 @@ class RefreshTokenRecord:
     # When this token itself was minted, on the machine's monotonic clock (shared by every process on
     # it): lets an audit tell when a live token nobody stored was handed out.
     minted: float = field(default_factory=time.monotonic)
+    # The token this one was exchanged for, and when this one was first presented again after that
+    # (strict rotation refuses it): a dead token presented while its successor was never used means
+    # the successor was lost between Entra's answer and the client's storage.
+    successor: str | None = field(default=None, repr=False)
+    stale_presented: float | None = None
 
 
 @dataclass
@@ -272,6 +277,19 @@ class SandboxState:
                 and r.issued_at >= valid_from
                 and now - r.last_used <= RT_INACTIVITY_S
             )
+
+    def lost_rotations(self, upn: str, client_id: str | None = None) -> list[tuple[float, float]]:
+        """(successor minted, stale token presented) for each of the user's rotated refresh tokens that was
+        presented again while the token it was exchanged for was never redeemed (monotonic clock)."""
+        with self.lock:
+            out = []
+            for r in self.refresh_tokens.values():
+                if r.user.upn != upn or (client_id is not None and r.client_id != client_id):
+                    continue
+                succ = self.refresh_tokens.get(r.successor) if r.successor else None
+                if r.stale_presented is not None and succ is not None and not succ.rotated:
+                    out.append((succ.minted, r.stale_presented))
+            return sorted(out)
 
     def revoke_grants(self, upn: str) -> None:
         with self.lock:

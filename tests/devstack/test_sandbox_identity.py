@@ -98,10 +98,17 @@ def test_msal_auth_code_flow_then_rotation_kills_old_refresh_token(sandbox_serve
     assert refreshed["refresh_token"] != old_rt
     assert ctl.live_refresh_tokens(ADELE) == 1  # strict rotation: exactly one live refresh token
 
+    assert ctl.lost_rotations(ADELE) == []
     stale = new_app(sandbox_server, http).acquire_token_by_refresh_token(old_rt, SCOPES)
     assert_entra_error(stale, "invalid_grant", 70000)
     counters = ctl.counters()
     assert counters["token_requests_by_grant_type"] == {"authorization_code": 1, "refresh_token": 2}
+    # The exchanged token came back while its successor was never used: the audit's "lost rotation".
+    [(minted, presented)] = ctl.lost_rotations(ADELE, DEFAULT_CLIENT_ID)
+    assert minted <= presented
+    used = new_app(sandbox_server, http).acquire_token_by_refresh_token(refreshed["refresh_token"], SCOPES)
+    assert "access_token" in used, used
+    assert ctl.lost_rotations(ADELE) == []  # the successor was redeemed after all: nothing was lost
 
 
 def test_relaxed_rotation_keeps_old_refresh_token_valid(sandbox_server, ctl, http, flows):

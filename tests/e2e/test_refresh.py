@@ -251,10 +251,12 @@ def test_poison_refresh_message_ends_in_poison_queue(host: Host) -> None:
 
 def _index_rows(host: Host, owner: str, account_id: str) -> list[str]:
     """The buckets the account is indexed under, read by the index's own query."""
+    from shared.config import load_settings
     from shared.refresh_index import RefreshIndex
-    from shared.storage import Table
+    from shared.storage import REFRESH_INDEX_TABLE, Storage
 
-    return RefreshIndex(Table(_tables(host)[1])).buckets_of(owner, account_id)
+    table = Storage(load_settings(host.env)).table(REFRESH_INDEX_TABLE)
+    return RefreshIndex(table).buckets_of(owner, account_id)
 
 
 def _due_bucket(host: Host, owner: str, account_id: str) -> str:
