@@ -75,7 +75,11 @@ class SharedKeyPolicy(SansIOHTTPPolicy):
         name, key = self._credential.named_key  # read per request: the key may be rotated in place
         to_sign = "\n".join((r.method, r.headers.get("Content-MD5", ""), r.headers.get("Content-Type", ""),
                              r.headers["x-ms-date"], f"/{name}{urlsplit(r.url).path}"))
-        digest = hmac.new(base64.b64decode(key), to_sign.encode("utf-8"), hashlib.sha256).digest()
+        try:
+            secret = base64.b64decode(key)
+        except ValueError:  # binascii.Error: as the SDK's signing error, an authentication failure
+            raise ClientAuthenticationError("The storage account key is not valid base64.") from None
+        digest = hmac.new(secret, to_sign.encode("utf-8"), hashlib.sha256).digest()
         r.headers["Authorization"] = f"SharedKey {name}:{base64.b64encode(digest).decode()}"
 
 
@@ -112,8 +116,13 @@ class TableRest:
         return self._etag(self._run("PATCH" if merge else "PUT", self._entity_url(entity), entity, headers, call))
 
     def delete(self, pk: str, rk: str, *, etag: str | None, **call: Any) -> None:
-        """Delete the row (conditional on ``etag`` when given). 404 if it is gone, 412 if it changed."""
-        self._run("DELETE", self._url(pk, rk), None, {"Accept": _JSON, "If-Match": etag or "*"}, call)
+        """Delete the row (conditional on ``etag`` when given). 404 if it is gone, 412 if it changed.
+
+        A 404 to a retry is success: the retry policy only resends a DELETE whose earlier attempt got
+        no answer (or a 5xx), and that attempt may have deleted the row.
+        """
+        self._run("DELETE", self._url(pk, rk), None, {"Accept": _JSON, "If-Match": etag or "*"}, call,
+                  gone_after_retry_ok=True)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _url(self, pk: str, rk: str, query: str = "") -> str:
@@ -130,13 +139,16 @@ class TableRest:
         return f"{url}?{q}" if q else url
 
     def _run(self, method: str, url: str, entity: Mapping[str, EntityValue] | None, headers: dict[str, str],
-             call: dict[str, Any]) -> HttpResponse:
+             call: dict[str, Any], *, gone_after_retry_ok: bool = False) -> HttpResponse:
         body = None
         if entity is not None:
             headers["Content-Type"] = _JSON
             body = json.dumps(entity_to_json(entity), separators=(",", ":"))
         request = HttpRequest(method, url, headers=headers, content=body)
-        response = self._pipeline.run(request, **call).http_response
+        result = self._pipeline.run(request, **call)
+        response = result.http_response
+        if gone_after_retry_ok and response.status_code == 404 and result.context.get("history"):
+            return response
         if not 200 <= response.status_code < 300:
             response.read()
             # As azure-data-tables decides it: a refused signature or token is an authentication error

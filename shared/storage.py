@@ -296,11 +296,13 @@ def _rest_pipeline(transport: HttpTransport,
     (``https://storage.azure.com/.default``) or nothing (a SAS in the URL)."""
     from azure.core.credentials import AzureNamedKeyCredential
     from azure.core.pipeline import Pipeline
-    from azure.core.pipeline.policies import BearerTokenCredentialPolicy, RetryPolicy
+    from azure.core.pipeline.policies import BearerTokenCredentialPolicy, DistributedTracingPolicy, RetryPolicy
 
     from shared._table_rest import SharedKeyPolicy, StorageHeaders
 
-    policies: list[object] = [RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()), StorageHeaders()]
+    # A span per attempt when tracing is on (shared/telemetry.py), as the SDK's pipeline has.
+    policies: list[object] = [RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()),
+                              DistributedTracingPolicy(), StorageHeaders()]
     if isinstance(credential, AzureNamedKeyCredential):
         policies.append(SharedKeyPolicy(credential))
     elif credential is not None:

@@ -82,6 +82,45 @@ def test_rows_round_trip_through_both_paths_with_awkward_keys(table: Table) -> N
         assert table.delete_if_present(pk, rk) is False  # already gone: 404, not an error
 
 
+def test_a_delete_whose_answer_was_lost_is_a_delete(azurite: Any) -> None:
+    """The first DELETE lands but its answer is lost; the retry policy resends it and gets 404. The row
+    was deleted by this call: delete_if_present must say so (account deletion depends on it)."""
+    from azure.core.exceptions import ServiceResponseError
+
+    from devstack.transport import WrappingTransport
+
+    class _LoseFirstDeleteAnswer(WrappingTransport):
+        lost = 0
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            response = super().send(request, **kwargs)
+            if request.method == "DELETE" and not self.lost:
+                self.lost += 1
+                raise ServiceResponseError("connection reset after the request was processed (test)")
+            return response
+
+    transport = _LoseFirstDeleteAnswer()
+    t = Storage(_settings(azurite.connection_string), transport=transport).table("td" + uuid.uuid4().hex[:12])
+    t.create_if_missing()
+    for etag in (None, "row's"):
+        written = t.create({"PartitionKey": "p", "RowKey": "r", "v": "x"})
+        transport.lost = 0
+        assert t.delete_if_present("p", "r", etag=written if etag else None) is True
+        assert transport.lost == 1
+        with pytest.raises(NotFoundError):
+            t.get("p", "r")
+    assert t.delete_if_present("p", "r") is False  # no retry: a row that was not there
+
+
+def test_a_malformed_account_key_is_an_authentication_failure() -> None:
+    """As the SDK's signing error: 503 (the credential failed), never a raw binascii error (500)."""
+    cs = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=not*base64;" \
+         "TableEndpoint=http://127.0.0.1:1/devstoreaccount1;QueueEndpoint=http://127.0.0.1:1/devstoreaccount1"
+    with pytest.raises(StorageUnavailableError) as err:
+        Storage(_settings(cs)).table("accounts").get("p", "r")
+    assert "credential failed" in str(err.value) and "not*base64" not in str(err.value)
+
+
 def test_merge_needs_the_row_and_upsert_creates_it(table: Table) -> None:
     with pytest.raises(NotFoundError):
         table.merge({"PartitionKey": "p", "RowKey": "r", "v": "x"})  # If-Match: * — never re-creates a row

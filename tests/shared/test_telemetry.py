@@ -141,6 +141,11 @@ def test_connect_is_one_trace_under_the_hosts_span(otel: Any, stack: dict[str, A
     assert any(u.endswith("/v1.0/me") for u in urls), urls  # Graph, without its $select
     assert any(s.attributes.get("az.namespace") == "Microsoft.Storage" or "Table" in s.name for s in
                _spans(otel) if s.context.trace_id == inv.context.trace_id), "no azure-core storage span"
+    # The single-row calls (shared/_table_rest.py: the state row read and claimed) are traced too.
+    row_calls = [s for s in _spans(otel) if s.context.trace_id == inv.context.trace_id and s.kind.name == "CLIENT"
+                 and "oauthstates(PartitionKey=" in str(s.attributes.get("url.full") or s.attributes.get("http.url"))]
+    assert {s.attributes.get("http.request.method") or s.attributes.get("http.method") for s in row_calls} \
+        >= {"GET", "PATCH"}, [s.attributes for s in row_calls]
     assert all("?" not in u for u in urls), urls
     assert _value(otel, "connector.account.transitions", status="active", event="connected") >= 1
 
