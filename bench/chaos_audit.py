@@ -50,6 +50,9 @@ class Audit:
             out.append(f"{len(self.lost)} lost refresh tokens: {self.lost[:5]}")
         if self.missing_events:
             out.append(f"{len(self.missing_events)} webhooks never delivered: {self.missing_events[:5]}")
+        bad = self.webhooks.get("bad signatures", (0, 0))[1]
+        if bad:
+            out.append(f"{bad} webhook deliveries with a whole body and a signature that does not verify")
         if self.poison:
             out.append(f"{self.poison} poison queue messages; background exceptions: {dict(self.background)}")
         if self.leaks:
@@ -206,6 +209,7 @@ def webhooks(a: Audit, stack: ChaosStack, rec: Recorder) -> None:
         a.webhooks[kind] = (len(ids), len(ids & got[kind]))
         a.missing_events += [f"{kind} {i}" for i in sorted(ids - got[kind])]
     a.webhooks["bad signatures"] = (0, stack.receiver.bad_signatures)
+    a.webhooks["cut off mid-request (sender killed)"] = (0, stack.receiver.cut_off)
     a.webhooks["deliveries (all, incl. repeats)"] = (0, stack.receiver.deliveries)
 
 

@@ -48,7 +48,8 @@ class Receiver:
         self.lock = threading.Lock()
         self.events: dict[str, dict[str, Any]] = {}  # event id -> the first delivery's body
         self.deliveries = 0
-        self.bad_signatures = 0
+        self.bad_signatures = 0  # a whole body whose signature does not verify: the connector's fault
+        self.cut_off = 0  # a body shorter than its Content-Length: the sender died mid-request
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -62,7 +63,12 @@ class Receiver:
             def do_POST(self) -> None:
                 from shared.webhooks import SIGNATURE_HEADER, verify
 
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                if len(body) < length:  # the connection closed early (a host SIGKILLed while sending)
+                    with outer.lock:
+                        outer.cut_off += 1
+                    return
                 ok = verify(outer.secret, body, self.headers.get(SIGNATURE_HEADER, ""))
                 with outer.lock:
                     outer.deliveries += 1
