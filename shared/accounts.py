@@ -217,8 +217,9 @@ class AccountStore:
         """Write ``wanted`` over ``current`` (the record as stored at ``current.etag``).
 
         With an ETag the write is a MERGE of the columns that differ, conditional on it: the stored
-        entity is ``current`` then, so the result equals a replace, and the SDK serialises a few
-        columns instead of every one (the refresher writes twice per refresh). Without one: a replace.
+        entity is ``current`` then, so the result equals a replace, and only a few columns are
+        serialised and sent instead of every one (the refresher writes twice per refresh). Without one:
+        a replace.
         """
         if current.etag is None:
             return self.update_account(replace(wanted, etag=None), etag=None)

@@ -370,16 +370,15 @@ class Storage:
 
     def _table_rest(self, client: TableClient) -> TableRest:
         """Single-row calls on the same endpoint, credential and transport as ``client``."""
-        from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+        from azure.core.credentials import AzureSasCredential
 
         from shared._table_rest import TableRest
 
-        credential = client.credential
+        credential = client.credential  # a shared key, a SAS, or the token credential the client was given
         sas = credential.signature if isinstance(credential, AzureSasCredential) else ""
         if self._rest_pipeline is None:
-            self._rest_pipeline = _rest_pipeline(self._shared_transport(), credential
-                                                 if isinstance(credential, AzureNamedKeyCredential) else
-                                                 None if sas else self._get_credential())
+            self._rest_pipeline = _rest_pipeline(
+                self._shared_transport(), None if isinstance(credential, AzureSasCredential) else credential)
         return TableRest(pipeline=self._rest_pipeline, endpoint=client.url, table=client.table_name, sas=sas)
 
     def queue(self, name: str) -> Queue:

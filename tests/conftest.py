@@ -33,6 +33,18 @@ BACKGROUND_FUNCTIONS = ("refresh_timer", "refresh_worker", "refresh_reconcile", 
 HTTP_ONLY = {f"AzureWebJobs.{name}.Disabled": "true" for name in BACKGROUND_FUNCTIONS}
 
 
+def storage_settings(connection_string: str = "", **extra: str) -> Any:
+    """Minimal valid Settings around a storage connection (tests of the storage layer build a Storage on them)."""
+    from shared.config import load_settings
+
+    return load_settings({
+        "MS_CLIENT_ID": "c", "MS_CLIENT_SECRET": "s", "PUBLIC_BASE_URL": "http://127.0.0.1:7071",
+        "AzureWebJobsStorage": connection_string, "AUTH_ISSUER": "i", "AUTH_AUDIENCE": "a",
+        "AUTH_HS256_SECRET": "x" * 32, "TOKEN_ENCRYPTION_KEYS": '{"active":"k","keys":{"k":"' + "A" * 43 + '="}}',
+        **extra,
+    })
+
+
 def wait_for(condition: Any, *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``condition()`` until it returns a truthy value (never a blind sleep)."""
     deadline = time.monotonic() + timeout

@@ -18,15 +18,10 @@ from shared.errors import ConflictError, NotFoundError
 
 @pytest.fixture()
 def table(azurite: Any) -> Any:
-    from shared.config import load_settings
     from shared.storage import Storage
+    from tests.conftest import storage_settings
 
-    settings = load_settings({
-        "MS_CLIENT_ID": "c", "MS_CLIENT_SECRET": "s", "PUBLIC_BASE_URL": "http://127.0.0.1:7071",
-        "AzureWebJobsStorage": azurite.connection_string, "AUTH_ISSUER": "i", "AUTH_AUDIENCE": "a",
-        "AUTH_HS256_SECRET": "x" * 32, "TOKEN_ENCRYPTION_KEYS": '{"active":"k","keys":{"k":"' + "A" * 43 + '="}}',
-    })
-    t = Storage(settings).table("acct" + uuid.uuid4().hex[:12])
+    t = Storage(storage_settings(azurite.connection_string)).table("acct" + uuid.uuid4().hex[:12])
     t.create_if_missing()
     yield t
 

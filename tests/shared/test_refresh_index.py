@@ -13,7 +13,7 @@ import pytest
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account
 from shared.refresh_index import REARM, RefreshIndex, bucket_of, row_key
 from shared.storage import Table
-from tests.shared.test_storage import _settings
+from tests.conftest import storage_settings
 
 NOW = dt.datetime(2026, 12, 1, 12, 2, tzinfo=dt.timezone.utc)
 
@@ -22,7 +22,7 @@ NOW = dt.datetime(2026, 12, 1, 12, 2, tzinfo=dt.timezone.utc)
 def index(azurite: Any) -> tuple[RefreshIndex, Table]:
     from shared.storage import Storage
 
-    table = Storage(_settings(azurite.connection_string)).table("ri" + uuid.uuid4().hex[:12])
+    table = Storage(storage_settings(azurite.connection_string)).table("ri" + uuid.uuid4().hex[:12])
     table.create_if_missing()
     return RefreshIndex(table), table
 

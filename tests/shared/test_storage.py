@@ -16,21 +16,12 @@ from devstack.azurite import connection_string, free_port
 from shared.backoff import backoff_delay, retry_after_from, retry_after_seconds
 from shared.errors import ConflictError, NotFoundError, StorageUnavailableError, to_problem
 from shared.storage import BACKGROUND, INTERACTIVE, Storage, Table, background_budget
-
-
-def _settings(cs: str) -> Any:
-    from shared.config import load_settings
-
-    return load_settings({
-        "MS_CLIENT_ID": "c", "MS_CLIENT_SECRET": "s", "PUBLIC_BASE_URL": "http://127.0.0.1:7071",
-        "AzureWebJobsStorage": cs, "AUTH_ISSUER": "i", "AUTH_AUDIENCE": "a", "AUTH_HS256_SECRET": "x" * 32,
-        "TOKEN_ENCRYPTION_KEYS": '{"active":"k","keys":{"k":"' + "A" * 43 + '="}}',
-    })
+from tests.conftest import storage_settings
 
 
 @pytest.fixture()
 def table(azurite: Any) -> Iterator[Table]:
-    t = Storage(_settings(azurite.connection_string)).table("st" + uuid.uuid4().hex[:12])
+    t = Storage(storage_settings(azurite.connection_string)).table("st" + uuid.uuid4().hex[:12])
     t.create_if_missing()
     yield t
 
@@ -65,7 +56,7 @@ def test_purge_and_transactions(table: Table) -> None:
 
 def _refused_storage() -> Storage:
     port = free_port()  # nothing listens there
-    return Storage(_settings(connection_string(blob=port, queue=port, table=port)))
+    return Storage(storage_settings(connection_string(blob=port, queue=port, table=port)))
 
 
 def test_refused_connections_are_storage_unavailable_with_retry_after() -> None:
@@ -106,7 +97,7 @@ class _Silent:
 def test_a_hanging_storage_answers_within_the_interactive_budget() -> None:
     silent = _Silent()
     try:
-        storage = Storage(_settings(connection_string(blob=silent.port, queue=silent.port, table=silent.port)))
+        storage = Storage(storage_settings(connection_string(blob=silent.port, queue=silent.port, table=silent.port)))
         started = time.monotonic()
         with pytest.raises(StorageUnavailableError):
             storage.table("accounts").get("p", "r")
@@ -143,7 +134,7 @@ def test_refusals_map_to_connector_errors_not_raw_azure_errors(azurite: Any, tab
     ConnectorErrors (retrying cannot help), never a raw HttpResponseError that escapes a worker."""
     from shared.errors import ConnectorError, PayloadTooLargeError
 
-    queue = Storage(_settings(azurite.connection_string)).queue("sq" + uuid.uuid4().hex[:12])
+    queue = Storage(storage_settings(azurite.connection_string)).queue("sq" + uuid.uuid4().hex[:12])
     queue.create_if_missing()
     with pytest.raises(PayloadTooLargeError) as big:
         queue.send(b"x" * 60_000)
@@ -171,7 +162,7 @@ def test_a_merge_is_retried_like_a_replace(azurite: Any) -> None:
             return super().send(request, **kwargs)
 
     transport = _RefuseFirstPatch()
-    t = Storage(_settings(azurite.connection_string), transport=transport).table("mr" + uuid.uuid4().hex[:12])
+    t = Storage(storage_settings(azurite.connection_string), transport=transport).table("mr" + uuid.uuid4().hex[:12])
     t.create_if_missing()
     etag = t.create({"PartitionKey": "p", "RowKey": "r", "v": 1})
     t.merge({"PartitionKey": "p", "RowKey": "r", "v": 2}, etag=etag)

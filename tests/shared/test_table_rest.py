@@ -19,24 +19,15 @@ import pytest
 from shared._table_rows import Row, entity_to_json, row_from_json
 from shared.errors import ConnectorError, NotFoundError, StorageUnavailableError
 from shared.storage import Storage, Table
+from tests.conftest import storage_settings
 
 _TYPED: dict[str, Any] = {"s": "text", "i": 7, "neg": -(2**31), "big": 2**40, "f": 1.5, "b": True, "raw": b"\x00\xff",
                           "empty": ""}
 
 
-def _settings(cs: str = "", **extra: str) -> Any:
-    from shared.config import load_settings
-
-    return load_settings({
-        "MS_CLIENT_ID": "c", "MS_CLIENT_SECRET": "s", "PUBLIC_BASE_URL": "http://127.0.0.1:7071",
-        "AzureWebJobsStorage": cs, "AUTH_ISSUER": "i", "AUTH_AUDIENCE": "a", "AUTH_HS256_SECRET": "x" * 32,
-        "TOKEN_ENCRYPTION_KEYS": '{"active":"k","keys":{"k":"' + "A" * 43 + '="}}', **extra,
-    })
-
-
 @pytest.fixture()
 def table(azurite: Any) -> Iterator[Table]:
-    t = Storage(_settings(azurite.connection_string)).table("tr" + uuid.uuid4().hex[:12])
+    t = Storage(storage_settings(azurite.connection_string)).table("tr" + uuid.uuid4().hex[:12])
     t.create_if_missing()
     yield t
 
@@ -100,7 +91,7 @@ def test_a_delete_whose_answer_was_lost_is_a_delete(azurite: Any) -> None:
             return response
 
     transport = _LoseFirstDeleteAnswer()
-    t = Storage(_settings(azurite.connection_string), transport=transport).table("td" + uuid.uuid4().hex[:12])
+    t = Storage(storage_settings(azurite.connection_string), transport=transport).table("td" + uuid.uuid4().hex[:12])
     t.create_if_missing()
     for etag in (None, "row's"):
         written = t.create({"PartitionKey": "p", "RowKey": "r", "v": "x"})
@@ -117,7 +108,7 @@ def test_a_malformed_account_key_is_an_authentication_failure() -> None:
     cs = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=not*base64;" \
          "TableEndpoint=http://127.0.0.1:1/devstoreaccount1;QueueEndpoint=http://127.0.0.1:1/devstoreaccount1"
     with pytest.raises(StorageUnavailableError) as err:
-        Storage(_settings(cs)).table("accounts").get("p", "r")
+        Storage(storage_settings(cs)).table("accounts").get("p", "r")
     assert "credential failed" in str(err.value) and "not*base64" not in str(err.value)
 
 
@@ -154,7 +145,7 @@ def test_shared_key_matches_the_sdk_and_a_wrong_key_is_refused(azurite: Any) -> 
     good = azurite.connection_string
     account_key = next(p.split("=", 1)[1] for p in good.split(";") if p.startswith("AccountKey="))
     wrong = good.replace(account_key, base64.b64encode(b"w" * 64).decode())
-    wrong_storage = Storage(_settings(wrong))
+    wrong_storage = Storage(storage_settings(wrong))
     # Azurite answers 403 AuthorizationFailure; the REST path and the SDK's query path map it alike.
     for call in (lambda: wrong_storage.table("accounts").get("p", "r"),
                  lambda: wrong_storage.table("accounts").query("PartitionKey eq 'p'")):
@@ -173,7 +164,7 @@ def test_a_sas_connection_string_works_for_single_rows_and_queries(azurite: Any,
                                permission=AccountSasPermissions(read=True, write=True, delete=True, list=True,
                                                                 add=True, update=True),
                                expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
-    t = Storage(_settings(f"TableEndpoint={parts['TableEndpoint']};SharedAccessSignature={sas}")).table(table.name)
+    t = Storage(storage_settings(f"TableEndpoint={parts['TableEndpoint']};SharedAccessSignature={sas}")).table(table.name)
     etag = t.create({"PartitionKey": "p", "RowKey": "r", "v": "x"})
     t.merge({"PartitionKey": "p", "RowKey": "r", "v": "y"}, etag=etag)
     assert t.get("p", "r")["v"] == "y" and [dict(r) for r in t.query("PartitionKey eq 'p'")] == [dict(t.get("p", "r"))]
@@ -235,7 +226,7 @@ def test_an_identity_based_account_sends_a_cached_storage_bearer_token() -> None
     try:
         credential = _TokenCredential()
         transport = StorageTransport(ssl_context=ssl.create_default_context(cafile=server.ca))
-        settings = _settings("", AzureWebJobsStorage__tableServiceUri=f"https://localhost:{server.server_port}",
+        settings = storage_settings("", AzureWebJobsStorage__tableServiceUri=f"https://localhost:{server.server_port}",
                              AzureWebJobsStorage__queueServiceUri=f"https://localhost:{server.server_port}",
                              AzureWebJobsStorage__accountName="acct")
         t = Storage(settings, credential=credential, transport=transport).table("accounts")  # type: ignore[arg-type]
