@@ -18,6 +18,13 @@ It does what the Azure Functions host does for this app, reading only the enviro
   Like Core Tools, a caller that is not on loopback (by address or by ``Host``) must send the
   master key as ``x-functions-key``: ``DEVHOST_ADMIN_KEY``, or a random key per process.
 
+Hardening of a host a developer leaves running: the admin call takes only same-origin JSON (a web
+page cannot make a browser run a function, e.g. emit a correctly signed webhook); a request body is
+read only when the function asks for it (a route that refuses a declared ``Content-Length`` never has
+it buffered); sockets have a read timeout (``DEVHOST_READ_TIMEOUT_SECONDS``, 30); a client gone
+mid-body is one log line; ``X-Forwarded-Host`` is believed only with ``DEVHOST_TRUST_FORWARDED=true``
+(behind a tunnel that sets it), since anyone can send it.
+
 ``/demo/token`` mints caller tokens, so it answers only requests whose ``Host`` (and ``Origin``,
 when sent) names loopback or PUBLIC_BASE_URL's host: a page on another site that rebinds its DNS
 name to 127.0.0.1 (DNS rebinding) still sends its own name in ``Host``.
@@ -43,7 +50,6 @@ import secrets
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -218,6 +224,9 @@ class DevHost:
         self.static = static or {}
         # The master key for /admin calls from off loopback (Core Tools' x-functions-key).
         self.admin_key = os.environ.get("DEVHOST_ADMIN_KEY") or secrets.token_urlsafe(32)
+        self.trust_forwarded = os.environ.get("DEVHOST_TRUST_FORWARDED", "").lower() == "true"
+        self.read_timeout = _positive_int("DEVHOST_READ_TIMEOUT_SECONDS", os.environ.get("DEVHOST_READ_TIMEOUT_SECONDS"),
+                                          30)
         self.http: list[HttpRoute] = []
         self.timers: list[TimerFunction] = []
         self.queues: list[QueueFunction] = []
@@ -262,8 +271,13 @@ class DevHost:
         t0 = time.perf_counter()
         try:
             resp = self._dispatch(req)
-        except Exception:  # the host never crashes on a request; the app logs its own errors
-            log.error("devstack host: unhandled error\n%s", traceback.format_exc())
+        except ClientGone as gone:  # nobody reads the answer; one line, no traceback
+            log.warning("devstack host: %s %s: the client went away while sending its body (%s)", req.method,
+                        req.path, gone.reason)
+            resp = _problem(400, "Bad request", "The request body was cut short.")
+        except Exception as e:  # the host never crashes on a request; the app logs its own errors
+            # One line, no traceback: a log line never carries one (it can quote request data).
+            log.error("devstack host: unhandled %s on %s %s", type(e).__name__, req.method, req.path)
             resp = _problem(500, "Internal error", "The host could not run the function.")
         log.debug("%s %s -> %s in %.1f ms", req.method, req.path, resp.status_code, (time.perf_counter() - t0) * 1e3)
         return resp(environ, start_response)
@@ -274,6 +288,12 @@ class DevHost:
             if not (is_local_request(req) or _key_matches(req.headers.get("x-functions-key"), self.admin_key)):
                 return _problem(401, "Unauthorized", "Admin calls from off loopback need the master key in "
                                 "x-functions-key (DEVHOST_ADMIN_KEY).")
+            if not same_origin(req):
+                return _problem(403, "Forbidden", "Admin calls are not taken from another site (Origin / "
+                                "Sec-Fetch-Site).")
+            if req.mimetype != "application/json":
+                return _problem(415, "Unsupported media type", 'Admin calls take Content-Type: application/json, '
+                                'like {"input": "..."}.')
             return self._admin(path.rsplit("/", 1)[-1], req)
         if path == DEMO_TOKEN_PATH and "/demo/" in self.static:
             if not _trusted_host(req):
@@ -307,21 +327,21 @@ class DevHost:
         length = req.content_length or 0
         if length > MAX_REQUEST_BYTES:
             return _problem(413, "Payload too large", "The Functions host accepts requests up to 100 MB.")
-        body = req.get_data(cache=False)
-        if len(body) > MAX_REQUEST_BYTES:
-            return _problem(413, "Payload too large", "The Functions host accepts requests up to 100 MB.")
         url = req.url
-        if req.headers.get("X-Forwarded-Host"):
+        if req.headers.get("X-Forwarded-Host") and self.trust_forwarded:
             url = f"{req.scheme}://{req.headers['X-Forwarded-Host']}{req.full_path.rstrip('?')}"
-        freq = func.HttpRequest(
+        freq = LazyBodyRequest(
             method=req.method,
             url=url,
             headers=dict(req.headers.items()),
             params=dict(parse_qsl(req.query_string.decode("latin-1"), keep_blank_values=True)),
             route_params=params,
-            body=body,
+            read=lambda: _read_body(req),
         )
-        out = _call(route.fn, {route.arg: freq}, traceparent=req.headers.get("traceparent"))
+        try:
+            out = _call(route.fn, {route.arg: freq}, traceparent=req.headers.get("traceparent"))
+        except BodyTooLarge:
+            return _problem(413, "Payload too large", "The Functions host accepts requests up to 100 MB.")
         if out is None:
             return Response(status=204)
         if not isinstance(out, func.HttpResponse):
@@ -359,8 +379,8 @@ class DevHost:
     def _run_timer(self, t: TimerFunction, *, past_due: bool) -> None:
         try:
             _call(t.fn, {t.arg: _Timer(past_due=past_due)})
-        except Exception:
-            log.error("devstack host: timer %s failed\n%s", t.name, traceback.format_exc())
+        except Exception as e:
+            log.error("devstack host: timer %s failed: %s", t.name, _one_line(e))
 
     def _timer_loop(self, t: TimerFunction) -> None:
         cron = t.cron or NCrontab(t.schedule)
@@ -431,9 +451,8 @@ class DevHost:
                 try:
                     _call(q.fn, {q.arg: fm})
                     failed = False
-                except Exception:
-                    log.error("devstack host: %s failed (dequeue %s)\n%s", q.name, m.dequeue_count,
-                              traceback.format_exc(limit=3))
+                except Exception as e:
+                    log.error("devstack host: %s failed (dequeue %s): %s", q.name, m.dequeue_count, _one_line(e))
                     failed = True
                 try:  # the bookkeeping after the function: a lease that ran out meanwhile must not stop the loop
                     if not failed:
@@ -454,7 +473,8 @@ class DevHost:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> DevHost:
-        self._server = make_server(self.host, self.port, self.wsgi, threaded=True, request_handler=_NoDelayHandler)
+        handler = type("_Handler", (_NoDelayHandler,), {"timeout": self.read_timeout})
+        self._server = make_server(self.host, self.port, self.wsgi, threaded=True, request_handler=handler)
         self.port = self._server.server_port
         th = threading.Thread(target=self._server.serve_forever, name="devhost-http", daemon=True)
         th.start()
@@ -484,9 +504,61 @@ class DevHost:
 
 class _NoDelayHandler(WSGIRequestHandler):
     """Werkzeug's handler without Nagle's algorithm: the body is not held back ~40 ms waiting for the
-    client's delayed ACK of the headers (the Functions host answers at once)."""
+    client's delayed ACK of the headers (the Functions host answers at once). Its ``timeout`` (set per
+    host) bounds every socket read: a client that stops sending frees its thread."""
 
     disable_nagle_algorithm = True
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.warning("devstack host: %s", (format % args).splitlines()[0][:200])
+
+
+class ClientGone(BaseException):
+    """The client stopped sending its body (disconnected, or silent past the read timeout). A BaseException
+    so that no ``except Exception`` in the function turns it into a 500 and a log line of its own."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BodyTooLarge(BaseException):
+    """A body without ``Content-Length`` (chunked) grew past the host's 100 MB cap."""
+
+
+class LazyBodyRequest(func.HttpRequest):
+    """An ``HttpRequest`` whose body is read from the socket when the function first asks for it
+    (``get_body``, ``form``, ``files``), so a function that refuses a declared ``Content-Length`` has
+    read nothing."""
+
+    def __init__(self, *, read: Callable[[], bytes], **kw: Any) -> None:
+        super().__init__(body=b"", **kw)
+        self._read = read
+        self._body: bytes | None = None
+
+    def get_body(self) -> bytes:
+        if self._body is None:
+            self._body = self._read()
+        return self._body
+
+    def get_json(self) -> Any:
+        return json.loads(self.get_body().decode("utf-8"))
+
+
+def _read_body(req: Request) -> bytes:
+    from werkzeug.exceptions import ClientDisconnected
+
+    try:
+        body = req.stream.read(MAX_REQUEST_BYTES + 1)
+    except ClientDisconnected:
+        raise ClientGone("disconnected") from None
+    except (TimeoutError, OSError) as e:
+        raise ClientGone(type(e).__name__) from None
+    if len(body) > MAX_REQUEST_BYTES:
+        raise BodyTooLarge
+    if req.content_length is not None and len(body) < req.content_length:
+        raise ClientGone("disconnected")
+    return body
 
 
 def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -531,6 +603,23 @@ def is_local_request(req: Request) -> bool:
     except ValueError:
         local_addr = False
     return local_addr and _is_loopback_name(_hostname(req.host))
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line (its type and the first line of its message), never a traceback."""
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def same_origin(req: Request) -> bool:
+    """Not sent by a page of another site: ``Sec-Fetch-Site`` (Fetch Metadata, sent by browsers) is
+    ``same-origin`` or ``none`` (typed by the user), and ``Origin``, when sent, is this host's own origin.
+    A script or curl sends neither. https://www.w3.org/TR/fetch-metadata/#sec-fetch-site-header"""
+    site = req.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        return False
+    origin = req.headers.get("Origin")
+    return origin is None or origin.rstrip("/").lower() == req.host_url.rstrip("/").lower()
 
 
 def _key_matches(given: str | None, key: str) -> bool:

@@ -122,6 +122,12 @@ param cleanupSchedule string = '0 17 * * * *'
 @description('Idle accounts get a refresh-token keep-alive this often, in days (KEEPALIVE_DAYS).')
 param keepaliveDays string = '7'
 
+@description('Longest accepted lifetime of a caller JWT, exp - iat, in seconds (AUTH_MAX_TOKEN_LIFETIME_SECONDS).')
+param authMaxTokenLifetimeSeconds string = '86400'
+
+@description('POST .../refresh within this many seconds of the last one answers its result (FORCED_REFRESH_COALESCE_SECONDS; 0: off).')
+param forcedRefreshCoalesceSeconds string = '10'
+
 @description('Cap on one send request\'s attachments in bytes (SEND_MAX_TOTAL_BYTES).')
 param sendMaxTotalBytes string = '104857600'
 
@@ -394,6 +400,14 @@ module functionApp 'modules/functionapp.bicep' = {
       {
         name: 'KEEPALIVE_DAYS'
         value: keepaliveDays
+      }
+      {
+        name: 'AUTH_MAX_TOKEN_LIFETIME_SECONDS'
+        value: authMaxTokenLifetimeSeconds
+      }
+      {
+        name: 'FORCED_REFRESH_COALESCE_SECONDS'
+        value: forcedRefreshCoalesceSeconds
       }
       {
         name: 'SEND_MAX_TOTAL_BYTES'

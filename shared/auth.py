@@ -29,7 +29,7 @@ _JWKS_MAX_AGE_S = 3600  # and the set is re-read hourly, so a key the issuer wit
 # cached for one more _JWKS_MAX_AGE_S (so at most ~3 h without a successful read), not a total auth outage.
 _JWKS_STALE_S = 2 * 3600
 _JWKS_TIMEOUT = (5, 10)  # (connect, read) seconds
-log = logging.getLogger(__name__)
+log = logging.getLogger("connector.auth")
 
 
 class _SessionJWKClient(jwt.PyJWKClient):
@@ -117,10 +117,26 @@ class CallerAuth:
         except (jwt.PyJWTError, TypeError, ValueError) as e:
             # TypeError/ValueError: a key PyJWT cannot use raises outside its own exception tree.
             raise AuthenticationError(f"The caller token is invalid: {type(e).__name__}.") from None
+        self._check_lifetime(claims)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not _usable_sub(sub):
             raise AuthenticationError("The caller token has no usable sub claim.")
         return sub
+
+
+    def _check_lifetime(self, claims: dict[str, object]) -> None:
+        """``exp`` - ``iat`` (or, without ``iat``, the time left) within AUTH_MAX_TOKEN_LIFETIME_SECONDS: a
+        token minted to live for a year stays a bearer credential for a year if it leaks (RFC 8725 §3.10)."""
+        cap = self._s.auth_max_token_lifetime_seconds
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise AuthenticationError("The caller token's exp is not a number.")
+        if iat is not None and (not isinstance(iat, (int, float)) or isinstance(iat, bool)):
+            raise AuthenticationError("The caller token's iat is not a number.")
+        start = float(iat) if iat is not None else time.time()
+        if exp - start > cap + _LEEWAY_S:
+            raise AuthenticationError(f"The caller token lives longer than {cap} seconds "
+                                      "(AUTH_MAX_TOKEN_LIFETIME_SECONDS); issue shorter-lived tokens.")
 
 
 # Unicode general categories a subject identifier never needs: controls, format characters (bidi

@@ -280,6 +280,10 @@ SETTINGS: tuple[Setting, ...] = (
             doc="JWKS of the caller token issuer (RS256/ES256), https except on loopback; or `AUTH_HS256_SECRET`."),
     Setting("AUTH_HS256_SECRET", attr="auth_hs256_secret", parse=_hs256_secret, local_only=True,
             doc="Shared secret (32+ bytes) for HS256 caller tokens; or `AUTH_JWKS_URL`."),
+    Setting("AUTH_MAX_TOKEN_LIFETIME_SECONDS", "86400", attr="auth_max_token_lifetime_seconds",
+            parse=_int_between(60, 30 * 86400),
+            doc="Longest lifetime accepted for a caller JWT (`exp` - `iat`, seconds): a leaked long-lived token "
+                "is refused."),
     Setting("ALLOWED_RETURN_URLS", "", attr="allowed_return_urls", parse=_url_list,
             doc="Comma-separated allowed `returnUrl` prefixes (scheme + host + path)."),
     Setting("TOKEN_ENCRYPTION_KEYS", attr="token_encryption_keys", parse=_key_ring, local_only=True,
@@ -296,6 +300,10 @@ SETTINGS: tuple[Setting, ...] = (
             doc="NCRONTAB of the proactive refresh timer."),
     Setting("CLEANUP_SCHEDULE", "0 17 * * * *", attr="cleanup_schedule", parse=_ncrontab,
             doc="NCRONTAB of the purge of expired OAuth states and idempotency records."),
+    Setting("FORCED_REFRESH_COALESCE_SECONDS", "10", attr="forced_refresh_coalesce_seconds",
+            parse=_int_between(0, 300),
+            doc="`POST .../refresh` within this many seconds of the last one an instance ran for the account answers "
+                "that refresh's result instead of a new grant (0: off)."),
     Setting("KEEPALIVE_DAYS", "7", attr="keepalive_days", parse=_int_between(1, 80),
             doc="Idle accounts get a refresh-token keep-alive this often (days, 1-80)."),
     Setting("SEND_MAX_TOTAL_BYTES", str(100 * 1024 * 1024), attr="send_max_total_bytes",
@@ -362,6 +370,7 @@ class Settings:
     auth_audience: str
     auth_jwks_url: str | None
     auth_hs256_secret: str | None = field(repr=False)
+    auth_max_token_lifetime_seconds: int
     allowed_return_urls: tuple[str, ...]
     token_encryption_keys: str | None = field(repr=False)
     webhook_url: str | None
@@ -370,6 +379,7 @@ class Settings:
     refresh_schedule: str
     cleanup_schedule: str
     keepalive_days: int
+    forced_refresh_coalesce_seconds: int
     send_max_total_bytes: int
     demo_enabled: bool
     appinsights_connection_string: str | None = field(repr=False)

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.backoff import backoff_delay
-from shared.errors import ConflictError, ConnectorError, NotFoundError, ValidationError
-from shared.storage import etag_of
+from shared.errors import ConflictError, ConnectorError, ValidationError
 
 if TYPE_CHECKING:
     from shared.storage import Row, Table
@@ -81,19 +80,15 @@ def _claim(table: Table, pk: str, rk: str, body_hash: str, sleep: Callable[[floa
     entity = {"PartitionKey": pk, "RowKey": rk, "bodyHash": body_hash, "state": "pending",
               "createdAt": iso(now), "expiresAt": iso(now + TTL)}
     deadline = time.monotonic() + WAIT_FOR_DUPLICATE_S
+
+    def expired(row: Row) -> bool:
+        expires = parse_iso(row.get("expiresAt"))
+        return expires is not None and expires <= utcnow()
+
     while True:
-        try:
-            return table.create(entity)
-        except ConflictError:
-            pass
-        try:
-            existing = table.get(pk, rk)
-        except NotFoundError:
-            continue  # removed meanwhile (failed first attempt): try to claim it again
-        expires = parse_iso(existing.get("expiresAt"))
-        if expires and expires <= utcnow():
-            table.delete_if_present(pk, rk, etag=etag_of(existing))  # expired: look again
-            continue
+        existing = table.claim(entity, take_over=expired)  # a failed first attempt removed its row: ours now
+        if isinstance(existing, str):
+            return existing
         done = _replay(existing, body_hash)
         if done is not None:
             return done

@@ -136,7 +136,12 @@ class SendRequest:
 _CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def _no_control(field_name: str, value: str) -> None:
+    if not value.isascii() and _SURROGATE_RE.search(value):  # e.g. a multipart file name
+        raise ValidationError(field_name, f"{field_name} holds text that is not Unicode (a lone surrogate).")
     if _CONTROL_RE.search(value):
         raise ValidationError(field_name, f"{field_name} must not contain line breaks or control characters "
                               "(header injection).")

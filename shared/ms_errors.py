@@ -247,6 +247,52 @@ def from_token_error(body: Mapping[str, Any], *, context: Mapping[str, Any] | No
     return MicrosoftError(detail, code=error, status=502, microsoft=details)
 
 
+# The errors an authorization redirect may carry: RFC 6749 §4.1.2.1 and OpenID Connect Core 1.0 §3.1.2.6.
+AUTHORIZE_ERRORS = frozenset({
+    "invalid_request", "unauthorized_client", "access_denied", "unsupported_response_type", "invalid_scope",
+    "server_error", "temporarily_unavailable", "interaction_required", "login_required",
+    "account_selection_required", "consent_required", "invalid_request_uri", "invalid_request_object",
+    "request_not_supported", "request_uri_not_supported", "registration_not_supported", "invalid_client",
+    "invalid_grant",
+})
+# What the callback says for each product code: our words, never the redirect's error_description.
+_CALLBACK_MESSAGES = {
+    "access_denied": "Sign-in or consent was cancelled or denied.",
+    "consent_declined": "The permissions were declined.",
+    "consent_required": "The app's permissions need consent.",
+    "admin_consent_required": "This organisation requires an administrator to approve the app.",
+    "app_not_authorized_in_tenant": "The app is not authorized in this organisation.",
+    "account_not_allowed": "This kind of account cannot connect to this app.",
+    "blocked_by_conditional_access": "A Conditional Access policy of the organisation blocked the sign-in.",
+    "mfa_required": "Multi-factor authentication is required.",
+    "mfa_registration_required": "The account must register for multi-factor authentication first.",
+    "upstream_unavailable": "Microsoft sign-in is temporarily unavailable.",
+}
+_CALLBACK_DEFAULT = "Microsoft sign-in did not complete."
+
+
+def callback_message(code: str) -> str:
+    """The fixed text the connect callback shows (and forwards to ``returnUrl``) for a product code."""
+    return _CALLBACK_MESSAGES.get(code, _CALLBACK_DEFAULT)
+
+
+def from_authorize_error(params: Mapping[str, str], *, context: Mapping[str, Any] | None = None) -> ConnectorError:
+    """A typed error from an authorization redirect's ``error`` (the connect callback), with a fixed message.
+
+    Everything in the redirect came through the browser, so anyone can have written it: its
+    ``error_description`` is never shown or forwarded (a phrased "call this number" on our origin is a phishing
+    page). Only a documented ``error`` value and an ``AADSTSnnnn`` number we map are used; the message is ours."""
+    raw = params.get("error")
+    error = raw if isinstance(raw, str) and raw in AUTHORIZE_ERRORS else "authorization_error"
+    found = _AADSTS_RE.findall(str(params.get("error_description") or "")[:400])[:1]
+    codes = [int(c) for c in found if len(c) <= 9 and int(c) in AADSTS]
+    err = from_token_error({"error": error, "error_codes": codes, "trace_id": params.get("trace_id"),
+                            "correlation_id": params.get("correlation_id")}, context=context)
+    err.detail = callback_message(err.code)
+    err.args = (err.detail,)
+    return err
+
+
 #: Product codes meaning "Entra rejected the app's own credential": re-read it once, then alert the operator.
 CLIENT_CREDENTIAL_REJECTED = frozenset({
     "invalid_client_secret", "client_secret_expired", "invalid_client_certificate", "client_assertion_expired",

@@ -55,7 +55,6 @@ from shared.accounts import (
 )
 from shared.backoff import backoff_delay
 from shared.errors import (
-    ConflictError,
     ConnectorError,
     MicrosoftError,
     NotFoundError,
@@ -65,15 +64,15 @@ from shared.errors import (
     UpstreamUnavailableError,
     ValidationError,
 )
+from shared.messages import check_id
 from shared.refresh_index import REARM, RefreshIndex, bucket_of, row_key
-from shared.storage import etag_of
 from shared.subscriptions import Pointer, SubscriptionGoneError, SubscriptionState, SubscriptionStore
 from shared.tokens import AccountTokenSource
 
 if TYPE_CHECKING:
     from shared.config import Settings
     from shared.graph import GraphClient, TokenSource
-    from shared.storage import Queue, Table
+    from shared.storage import Queue, Row, Table
     from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
     from shared.webhooks import Webhooks
@@ -99,7 +98,12 @@ MAX_TRANSIENT_ATTEMPTS = 6
 POINTER_CACHE_S = 300.0
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
 _SUBSCRIPTION_ID = re.compile(r"[A-Za-z0-9-]{1,128}")
-_MESSAGE_ID = re.compile(r"[A-Za-z0-9_\-+=/]{1,512}")
+#: Message ids per batch that become reads; past it a subscription's ids are left to one delta catch-up
+#: instead (nothing is lost, and a batch costs at most this many Graph reads).
+MAX_IDS_PER_BATCH = 200
+# The lifecycle events of one subscription in one batch become one job: the first of these it carries
+# (a removal recreates and catches up; a reauthorization reauthorizes, then catches up if one was missed).
+_LIFECYCLE_RANK = {"subscriptionRemoved": 0, "reauthorizationRequired": 1, "missed": 2}
 _TRANSIENT = (ThrottledError, UpstreamUnavailableError, StorageUnavailableError)
 
 
@@ -153,8 +157,9 @@ def _parse_item(i: int, item: object) -> Change | None:
     if not isinstance(change_type, str) or len(change_type) > 64:
         raise ValidationError(f"value[{i}].changeType", "changeType must be a string.")
     mid = data.get("id") if isinstance(data, dict) else None
-    if not isinstance(mid, str) or not _MESSAGE_ID.fullmatch(mid):
+    if not isinstance(mid, str):
         raise ValidationError(f"value[{i}].resourceData.id", "resourceData.id must be a message id.")
+    check_id(mid, f"value[{i}].resourceData.id")  # the rule of ids in routes: no "/", no "..", no query
     return Change(sid, cs, message_id=mid) if "created" in change_type.split(",") else None
 
 
@@ -264,8 +269,8 @@ class Notifications:
         changes = parse_batch(doc)
         if not self.enabled:
             return 0, len(changes)
-        jobs: dict[tuple[str, str, str], list[str]] = {}
-        lifecycle: list[Job] = []
+        jobs: dict[tuple[str, str, str], dict[str, None]] = {}  # ids in arrival order, each once
+        lifecycle: dict[str, Job] = {}
         dropped = 0
         batch = _Batch()
         for c in changes:
@@ -273,13 +278,22 @@ class Notifications:
             if ptr is None:
                 dropped += 1
             elif c.lifecycle_event:
-                lifecycle.append(Job("lifecycle", ptr.owner, ptr.account_id, c.subscription_id, event=c.lifecycle_event))
+                lifecycle[c.subscription_id] = _merge_lifecycle(
+                    lifecycle.get(c.subscription_id), Job("lifecycle", ptr.owner, ptr.account_id, c.subscription_id,
+                                                          event=c.lifecycle_event,
+                                                          catchup=c.lifecycle_event != "reauthorizationRequired"))
             elif c.message_id:
-                jobs.setdefault((ptr.owner, ptr.account_id, c.subscription_id), []).append(c.message_id)
-        for (owner, account_id, sid), ids in jobs.items():
+                jobs.setdefault((ptr.owner, ptr.account_id, c.subscription_id), {})[c.message_id] = None
+        budget = MAX_IDS_PER_BATCH
+        for (owner, account_id, sid), seen in jobs.items():
+            ids = list(seen)
+            if len(ids) > budget:  # a flood: one catch-up reads what these ids name, with delta's paging
+                lifecycle.setdefault(sid, Job("lifecycle", owner, account_id, sid, event="missed", catchup=True))
+                continue
+            budget -= len(ids)
             for i in range(0, len(ids), IDS_PER_JOB):
                 self._queue().send(Job("changes", owner, account_id, sid, tuple(ids[i:i + IDS_PER_JOB])).to_message())
-        for job in lifecycle:
+        for job in lifecycle.values():
             self._queue().send(job.to_message())
         if dropped:
             log.warning(json.dumps({"event": "notifications.dropped", "dropped": dropped,
@@ -340,12 +354,19 @@ class Notifications:
         except ConnectorError as e:
             log.warning("subscription of disconnected %s not deleted (%s); it expires by itself", account.id, e.code)
             return
-        if state is None:
+        try:  # every subscription the account has, not only the state row's (a crashed creation left one)
+            sids = {sid for _, sid in self._store.pointers_of(account.owner, account.id)}
+        except ConnectorError as e:
+            log.warning("subscriptions of disconnected %s not listed (%s)", account.id, e.code)
+            sids = set()
+        sids = (sids | {state.subscription_id if state else ""}) - {""}
+        if state is None and not sids:
             return
-        if state.subscription_id:
+        state = state or SubscriptionState(account.owner, account.id)
+        token = AccountTokenSource(self._tokens, account)
+        for sid in sorted(sids):
             try:
-                subscriptions.delete(self._graph, AccountTokenSource(self._tokens, account), account.mailbox_key,
-                                     state.subscription_id)
+                subscriptions.delete(self._graph, token, account.mailbox_key, sid)
             except Exception as e:
                 log.warning("subscription of disconnected %s not deleted (%s); it expires by itself", account.id,
                             e.code if isinstance(e, ConnectorError) else type(e).__name__)
@@ -459,7 +480,7 @@ class Notifications:
         if job.kind == "lifecycle":
             if job.subscription_id != state.subscription_id:
                 return "stale"
-            state = self._on_lifecycle(acc, token, state, job.event, now)
+            state = self._on_lifecycle(acc, token, state, job, now)
         else:
             state = self._subscribe(acc, token, state, now, force=job.kind == "ensure")
             state = self._sync(acc, token, state, now)
@@ -483,16 +504,27 @@ class Notifications:
             return acc, SubscriptionState(job.owner, job.account_id)
         return acc, self._store.get(job.owner, job.account_id) or SubscriptionState(job.owner, job.account_id)
 
-    def _on_lifecycle(self, acc: Account, token: TokenSource, state: SubscriptionState, event: str,
+    def _on_lifecycle(self, acc: Account, token: TokenSource, state: SubscriptionState, job: Job,
                       now: dt.datetime) -> SubscriptionState:
+        """One job per subscription and batch (:func:`_merge_lifecycle`): at most one catch-up however
+        many lifecycle notifications the batch carried."""
+        event = job.event
         if event == "reauthorizationRequired":
             try:
                 subscriptions.reauthorize(self._graph, token, acc.mailbox_key, state.subscription_id)
-                return state
+                return self._sync(acc, token, state, now) if job.catchup else state
             except SubscriptionGoneError:
                 event = "subscriptionRemoved"
         if event == "subscriptionRemoved":
-            state = self._create(acc, token, state, now)  # recreate first, then catch up
+            # Delete it first: a removal Graph did not send (a forged or replayed notification) must not leave
+            # the old subscription live beside the new one. Gone already is the normal case.
+            try:
+                subscriptions.delete(self._graph, token, acc.mailbox_key, state.subscription_id)
+            except (ThrottledError, ReauthRequiredError):
+                raise
+            except MicrosoftError as e:  # e.g. refused: it was not ours to delete; a new one is needed anyway
+                log.warning("removed subscription of %s not deleted (%s)", acc.id, e.code)
+            state = self._create(acc, token, state, now)  # recreate, then catch up
         return self._sync(acc, token, state, now)
 
     def _subscribe(self, acc: Account, token: TokenSource, state: SubscriptionState, now: dt.datetime, *,
@@ -510,17 +542,37 @@ class Notifications:
 
     def _create(self, acc: Account, token: TokenSource, state: SubscriptionState,
                 now: dt.datetime) -> SubscriptionState:
+        """A new subscription in place of ``state``'s (none, or one Graph lost), made by one worker at a time:
+        concurrent jobs of one account (several connects at once) would each make one, and only the last
+        would be remembered."""
+        held = self._store.claim_creation(acc.owner, acc.id)
+        if held is None:
+            raise UpstreamUnavailableError("Another worker is creating this account's subscription.",
+                                           code="subscription_in_progress")
+        try:
+            stored = self._store.get(acc.owner, acc.id)
+            if stored is not None and stored.subscription_id and stored.subscription_id != state.subscription_id:
+                return stored  # made while we waited for the claim: that one is the account's
+            return self._create_claimed(acc, token, stored or state, now)
+        finally:
+            try:
+                self._store.release_creation(acc.owner, acc.id, held)
+            except ConnectorError:
+                pass  # the claim goes stale and is taken over after CREATION_STALE
+
+    def _create_claimed(self, acc: Account, token: TokenSource, state: SubscriptionState,
+                        now: dt.datetime) -> SubscriptionState:
         client_state, key = self._store.new_pointer(acc.owner, acc.id)
         try:
             sid, expires = subscriptions.create(self._graph, token, acc.mailbox_key, now=now, client_state=client_state,
                                                 notification_url=self.config.notification_url,
                                                 lifecycle_url=self.config.lifecycle_url)
         except Exception:
-            self._store.drop_pointer(key)
+            self._store.drop_pointer(acc.owner, acc.id, key)
             raise
         self._store.bind_pointer(key, sid)
         if state.client_key and state.client_key != key:
-            self._store.drop_pointer(state.client_key)
+            self._store.drop_pointer(acc.owner, acc.id, state.client_key)
         return self._store.save(replace(state, subscription_id=sid, client_key=key, expires_at=expires))
 
     def _sync(self, acc: Account, token: TokenSource, state: SubscriptionState,
@@ -626,33 +678,18 @@ class Notifications:
         return 1
 
     def _claim(self, account_id: str, mid: str) -> bool:
-        """Claim a message id for announcing; False when it is (being) announced already. The claim's time
+        """Claim a message id for announcing; False when it is (being) announced already. A claim whose
+        worker died before announcing (``claimed`` for :data:`CLAIM_STALE`) is taken over. The claim's time
         is the clock's, not the job's start, so a long job's fresh claim never looks abandoned."""
-        pk, rk = account_id, _seen_key(mid)
         now = utcnow()
-        row = {"PartitionKey": pk, "RowKey": rk, "state": "claimed", "at": iso(now),
+        row = {"PartitionKey": account_id, "RowKey": _seen_key(mid), "state": "claimed", "at": iso(now),
                "expiresAt": iso(now + DEDUP_WINDOW)}
-        try:
-            self._seen.create(row)
-            return True
-        except ConflictError:
-            pass
-        try:
-            current = self._seen.get(pk, rk)
-        except NotFoundError:  # released meanwhile by a worker that failed: claim it anew
-            try:
-                self._seen.create(row)
-                return True
-            except ConflictError:
-                return False
-        at = parse_iso(current.get("at"))
-        if current.get("state") != "claimed" or (at is not None and at > now - CLAIM_STALE):
-            return False
-        try:  # an abandoned claim (its worker died before announcing): take it over
-            self._seen.replace(row, etag=etag_of(current))
-            return True
-        except ConflictError:
-            return False
+
+        def abandoned(current: Row) -> bool:
+            at = parse_iso(current.get("at"))
+            return current.get("state") == "claimed" and (at is None or at <= now - CLAIM_STALE)
+
+        return isinstance(self._seen.claim(row, take_over=abandoned), str)
 
     def _mark(self, account_id: str, mid: str, state: str) -> None:
         self._seen.merge({"PartitionKey": account_id, "RowKey": _seen_key(mid), "state": state})
@@ -721,6 +758,14 @@ class Notifications:
         rk = row_key(state.owner, state.account_id)
         for bucket in {bucket_of(state.due_at) if state.due_at else "", rearm} - {"", keep}:
             self._index_table.delete_if_present(bucket, rk)
+
+
+def _merge_lifecycle(held: Job | None, new: Job) -> Job:
+    """Two lifecycle events of one subscription in one batch: the stronger event, a catch-up if either asks."""
+    if held is None:
+        return new
+    first = held if _LIFECYCLE_RANK[held.event] <= _LIFECYCLE_RANK[new.event] else new
+    return replace(first, catchup=held.catchup or new.catchup)
 
 
 def _seen_key(mid: str) -> str:

@@ -43,7 +43,7 @@ from shared.errors import (
     UpstreamUnavailableError,
     ValidationError,
 )
-from shared.ms_errors import CLIENT_CREDENTIAL_REJECTED, from_token_error, is_invalid_client
+from shared.ms_errors import CLIENT_CREDENTIAL_REJECTED, from_authorize_error, from_token_error, is_invalid_client
 from shared.storage import etag_of
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from shared.client_credentials import ClientCredential
     from shared.secret_store import SecretStore
-    from shared.storage import Table
+    from shared.storage import Row, Table
 
 log = logging.getLogger("connector.oauth")
 
@@ -205,24 +205,49 @@ class OAuthClient:
         row = _state_key(state)
         body = json.dumps({"flow": flow, "returnUrl": return_url, "accountId": account_id,
                            "loginHint": login_hint or None, "requireLoginHint": require_login_hint}).encode()
-        self._evict_old_states(partition)
         self._states.create({
             "PartitionKey": partition, "RowKey": row, "owner": owner,
             "createdAt": now.isoformat(), "expiresAt": expires.isoformat(),
             "flow": seal(body, account_aad(owner, row, "oauth-state")),
         })
+        self._evict_old_states(partition)
         return {"authUrl": flow["auth_uri"], "state": state,
                 "expiresAt": expires.isoformat().replace("+00:00", "Z")}
 
     def _evict_old_states(self, partition: str) -> None:
+        """Keep the owner's newest :data:`MAX_PENDING_STATES_PER_OWNER` pending states, run *after* our own
+        row is written: every starter then trims a list that holds its row, and the last of any number of
+        concurrent starters sees every row, so the cap holds once they are done (checking before writing
+        let each of N concurrent starters see room and add one). Ties in time are broken by RowKey, so
+        concurrent trimmers agree on which rows are the oldest."""
         rows = sorted(self._states.query("PartitionKey eq @pk", parameters={"pk": partition},
                                          select=["RowKey", "createdAt"]),
-                      key=lambda e: str(e.get("createdAt") or ""))
-        for e in rows[: max(0, len(rows) - MAX_PENDING_STATES_PER_OWNER + 1)]:
+                      key=lambda e: (str(e.get("createdAt") or ""), str(e["RowKey"])))
+        for e in rows[: max(0, len(rows) - MAX_PENDING_STATES_PER_OWNER)]:
             self._states.delete_if_present(partition, str(e["RowKey"]))
 
     def consume_state(self, state: str | None, *, open_sealed: Any) -> PendingConnect:
         """Return the pending flow for ``state`` and delete it, exactly once; else 400."""
+        e, rk = self._take_state(state)
+        expires = parse_iso(e.get("expiresAt"))
+        if expires is None or expires <= utcnow():
+            minutes = int(STATE_TTL.total_seconds() // 60)
+            raise OAuthError(f"The sign-in link expired ({minutes} minutes). Start the connect flow again.",
+                             code="expired_state")
+        data = json.loads(open_sealed(str(e["flow"]), account_aad(str(e["owner"]), rk, "oauth-state")))
+        return PendingConnect(owner=str(e["owner"]), return_url=data.get("returnUrl"), account_id=data.get("accountId"),
+                              flow=data["flow"], login_hint=data.get("loginHint"),
+                              require_login_hint=bool(data.get("requireLoginHint")))
+
+    def burn_state(self, state: str | None) -> None:
+        """Consume ``state`` without using it (a tampered callback): it can never complete a connect."""
+        try:
+            self._take_state(state)
+        except OAuthError:
+            pass  # unknown, malformed or already used: nothing left to burn
+
+    def _take_state(self, state: str | None) -> tuple[Row, str]:
+        """Claim the state's row exactly once and delete it: (the row as read, its RowKey); else 400."""
         invalid = OAuthError("The sign-in link is invalid, expired or already used. Start the connect flow again.",
                              code="invalid_state")
         if not state or len(state) > 200 or "." not in state:
@@ -236,25 +261,17 @@ class OAuthClient:
             if e.get("consumed"):
                 raise invalid
             # Claim the state with an ETag-conditional write: of two concurrent callbacks with one
-            # state, exactly one succeeds (the other gets 412). A conditional *delete* cannot do
-            # this here: azure-data-tables' delete_entity does not raise when the row is gone.
+            # state, exactly one succeeds (the other gets 412). The delete that follows is only
+            # clean-up: a row left behind by a crash is marked consumed and purged by the timer.
             self._states.merge({"PartitionKey": pk, "RowKey": rk, "consumed": True}, etag=etag_of(e))
         except (NotFoundError, ConflictError):
             raise invalid from None
         self._states.delete_if_present(pk, rk)
-        expires = parse_iso(e.get("expiresAt"))
-        if expires is None or expires <= utcnow():
-            minutes = int(STATE_TTL.total_seconds() // 60)
-            raise OAuthError(f"The sign-in link expired ({minutes} minutes). Start the connect flow again.",
-                             code="expired_state")
-        data = json.loads(open_sealed(str(e["flow"]), account_aad(str(e["owner"]), rk, "oauth-state")))
-        return PendingConnect(owner=str(e["owner"]), return_url=data.get("returnUrl"), account_id=data.get("accountId"),
-                              flow=data["flow"], login_hint=data.get("loginHint"),
-                              require_login_hint=bool(data.get("requireLoginHint")))
+        return e, rk
 
     def redeem_code(self, pending: PendingConnect, params: dict[str, str]) -> TokenResult:
         if params.get("error"):
-            raise from_token_error(params, context=self._error_context())
+            raise from_authorize_error(params, context=self._error_context())
         if not params.get("code"):
             raise ValidationError("code", "The callback has neither code nor error.")
         result = self._call_token_endpoint(

@@ -158,7 +158,8 @@ class Connector:
         return TokenManager(self.accounts, self.oauth, index=self.refresh_index,
                             keepalive=dt.timedelta(days=self.settings.keepalive_days),
                             on_reauth=lambda acc, err: webhooks.emit("account.reauth_required", acc.to_public()),
-                            telemetry=self.telemetry)
+                            telemetry=self.telemetry,
+                            forced_coalesce_s=float(self.settings.forced_refresh_coalesce_seconds))
 
     @cached_property
     def refresher(self) -> Refresher:
@@ -239,6 +240,16 @@ class Connector:
         token = connect_result.sign(ring, issuer=self.settings.public_base_url, audience=self.settings.auth_issuer,
                                     owner=pending.owner, account_id=account.id, state=state or "")
         return CallbackOutcome(pending.return_url, "connected", account_id=account.id, result=token)
+
+    def refuse_code_in_url(self, state: str | None) -> None:
+        """A code in the callback's URL, though ``response_mode=form_post`` was asked for (RFC 9700 §4.3.1):
+        a tampered flow, and the code may sit in history and logs. Its state is burnt, so neither it nor
+        the code can be redeemed later, then 400."""
+        from shared.errors import ValidationError
+
+        self.oauth.burn_state(state)
+        raise ValidationError("code", "The authorization code must arrive by POST (response_mode=form_post), "
+                              "not in the URL. Start the connect flow again.")
 
     def _store_connection(self, pending: PendingConnect, params: dict[str, str]) -> Account:
         result = self.oauth.redeem_code(pending, params)
@@ -322,7 +333,7 @@ class Connector:
         acc = self.accounts.get_account(owner, account_id)
         if acc.status != ACTIVE:
             raise reauth_error(acc)
-        return self.tokens.refresh(owner, account_id, force=True, account=acc).to_public()
+        return self.tokens.refresh_requested(acc).to_public()
 
     # -- mail ---------------------------------------------------------------------------------
     def graph_context(self) -> dict[str, str]:
@@ -417,15 +428,25 @@ class Connector:
 
 
 def _check_login_hint(login_hint: str, names: tuple[object, object]) -> None:
-    """``requireLoginHint``: the signed-in account's UPN or mail must be ``loginHint`` (case-insensitive).
+    """``requireLoginHint``: the signed-in account's UPN or mail must be ``loginHint``, compared with only
+    A-Z folded to a-z. Unicode case folding would let a long s (U+017F) in ``contoso`` or a Kelvin sign (U+212A)
+    stand for another address; mailbox domains compare ASCII-case-insensitively (RFC 5321 §2.4).
 
     The message does not name the account that signed in: the link's owner may not be that person."""
-    wanted = login_hint.strip().casefold()
-    if any(isinstance(n, str) and n.strip().casefold() == wanted for n in names):
+    wanted = ascii_lower(login_hint.strip())
+    if any(isinstance(n, str) and ascii_lower(n.strip()) == wanted for n in names):
         return
     raise OAuthError(f"The account that signed in is not {login_hint}, which this connect link is for.",
                      code="account_mismatch",
                      hint=f"Sign in with {login_hint}, or ask for a new connect link for the other mailbox.")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(value: str) -> str:
+    """``value`` with A-Z lowered and every other character (non-ASCII included) left as it is."""
+    return value.translate(_ASCII_LOWER)
 
 
 _lock = threading.Lock()

@@ -236,6 +236,30 @@ class Table:
             raise
         return True
 
+    def claim(self, entity: Entity, *, take_over: Callable[[Row], bool]) -> str | Row:
+        """Claim a row: create ``entity``; when a row is there already, read it and, if ``take_over(row)``
+        says it is abandoned (stale, expired), replace it conditionally on the ETag just read. Returns the
+        ETag of our row, or the row that holds the claim. Of any number of concurrent claimers exactly one
+        gets the ETag (an insert and an ETag-conditional replace are atomic in Table Storage:
+        https://learn.microsoft.com/rest/api/storageservices/update-entity2)."""
+        pk, rk = str(entity["PartitionKey"]), str(entity["RowKey"])
+        for _ in range(3):  # a row deleted between our insert and our read, or taken over first: look again
+            try:
+                return self.create(entity)
+            except ConflictError:
+                pass
+            try:
+                current = self.get(pk, rk)
+            except NotFoundError:
+                continue
+            if not take_over(current):
+                return current
+            try:
+                return self.replace(entity, etag=etag_of(current) or "*")
+            except (ConflictError, NotFoundError):
+                continue  # another claimer took it over (or released it) first
+        raise ConflictError("The row is being claimed and released too fast.", code="claim_contended")
+
     def submit(self, operations: Iterable[tuple[str, Entity]]) -> None:
         """One entity-group transaction (≤ 100 operations, one partition)."""
         ops = list(operations)

@@ -15,6 +15,11 @@ Table ``subscriptions`` holds two kinds of rows:
 
 * **state** (PartitionKey = owner partition, RowKey = account id): the subscription id, its expiry,
   the Inbox delta link and the due time of the next maintenance (renewal / safety catch-up);
+* **creation claim** (owner partition, RowKey = account id + ``|creating``): held by the one worker
+  that creates the account's subscription, so concurrent jobs (four connects at once) make one;
+* **pointer list** (owner partition, RowKey = account id + ``|cs|`` + pointer key): every pointer an
+  account has, so a disconnect finds (and deletes at Graph) every subscription, even one whose
+  creation crashed before the state row was written;
 * **pointer** (PartitionKey = ``cs-`` + SHA-256 of the clientState, RowKey = ``cs``): owner,
   account, subscription id and the clientState sealed with the token key ring. The notification
   endpoint finds a subscription by the clientState a notification carries, so a pointer written
@@ -47,6 +52,9 @@ REQUESTED_LIFETIME = MAX_LIFETIME - dt.timedelta(minutes=10)
 INBOX_RESOURCE = "me/mailFolders('Inbox')/messages"
 CLIENT_STATE_BYTES = 32  # 43 base64url characters, within Graph's 128
 _POINTER_RK = "cs"
+_CREATING = "|creating"
+_POINTER_LIST = "|cs|"
+CREATION_STALE = dt.timedelta(minutes=2)  # Graph validates both URLs (10 s each) before it answers
 _NOT_FOUND_CODES = {"ResourceNotFound", "ItemNotFound", "ErrorItemNotFound", "NotFound", "InvalidSubscriptionId"}
 
 
@@ -100,14 +108,34 @@ class SubscriptionStore:
         return replace(state, etag=self._table.replace(_state_entity(state), etag=None))
 
     def delete(self, state: SubscriptionState) -> None:
-        self._table.delete_if_present(owner_partition(state.owner), state.account_id)
-        if state.client_key:
-            self._table.delete_if_present(state.client_key, _POINTER_RK)
+        """The state row and every pointer of the account."""
+        pk = owner_partition(state.owner)
+        self._table.delete_if_present(pk, state.account_id)
+        keys = {key for key, _ in self.pointers_of(state.owner, state.account_id)} | {state.client_key}
+        for key in keys - {""}:
+            self.drop_pointer(state.owner, state.account_id, key)
+        self._table.delete_if_present(pk, state.account_id + _CREATING)
 
     def all_states(self) -> list[SubscriptionState]:
         """Every state row (the daily reconciliation only)."""
         rows = self._table.query("RowKey ne @p", parameters={"p": _POINTER_RK})
-        return [_state_from(e) for e in rows]
+        return [_state_from(e) for e in rows if "|" not in str(e.get("RowKey"))]
+
+    # -- the creation claim -------------------------------------------------------------------
+    def claim_creation(self, owner: str, account_id: str) -> str | None:
+        """The right to create the account's subscription (its ETag), or None while another worker holds it."""
+        now = utcnow()
+
+        def abandoned(row: Row) -> bool:
+            since = parse_iso(row.get("at"))
+            return since is None or since <= now - CREATION_STALE
+
+        held = self._table.claim({"PartitionKey": owner_partition(owner), "RowKey": account_id + _CREATING,
+                                  "at": iso(now)}, take_over=abandoned)
+        return held if isinstance(held, str) else None
+
+    def release_creation(self, owner: str, account_id: str, etag: str) -> None:
+        self._table.delete_if_present(owner_partition(owner), account_id + _CREATING, etag=etag)
 
     # -- pointer rows ---------------------------------------------------------------------------
     def new_pointer(self, owner: str, account_id: str) -> tuple[str, str]:
@@ -115,6 +143,8 @@ class SubscriptionStore:
         client_state = secrets.token_urlsafe(CLIENT_STATE_BYTES)
         key = client_key(client_state)
         sealed = self._key_ring().seal(client_state.encode(), aad=account_aad(owner, account_id, "clientState"))
+        # Listed first: a pointer that exists is always listed, so a disconnect finds it.
+        self._table.upsert({"PartitionKey": owner_partition(owner), "RowKey": account_id + _POINTER_LIST + key})
         self._table.create({"PartitionKey": key, "RowKey": _POINTER_RK, "owner": owner, "accountId": account_id,
                             "subscriptionId": "", "clientState": sealed})
         return client_state, key
@@ -122,9 +152,26 @@ class SubscriptionStore:
     def bind_pointer(self, key: str, subscription_id: str) -> None:
         self._table.merge({"PartitionKey": key, "RowKey": _POINTER_RK, "subscriptionId": subscription_id})
 
-    def drop_pointer(self, key: str) -> None:
+    def drop_pointer(self, owner: str, account_id: str, key: str) -> None:
         if key:
             self._table.delete_if_present(key, _POINTER_RK)
+            self._table.delete_if_present(owner_partition(owner), account_id + _POINTER_LIST + key)
+
+    def pointers_of(self, owner: str, account_id: str) -> list[tuple[str, str]]:
+        """(pointer key, subscription id or "") of every pointer the account has (one partition range read,
+        then one read per pointer: an account has one, or a few after a crash)."""
+        prefix = account_id + _POINTER_LIST
+        rows = self._table.query("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                                 parameters={"pk": owner_partition(owner), "lo": prefix, "hi": prefix + "~"},
+                                 select=["RowKey"])
+        found = []
+        for row in rows:
+            key = str(row["RowKey"])[len(prefix):]
+            try:
+                found.append((key, str(self._table.get(key, _POINTER_RK).get("subscriptionId") or "")))
+            except NotFoundError:
+                found.append((key, ""))
+        return found
 
     def lookup(self, client_state: str) -> Pointer | None:
         """The subscription a clientState belongs to, or None (unknown or wrong clientState)."""

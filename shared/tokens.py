@@ -56,7 +56,10 @@ class TokenManager:
     def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: RefreshIndex, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, forced_coalesce_s: float = 10.0) -> None:
+        """``forced_coalesce_s``: :meth:`refresh_requested` within this long of the last one this instance ran
+        for the account answers that refresh's result: a burst of forced refreshes costs one grant (and one
+        rotation of the refresh token), not one each. 0: off."""
         from shared.telemetry import OFF
 
         self._store = store
@@ -69,6 +72,8 @@ class TokenManager:
         self._lease = lease
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._forced_coalesce_s = forced_coalesce_s
+        self._forced_at: dict[str, float] = {}  # account id → monotonic time of its last forced refresh here
 
     def _local_lock(self, account_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -146,27 +151,53 @@ class TokenManager:
         return self.refresh_reporting(owner, account_id, force=force, stale_access_token=stale_access_token,
                                       account=account, indexed_at=indexed_at)[0]
 
+    def refresh_requested(self, account: Account) -> Account:
+        """A refresh someone asked for (``POST …/refresh``): forced, but coalesced. Within ``forced_coalesce_s``
+        of this instance's last forced refresh of the account it answers the
+        record as that refresh left it; concurrent requests queue on the account's lock (or another
+        instance's lease) and so take the first one's result."""
+        with self._local_lock(account.id):
+            with self._locks_guard:
+                at = self._forced_at.get(account.id)
+            if at is not None and time.monotonic() - at < self._forced_coalesce_s:
+                current = self._store.get_account(account.owner, account.id)
+                if current.status != ACTIVE:
+                    raise reauth_error(current)
+                return current
+            saved = self._refresh_locked(account.owner, account.id, force=True, stale_access_token=None,
+                                         account=account, indexed_at=RECORD_DUE)[0]
+            with self._locks_guard:
+                if len(self._forced_at) > 10_000:
+                    self._forced_at.clear()
+                self._forced_at[account.id] = time.monotonic()
+            return saved
+
     def refresh_reporting(self, owner: str, account_id: str, *, force: bool = True,
                           stale_access_token: str | None = None, account: Account | None = None,
                           indexed_at: str | None = RECORD_DUE) -> tuple[Account, bool]:
         """:meth:`refresh`, and whether this call redeemed the refresh token itself (False when it took
         tokens another writer stored: those may predate a revocation that also hit the caller's)."""
         with self._local_lock(account_id):
-            leased = self._take_lease(owner, account_id, force=force, stale_access_token=stale_access_token,
-                                      account=account)
-            explicit_row = indexed_at not in (None, RECORD_DUE)
-            if isinstance(leased, Account):  # someone else's refresh is as good as ours
-                if explicit_row:
-                    self._index_quietly(leased, indexed_at)
-                return leased, False
-            acc, tokens, lease = leased
-            previous = indexed_at
-            if indexed_at == RECORD_DUE:
-                previous = bucket_of(acc.refresh_due_at) if acc.refresh_due_at else None
-            saved, ours = self._refresh_with_lease(acc, tokens, lease)
-            if ours or explicit_row:
-                self._index_quietly(saved, previous)
-            return saved, ours
+            return self._refresh_locked(owner, account_id, force=force, stale_access_token=stale_access_token,
+                                        account=account, indexed_at=indexed_at)
+
+    def _refresh_locked(self, owner: str, account_id: str, *, force: bool, stale_access_token: str | None,
+                        account: Account | None, indexed_at: str | None) -> tuple[Account, bool]:
+        leased = self._take_lease(owner, account_id, force=force, stale_access_token=stale_access_token,
+                                  account=account)
+        explicit_row = indexed_at not in (None, RECORD_DUE)
+        if isinstance(leased, Account):  # someone else's refresh is as good as ours
+            if explicit_row:
+                self._index_quietly(leased, indexed_at)
+            return leased, False
+        acc, tokens, lease = leased
+        previous = indexed_at
+        if indexed_at == RECORD_DUE:
+            previous = bucket_of(acc.refresh_due_at) if acc.refresh_due_at else None
+        saved, ours = self._refresh_with_lease(acc, tokens, lease)
+        if ours or explicit_row:
+            self._index_quietly(saved, previous)
+        return saved, ours
 
     def _take_lease(self, owner: str, account_id: str, *, force: bool, stale_access_token: str | None,
                     account: Account | None) -> Account | tuple[Account, Tokens, str]:

@@ -593,7 +593,9 @@ def _injected_token_response(status: int, retry_after: int | None, body: Any) ->
 
 def _pkce_ok(code: AuthCode, verifier: str | None) -> bool:
     if not code.code_challenge:
-        return True
+        # A code issued without a challenge redeemed with a verifier: a PKCE downgrade (an attacker stripped
+        # the challenge from the authorization request). RFC 9700 §4.8.2: the server MUST refuse it.
+        return not verifier
     if not verifier:
         return False
     if code.code_challenge_method == "S256":

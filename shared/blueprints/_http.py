@@ -109,6 +109,10 @@ def handle(req: func.HttpRequest, function: str, fn: Handler, *, auth: bool = Tr
             error = e
             resp = problem_response(e)
         resp.headers["x-correlation-id"] = cid
+        # Answers carry accounts, message bodies and connect states: never cached by a browser or a proxy,
+        # never sniffed into another type (RFC 9111 §5.2.2.5; https://fetch.spec.whatwg.org/#x-content-type-options-header).
+        resp.headers.setdefault("Cache-Control", "no-store")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         span.set("connector.account_id", ctx.account_ref)
         span.outcome(status=resp.status_code, code=_code_of(error), error=error if resp.status_code >= 500 else None)
         _log_line(req, ctx, cid, resp.status_code, started, error, trace_id=span.trace_id)
@@ -184,6 +188,23 @@ def query(req: func.HttpRequest, name: str, *, max_len: int = 2048) -> str | Non
     return value
 
 
+def capped_body(req: func.HttpRequest, cap: int, what: str) -> bytes:
+    """The request body, refused with 413 when its declared ``Content-Length`` exceeds ``cap``, before it
+    is read (a host that reads lazily never buffers it), and again when what arrived is larger."""
+    from shared.errors import PayloadTooLargeError, ValidationError
+
+    declared = req.headers.get("Content-Length")
+    if declared is not None:
+        if not declared.strip().isdigit() or len(declared.strip()) > 18:
+            raise ValidationError("Content-Length", "Content-Length must be a whole number of bytes.")
+        if int(declared) > cap:
+            raise PayloadTooLargeError(f"{what} is at most {cap} bytes.", extra={"field": "body"})
+    body = req.get_body()
+    if len(body) > cap:
+        raise PayloadTooLargeError(f"{what} is at most {cap} bytes.", extra={"field": "body"})
+    return body
+
+
 def json_body(raw: bytes | str, field: str) -> object:
     """Parse a request's JSON; 400 naming ``field`` when it is not JSON or nests deeper than
     :data:`MAX_JSON_DEPTH` (``[`` x 100,000 must not become a RecursionError and a 500)."""
@@ -200,7 +221,35 @@ def json_body(raw: bytes | str, field: str) -> object:
         depth_ok = _depth_within(value, MAX_JSON_DEPTH)
     if not depth_ok:
         raise ValidationError(field, f"The {field} nests deeper than {MAX_JSON_DEPTH} levels.")
+    where = lone_surrogate_at(value)
+    if where is not None:
+        name = where or field
+        raise ValidationError(name, f"{name} holds text that is not Unicode (a lone surrogate such as \\ud800).")
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: object) -> str | None:
+    """The path (``to[0].name``; ``""`` for the document itself) of the first string, key or value, that holds
+    a lone surrogate: JSON's ``\\ud800`` escape parses into one, and no UTF-8 encoder (Graph's, a hash's, a
+    log's) can encode it. None when there is none. Iterative; ASCII strings are skipped at C speed."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return path
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                key = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
+                    return path or "body"
+                stack.append((v, key))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 def _depth_within(value: object, limit: int) -> bool:

@@ -11,7 +11,16 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import azure.functions as func
 
-from shared.blueprints._http import NO_CONTEXT, Context, JsonBody, handle, json_response, query, query_bool
+from shared.blueprints._http import (
+    NO_CONTEXT,
+    Context,
+    JsonBody,
+    capped_body,
+    handle,
+    json_response,
+    query,
+    query_bool,
+)
 
 if TYPE_CHECKING:
     from shared.service import CallbackOutcome, Connector
@@ -46,7 +55,7 @@ def connect_result_keys(req: func.HttpRequest, context: func.Context = NO_CONTEX
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
         from shared.connect_result import jwks
 
-        return json_response(jwks(c.secrets.key_ring()), headers={"Cache-Control": "public, max-age=300"})
+        return json_response(jwks(c.secrets.key_ring()))
 
     return handle(req, "connect_result_keys", run, auth=False, context=context)
 
@@ -54,7 +63,10 @@ def connect_result_keys(req: func.HttpRequest, context: func.Context = NO_CONTEX
 @bp.route(route="connect/microsoft/callback", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def connect_microsoft_callback(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        outcome = c.complete_connect(callback_params(req))
+        params = callback_params(req)
+        if req.method != "POST" and "code" in params:
+            c.refuse_code_in_url(params.get("state"))  # burns the state, then 400
+        outcome = c.complete_connect(params)
         ctx.account_ref = outcome.account_id
         result = _result_params(outcome)
         if outcome.return_url:
@@ -71,22 +83,18 @@ def callback_params(req: func.HttpRequest) -> dict[str, str]:
 
     The product asks for ``response_mode=form_post`` (RFC 9700 §4.3.1: a code in a URL is kept by
     history, logs and Referer), so a code in a query string was not sent by the Entra flow we
-    started: it is refused before the state is looked at. A GET still carries Entra's error
-    redirects (``error``, ``error_description``, ``state``)."""
-    from shared.errors import PayloadTooLargeError, ValidationError
+    started: its state is burnt and the callback refused (``Connector.refuse_code_in_url``). A GET
+    still carries Entra's error redirects (``error``, ``error_description``, ``state``)."""
+    from shared.errors import ValidationError
 
     if req.method == "POST":
         ctype = (req.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if ctype != _FORM:
             raise ValidationError("Content-Type", f"The callback takes {_FORM} (Entra's form_post).")
-        if len(req.get_body()) > _MAX_CALLBACK_BODY:
-            raise PayloadTooLargeError("The callback body is too large.", extra={"field": "body"})
+        capped_body(req, _MAX_CALLBACK_BODY, "The callback body")
         source = {k: v for k, v in req.form.items()}
     else:
         source = dict(req.params.items())
-        if "code" in source:
-            raise ValidationError("code", "The authorization code must arrive by POST (response_mode=form_post), "
-                                  "not in the URL. Start the connect flow again.")
     return {k: v for k, v in source.items() if isinstance(v, str) and len(v) < _MAX_PARAM}
 
 

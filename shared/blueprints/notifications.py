@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, handle, json_body
+from shared.blueprints._http import Context, capped_body, handle, json_body
 from shared.blueprints.timers import _invocation  # the span and storage budget of background invocations
 
 if TYPE_CHECKING:
@@ -50,13 +50,9 @@ def _endpoint(req: func.HttpRequest, function: str) -> func.HttpResponse:
         return handle(req, function, lambda c, ctx: _validation(token), auth=False)
 
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        from shared.errors import PayloadTooLargeError
         from shared.notifications import MAX_BODY_BYTES
 
-        body = req.get_body()
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"A notification batch is at most {MAX_BODY_BYTES} bytes.")
-        c.notifications.accept(json_body(body, "body"))
+        c.notifications.accept(json_body(capped_body(req, MAX_BODY_BYTES, "A notification batch"), "body"))
         return func.HttpResponse(status_code=202)
 
     return handle(req, function, run, auth=False)

@@ -66,15 +66,19 @@ def check_multipart_parts(raw: bytes, content_type: str) -> None:
     """413 before parsing when the body has more parts than a message may have attachments (+1).
 
     Every part starts with the delimiter ``--boundary`` (RFC 2046 §5.1.1), so counting delimiters
-    bounds the parts in one fast pass; a multipart parser would first build them all."""
-    from email.message import Message
+    bounds the parts in one fast pass; a multipart parser would first build them all. The boundary is
+    read by the parser that parses the body (werkzeug's, under ``HttpRequest.form``), and a header
+    that names it twice is refused: two readers picking different ones would count one boundary and
+    parse by the other."""
+    from werkzeug.http import parse_options_header
 
     from shared.errors import PayloadTooLargeError, ValidationError
     from shared.mail import MAX_ATTACHMENTS
 
-    m = Message()
-    m["Content-Type"] = content_type
-    boundary = m.get_param("boundary")
+    _, options = parse_options_header(content_type)
+    if _param_names(content_type).count("boundary") > 1:
+        raise ValidationError("Content-Type", "The Content-Type names more than one boundary.")
+    boundary = options.get("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70:  # RFC 2046 §5.1.1: 1-70 characters
         raise ValidationError("Content-Type", "multipart/form-data needs a boundary parameter of 1-70 characters.")
     parts = raw.count(b"--" + boundary.encode("latin-1", "replace")) - 1
@@ -82,3 +86,12 @@ def check_multipart_parts(raw: bytes, content_type: str) -> None:
         raise PayloadTooLargeError(f"The request has more than {MAX_ATTACHMENTS + 1} parts.",
                                    hint=f"Send at most {MAX_ATTACHMENTS} files with the 'message' part.",
                                    extra={"field": "files"})
+
+
+def _param_names(content_type: str) -> list[str]:
+    """The parameter names of a media type, lower case, as often as they occur (RFC 9110 §5.6.6)."""
+    from email.message import Message
+
+    m = Message()
+    m["Content-Type"] = content_type
+    return [name.lower() for name, _ in (m.get_params() or [])[1:]]

@@ -81,8 +81,11 @@ def test_admin_endpoint(devhost: Any) -> None:
     assert r.status_code == 202 and devhost.fired.is_set()
     r = devhost.s.post(devhost.url + "/admin/functions/nope", json={}, timeout=10)
     assert r.status_code == 404
-    r = devhost.s.post(devhost.url + "/admin/functions/every_second", data=b"[not json", timeout=10)
+    r = devhost.s.post(devhost.url + "/admin/functions/every_second", data=b"[not json",
+                       headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
+    r = devhost.s.post(devhost.url + "/admin/functions/every_second", data=b"{}", timeout=10)
+    assert r.status_code == 415  # not declared JSON: a cross-site form could send it
     r = devhost.s.post(devhost.url + "/admin/functions/items", json={}, timeout=10)
     assert r.status_code == 400
 

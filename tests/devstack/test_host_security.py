@@ -1,6 +1,7 @@
-"""The dev host's own endpoints against DNS rebinding and off-loopback callers (issue 16, point 12):
+"""The dev host's own endpoints against DNS rebinding, off-loopback and cross-site callers:
 ``/admin/functions/{name}`` wants the master key unless the caller is on loopback by address and
-by ``Host``; ``/demo/token`` answers only loopback host names."""
+by ``Host``, and takes only same-origin JSON; ``/demo/token`` answers only loopback host names.
+Bodies are read only when a function asks; slow or vanished clients cost one log line."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ def _app(fired: threading.Event) -> func.FunctionApp:
     @app.timer_trigger(schedule="0 0 0 1 1 *", arg_name="t")
     def yearly(t: Any) -> None:
         fired.set()
+
+    @app.route(route="capped", methods=["POST"])
+    def capped(req: func.HttpRequest) -> func.HttpResponse:
+        """Refuses a declared length over 100 bytes before asking for the body, like the app's capped routes."""
+        if int(req.headers.get("Content-Length") or 0) > 100:
+            return func.HttpResponse("too large", status_code=413)
+        return func.HttpResponse(str(len(req.get_body())), status_code=200)
+
+    @app.route(route="whoami", methods=["GET"])
+    def whoami(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse(req.url, status_code=200)
 
     return app
 
@@ -103,3 +115,98 @@ def test_demo_token_answers_loopback_names(devhost: Any, host_header: str) -> No
 def test_route_patterns_end_at_the_end_of_the_path() -> None:
     rx, _ = compile_route("health")
     assert rx.match("health") and rx.match("health/") and not rx.match("health\n")
+
+
+# -- cross-site admin calls -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://localhost:1"},
+])
+def test_admin_refuses_another_sites_request(devhost: Any, headers: dict[str, str]) -> None:
+    """A web page can POST to 127.0.0.1 from the developer's browser: it must not run a function."""
+    devhost.fired.clear()
+    r = devhost.s.post(devhost.local + "/admin/functions/yearly", json={}, headers=headers, timeout=10)
+    assert r.status_code == 403 and not devhost.fired.is_set()
+
+
+def test_admin_takes_only_json(devhost: Any) -> None:
+    """A cross-site form or text/plain POST needs no CORS preflight: it must not be accepted either."""
+    devhost.fired.clear()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = devhost.s.post(devhost.local + "/admin/functions/yearly", data=b"{}", headers={"Content-Type": ctype},
+                           timeout=10)
+        assert r.status_code == 415, (ctype, r.status_code)
+    assert not devhost.fired.is_set()
+    same = {"Origin": devhost.local, "Sec-Fetch-Site": "same-origin"}
+    assert devhost.s.post(devhost.local + "/admin/functions/yearly", json={}, headers=same,
+                          timeout=10).status_code == 202
+    assert devhost.fired.is_set()
+
+
+# -- bodies, slow and vanished clients, forwarded headers --------------------------------------------
+
+def _raw(port: int, head: str, body: bytes = b"", *, close_after: bool = False, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        if close_after:
+            return b""
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_a_refused_declared_length_is_answered_without_reading_the_body(devhost: Any) -> None:
+    """100 MB declared, 1 byte sent: the route's 413 comes at once (nothing waits for, or buffers, the rest)."""
+    head = (f"POST /api/capped HTTP/1.1\r\nHost: 127.0.0.1:{devhost.port}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {99 * 1024 * 1024}\r\nConnection: close")
+    answer = _raw(devhost.port, head, b"{", timeout=5)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    ok = devhost.s.post(devhost.local + "/api/capped", data=b"12345", timeout=10)
+    assert ok.status_code == 200 and ok.text == "5"
+
+
+def test_a_client_gone_mid_body_is_one_log_line(devhost: Any, caplog: pytest.LogCaptureFixture) -> None:
+    head = (f"POST /api/capped HTTP/1.1\r\nHost: 127.0.0.1:{devhost.port}\r\nContent-Type: application/json"
+            "\r\nContent-Length: 90")
+    with caplog.at_level("WARNING", logger="devstack.host"):
+        _raw(devhost.port, head, b"{" * 10, close_after=True)
+        from tests.conftest import wait_for
+
+        wait_for(lambda: any("went away" in r.getMessage() for r in caplog.records), timeout=10,
+                 what="the dev host's line")
+    lines = [r for r in caplog.records if r.name == "devstack.host"]
+    assert len([r for r in lines if "went away" in r.getMessage()]) == 1
+    assert all("Traceback" not in r.getMessage() and not r.exc_info for r in lines)
+
+
+def test_a_silent_client_is_dropped_after_the_read_timeout(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DEVHOST_READ_TIMEOUT_SECONDS", "1")
+    h = DevHost(_app(threading.Event()), port=0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+            s.sendall(b"POST /api/capped HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{")
+            data = s.recv(65536)  # the host gives up on the body after 1 s: it answers (or just closes)
+        assert data == b"" or data.startswith(b"HTTP/1.1 400"), data[:100]
+    finally:
+        h.stop()
+    with pytest.raises(ValueError, match="DEVHOST_READ_TIMEOUT_SECONDS"):
+        monkeypatch.setenv("DEVHOST_READ_TIMEOUT_SECONDS", "0")
+        DevHost(_app(threading.Event()), port=0)
+
+
+def test_forwarded_host_is_ignored_unless_trusted(devhost: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = devhost.s.get(devhost.local + "/api/whoami", headers={"X-Forwarded-Host": "evil.example"}, timeout=10)
+    assert r.status_code == 200 and "evil.example" not in r.text
+    monkeypatch.setenv("DEVHOST_TRUST_FORWARDED", "true")
+    h = DevHost(_app(threading.Event()), port=0).start()
+    try:
+        r = devhost.s.get(f"http://127.0.0.1:{h.port}/api/whoami", headers={"X-Forwarded-Host": "tunnel.example"},
+                          timeout=10)
+        assert r.text.startswith("http://tunnel.example/api/whoami")
+    finally:
+        h.stop()

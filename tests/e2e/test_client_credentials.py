@@ -71,6 +71,7 @@ def _host_env(azurite: Any, sb: SandboxServer, vault: KeyVaultDouble, base: str,
         "AUTH_HS256_SECRET": secrets.token_urlsafe(32), "ALLOWED_RETURN_URLS": "https://app.example.com/connected",
         "REFRESH_SCHEDULE": "0 0 0 1 1 *", "CLEANUP_SCHEDULE": "0 0 0 1 1 *", "PYTHONUNBUFFERED": "1",
         "NOTIFICATIONS_ENABLED": "false",  # the private sandboxes are not told to call loopback http
+        "FORCED_REFRESH_COALESCE_SECONDS": "0",  # each POST …/refresh presents the credential just rotated
     })
     env.update(extra)
     return env

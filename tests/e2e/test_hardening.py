@@ -138,7 +138,7 @@ def test_a_forged_error_value_does_not_become_a_log_line(host: Host, method: str
         r = host.http.get(url, params=fields, allow_redirects=False, timeout=60)
     assert r.status_code == 302
     result = _query(r.headers["Location"])
-    assert result["status"] == "error" and result["code"] == "unknown_error", result  # not the raw value
+    assert result["status"] == "error" and result["code"] == "authorization_error", result  # not the raw value
     wait_for(lambda: "connect_microsoft_callback" in host.log_text(), what="the callback's log line")
     for line in host.log_text().splitlines():
         assert not line.lstrip().startswith('{"correlationId": "' + marker), line
@@ -271,13 +271,17 @@ def test_code_arrives_by_form_post_and_never_in_a_url(host: Host, browser_sessio
     assert parse_qs(urlsplit(start["authUrl"]).query)["response_mode"] == ["form_post"]
     form = authorize(browser_session, start["authUrl"])
     assert urlsplit(form.action).query == "" and form.fields["code"] and form.fields["state"] == start["state"]
-    # A code in the callback's query string was not sent by the flow we started: refused, nothing stored.
+    # A code in the callback's query string was not sent by the flow we started: refused, nothing stored,
+    # and its state is burnt: the same code posted afterwards connects nothing.
     r = host.http.get(host.url + "/api/connect/microsoft/callback", params=form.fields, allow_redirects=False,
                       timeout=60)
     assert r.status_code == 400 and r.json()["field"] == "code"
     assert _accounts(host, "owner-formpost") == []
     cb = form.submit(host.http)
-    assert cb.status_code == 302 and _query(cb.headers["Location"])["status"] == "connected"
+    assert cb.status_code == 400 and cb.json()["code"] == "invalid_state"
+    assert _accounts(host, "owner-formpost") == []
+    again = _start(host, "owner-formpost", loginHint=WORK)  # a new flow connects
+    assert authorize(browser_session, again["authUrl"]).submit(host.http).status_code == 302
 
 
 def test_error_redirect_by_get_still_works(host: Host) -> None:
