@@ -59,13 +59,13 @@ class Stack:
         return Connector(load_settings(self.env))
 
     def connect(self, c: Any, owner: str, user: str) -> str:
-        start = c.start_connect(owner, return_url=None, login_hint=user)
+        start = c.connect.start(owner, return_url=None, login_hint=user)
         s = requests.Session()
         s.trust_env = False
         s.verify = self.ca
         from devstack.sandbox.client import redirect_fields
 
-        out = c.complete_connect(redirect_fields(s.get(start["authUrl"], allow_redirects=False, timeout=30)))
+        out = c.connect.complete(redirect_fields(s.get(start["authUrl"], allow_redirects=False, timeout=30)))
         assert out.status == "connected", out
         return str(out.account_id)
 

@@ -67,7 +67,7 @@ def run() -> dict[str, Any]:
         token = issue_dev_token(get_settings(), owner)
         [mid] = stack.control.seed_messages(user, [{"subject": "100 MB", "attachments": [
             {"name": "big.bin", "contentType": "application/octet-stream", "size": SIZE, "seed": "bench"}]}])
-        detail: Any = get_connector().get_message(owner, account, mid)
+        detail: Any = get_connector().mail.get_message(owner, account, mid)
         aid = detail["attachments"][0]["id"]
         route = {"accountId": account, "messageId": mid, "attachmentId": aid}
         url = f"http://localhost/api/accounts/{account}/messages/{mid}/attachments/{aid}"

@@ -64,9 +64,9 @@ def _ack_latency(c: Any, n: int = 1000, subscriptions: int = 50) -> dict[str, fl
     service._connector = c  # the HTTP function reads the process-wide connector
     pointers = []
     for i in range(subscriptions):
-        client_state, key = c.notifications._store.new_pointer(f"bench-{i}", f"acc_bench{i:04d}")
+        client_state, key = c.notifications.store.new_pointer(f"bench-{i}", f"acc_bench{i:04d}")
         sid = f"00000000-0000-4000-8000-{i:012d}"
-        c.notifications._store.bind_pointer(key, sid)
+        c.notifications.store.bind_pointer(key, sid)
         pointers.append((sid, client_state))
     cold: list[float] = []
     warm: list[float] = []
@@ -105,7 +105,7 @@ def _throughput(stack: Stack, c: Any, accounts: list[tuple[str, str, str]],
         from shared.storage import background_budget
 
         with background_budget():  # as the queue trigger runs it
-            c.notifications.process(base64.b64decode(m.content))
+            c.notifications.worker.process(base64.b64decode(m.content))
         q.delete_message(m)
         with lock:
             done += 1
@@ -143,7 +143,7 @@ def _catch_up(stack: Stack, c: Any, owner: str, aid: str, user: str, n: int) -> 
 
     t0 = time.perf_counter()
     with background_budget():
-        outcome = c.notifications.process(Job("maintain", owner, aid).to_message())
+        outcome = c.notifications.worker.process(Job("maintain", owner, aid).to_message())
     assert outcome == "maintain", outcome
     elapsed = time.perf_counter() - t0
     announced = set()
@@ -183,7 +183,7 @@ def run(accounts_n: int = 12, per_account: int = 250, catch_up_n: int = 500) -> 
         from shared.storage import background_budget
 
         with background_budget():
-            assert c.notifications.process(Job("ensure", owner, aid).to_message()) == "ensure"
+            assert c.notifications.worker.process(Job("ensure", owner, aid).to_message()) == "ensure"
         rate, processed, cpu_ms = _throughput(stack, c, accounts, per_account)
         got, sent, catch_s = _catch_up(stack, c, owner, aid, user, catch_up_n)
     finally:

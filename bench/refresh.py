@@ -28,7 +28,7 @@ def _seed_index(c: Any, total: int, due: int) -> None:
     from collections import defaultdict
 
     from shared.accounts import owner_partition
-    from shared.refresh_index import bucket_of
+    from shared.due_index import bucket_of
 
     now = dt.datetime.now(dt.UTC)
     accounts = _raw_table(c, "accounts")

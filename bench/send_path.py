@@ -36,7 +36,7 @@ def run(n: int = 300) -> dict[str, float]:
 
         def one_send() -> None:
             req = parse_send_request(body, max_total=10**8)
-            c.send_mail(owner, acc_id, req, idempotency_key=None, body_hash="x")
+            c.mail.send(owner, acc_id, req, idempotency_key=None, body_hash="x")
 
         def one_io() -> None:
             table.get_entity(owner_partition(owner), acc_id)

@@ -29,7 +29,7 @@ import http.client
 import select
 import ssl
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
@@ -40,8 +40,11 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import HttpTransport
 
+from shared._azure_core import is_rest_request, rest_response
+
 if TYPE_CHECKING:
     from azure.core.pipeline.transport import RequestsTransport
+    from azure.core.rest import HttpRequest, HttpResponse
 
 _Key = tuple[str, str, int]
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -76,15 +79,13 @@ class StorageTransport(HttpTransport):
             for conn in conns:
                 conn.close()
 
-    def send(self, request: Any, **kwargs: Any) -> Any:
-        from azure.core.pipeline._tools import is_rest
-
+    def send(self, request: HttpRequest, **kwargs: object) -> HttpResponse:
         method, data = str(request.method), getattr(request, "data", None)
-        if kwargs.get("stream") or getattr(request, "files", None) or not is_rest(request) \
+        if kwargs.get("stream") or getattr(request, "files", None) or not is_rest_request(request) \
                 or not (data is None or isinstance(data, (bytes, str))):
             return self._requests_transport().send(request, **kwargs)
-        connect_s = float(kwargs.get("connection_timeout") or self._connection_timeout)
-        read_s = float(kwargs.get("read_timeout") or self._read_timeout)
+        connect_s = _seconds(kwargs.get("connection_timeout"), self._connection_timeout)
+        read_s = _seconds(kwargs.get("read_timeout"), self._read_timeout)
         url = urlsplit(request.url)
         scheme = url.scheme.lower()
         key: _Key = (scheme, url.hostname or "", url.port or (443 if scheme == "https" else 80))
@@ -191,12 +192,10 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
     return bool(poller.poll(0))
 
 
-def _response(request: Any, raw: http.client.HTTPResponse) -> Any:
-    """azure-core's REST response over an ``http.client`` answer, its body read (storage answers are small)."""
-    # azure-core's own adapter for http.client answers (it parses batch sub-responses with it);
-    # azure-core is pinned in requirements.txt.
-    from azure.core.rest._http_response_impl import RestHttpClientTransportResponse
+def _seconds(value: object, default: float) -> float:
+    """A per-call timeout from the pipeline's options (azure-core passes numbers), else the transport's."""
+    return float(value) if isinstance(value, (int, float)) and value else default
 
-    response = RestHttpClientTransportResponse(request=request, internal_response=raw)
-    response.read()
-    return response
+
+def _response(request: HttpRequest, raw: http.client.HTTPResponse) -> HttpResponse:
+    return rest_response(request, raw)

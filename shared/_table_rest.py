@@ -33,7 +33,7 @@ import hmac
 import json
 from collections.abc import Mapping
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict, Unpack
 from urllib.parse import quote, urlsplit
 
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
@@ -53,10 +53,25 @@ _READ_ACCEPT = "application/json;odata=minimalmetadata"  # properties + odata.et
 _AUTHENTICATION_FAILED = frozenset({"AuthenticationFailed", "InvalidAuthenticationInfo"})
 
 
+#: The User-Agent product token of single-row calls (azure-core appends its own and Python's).
+USER_AGENT = "outlook-connector/table-rest"
+
+
+class RestCallOptions(TypedDict, total=False):
+    """Per-call options of one pipeline run: transport timeouts and the retry policy's budget."""
+
+    connection_timeout: float
+    read_timeout: float
+    retry_total: int
+    retry_backoff_factor: float
+    retry_backoff_max: float
+    retry_on_methods: frozenset[str]
+
+
 class StorageHeaders(SansIOHTTPPolicy):
     """The version headers and a fresh ``x-ms-date`` on every attempt (it is signed: retries re-sign)."""
 
-    def on_request(self, request: PipelineRequest[Any]) -> None:
+    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
         headers = request.http_request.headers
         headers["x-ms-version"] = API_VERSION
         headers["DataServiceVersion"] = "3.0"
@@ -70,7 +85,7 @@ class SharedKeyPolicy(SansIOHTTPPolicy):
         super().__init__()
         self._credential = credential
 
-    def on_request(self, request: PipelineRequest[Any]) -> None:
+    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
         r = request.http_request
         name, key = self._credential.named_key  # read per request: the key may be rotated in place
         to_sign = "\n".join((r.method, r.headers.get("Content-MD5", ""), r.headers.get("Content-Type", ""),
@@ -94,28 +109,29 @@ class TableRest:
         self._base = f"{endpoint.rstrip('/')}/{quote(table, safe='')}"
         self._sas = sas.lstrip("?")
 
-    def get(self, pk: str, rk: str, *, select: list[str] | None = None, **call: Any) -> Row:
+    def get(self, pk: str, rk: str, *, select: list[str] | None = None, **call: Unpack[RestCallOptions]) -> Row:
         query = f"$select={quote(','.join(select), safe=',')}" if select else ""
         response = self._run("GET", self._url(pk, rk, query), None, {"Accept": _READ_ACCEPT}, call)
         return row_from_json(json.loads(response.read()))
 
-    def insert(self, entity: Mapping[str, EntityValue], **call: Any) -> str:
+    def insert(self, entity: Mapping[str, EntityValue], **call: Unpack[RestCallOptions]) -> str:
         """Insert; 409 if the row exists. Returns the new ETag."""
         headers = {"Accept": _JSON, "Prefer": "return-no-content"}
         return self._etag(self._run("POST", self._with_sas(self._base), entity, headers, call))
 
-    def update(self, entity: Mapping[str, EntityValue], *, merge: bool, etag: str | None, **call: Any) -> str:
+    def update(self, entity: Mapping[str, EntityValue], *, merge: bool, etag: str | None,
+               **call: Unpack[RestCallOptions]) -> str:
         """Replace (PUT) or merge (PATCH) an existing row: conditional on ``etag``, else on the row
         existing (``If-Match: *``). 404 if it does not exist, 412 if it changed. Returns the new ETag."""
         headers = {"Accept": _JSON, "If-Match": etag or "*"}
         return self._etag(self._run("PATCH" if merge else "PUT", self._entity_url(entity), entity, headers, call))
 
-    def upsert(self, entity: Mapping[str, EntityValue], *, merge: bool, **call: Any) -> str:
+    def upsert(self, entity: Mapping[str, EntityValue], *, merge: bool, **call: Unpack[RestCallOptions]) -> str:
         """Insert or replace (PUT) / insert or merge (PATCH): no ``If-Match``. Returns the new ETag."""
         headers = {"Accept": _JSON}
         return self._etag(self._run("PATCH" if merge else "PUT", self._entity_url(entity), entity, headers, call))
 
-    def delete(self, pk: str, rk: str, *, etag: str | None, **call: Any) -> None:
+    def delete(self, pk: str, rk: str, *, etag: str | None, **call: Unpack[RestCallOptions]) -> None:
         """Delete the row (conditional on ``etag`` when given). 404 if it is gone, 412 if it changed.
 
         A 404 to a retry is success: the retry policy only resends a DELETE whose earlier attempt got
@@ -139,7 +155,7 @@ class TableRest:
         return f"{url}?{q}" if q else url
 
     def _run(self, method: str, url: str, entity: Mapping[str, EntityValue] | None, headers: dict[str, str],
-             call: dict[str, Any], *, gone_after_retry_ok: bool = False) -> HttpResponse:
+             call: RestCallOptions, *, gone_after_retry_ok: bool = False) -> HttpResponse:
         body = None
         if entity is not None:
             headers["Content-Type"] = _JSON

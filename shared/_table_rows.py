@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from typing import Any
 
 # A value a row holds (https://learn.microsoft.com/rest/api/storageservices/understanding-the-table-service-data-model).
 EntityValue = str | int | float | bool | bytes | None
@@ -52,20 +51,28 @@ def entity_to_json(entity: Mapping[str, EntityValue]) -> dict[str, object]:
     return out
 
 
-def row_from_json(body: Mapping[str, Any]) -> Row:
+def row_from_json(body: Mapping[str, object]) -> Row:
     """A row from the service's JSON (minimal metadata): typed values, ``odata.*`` and ``Timestamp``
     left out, the ETag kept."""
     props: dict[str, EntityValue] = {}
     types: dict[str, str] = {}
     for name, value in body.items():
         if name.endswith("@odata.type"):
-            types[name[:-11]] = value
+            types[name[:-11]] = str(value)
         elif not name.startswith("odata.") and name != "Timestamp":
-            props[name] = value
+            props[name] = _json_value(name, value)
     for name, edm in types.items():
         if name in props:
             props[name] = from_edm(edm, props[name])
-    return Row(props, body.get("odata.etag"))
+    etag = body.get("odata.etag")
+    return Row(props, etag if isinstance(etag, str) else None)
+
+
+def _json_value(name: str, value: object) -> EntityValue:
+    """A property as the service's JSON carries it: a string, number, boolean or null."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"Table property {name!r} has an unexpected JSON value: {type(value).__name__}.")
 
 
 def from_edm(edm: str, value: object) -> EntityValue:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from shared.errors import ConnectorError, to_problem
 
 
-def _print(obj: Any) -> None:
+def _print(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
@@ -43,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = c.accounts.list_accounts(a.owner) if a.owner else c.accounts.list_all()
             _print([{"owner": r.owner, **r.to_public()} for r in rows])
         elif a.cmd == "show":
-            _print(c.get_account(a.owner, a.account_id))
+            _print(c.account_ops.get_account(a.owner, a.account_id))
         elif a.cmd == "diagnose":
-            _print(c.diagnose(a.owner, a.account_id))
+            _print(c.account_ops.diagnose(a.owner, a.account_id))
         elif a.cmd == "refresh":
-            _print(c.refresh_account(a.owner, a.account_id))
+            _print(c.account_ops.refresh_account(a.owner, a.account_id))
         elif a.cmd == "reencrypt":
             seen, rewritten = c.accounts.reencrypt_all()
             _print({"examined": seen, "reencrypted": rewritten, "activeKey": c.secrets.key_ring().active_kid})

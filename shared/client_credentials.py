@@ -34,9 +34,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.errors import SecretUnavailableError
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+#: What MSAL takes as ``client_credential``: the secret, ``{"private_key", "public_certificate"}`` (it signs
+#: the assertion), or ``{"client_assertion": callable}``.
+MsalCredential = str | dict[str, str] | dict[str, "ManagedIdentityAssertion"]
 
 #: Refresh the managed identity's token when it has less than this left (seconds).
 ASSERTION_REFRESH_MARGIN_S = 300
@@ -60,19 +69,19 @@ class ClientCredential:
 
     kind: str
     version: str
-    msal: Any = field(repr=False)
+    msal: MsalCredential = field(repr=False)
 
 
 class CertificateError(ValueError):
     """The stored value is not a usable certificate credential (the message never quotes it)."""
 
 
-def _load_pem(raw: str) -> tuple[Any, list[Any]]:
+def _load_pem(raw: str) -> tuple[PrivateKeyTypes | None, list[x509.Certificate]]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    key = None
-    certs = []
+    key: PrivateKeyTypes | None = None
+    certs: list[x509.Certificate] = []
     for match in _PEM_BLOCK.finditer(raw):
         tag, block = match.group(1), match.group(0).encode()
         if tag == "CERTIFICATE":
@@ -84,7 +93,7 @@ def _load_pem(raw: str) -> tuple[Any, list[Any]]:
     return key, certs
 
 
-def _load_pkcs12(raw: str) -> tuple[Any, list[Any]]:
+def _load_pkcs12(raw: str) -> tuple[PrivateKeyTypes | None, list[x509.Certificate]]:
     from cryptography.hazmat.primitives.serialization import pkcs12
 
     try:
@@ -144,7 +153,7 @@ class ManagedIdentityAssertion:
     :class:`SecretUnavailableError` naming the identity, never a token.
     """
 
-    def __init__(self, credential_factory: Callable[[], Any], audience: str, *,
+    def __init__(self, credential_factory: Callable[[], TokenCredential], audience: str, *,
                  clock: Callable[[], float] = time.time, margin_s: float = ASSERTION_REFRESH_MARGIN_S) -> None:
         self._factory = credential_factory
         self._scope = audience.rstrip("/") + "/.default"
@@ -152,7 +161,7 @@ class ManagedIdentityAssertion:
         self._clock = clock
         self._margin = margin_s
         self._lock = threading.Lock()
-        self._credential: Any = None
+        self._credential: TokenCredential | None = None
         self._token: str | None = None
         self._expires_on = 0.0
 
@@ -170,8 +179,9 @@ class ManagedIdentityAssertion:
         with self._lock:
             self._token, self._expires_on = None, 0.0
             stale, self._credential = self._credential, None
-        if stale is not None and hasattr(stale, "close"):
-            stale.close()
+        close = getattr(stale, "close", None)
+        if callable(close):
+            close()
 
     def _fetch(self) -> tuple[str, float]:
         from azure.core.exceptions import AzureError

@@ -19,12 +19,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigurationError
 
-Parser = Callable[[str, str], Any]
+Parser = Callable[[str, str], object]
 """``parse(setting_name, value)`` → the value of the :class:`Settings` attribute, or ConfigurationError.
 
 ``value`` is the stripped environment value, or the default when that is empty; a parser is never
@@ -411,7 +410,7 @@ class Settings:
 # --------------------------------------------------------------------------------------------
 
 
-def _read(setting: Setting, env: Mapping[str, str]) -> Any:
+def _read(setting: Setting, env: Mapping[str, str]) -> object:
     """One setting's parsed value (``None`` when unset without a default); ConfigurationError names it."""
     name = setting.name
     raw = env.get(name)
@@ -433,7 +432,7 @@ def _read(setting: Setting, env: Mapping[str, str]) -> Any:
 _PERSONAL_ACCOUNT_TENANTS = ("common", "consumers", "9188040d-6c67-4c5b-b112-36a304b66dad")
 
 
-def _check_client_credential(v: Mapping[str, Any]) -> None:
+def _check_client_credential(v: Mapping[str, object]) -> None:
     """``MS_CLIENT_CREDENTIAL`` against the vault and the sign-in audience (docs/deploy.md, "Secretless")."""
     kind = v["MS_CLIENT_CREDENTIAL"]
     if kind == "secret" and not v["KEY_VAULT_URL"] and not v["MS_CLIENT_SECRET"]:
@@ -443,7 +442,7 @@ def _check_client_credential(v: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             "MS_CLIENT_CREDENTIAL=certificate reads the certificate MS_CLIENT_CERT_NAME from Key Vault: set "
             "KEY_VAULT_URL (locally: python -m devstack.keyvault)", setting="MS_CLIENT_CREDENTIAL")
-    if kind == "managed_identity" and v["MS_TENANT"].lower() in _PERSONAL_ACCOUNT_TENANTS:
+    if kind == "managed_identity" and str(v["MS_TENANT"]).lower() in _PERSONAL_ACCOUNT_TENANTS:
         # A federated identity credential is only honoured for work/school sign-ins: an app whose
         # signInAudience includes personal Microsoft accounts (MS_TENANT common / consumers) cannot
         # redeem a personal account's code with a managed identity's assertion.
@@ -455,7 +454,7 @@ def _check_client_credential(v: Mapping[str, Any]) -> None:
             setting="MS_CLIENT_CREDENTIAL")
 
 
-def _check_cross_field(v: Mapping[str, Any]) -> None:
+def _check_cross_field(v: Mapping[str, object]) -> None:
     """The rules that involve several settings (``v``: setting name -> parsed value)."""
     _check_client_credential(v)
     if not v["KEY_VAULT_URL"] and not v["TOKEN_ENCRYPTION_KEYS"]:
@@ -483,7 +482,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     _check_cross_field(values)
     fields = {s.attr: values[s.name] for s in SETTINGS if s.attr is not None}
     fields["managed_identity_available"] = any(values[n] for n in DERIVED["managed_identity_available"])
-    return Settings(**fields)
+    # Each value has the type its Setting's parser returns, which is the Settings field's
+    # (tests/shared/test_config.py checks every field against its parser).
+    return Settings(**fields)  # type: ignore[arg-type]
 
 
 def parse_key_ring(raw: str, *, setting: str) -> KeyRingConfig:

@@ -26,8 +26,9 @@ first line (``AADSTSnnnn: text``), which Microsoft documents as safe to show.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict, Unpack
 
 PROBLEM_TYPE_BASE = "https://github.com/outlook-connector/docs/problems/"
 
@@ -42,8 +43,8 @@ class MicrosoftDetails:
     correlation_id: str | None = None
     request_id: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error, "codes": list(self.codes)}
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"error": self.error, "codes": list(self.codes)}
         if self.trace_id:
             out["traceId"] = self.trace_id
         if self.correlation_id:
@@ -51,6 +52,18 @@ class MicrosoftDetails:
         if self.request_id:
             out["requestId"] = self.request_id
         return out
+
+
+class ErrorOptions(TypedDict, total=False):
+    """The keyword arguments every :class:`ConnectorError` takes besides ``detail``."""
+
+    code: str | None
+    status: int | None
+    hint: str | None
+    title: str | None
+    microsoft: MicrosoftDetails | None
+    headers: dict[str, str] | None
+    extra: Mapping[str, object] | None
 
 
 class ConnectorError(Exception):
@@ -70,7 +83,7 @@ class ConnectorError(Exception):
         title: str | None = None,
         microsoft: MicrosoftDetails | None = None,
         headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -83,7 +96,7 @@ class ConnectorError(Exception):
         self.hint = hint
         self.microsoft = microsoft
         self.headers: dict[str, str] = dict(headers or {})
-        self.extra: dict[str, Any] = dict(extra or {})
+        self.extra: dict[str, object] = dict(extra or {})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, status={self.status}, detail={self.detail!r})"
@@ -104,7 +117,7 @@ class ValidationError(ConnectorError):
     code = "invalid_request"
     title = "Invalid request"
 
-    def __init__(self, field_name: str, detail: str, **kw: Any) -> None:
+    def __init__(self, field_name: str, detail: str, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
         self.field = field_name
         self.extra.setdefault("field", field_name)
@@ -115,7 +128,7 @@ class AuthenticationError(ConnectorError):
     code = "unauthorized"
     title = "Unauthorized"
 
-    def __init__(self, detail: str, **kw: Any) -> None:
+    def __init__(self, detail: str, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
         self.headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
 
@@ -167,7 +180,7 @@ class ThrottledError(MicrosoftError):
     code = "throttled"
     title = "Microsoft is throttling this mailbox"
 
-    def __init__(self, detail: str, *, retry_after: int, **kw: Any) -> None:
+    def __init__(self, detail: str, *, retry_after: int, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
         self.retry_after = max(1, int(retry_after))
         self.headers["Retry-After"] = str(self.retry_after)
@@ -207,7 +220,7 @@ class UpstreamUnavailableError(ConnectorError):
     code = "upstream_unavailable"
     title = "Microsoft is unavailable"
 
-    def __init__(self, detail: str, **kw: Any) -> None:
+    def __init__(self, detail: str, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
         # Every 503 tells the caller when to come back (SPEC §3, §4): Microsoft's own Retry-After when
         # the raiser passed it on, else the default (found by the chaos run: 503s without it).
@@ -221,7 +234,7 @@ class StorageUnavailableError(ConnectorError):
     code = "storage_unavailable"
     title = "Storage is unavailable"
 
-    def __init__(self, detail: str, *, retry_after: int = 5, **kw: Any) -> None:
+    def __init__(self, detail: str, *, retry_after: int = 5, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
         self.retry_after = max(1, int(retry_after))
         self.headers["Retry-After"] = str(self.retry_after)
@@ -230,7 +243,7 @@ class StorageUnavailableError(ConnectorError):
 @dataclass
 class Problem:
     status: int
-    body: dict[str, Any]
+    body: dict[str, object]
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -238,7 +251,7 @@ def to_problem(exc: BaseException) -> Problem:
     """RFC 9457 problem details for any exception; unknown ones become an opaque 500."""
     if not isinstance(exc, ConnectorError):
         exc = ConnectorError("An unexpected error occurred. The correlation id identifies it in the logs.")
-    body: dict[str, Any] = {
+    body: dict[str, object] = {
         "type": PROBLEM_TYPE_BASE + exc.code,
         "title": exc.title,
         "status": exc.status,

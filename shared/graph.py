@@ -19,11 +19,12 @@ Every Graph call, upload-session chunk PUTs included, goes through :meth:`GraphC
 
 from __future__ import annotations
 
+import json as _json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import requests
 from requests.auth import AuthBase
@@ -31,6 +32,7 @@ from urllib3.exceptions import NewConnectionError
 
 from shared.backoff import retry_after_from
 from shared.errors import ConnectorError, MicrosoftError, ThrottledError, UpstreamUnavailableError
+from shared.keyed import PerKey
 from shared.ms_errors import from_graph_response
 
 if TYPE_CHECKING:
@@ -45,22 +47,6 @@ class TokenSource(Protocol):
     def get(self) -> str: ...
 
     def refresh(self, stale: str) -> str: ...
-
-
-class _Limiter:
-    """A bounded semaphore per mailbox, created on demand."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._sems: dict[str, threading.BoundedSemaphore] = {}
-
-    def get(self, key: str) -> threading.BoundedSemaphore:
-        with self._lock:
-            sem = self._sems.get(key)
-            if sem is None:
-                sem = self._sems[key] = threading.BoundedSemaphore(self._limit)
-            return sem
 
 
 class _Bearer(AuthBase):
@@ -85,6 +71,14 @@ class _NoAuthorization(AuthBase):
         return r
 
 
+class _SendKw(TypedDict, total=False):
+    """What one request sends besides its method, URL, headers and auth."""
+
+    params: Mapping[str, str] | None
+    data: bytes | memoryview | None
+    stream: bool
+
+
 class GraphClient:
     def __init__(self, base_url: str, session: requests.Session, *, max_concurrent: int = MAX_CONCURRENT_PER_MAILBOX,
                  retry_budget_s: float = 30.0, max_single_wait_s: float = 15.0,
@@ -96,7 +90,8 @@ class GraphClient:
         self.base_url = base_url.rstrip("/")
         self._telemetry = telemetry or OFF  # connector.graph.throttled (docs/operations.md)
         self.session = session
-        self._limiter = _Limiter(max_concurrent)
+        # A bounded semaphore per mailbox (never dropped: one in use may not be replaced by a fresh one).
+        self._limiter = PerKey(lambda: threading.BoundedSemaphore(max_concurrent), idle=lambda _: False)
         self._budget = retry_budget_s
         self._max_wait = max_single_wait_s
         self._timeout = timeout
@@ -112,24 +107,30 @@ class GraphClient:
         return self.base_url + "/" + path.lstrip("/")
 
     def request(self, method: str, path: str, *, mailbox: str, token: TokenSource, safe: bool | None = None,
-                json: Any = None, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
-                data: Any = None, stream: bool = False,
-                context: Mapping[str, Any] | None = None) -> requests.Response:
+                json: Mapping[str, object] | None = None, params: Mapping[str, str] | None = None,
+                headers: dict[str, str] | None = None, data: bytes | None = None, stream: bool = False,
+                context: Mapping[str, str] | None = None) -> requests.Response:
         """Send one Graph request for ``mailbox``; return the successful response or raise a typed error.
 
         ``safe`` (default: GET/HEAD) says whether an unknown outcome may be retried: a 503 is
         retried after ``Retry-After`` only for safe requests.
         """
         safe = method.upper() in ("GET", "HEAD") if safe is None else safe
+        if json is not None:  # UTF-8 is what Graph counts against its 4 MB; \uXXXX escapes would multiply it
+            data = _json.dumps(json, separators=(",", ":"), ensure_ascii=False).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
         return self._exchange(method, self.url(path), mailbox=mailbox, token=token, safe=safe, context=context,
                               headers=headers, timeout=self._timeout,
-                              send_kw={"json": json, "params": params, "data": data, "stream": stream})
+                              send_kw=_SendKw(params=params, data=data, stream=stream))
 
-    def get_json(self, path: str, **kw: Any) -> Any:
-        return self.request("GET", path, **kw).json()
+    def get_json(self, path: str, *, mailbox: str, token: TokenSource, params: Mapping[str, str] | None = None,
+                 context: Mapping[str, str] | None = None) -> dict[str, object]:
+        """GET a Graph resource as a JSON object."""
+        doc = self.request("GET", path, mailbox=mailbox, token=token, params=params, context=context).json()
+        return doc if isinstance(doc, dict) else {}
 
     def upload_range(self, upload_url: str, chunk: bytes | memoryview, *, start: int, total: int, mailbox: str,
-                     context: Mapping[str, Any] | None = None) -> requests.Response:
+                     context: Mapping[str, str] | None = None) -> requests.Response:
         """PUT ``chunk`` as bytes ``start`` to ``start+len-1`` of ``total`` to a createUploadSession URL.
 
         https://learn.microsoft.com/graph/outlook-large-attachments — the URL is pre-authenticated
@@ -145,7 +146,7 @@ class GraphClient:
                    "Content-Length": str(len(chunk)), "Content-Type": "application/octet-stream"}
         try:
             return self._exchange("PUT", upload_url, mailbox=mailbox, token=None, safe=True, context=context,
-                                  headers=headers, timeout=self._upload_timeout, send_kw={"data": chunk})
+                                  headers=headers, timeout=self._upload_timeout, send_kw=_SendKw(data=chunk))
         except MicrosoftError as e:
             if e.status != 404:
                 raise
@@ -155,8 +156,8 @@ class GraphClient:
                                  hint="Retry the send; nothing was sent.") from None
 
     def _exchange(self, method: str, url: str, *, mailbox: str, token: TokenSource | None, safe: bool,
-                  context: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
-                  timeout: tuple[float, float], send_kw: dict[str, Any]) -> requests.Response:
+                  context: Mapping[str, str] | None, headers: Mapping[str, str] | None,
+                  timeout: tuple[float, float], send_kw: _SendKw) -> requests.Response:
         """The retry loop shared by every call: one refresh on 401, Retry-After waits, typed errors."""
         started = self._clock()
         access = token.get() if token is not None else None
@@ -188,15 +189,17 @@ class GraphClient:
             self._sleep(wait)
 
     def _send_once(self, method: str, url: str, *, mailbox: str, auth: AuthBase, safe: bool,
-                   timeout: tuple[float, float], headers: dict[str, str], send_kw: dict[str, Any]) -> requests.Response:
+                   timeout: tuple[float, float], headers: dict[str, str], send_kw: _SendKw) -> requests.Response:
         with self._limiter.get(mailbox):
             try:
-                return self.session.request(method, url, headers=headers, auth=auth, timeout=timeout, **send_kw)
+                return self.session.request(method, url, headers=headers, auth=auth, timeout=timeout,
+                                            params=send_kw.get("params"),
+                                            data=send_kw.get("data"), stream=send_kw.get("stream", False))
             except (requests.ConnectionError, requests.Timeout) as e:
                 raise _unreachable(e, safe) from None
 
-    def _throttle_wait(self, resp: requests.Response, body: Any, *, safe: bool, started: float,
-                       context: Mapping[str, Any] | None) -> float | None:
+    def _throttle_wait(self, resp: requests.Response, body: object, *, safe: bool, started: float,
+                       context: Mapping[str, str] | None) -> float | None:
         """Seconds to wait before trying again, None when this is not a throttle; raises past the budget."""
         if not (resp.status_code == 429 or (resp.status_code == 503 and safe)):
             return None
@@ -209,7 +212,7 @@ class GraphClient:
         raise err  # 503 + Retry-After to our caller
 
 
-def _is_stale_token(resp: requests.Response, body: Any) -> bool:
+def _is_stale_token(resp: requests.Response, body: object) -> bool:
     """Graph's 401 for an access token it no longer accepts (https://learn.microsoft.com/graph/errors)."""
     if resp.status_code != 401:
         return False
@@ -217,7 +220,7 @@ def _is_stale_token(resp: requests.Response, body: Any) -> bool:
     return (err.get("code") if isinstance(err, dict) else None) in ("InvalidAuthenticationToken", None)
 
 
-def _failure(resp: requests.Response, body: Any, *, safe: bool, context: Mapping[str, Any] | None) -> ConnectorError:
+def _failure(resp: requests.Response, body: object, *, safe: bool, context: Mapping[str, str] | None) -> ConnectorError:
     err = from_graph_response(resp.status_code, body, resp.headers, context=context)
     if resp.status_code >= 500 and not safe:
         # A 5xx on a state-changing request: it may have been processed. Not retried.
@@ -250,7 +253,7 @@ def _connect_failed(e: Exception) -> bool:
     return isinstance(reason, NewConnectionError) or "NewConnectionError" in repr(e.args)
 
 
-def _json_or_none(resp: requests.Response) -> Any:
+def _json_or_none(resp: requests.Response) -> object:
     try:
         return resp.json()
     except ValueError:

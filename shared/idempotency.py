@@ -86,10 +86,11 @@ def _claim(table: Table, pk: str, rk: str, body_hash: str, sleep: Callable[[floa
         return expires is not None and expires <= utcnow()
 
     while True:
-        existing = table.claim(entity, take_over=expired)  # a failed first attempt removed its row: ours now
-        if isinstance(existing, str):
-            return existing
-        done = _replay(existing, body_hash)
+        claim = table.claim(entity, take_over=expired)  # a failed first attempt removed its row: ours now
+        if claim.etag is not None:
+            return claim.etag
+        assert claim.row is not None  # not held, so a row holds it
+        done = _replay(claim.row, body_hash)
         if done is not None:
             return done
         if time.monotonic() > deadline:

@@ -21,7 +21,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from shared.errors import PayloadTooLargeError, ValidationError
 
@@ -54,13 +54,15 @@ _NAMED_RE = re.compile(r'^\s*"?(?P<name>[^"<>]*?)"?\s*<(?P<addr>[^<>]+)>\s*$')
 _TRACKING_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(?:\s*;.*)?$")
 
+Json = dict[str, object]  # a JSON object: values are checked where they are used
+
 
 @dataclass(frozen=True)
 class Recipient:
     address: str
     name: str | None = None
 
-    def to_graph(self) -> dict[str, Any]:
+    def to_graph(self) -> Json:
         ea: dict[str, str] = {"address": self.address}
         if self.name:
             ea["name"] = self.name
@@ -147,7 +149,7 @@ def _no_control(field_name: str, value: str) -> None:
                               "(header injection).")
 
 
-def parse_recipient(value: Any, field_name: str) -> Recipient:
+def parse_recipient(value: object, field_name: str) -> Recipient:
     if isinstance(value, dict):
         address, name = value.get("address"), value.get("name")
         if not isinstance(address, str) or (name is not None and not isinstance(name, str)):
@@ -169,7 +171,7 @@ def parse_recipient(value: Any, field_name: str) -> Recipient:
     return Recipient(address, name)
 
 
-def _recipients(body: dict[str, Any], key: str, *, required: bool = False) -> list[Recipient]:
+def _recipients(body: Json, key: str, *, required: bool = False) -> list[Recipient]:
     raw = body.get(key)
     if raw is None:
         if required:
@@ -186,7 +188,7 @@ def _recipients(body: dict[str, Any], key: str, *, required: bool = False) -> li
     return [parse_recipient(v, f"{key}[{i}]") for i, v in enumerate(raw)]
 
 
-def _opt_str(body: dict[str, Any], key: str, max_len: int) -> str | None:
+def _opt_str(body: Json, key: str, max_len: int) -> str | None:
     v = body.get(key)
     if v is None:
         return None
@@ -201,7 +203,7 @@ KNOWN_FIELDS = {"to", "cc", "bcc", "replyTo", "subject", "bodyHtml", "bodyText",
                 "trackingId", "saveToSentItems"}
 
 
-def parse_send_request(body: Any, *, files: list[Attachment] | None = None, max_total: int) -> SendRequest:
+def parse_send_request(body: object, *, files: list[Attachment] | None = None, max_total: int) -> SendRequest:
     """Validate a send body (SPEC §4); raise ValidationError naming the field, 413 beyond caps."""
     if not isinstance(body, dict):
         raise ValidationError("body", "The request body must be a JSON object.")
@@ -227,7 +229,7 @@ def parse_send_request(body: Any, *, files: list[Attachment] | None = None, max_
         attachments=attachments, importance=importance, tracking_id=tracking, save_to_sent_items=save)
 
 
-def _tracking_id(body: dict[str, Any]) -> str:
+def _tracking_id(body: Json) -> str:
     tracking = body.get("trackingId")
     if tracking is None:
         return uuid.uuid4().hex
@@ -236,7 +238,7 @@ def _tracking_id(body: dict[str, Any]) -> str:
     return tracking
 
 
-def _checked_attachments(body: dict[str, Any], files: list[Attachment] | None, max_total: int) -> list[Attachment]:
+def _checked_attachments(body: Json, files: list[Attachment] | None, max_total: int) -> list[Attachment]:
     """JSON attachments plus multipart files: at most MAX_ATTACHMENTS, Graph's 150 MB a file, our total cap (413)."""
     attachments = list(_attachments(body.get("attachments")))
     attachments += files or []
@@ -255,7 +257,7 @@ def _checked_attachments(body: dict[str, Any], files: list[Attachment] | None, m
     return attachments
 
 
-def _check_recipient_total(body: dict[str, Any]) -> None:
+def _check_recipient_total(body: Json) -> None:
     """400 naming the field where To, Cc, Bcc and Reply-To together pass :data:`MAX_RECIPIENTS`."""
     total = 0
     for key in ("to", "cc", "bcc", "replyTo"):
@@ -266,7 +268,7 @@ def _check_recipient_total(body: dict[str, Any]) -> None:
                                   "(to, cc, bcc and replyTo).")
 
 
-def _attachments(raw: Any) -> Iterator[Attachment]:
+def _attachments(raw: object) -> Iterator[Attachment]:
     if raw is None:
         return
     if not isinstance(raw, list):
@@ -289,7 +291,7 @@ def _attachments(raw: Any) -> Iterator[Attachment]:
         yield make_attachment(name, ctype, data, f)
 
 
-def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | BinaryIO | None, f: str) -> Attachment:
+def make_attachment(name: object, ctype: object, data: bytes | memoryview | BinaryIO | None, f: str) -> Attachment:
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
         raise ValidationError(f"{f}.name", f"{f}.name must be a non-empty file name (≤ 255 characters).")
     _no_control(f"{f}.name", name)
@@ -299,13 +301,13 @@ def make_attachment(name: Any, ctype: Any, data: bytes | memoryview | BinaryIO |
     return Attachment(name, ctype, data if data is not None else b"")
 
 
-def message_payload(req: SendRequest, *, inline: list[Attachment]) -> dict[str, Any]:
+def message_payload(req: SendRequest, *, inline: list[Attachment]) -> Json:
     """The Graph ``message`` resource for this request (without large attachments)."""
     if req.body_html is not None:
         body = {"contentType": "HTML", "content": req.body_html}
     else:
         body = {"contentType": "Text", "content": req.body_text or ""}
-    msg: dict[str, Any] = {
+    msg: Json = {
         "subject": req.subject,
         "body": body,
         "toRecipients": [r.to_graph() for r in req.to],
@@ -323,7 +325,7 @@ def message_payload(req: SendRequest, *, inline: list[Attachment]) -> dict[str, 
     return msg
 
 
-def file_attachment(a: Attachment) -> dict[str, Any]:
+def file_attachment(a: Attachment) -> Json:
     """A ``fileAttachment`` resource with base64 content (https://learn.microsoft.com/graph/api/resources/fileattachment)."""
     return {"@odata.type": "#microsoft.graph.fileAttachment", "name": a.name, "contentType": a.content_type,
             "contentBytes": base64.b64encode(a.read_all()).decode("ascii")}
@@ -355,7 +357,7 @@ class AnswerRequest:
         return bool(self.to or self.cc or self.bcc)
 
 
-def parse_answer_request(kind: str, body: Any, *, files: list[Attachment] | None = None,
+def parse_answer_request(kind: str, body: object, *, files: list[Attachment] | None = None,
                          max_total: int) -> AnswerRequest:
     """Validate a reply/replyAll/forward body; raise ValidationError naming the field, 413 beyond caps."""
     if not isinstance(body, dict):
@@ -379,10 +381,10 @@ def parse_answer_request(kind: str, body: Any, *, files: list[Attachment] | None
         tracking_id=_tracking_id(body))
 
 
-def answer_message(req: AnswerRequest, *, inline: list[Attachment], recipients: bool) -> dict[str, Any]:
+def answer_message(req: AnswerRequest, *, inline: list[Attachment], recipients: bool) -> Json:
     """The ``message`` parameter of reply/replyAll/forward and createReply*: the answer's writable properties.
     ``recipients``: set to/cc/bcc here too (a forward, to which Graph adds no recipient of its own)."""
-    msg: dict[str, Any] = {"internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}]}
+    msg: Json = {"internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}]}
     if req.body_html is not None:
         msg["body"] = {"contentType": "HTML", "content": req.body_html}
     elif req.body_text is not None:
@@ -396,10 +398,10 @@ def answer_message(req: AnswerRequest, *, inline: list[Attachment], recipients: 
     return msg
 
 
-def answer_payload(req: AnswerRequest, *, inline: list[Attachment]) -> dict[str, Any]:
+def answer_payload(req: AnswerRequest, *, inline: list[Attachment]) -> Json:
     """The action's body, ``comment`` and ``message`` (https://learn.microsoft.com/graph/api/message-reply,
     message-replyall, message-forward, message-createreply)."""
-    payload: dict[str, Any] = {"message": answer_message(req, inline=inline, recipients=req.kind == "forward")}
+    payload: Json = {"message": answer_message(req, inline=inline, recipients=req.kind == "forward")}
     if req.comment is not None:
         payload["comment"] = req.comment
     return payload
@@ -413,7 +415,7 @@ def plan_answer(req: AnswerRequest) -> AttachmentPlan:
         attachments=req.attachments, importance="normal", tracking_id=req.tracking_id, save_to_sent_items=True))
 
 
-def answer_fingerprint(kind: str, message_id: str, body: dict[str, Any], attachments: list[Attachment]) -> str:
+def answer_fingerprint(kind: str, message_id: str, body: Json, attachments: list[Attachment]) -> str:
     """:func:`request_fingerprint` of an answer, bound to its action and message: the same Idempotency-Key
     on another message or action is a different request (409)."""
     return request_fingerprint({**body, "@action": kind, "@messageId": message_id}, attachments)
@@ -461,7 +463,7 @@ def plan_attachments(req: SendRequest) -> AttachmentPlan:
     return plan
 
 
-def request_fingerprint(body: dict[str, Any], attachments: list[Attachment]) -> str:
+def request_fingerprint(body: Json, attachments: list[Attachment]) -> str:
     """SHA-256 of what a send means, for ``Idempotency-Key`` (not of its bytes on the wire).
 
     A multipart request carries a random boundary that a client regenerates on every retry, and
@@ -476,7 +478,7 @@ def request_fingerprint(body: dict[str, Any], attachments: list[Attachment]) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: object) -> bytes:
     # ensure_ascii=False: UTF-8 is what Graph counts against its 4 MB, and \uXXXX escapes would
     # multiply the size of non-Latin text by up to six.
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,4 +1,4 @@
-"""Working with mail beyond sending (SPEC §3, §4a): answer in a thread, organise, find, download.
+"""Working with mail as an account (SPEC §3, §4, §4a): send, answer in a thread, organise, find, read, download.
 
 :class:`MailOps` takes its parts keyword-only (the Graph client, the token manager, the account store,
 the idempotency table, the cursor key ring) and never reaches back into the Connector. Every call goes
@@ -20,12 +20,20 @@ to Graph as the account through :class:`~shared.graph.GraphClient` (limiter, Ret
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from shared import messages as m
-from shared.errors import MicrosoftError, PayloadTooLargeError, UpstreamUnavailableError, ValidationError
+from shared.errors import (
+    ConnectorError,
+    MicrosoftError,
+    PayloadTooLargeError,
+    UpstreamUnavailableError,
+    ValidationError,
+)
 from shared.idempotency import run_once
 from shared.tokens import AccountTokenSource
 
@@ -35,8 +43,9 @@ if TYPE_CHECKING:
     from shared.accounts import AccountStore
     from shared.crypto import RingSource
     from shared.graph import GraphClient
-    from shared.mail import AnswerRequest
+    from shared.mail import AnswerRequest, SendRequest
     from shared.storage import Table
+    from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
 
 Json = dict[str, object]
@@ -69,14 +78,20 @@ class _As:
 
 
 class MailOps:
+    """Everything done as an account: send, answer, organise, find, read, download. One path: the account
+    (404 for another owner) → its token source → Graph → active use noted, under ``Idempotency-Key`` for
+    whatever sends mail."""
+
     def __init__(self, *, graph: GraphClient, tokens: TokenManager, accounts: AccountStore, idempotency: Table,
-                 key_ring: RingSource, context: Mapping[str, str], download_max: int = DOWNLOAD_MAX) -> None:
+                 key_ring: RingSource, context: Mapping[str, str], telemetry: Telemetry,
+                 download_max: int = DOWNLOAD_MAX) -> None:
         self._graph = graph
         self._tokens = tokens
         self._accounts = accounts
         self._idempotency = idempotency
         self._key_ring = key_ring
         self._context = dict(context)
+        self._telemetry = telemetry
         self._download_max = download_max
 
     def _as(self, owner: str, account_id: str) -> _As:
@@ -88,6 +103,53 @@ class MailOps:
               stream: bool = False) -> requests.Response:
         return self._graph.request(method, path, mailbox=who.mailbox, token=who.token, safe=safe, params=params,
                                    json=payload, stream=stream, context=self._context)
+
+    # -- send -----------------------------------------------------------------------------------
+    def send(self, owner: str, account_id: str, request: SendRequest, *, idempotency_key: str | None,
+             body_hash: str) -> dict[str, str | None]:
+        """Send as the mailbox (SPEC §4): sendMail, or a draft with upload sessions for large attachments."""
+        from shared.send import send
+
+        who = self._as(owner, account_id)
+
+        def action() -> dict[str, str | None]:
+            with self._measured_send(request.attachment_bytes):
+                result = send(self._graph, who.token, who.mailbox, request, context=self._context)
+            who.used()
+            return result
+
+        return run_once(self._idempotency, owner, account_id, idempotency_key, body_hash, action)
+
+    @contextmanager
+    def _measured_send(self, nbytes: int) -> Iterator[None]:
+        """``connector.send``: outcome (``sent`` or our error code), size class and duration of one send."""
+        started = time.perf_counter()
+        outcome = "sent"
+        try:
+            yield
+        except Exception as e:
+            outcome = e.code if isinstance(e, ConnectorError) else "internal_error"
+            raise
+        finally:
+            self._telemetry.send(outcome, nbytes=nbytes, seconds=time.perf_counter() - started)
+
+    # -- read -----------------------------------------------------------------------------------
+    def get_message(self, owner: str, account_id: str, message_id: str | None) -> Json:
+        """One message with its body and attachment metadata."""
+        mid = m.check_id(message_id, "messageId")
+        who = self._as(owner, account_id)
+        msg = self._call(who, "GET", f"me/messages/{mid}", params={"$select": ",".join(m.DETAIL_FIELDS)})
+        atts = self._call(who, "GET", f"me/messages/{mid}/attachments",
+                          params={"$select": "id,name,contentType,size,isInline"})
+        who.used()
+        out: Json = m.map_detail(msg.json(), atts.json().get("value", []))
+        return out
+
+    def list_folders(self, owner: str, account_id: str) -> Json:
+        who = self._as(owner, account_id)
+        resp = self._call(who, "GET", "me/mailFolders", params={"$top": "100"})
+        who.used()
+        return {"folders": [m.map_folder(f) for f in resp.json().get("value", [])]}
 
     # -- reply, reply-all, forward --------------------------------------------------------------
     def answer(self, owner: str, account_id: str, message_id: str, req: AnswerRequest, *,

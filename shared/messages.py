@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote
 
 from shared.crypto import KeyRing, account_aad
@@ -24,6 +23,8 @@ LIST_FIELDS = ("id", "subject", "from", "toRecipients", "receivedDateTime", "isR
 DETAIL_FIELDS = LIST_FIELDS + ("ccRecipients", "bccRecipients", "replyTo", "sentDateTime", "body", "importance",
                                "internetMessageId")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-+=]{1,512}$")
+
+Json = dict[str, object]  # a JSON object: values are checked where they are used
 
 
 def check_id(value: str | None, field: str) -> str:
@@ -72,18 +73,28 @@ def open_cursor(ring: KeyRing, owner: str, account_id: str, cursor: str) -> str:
         raise ValidationError("cursor", "cursor is invalid, expired or belongs to another account.") from None
 
 
-def _address(r: Any) -> dict[str, Any] | None:
+def _address(r: object) -> Json | None:
     if not isinstance(r, dict):
         return None
     ea = r.get("emailAddress") or {}
     return {"address": ea.get("address"), "name": ea.get("name")}
 
 
-def _addresses(v: Any) -> list[dict[str, Any]]:
-    return [a for a in (_address(r) for r in (v or [])) if a]
+def _addresses(v: object) -> list[Json]:
+    return [a for a in (_address(r) for r in items(v)) if a]
 
 
-def map_summary(m: dict[str, Any]) -> dict[str, Any]:
+def fields(v: object) -> Json:
+    """``v`` when it is a JSON object, else an empty one (Graph omits, or nulls, what is not set)."""
+    return v if isinstance(v, dict) else {}
+
+
+def items(v: object) -> list[object]:
+    """``v`` when it is a JSON array, else an empty one."""
+    return v if isinstance(v, list) else []
+
+
+def map_summary(m: Json) -> Json:
     return {
         "id": m.get("id"), "subject": m.get("subject"), "from": _address(m.get("from")),
         "toRecipients": _addresses(m.get("toRecipients")), "receivedDateTime": m.get("receivedDateTime"),
@@ -92,8 +103,8 @@ def map_summary(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def map_detail(m: dict[str, Any], attachments: list[dict[str, Any]]) -> dict[str, Any]:
-    body = m.get("body") or {}
+def map_detail(m: Json, attachments: list[Json]) -> Json:
+    body = fields(m.get("body"))
     out = map_summary(m)
     out.update({
         "ccRecipients": _addresses(m.get("ccRecipients")), "bccRecipients": _addresses(m.get("bccRecipients")),
@@ -110,7 +121,7 @@ def map_detail(m: dict[str, Any], attachments: list[dict[str, Any]]) -> dict[str
     return out
 
 
-def map_folder(f: dict[str, Any]) -> dict[str, Any]:
+def map_folder(f: Json) -> Json:
     return {k: f.get(k) for k in ("id", "displayName", "parentFolderId", "totalItemCount", "unreadItemCount",
                                   "childFolderCount")}
 
@@ -213,7 +224,7 @@ FLAG_STATUSES = ("notFlagged", "flagged", "complete")
 _CATEGORY_MAX = 50
 
 
-def parse_update(body: Any) -> dict[str, Any]:
+def parse_update(body: object) -> Json:
     """The Graph PATCH body for ``isRead``, ``flag``, ``categories`` (https://learn.microsoft.com/graph/api/message-update)."""
     if not isinstance(body, dict):
         raise ValidationError("body", "The request body must be a JSON object.")
@@ -222,7 +233,7 @@ def parse_update(body: Any) -> dict[str, Any]:
         raise ValidationError(unknown[0], f"Unknown field {unknown[0]!r}; give isRead, flag or categories.")
     if not body:
         raise ValidationError("body", "Give at least one of isRead, flag, categories.")
-    out: dict[str, Any] = {}
+    out: Json = {}
     if "isRead" in body:
         if not isinstance(body["isRead"], bool):
             raise ValidationError("isRead", "isRead must be true or false.")
@@ -236,7 +247,7 @@ def parse_update(body: Any) -> dict[str, Any]:
     return out
 
 
-def _categories(raw: Any) -> list[str]:
+def _categories(raw: object) -> list[str]:
     if not isinstance(raw, list) or len(raw) > _CATEGORY_MAX:
         raise ValidationError("categories", f"categories must be a list of at most {_CATEGORY_MAX} names.")
     for i, c in enumerate(raw):
@@ -245,16 +256,16 @@ def _categories(raw: Any) -> list[str]:
     return list(dict.fromkeys(raw))
 
 
-def map_organised(m: dict[str, Any]) -> dict[str, Any]:
+def map_organised(m: Json) -> Json:
     """A summary plus what organising changes."""
     out = map_summary(m)
-    flag = m.get("flag") or {}
-    out.update({"flag": flag.get("flagStatus", "notFlagged"), "categories": list(m.get("categories") or []),
+    flag = fields(m.get("flag"))
+    out.update({"flag": flag.get("flagStatus", "notFlagged"), "categories": items(m.get("categories")),
                 "parentFolderId": m.get("parentFolderId")})
     return out
 
 
-def move_destination(folder: Any) -> str:
+def move_destination(folder: object) -> str:
     """``folder`` of a move: a well-known name (lower-cased) or a folder id."""
     if not isinstance(folder, str) or not folder.strip():
         raise ValidationError("folder", "folder must be a well-known folder name (inbox, archive, …) or a folder id.")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from shared.backoff import retry_after_from
 from shared.errors import (
@@ -200,13 +199,13 @@ def _error_codes(raw: object) -> list[int]:
     return codes
 
 
-def _fmt(hint: str, ctx: Mapping[str, Any]) -> str:
+def _fmt(hint: str, ctx: Mapping[str, str]) -> str:
     for k, v in ctx.items():
         hint = hint.replace("{" + k + "}", str(v))
     return hint
 
 
-def from_token_error(body: Mapping[str, Any], *, context: Mapping[str, Any] | None = None) -> ConnectorError:
+def from_token_error(body: Mapping[str, object], *, context: Mapping[str, str] | None = None) -> ConnectorError:
     """A typed error from an Entra token / authorize error (MSAL result dict or redirect params).
 
     On the callback these values come from the browser, not from Microsoft: each is reduced to the
@@ -276,7 +275,7 @@ def callback_message(code: str) -> str:
     return _CALLBACK_MESSAGES.get(code, _CALLBACK_DEFAULT)
 
 
-def from_authorize_error(params: Mapping[str, str], *, context: Mapping[str, Any] | None = None) -> ConnectorError:
+def from_authorize_error(params: Mapping[str, str], *, context: Mapping[str, str] | None = None) -> ConnectorError:
     """A typed error from an authorization redirect's ``error`` (the connect callback), with a fixed message.
 
     Everything in the redirect came through the browser, so anyone can have written it: its
@@ -305,8 +304,8 @@ def is_invalid_client(err: ConnectorError) -> bool:
                                                or err.code in CLIENT_CREDENTIAL_REJECTED)
 
 
-def from_graph_response(status: int, body: Any, headers: Mapping[str, str], *,
-                        context: Mapping[str, Any] | None = None) -> ConnectorError:
+def from_graph_response(status: int, body: object, headers: Mapping[str, str], *,
+                        context: Mapping[str, str] | None = None) -> ConnectorError:
     ctx = dict(context or {})
     err = body.get("error") if isinstance(body, dict) else None
     gcode = str(err.get("code")) if isinstance(err, dict) and err.get("code") else f"HTTP{status}"

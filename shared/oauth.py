@@ -27,33 +27,33 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlencode, urlsplit
 
 from shared.accounts import parse_iso, utcnow
 from shared.config import Settings
 from shared.crypto import account_aad
 from shared.errors import (
-    ConflictError,
     ConnectorError,
-    NotFoundError,
     OAuthError,
-    OperatorError,
     UpstreamUnavailableError,
     ValidationError,
 )
 from shared.ms_errors import CLIENT_CREDENTIAL_REJECTED, from_authorize_error, from_token_error, is_invalid_client
-from shared.storage import etag_of
 
 if TYPE_CHECKING:
     import requests
+    from msal import ConfidentialClientApplication
 
+    from shared.app_credential import AppCredential
     from shared.client_credentials import ClientCredential
-    from shared.secret_store import SecretStore
     from shared.storage import Row, Table
 
 log = logging.getLogger("connector.oauth")
+#: One MSAL token call on the app: its answer, a dict with ``access_token`` … or ``error`` ….
+TokenCall = Callable[["ConfidentialClientApplication"], Mapping[str, object]]
 
 # Entra's sign-in and consent pages, MFA included, take a user a minute or two; an authorization
 # code itself lives at most 10 minutes.
@@ -75,10 +75,10 @@ class _NoTokenCache:
 
         self._real = msal.TokenCache()
 
-    def add(self, event: Any, **kwargs: Any) -> None:
+    def add(self, event: object, **kwargs: object) -> None:
         return None
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
 
@@ -88,7 +88,7 @@ class TokenResult:
     refresh_token: str | None
     expires_at: dt.datetime
     scopes: tuple[str, ...]
-    id_token_claims: dict[str, Any]
+    id_token_claims: dict[str, object]
 
     def __repr__(self) -> str:
         return f"TokenResult(expires_at={self.expires_at!r}, scopes={self.scopes!r})"
@@ -99,7 +99,7 @@ class PendingConnect:
     owner: str
     return_url: str | None
     account_id: str | None
-    flow: dict[str, Any]
+    flow: dict[str, object]
     login_hint: str | None = None
     require_login_hint: bool = False
 
@@ -108,23 +108,23 @@ class PendingConnect:
 
 
 class OAuthClient:
-    def __init__(self, settings: Settings, *, secrets_store: SecretStore, session: requests.Session,
+    def __init__(self, settings: Settings, *, credentials: AppCredential, session: requests.Session,
                  states_table: Table) -> None:
         self._s = settings
-        self._secrets = secrets_store
+        self._credentials = credentials
         self._session = session
         self._states = states_table
         self._lock = threading.Lock()
-        self._app: Any = None
+        self._app: ConfidentialClientApplication | None = None
         self._app_version: str | None = None  # of the client credential the MSAL app was built with
         # Set when Entra rejects our client credentials; cleared by the next successful token call.
         self.operator_alert: ConnectorError | None = None
 
     # -- MSAL app -----------------------------------------------------------------------------
-    def _msal_app(self) -> Any:
-        return self._msal_app_for(self._secrets.client_credential())
+    def _msal_app(self) -> ConfidentialClientApplication:
+        return self._msal_app_for(self._credentials.current())
 
-    def _msal_app_for(self, credential: ClientCredential) -> Any:
+    def _msal_app_for(self, credential: ClientCredential) -> ConfidentialClientApplication:
         # MS_CLIENT_CREDENTIAL: the secret, {"private_key", "public_certificate"} (MSAL signs the assertion)
         # or {"client_assertion": <managed identity token callable>}; rebuilt when it is rotated (or, for a
         # certificate, when the previous version is presented while Entra does not know the newest).
@@ -188,8 +188,8 @@ class OAuthClient:
 
     def start_connect(self, owner: str, *, return_url: str | None, login_hint: str | None = None,
                       domain_hint: str | None = None, prompt: str | None = None,
-                      account_id: str | None = None, require_login_hint: bool = False, seal: Any,
-                      mac_key: bytes) -> dict[str, Any]:
+                      account_id: str | None = None, require_login_hint: bool = False,
+                      seal: Callable[[bytes, bytes], str], mac_key: bytes) -> dict[str, str]:
         _check_connect_input(prompt, login_hint, domain_hint, require_login_hint)
         return_url = self.check_return_url(return_url)
         partition = state_partition(mac_key, owner)
@@ -226,7 +226,8 @@ class OAuthClient:
         for e in rows[: max(0, len(rows) - MAX_PENDING_STATES_PER_OWNER)]:
             self._states.delete_if_present(partition, str(e["RowKey"]))
 
-    def consume_state(self, state: str | None, *, open_sealed: Any) -> PendingConnect:
+    def consume_state(self, state: str | None, *,
+                      open_sealed: Callable[[str, bytes], bytes]) -> PendingConnect:
         """Return the pending flow for ``state`` and delete it, exactly once; else 400."""
         e, rk = self._take_state(state)
         expires = parse_iso(e.get("expiresAt"))
@@ -256,16 +257,14 @@ class OAuthClient:
         if len(part) != 40 or any(c not in "0123456789abcdef" for c in part):
             raise invalid
         pk, rk = _PARTITION_PREFIX + part, _state_key(state)
-        try:
-            e = self._states.get(pk, rk)
-            if e.get("consumed"):
-                raise invalid
-            # Claim the state with an ETag-conditional write: of two concurrent callbacks with one
-            # state, exactly one succeeds (the other gets 412). The delete that follows is only
-            # clean-up: a row left behind by a crash is marked consumed and purged by the timer.
-            self._states.merge({"PartitionKey": pk, "RowKey": rk, "consumed": True}, etag=etag_of(e))
-        except (NotFoundError, ConflictError):
-            raise invalid from None
+        # Of two concurrent callbacks with one state exactly one claims it (an ETag-conditional merge of
+        # "consumed"); the delete that follows is clean-up: a row a crash leaves behind is marked consumed
+        # and purged by the clean-up timer.
+        claim = self._states.claim({"PartitionKey": pk, "RowKey": rk, "consumed": True}, create=False, merge=True,
+                                   take_over=lambda row: not row.get("consumed"))
+        if claim.etag is None or claim.row is None:
+            raise invalid
+        e = claim.row
         self._states.delete_if_present(pk, rk)
         return e, rk
 
@@ -282,12 +281,12 @@ class OAuthClient:
         wanted = [s for s in (scopes or tuple(self.resource_scopes)) if s.lower() not in _RESERVED_SCOPES]
         return self._call_token_endpoint(lambda app: app.acquire_token_by_refresh_token(refresh_token, wanted))
 
-    def _call_token_endpoint(self, call: Any) -> TokenResult:
-        credential = self._secrets.client_credential()
+    def _call_token_endpoint(self, call: TokenCall) -> TokenResult:
+        credential = self._credentials.current()
         for attempt in range(1, MAX_CREDENTIAL_ATTEMPTS + 1):
             raw = _invoke_token_call(call, self._msal_app_for(credential))
             if "error" not in raw:
-                self._secrets.accept_client_credential(credential)
+                self._credentials.accept(credential)
                 self.operator_alert = None
                 return _token_result(raw)
             err = from_token_error(raw, context=self._error_context())
@@ -296,7 +295,7 @@ class OAuthClient:
             # The secret or certificate may have been rotated in Key Vault (or the newest certificate is not on
             # the app registration yet), or the managed identity's assertion gone stale: the store re-reads it
             # (throttled) and names the credential to present instead, if any.
-            retry = (self._secrets.reject_client_credential(credential, err.code)
+            retry = (self._credentials.reject(credential, err.code)
                      if attempt < MAX_CREDENTIAL_ATTEMPTS and err.code in CLIENT_CREDENTIAL_REJECTED else None)
             if retry is not None:
                 credential = retry
@@ -305,10 +304,10 @@ class OAuthClient:
             log.error("Entra rejected the app's client credentials: %s (%s)", err.code,
                       err.microsoft.codes if err.microsoft else "")
             raise err
-        raise OperatorError("unreachable")  # pragma: no cover
+        raise AssertionError("the loop returns or raises on its last attempt")  # pragma: no cover
 
 
-def _invoke_token_call(call: Any, app: Any) -> dict[str, Any]:
+def _invoke_token_call(call: TokenCall, app: ConfidentialClientApplication) -> dict[str, object]:
     """Run one MSAL token call; MSAL's exceptions become connector errors (the answer's ``error`` is not looked at)."""
     from msal.oauth2cli.oidc import IdTokenError
 
@@ -357,12 +356,15 @@ def _state_key(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def _token_result(raw: dict[str, Any]) -> TokenResult:
-    expires_in = int(raw.get("expires_in") or 3600)
+def _token_result(raw: dict[str, object]) -> TokenResult:
+    """MSAL's success dict (RFC 6749 §5.1; ``expires_in`` a number or a numeric string)."""
+    expires_in = raw.get("expires_in")
+    seconds = int(expires_in) if isinstance(expires_in, (int, str)) and str(expires_in).isdigit() else 3600
+    refresh, claims = raw.get("refresh_token"), raw.get("id_token_claims")
     return TokenResult(
-        access_token=raw["access_token"],
-        refresh_token=raw.get("refresh_token"),
-        expires_at=utcnow() + dt.timedelta(seconds=expires_in),
+        access_token=str(raw["access_token"]),
+        refresh_token=refresh if isinstance(refresh, str) else None,
+        expires_at=utcnow() + dt.timedelta(seconds=seconds),
         scopes=tuple(str(raw.get("scope") or "").split()),
-        id_token_claims=dict(raw.get("id_token_claims") or {}),
+        id_token_claims=dict(claims) if isinstance(claims, dict) else {},
     )

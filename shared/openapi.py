@@ -6,24 +6,26 @@ described here, and real responses from the running host must validate against t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
 
 PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+Json = dict[str, object]
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json(schema: dict[str, Any], description: str, example: Any = None) -> dict[str, Any]:
-    media: dict[str, Any] = {"schema": schema}
+def _json(schema: Mapping[str, object], description: str, example: object = None) -> Json:
+    media: Json = {"schema": schema}
     if example is not None:
         media["example"] = example
     return {"description": description, "content": {"application/json": media}}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+def _errors(*codes: int) -> Json:
     return {str(c): PROBLEM for c in codes}
 
 
@@ -44,7 +46,7 @@ ACCOUNT_EXAMPLE = {
     "notifications": {"status": "active", "expiresAt": "2026-11-29T09:50:00Z", "lastEventAt": "2026-11-22T10:05:00Z"},
 }
 
-SCHEMAS: dict[str, Any] = {
+SCHEMAS: Json = {
     "Problem": {
         "type": "object", "description": "RFC 9457 problem details.",
         "required": ["type", "title", "status", "detail", "code"],
@@ -203,9 +205,9 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _op(op_id: str, summary: str, responses: dict[str, Any], *, params: list[Any] | None = None,
-        secured: bool = True, body: dict[str, Any] | None = None, tags: tuple[str, ...] = ()) -> dict[str, Any]:
-    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses, "tags": list(tags)}
+def _op(op_id: str, summary: str, responses: Json, *, params: list[Json] | None = None,
+        secured: bool = True, body: Json | None = None, tags: tuple[str, ...] = ()) -> Json:
+    op: Json = {"operationId": op_id, "summary": summary, "responses": responses, "tags": list(tags)}
     if params:
         op["parameters"] = params
         if any(p.get("in") == "query" for p in params):
@@ -220,16 +222,16 @@ def _op(op_id: str, summary: str, responses: dict[str, Any], *, params: list[Any
     return op
 
 
-def _q(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+def _q(name: str, schema: Mapping[str, object], description: str, required: bool = False) -> Json:
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-_CALLBACK_FIELDS: dict[str, Any] = {
+_CALLBACK_FIELDS: dict[str, dict[str, str]] = {
     "state": {"type": "string"}, "code": {"type": "string"}, "error": {"type": "string"},
     "error_description": {"type": "string"}}
 
 
-def _callback_responses() -> dict[str, Any]:
+def _callback_responses() -> Json:
     return {
         "302": {"description": "Redirect to returnUrl with status=connected&accountId=…&result=… (result: a signed "
                                "token to verify against the session that started the connect, see "
@@ -241,7 +243,7 @@ def _callback_responses() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1)
-def _connect_paths() -> dict[str, Any]:
+def _connect_paths() -> Json:
     return {
         "/api/health": {"get": _op("health", "Storage and client secret reachable?", {
             "200": _json(_ref("Health"), "Healthy."), "503": _json(_ref("Health"), "A check failed.")},
@@ -279,7 +281,7 @@ def _connect_paths() -> dict[str, Any]:
     }
 
 
-def _account_paths() -> dict[str, Any]:
+def _account_paths() -> Json:
     acc = [ACCOUNT_ID]
     return {
         "/api/accounts": {"get": _op("list_accounts", "The caller's accounts.", {
@@ -299,7 +301,7 @@ def _account_paths() -> dict[str, Any]:
     }
 
 
-def _mail_paths() -> dict[str, Any]:
+def _mail_paths() -> Json:
     acc = [ACCOUNT_ID]
     return {
         "/api/accounts/{accountId}/send": {"post": _op("send_mail", "Send mail as the mailbox.", {
@@ -314,6 +316,47 @@ def _mail_paths() -> dict[str, Any]:
                     "type": "object", "required": ["message"],
                     "properties": {"message": {"type": "string", "description": "SendRequest as JSON"},
                                    "file": {"type": "string", "format": "binary"}}}}}},
+            tags=("mail",))},
+        **_read_paths(),
+        "/api/accounts/{accountId}/messages/{messageId}": {
+            "get": _op("get_message", "One message with body and attachment metadata.", {
+                "200": _json(_ref("MessageDetail"), "The message."), **_errors(400, 403, 404, 409, 502, 503)},
+                params=acc + [MESSAGE_ID], tags=("mail",)),
+            "patch": _op("update_message", "Mark read or unread, flag, categorise.", {
+                "200": _json(_ref("OrganisedMessage"), "The updated message."),
+                **_errors(400, 403, 404, 409, 502, 503)},
+                params=acc + [MESSAGE_ID], body={"required": True, "content": {
+                    "application/json": {"schema": _ref("MessageUpdate")}}}, tags=("mail",)),
+            "delete": _op("delete_message", "Delete as Outlook does: the message moves to Deleted Items.", {
+                "204": {"description": "Moved to Deleted Items (its id changes)."},
+                **_errors(400, 403, 404, 409, 502, 503)}, params=acc + [MESSAGE_ID], tags=("mail",)),
+        },
+        **_answer_paths(),
+        "/api/accounts/{accountId}/messages/{messageId}/move": {"post": _op(
+            "move_message", "Move to another folder; Graph gives the moved message a new id, answered here.", {
+                "200": _json(_ref("OrganisedMessage"), "The message in its new folder, with its new id."),
+                **_errors(400, 403, 404, 409, 502, 503)},
+            params=acc + [MESSAGE_ID], body={"required": True, "content": {
+                "application/json": {"schema": _ref("MoveRequest")}}}, tags=("mail",))},
+    }
+
+
+def _read_paths() -> Json:
+    acc = [ACCOUNT_ID]
+    return {
+        "/api/accounts/{accountId}/messages/{messageId}/attachments/{attachmentId}": {"get": _op(
+            "get_attachment", "The raw bytes of one attachment, whole (up to 25 MiB) or one byte range.", {
+                "200": {"description": "The attachment, with its content type.",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "206": {"description": "One range (at most 25 MiB; Content-Range says which bytes and the total).",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                **_errors(400, 403, 404, 409, 413, 416, 502, 503)},
+            params=acc + [MESSAGE_ID, ATTACHMENT_ID, {
+                "name": "Range", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 64},
+                "description": "bytes=first-last, bytes=first- or bytes=-n. Needed for attachments over 25 MiB "
+                               "(the whole is answered 413 attachment_too_large)."}], tags=("mail",))},
+        "/api/accounts/{accountId}/folders": {"get": _op("list_folders", "Mail folders.", {
+            "200": _json(_ref("FolderList"), "Folders."), **_errors(403, 404, 409, 502, 503)}, params=acc,
             tags=("mail",))},
         "/api/accounts/{accountId}/messages": {"get": _op(
             "list_messages", "A page of messages: newest first, a thread oldest first, or full-text search results.", {
@@ -341,47 +384,13 @@ def _mail_paths() -> dict[str, Any]:
                           _q("top", {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}, "Page size."),
                           _q("cursor", {"type": "string", "maxLength": 8192}, "nextCursor of the previous page.")],
             tags=("mail",))},
-        "/api/accounts/{accountId}/messages/{messageId}": {
-            "get": _op("get_message", "One message with body and attachment metadata.", {
-                "200": _json(_ref("MessageDetail"), "The message."), **_errors(400, 403, 404, 409, 502, 503)},
-                params=acc + [MESSAGE_ID], tags=("mail",)),
-            "patch": _op("update_message", "Mark read or unread, flag, categorise.", {
-                "200": _json(_ref("OrganisedMessage"), "The updated message."),
-                **_errors(400, 403, 404, 409, 502, 503)},
-                params=acc + [MESSAGE_ID], body={"required": True, "content": {
-                    "application/json": {"schema": _ref("MessageUpdate")}}}, tags=("mail",)),
-            "delete": _op("delete_message", "Delete as Outlook does: the message moves to Deleted Items.", {
-                "204": {"description": "Moved to Deleted Items (its id changes)."},
-                **_errors(400, 403, 404, 409, 502, 503)}, params=acc + [MESSAGE_ID], tags=("mail",)),
-        },
-        **_answer_paths(),
-        "/api/accounts/{accountId}/messages/{messageId}/move": {"post": _op(
-            "move_message", "Move to another folder; Graph gives the moved message a new id, answered here.", {
-                "200": _json(_ref("OrganisedMessage"), "The message in its new folder, with its new id."),
-                **_errors(400, 403, 404, 409, 502, 503)},
-            params=acc + [MESSAGE_ID], body={"required": True, "content": {
-                "application/json": {"schema": _ref("MoveRequest")}}}, tags=("mail",))},
-        "/api/accounts/{accountId}/messages/{messageId}/attachments/{attachmentId}": {"get": _op(
-            "get_attachment", "The raw bytes of one attachment, whole (up to 25 MiB) or one byte range.", {
-                "200": {"description": "The attachment, with its content type.",
-                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                "206": {"description": "One range (at most 25 MiB; Content-Range says which bytes and the total).",
-                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                **_errors(400, 403, 404, 409, 413, 416, 502, 503)},
-            params=acc + [MESSAGE_ID, ATTACHMENT_ID, {
-                "name": "Range", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 64},
-                "description": "bytes=first-last, bytes=first- or bytes=-n. Needed for attachments over 25 MiB "
-                               "(the whole is answered 413 attachment_too_large)."}], tags=("mail",))},
-        "/api/accounts/{accountId}/folders": {"get": _op("list_folders", "Mail folders.", {
-            "200": _json(_ref("FolderList"), "Folders."), **_errors(403, 404, 409, 502, 503)}, params=acc,
-            tags=("mail",))},
     }
 
 
-def _answer_paths() -> dict[str, Any]:
+def _answer_paths() -> Json:
     idem = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
             "description": "Same key + same body within 24 h returns the first result and sends nothing."}
-    out: dict[str, Any] = {}
+    out: Json = {}
     for kind, op_id, summary in (("reply", "reply_message", "Reply to the sender, in the same conversation."),
                                  ("replyAll", "reply_all_message", "Reply to all, in the same conversation."),
                                  ("forward", "forward_message", "Forward (with its attachments) to `to`.")):
@@ -398,7 +407,7 @@ def _answer_paths() -> dict[str, Any]:
     return out
 
 
-def _notification_op(op_id: str, summary: str) -> dict[str, Any]:
+def _notification_op(op_id: str, summary: str) -> Json:
     """Graph's side of the contract (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks)."""
     body = {"required": False, "content": {"application/json": {"schema": {
         "type": "object", "required": ["value"], "description": "Graph's changeNotificationCollection.",
@@ -417,7 +426,7 @@ def _notification_op(op_id: str, summary: str) -> dict[str, Any]:
         **_errors(400, 413, 503)}, params=[token], body=body, secured=False, tags=("notifications",))
 
 
-def _notification_paths() -> dict[str, Any]:
+def _notification_paths() -> Json:
     return {
         "/api/notifications/microsoft": {"post": _notification_op(
             "graph_notifications", "Microsoft Graph change notifications (anonymous; Graph calls it).")},
@@ -426,7 +435,7 @@ def _notification_paths() -> dict[str, Any]:
     }
 
 
-def document() -> dict[str, Any]:
+def document() -> Json:
     paths = {**_connect_paths(), **_account_paths(), **_mail_paths(), **_notification_paths()}
     return {
         "openapi": "3.1.0",

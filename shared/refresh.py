@@ -1,6 +1,6 @@
 """Proactive refresh (SPEC §6): a due-time index, a timer that fans out, a queue worker.
 
-* **Index**: :class:`shared.refresh_index.RefreshIndex`. A timer run reads only the due rows,
+* **Index**: :class:`shared.due_index.DueIndex`. A timer run reads only the due rows,
   never the accounts table.
 * The account record stays the truth: the worker re-reads it and skips accounts that are no
   longer due (refreshed by a send meanwhile), deleted or already ``reauth_required``. Stale or
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import ACTIVE, Account, AccountStore, iso, utcnow
 from shared.backoff import backoff_delay
+from shared.due_index import BUCKET, REARM, DueIndex
 from shared.errors import (
     NotFoundError,
     OperatorError,
@@ -32,7 +33,6 @@ from shared.errors import (
     ThrottledError,
     UpstreamUnavailableError,
 )
-from shared.refresh_index import BUCKET, REARM, RefreshIndex
 from shared.storage import Queue, Table
 from shared.tokens import TokenManager
 
@@ -73,7 +73,7 @@ class RefreshJob:
 class Refresher:
     """The timer's fan-out and the queue worker, over injected parts."""
 
-    def __init__(self, *, accounts: AccountStore, tokens: TokenManager, index: RefreshIndex, queue: Queue,
+    def __init__(self, *, accounts: AccountStore, tokens: TokenManager, index: DueIndex, queue: Queue,
                  telemetry: Telemetry | None = None) -> None:
         from shared.telemetry import OFF
 

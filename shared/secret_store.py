@@ -59,29 +59,23 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar, cast
 
-from shared.certificate_rotation import CertificateRotation, CertificateVersion
-from shared.client_credentials import (
-    CertificateError,
-    ClientCertificate,
-    ClientCredential,
-    ManagedIdentityAssertion,
-    certificate_credential,
-    parse_certificate,
-    secret_credential,
-)
+from shared.certificate_rotation import CertificateVersion
+from shared.client_credentials import CertificateError, parse_certificate
 from shared.config import is_loopback_host
 from shared.errors import ConfigurationError, SecretUnavailableError
 
 if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+
     from shared.config import Settings
     from shared.crypto import KeyRing
 
 #: Retry settings for the Key Vault client (azure-core RetryPolicy keywords).
-SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
+SDK_RETRY: dict[str, float] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
 #: (connect, read) timeouts in seconds for Key Vault requests.
 SDK_TIMEOUTS: dict[str, float] = {"connection_timeout": 5, "read_timeout": 30}
 #: While Entra keeps rejecting the app's credential, Key Vault is re-read at most this often (seconds).
@@ -90,6 +84,7 @@ REREAD_INTERVAL_S = 30.0
 MAX_FALLBACK_READS = 5
 
 log = logging.getLogger("connector.secrets")
+T = TypeVar("T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 _RBAC_HINT = (
@@ -98,11 +93,38 @@ _RBAC_HINT = (
 )
 
 
-SecretClientFactory = Callable[[str, Any], Any]
-"""``factory(vault_url, credential)`` → an object with ``get_secret(name)`` (a ``SecretClient``)."""
+class SecretPropertiesLike(Protocol):
+    """What is read of a secret version's properties (``azure.keyvault.secrets.SecretProperties``)."""
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def enabled(self) -> bool | None: ...
+
+    @property
+    def expires_on(self) -> dt.datetime | None: ...
+
+    @property
+    def not_before(self) -> dt.datetime | None: ...
+
+    @property
+    def created_on(self) -> dt.datetime | None: ...
 
 
-def default_credential(settings: Settings) -> Any:
+class SecretClientLike(Protocol):
+    """The part of ``azure.keyvault.secrets.SecretClient`` this store uses."""
+
+    def get_secret(self, name: str, version: str | None = None) -> object: ...
+
+    def list_properties_of_secret_versions(self, name: str) -> Iterable[SecretPropertiesLike]: ...
+
+
+SecretClientFactory = Callable[[str, "TokenCredential"], SecretClientLike]
+"""``factory(vault_url, credential)`` → a ``SecretClient`` (or a stand-in with the same two calls)."""
+
+
+def default_credential(settings: Settings) -> TokenCredential:
     """Managed identity on App Service / Functions, ``DefaultAzureCredential`` elsewhere."""
     if settings.managed_identity_available:
         from azure.identity import ManagedIdentityCredential
@@ -125,30 +147,30 @@ class _Fetched(NamedTuple):
 @dataclass(frozen=True)
 class _Entry:
     expires_at: float
-    value: Any = None
+    value: object = None
     error: SecretUnavailableError | None = None
     read_at: float = 0.0
 
-    def unwrap(self) -> Any:
+    def unwrap(self) -> object:
         if self.error is not None:
             raise self.error.copy()
         return self.value
 
 
 class SecretStore:
-    """Client secret + token key ring with an in-memory TTL cache. Thread-safe."""
+    """Key Vault (or environment) values with an in-memory TTL cache: the client secret, the client
+    certificate's versions, the token key ring and the webhook secret. Thread-safe. Which credential the
+    app presents to Entra is :class:`shared.app_credential.AppCredential`'s choice, over this store."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        credential: Any = None,
+        credential: TokenCredential | None = None,
         ttl_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         secret_client_factory: SecretClientFactory | None = None,
         error_ttl_seconds: float = 5,
-        assertion_credential: Any = None,
-        cert_retry_seconds: float | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -156,32 +178,21 @@ class SecretStore:
         self._credential = credential
         self._ttl = float(settings.key_vault_cache_seconds if ttl_seconds is None else ttl_seconds)
         self._reread_s = min(REREAD_INTERVAL_S, self._ttl)
-        self._accepted_at = float("-inf")  # when Entra last accepted the app's credential (clock)
-        self._searched_at: float | None = None  # when earlier certificate versions were last looked up
         self._wall = wall_clock
-        retry = settings.client_cert_retry_seconds if cert_retry_seconds is None else cert_retry_seconds
-        self._rotation = CertificateRotation(retry, clock=clock, wall_clock=wall_clock)
         self._error_ttl = error_ttl_seconds
         self._clock = clock
         self._factory = secret_client_factory
-        self._client: Any = None
+        self._client: SecretClientLike | None = None
         self._client_lock = threading.Lock()
         names = (settings.client_secret_name, settings.token_keys_secret_name, settings.client_cert_name,
                  settings.webhook_secret_name)
         self._locks = {name: threading.Lock() for name in names}
         self._cache: dict[str, _Entry] = {}
         self._env_ring: KeyRing | None = None
-        self._assertion = ManagedIdentityAssertion(
-            lambda: assertion_credential if assertion_credential is not None else _managed_identity(settings),
-            settings.client_assertion_audience)
 
     def __repr__(self) -> str:
         source = self._vault or "environment"
         return f"SecretStore(source={source!r}, ttl_seconds={self._ttl})"
-
-    @property
-    def uses_key_vault(self) -> bool:
-        return bool(self._vault)
 
     # ------------------------------------------------------------------ public API
     def client_secret(self) -> str:
@@ -228,66 +239,13 @@ class SecretStore:
             return self._env_ring
         return self._get(self._settings.token_keys_secret_name, self._as_key_ring)
 
-    def client_certificate(self) -> ClientCertificate:
-        """The certificate presented to Entra: the newest version of Key Vault certificate ``MS_CLIENT_CERT_NAME``
-        (read as its secret), or the previous one while Entra rejects the newest (``shared.certificate_rotation``)."""
-        return self._rotation.choose(self._newest_certificate()).cert
-
-    def _newest_certificate(self) -> CertificateVersion:
+    def newest_certificate(self) -> CertificateVersion:
+        """The newest version of Key Vault certificate ``MS_CLIENT_CERT_NAME``, read as its secret (cached)."""
         if not self._vault:
             raise SecretUnavailableError(
                 "MS_CLIENT_CREDENTIAL=certificate needs KEY_VAULT_URL.", secret_name=self._settings.client_cert_name,
                 vault=None, reason="not_set", hint="Set KEY_VAULT_URL (locally: python -m devstack.keyvault).")
         return self._get(self._settings.client_cert_name, self._as_certificate)
-
-    def client_credential(self) -> ClientCredential:
-        """The app's credential as MSAL takes it (``MS_CLIENT_CREDENTIAL``: secret, certificate, managed_identity)."""
-        kind = self._settings.client_credential
-        if kind == "certificate":
-            return certificate_credential(self.client_certificate())
-        if kind == "managed_identity":
-            return ClientCredential("managed_identity", "managed-identity", {"client_assertion": self._assertion})
-        return secret_credential(self.client_secret())
-
-    def reject_client_credential(self, credential: ClientCredential, code: str) -> ClientCredential | None:
-        """Entra rejected ``credential`` (product error ``code``): the credential to present instead, or None.
-
-        Re-reads it (throttled, see the module doc); for a certificate Entra does not know
-        (``invalid_client_certificate``, AADSTS700027) falls back to the previous version.
-        """
-        kind = self._settings.client_credential
-        if kind == "managed_identity":
-            self._assertion.invalidate()  # a new token from the identity endpoint: worth one retry
-            return self.client_credential()
-        if kind == "certificate":
-            cert = self._certificate_rejected(credential, code)
-            return None if cert is None else certificate_credential(cert.cert)
-        if not self._reread(self._settings.client_secret_name):
-            return None
-        fresh = self.client_credential()
-        return fresh if fresh.version != credential.version else None
-
-    def accept_client_credential(self, credential: ClientCredential) -> None:
-        """Entra accepted ``credential``: a later rejection re-reads at once; a newest certificate ends the fallback."""
-        self._accepted_at = self._clock()
-        if credential.kind == "certificate":
-            self._rotation.accepted(credential.version)
-
-    def client_credential_warning(self) -> dict[str, str] | None:
-        """An operator hint while the previous certificate is presented because Entra rejects the newest."""
-        status = self._rotation.status() if self._settings.client_credential == "certificate" else None
-        return None if status is None else status.health(self._settings.client_cert_name)
-
-    def invalidate_client_credential(self) -> None:
-        """Forget the cached credential unconditionally: the next :meth:`client_credential` reads it (or a new
-        assertion) afresh."""
-        kind = self._settings.client_credential
-        if kind == "certificate":
-            self._invalidate(self._settings.client_cert_name)
-        elif kind == "managed_identity":
-            self._assertion.invalidate()
-        else:
-            self.invalidate_client_secret()
 
     def webhook_secret(self) -> str:
         """The webhook HMAC secret: ``WEBHOOK_SECRET`` locally, Key Vault ``WEBHOOK_SECRET_NAME`` otherwise."""
@@ -307,17 +265,6 @@ class SecretStore:
         """Forget the cached key ring (e.g. a record names a key id this instance has not seen yet)."""
         self._invalidate(self._settings.token_keys_secret_name)
 
-    def check(self) -> None:
-        """Raise :class:`SecretUnavailableError` unless the app's credential can be read (``/api/health``).
-
-        Served from the cache like any read, so a vault that stops answering (or an identity that loses
-        access) fails the health check within ``ttl_seconds``; failures stay cached ``error_ttl_seconds``.
-        For ``managed_identity`` it gets (or reuses) the identity's token for the assertion.
-        """
-        credential = self.client_credential()
-        if credential.kind == "managed_identity":
-            self._assertion()
-
     def close(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
@@ -331,31 +278,51 @@ class SecretStore:
         with self._locks[name]:  # waits for a read in flight, so the next call really re-reads
             self._cache.pop(name, None)
 
-    def _reread(self, name: str) -> bool:
-        """Invalidate ``name`` after a rejection, unless it was read within the re-read interval and Entra has
-        accepted nothing since (it stays rejected: re-reading the vault per token request would not help)."""
+    def reread(self, name: str, *, accepted_at: float) -> bool:
+        """Invalidate ``name`` after Entra rejected it, unless it was read within the re-read interval and
+        Entra has accepted nothing since ``accepted_at`` (this store's clock): it stays rejected, and
+        re-reading the vault per token request would not help. True when the next read goes to the vault."""
         if not self._vault:
             return False
         entry = self._cache.get(name)
-        if entry is not None and self._clock() - entry.read_at < self._reread_s and self._accepted_at < entry.read_at:
+        if entry is not None and self._clock() - entry.read_at < self._reread_s and accepted_at < entry.read_at:
             log.info("Not re-reading %s from Key Vault: read %.0f s ago and still rejected.", name,
                      self._clock() - entry.read_at)
             return False
         self._invalidate(name)
         return True
 
-    def _search_allowed(self) -> bool:
-        at = self._searched_at
-        return at is None or self._clock() - at >= self._reread_s or self._accepted_at > at
+    @property
+    def reread_interval_s(self) -> float:
+        """While Entra keeps rejecting a credential, the vault is re-read at most this often."""
+        return self._reread_s
 
-    def _get(self, name: str, transform: Callable[[str, _Fetched], Any]) -> Any:
+    def earlier_certificates(self, newest: CertificateVersion, *, skip: set[str],
+                             valid_at: float) -> CertificateVersion | None:
+        """The most recent other enabled, unexpired version of the certificate whose thumbprint is not in
+        ``skip`` (at most :data:`MAX_FALLBACK_READS` versions read), or None."""
+        name = self._settings.client_cert_name
+        for version in self._candidate_versions(name, newest.version)[:MAX_FALLBACK_READS]:
+            try:
+                found = self._as_certificate(name, self._fetch(name, version))
+            except SecretUnavailableError as exc:
+                log.warning("Skipping version %s of the Key Vault certificate %s (%s).", version, name, exc.reason)
+                continue
+            if found.thumbprint not in skip and found.cert.not_after > valid_at:
+                return found
+        log.warning("Entra rejects the newest version of the Key Vault certificate %s and no earlier enabled, "
+                    "unexpired version is left to fall back on.", name)
+        return None
+
+    def _get(self, name: str, transform: Callable[[str, _Fetched], T]) -> T:
+        """``transform``'s value of the secret ``name``, cached (each name always has the same transform)."""
         entry = self._cache.get(name)
         if entry is not None and self._clock() < entry.expires_at:
-            return entry.unwrap()
+            return cast(T, entry.unwrap())
         with self._locks[name]:  # single flight: concurrent callers wait for one read
             entry = self._cache.get(name)
             if entry is not None and self._clock() < entry.expires_at:
-                return entry.unwrap()
+                return cast(T, entry.unwrap())
             try:
                 value = transform(name, self._fetch(name))
             except SecretUnavailableError as exc:
@@ -364,50 +331,6 @@ class SecretStore:
             now = self._clock()
             self._cache[name] = _Entry(expires_at=now + self._ttl, value=value, read_at=now)
             return value
-
-    # ------------------------------------------------------------------ certificate rotation
-    def _certificate_rejected(self, credential: ClientCredential, code: str) -> CertificateVersion | None:
-        if self._rotation.is_fallback(credential.version):
-            self._rotation.fallback_rejected(credential.version)
-            return self._newest_certificate()  # the previous version is gone from Entra: the newest again
-        if self._reread(self._settings.client_cert_name):
-            newest = self._newest_certificate()
-            if newest.thumbprint != credential.version:
-                return newest  # rotated in the vault to a version Entra may know
-        if code != "invalid_client_certificate":
-            return None
-        return self._fall_back(credential)
-
-    def _fall_back(self, rejected: ClientCredential) -> CertificateVersion | None:
-        """Entra does not know the newest version: present the previous one (looked up at most once per
-        re-read interval while nothing is accepted; else the one known from before)."""
-        newest = self._newest_certificate()
-        if newest.thumbprint != rejected.version:
-            return newest  # another version is the newest by now
-        if self._search_allowed():
-            self._searched_at = self._clock()
-            previous = self._previous_certificate(newest)
-        else:
-            previous = self._rotation.held()
-        if previous is not None:
-            self._rotation.engage(newest, previous)
-        return previous
-
-    def _previous_certificate(self, newest: CertificateVersion) -> CertificateVersion | None:
-        """The most recent other enabled, unexpired version of the certificate that Entra has not just rejected."""
-        name = self._settings.client_cert_name
-        skip = self._rotation.excluded() | {newest.thumbprint}
-        for version in self._candidate_versions(name, newest.version)[:MAX_FALLBACK_READS]:
-            try:
-                found = self._as_certificate(name, self._fetch(name, version))
-            except SecretUnavailableError as exc:
-                log.warning("Skipping version %s of the Key Vault certificate %s (%s).", version, name, exc.reason)
-                continue
-            if found.thumbprint not in skip and found.cert.not_after > self._wall():
-                return found
-        log.warning("Entra rejects the newest version of the Key Vault certificate %s and no earlier enabled, "
-                    "unexpired version is left to fall back on.", name)
-        return None
 
     def _candidate_versions(self, name: str, newest_version: str) -> list[str]:
         """Version ids of ``name`` other than the newest that are enabled and valid now, most recent first."""
@@ -426,7 +349,7 @@ class SecretStore:
         return [str(p.version) for p in usable]
 
     # ------------------------------------------------------------------ Key Vault
-    def _secret_client(self) -> Any:
+    def _secret_client(self) -> SecretClientLike:
         with self._client_lock:
             if self._client is None:
                 credential = self._credential if self._credential is not None else default_credential(self._settings)
@@ -435,7 +358,7 @@ class SecretStore:
                 self._client = factory(self._vault or "", credential)
             return self._client
 
-    def _default_factory(self, vault_url: str, credential: Any) -> Any:
+    def _default_factory(self, vault_url: str, credential: TokenCredential) -> SecretClientLike:
         from azure.core.pipeline.transport import RequestsTransport
         from azure.keyvault.secrets import SecretClient
 
@@ -448,12 +371,13 @@ class SecretStore:
             connection_verify=ca_bundle_path(ca),  # azure-core sends verify= on every request
             **SDK_TIMEOUTS,
         )
-        kwargs: dict[str, Any] = {"transport": transport, **SDK_RETRY}
+        kwargs: dict[str, object] = {"transport": transport, **SDK_RETRY}
         if _is_loopback(vault_url):
             # The challenge's resource (https://vault.azure.net) can't be a parent domain of a loopback
             # host; only the local Key Vault double lives there. Real vaults keep the check.
             kwargs["verify_challenge_resource"] = False
-        return SecretClient(vault_url, credential, **kwargs)
+        client: SecretClientLike = SecretClient(vault_url, credential, **kwargs)
+        return client
 
     def _fetch(self, name: str, version: str | None = None) -> _Fetched:
         from azure.core.exceptions import AzureError
@@ -473,49 +397,7 @@ class SecretStore:
         return _Fetched(value, str(getattr(getattr(secret, "properties", None), "version", None) or ""))
 
     def _map_error(self, name: str, exc: Exception) -> SecretUnavailableError:
-        from azure.core.exceptions import (
-            ClientAuthenticationError,
-            HttpResponseError,
-            ResourceNotFoundError,
-            ServiceRequestError,
-            ServiceResponseError,
-        )
-
-        vault = self._vault
-        where = f"the Key Vault secret '{name}' in {vault}"
-        status = getattr(exc, "status_code", None)
-        error = getattr(exc, "error", None)
-        kv_code = getattr(error, "code", None) if error is not None else None
-        if isinstance(exc, ResourceNotFoundError) or status == 404:
-            return SecretUnavailableError(
-                f"Could not read {where}: it does not exist ({kv_code or 'NotFound'}, 404).",
-                secret_name=name, vault=vault, reason="not_found",
-                hint=f"Create the secret '{name}' in {vault}, or set the app setting that names it.",
-            )
-        if status == 403:
-            return SecretUnavailableError(
-                f"Could not read {where}: access denied ({kv_code or 'Forbidden'}, 403).",
-                secret_name=name, vault=vault, reason="forbidden", hint=_RBAC_HINT,
-            )
-        if isinstance(exc, ClientAuthenticationError):
-            return _identity_error(exc, where, name=name, vault=vault)
-        if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-            return SecretUnavailableError(
-                f"Could not read {where}: the vault is unreachable ({type(exc).__name__}).",
-                secret_name=name, vault=vault, reason="unreachable",
-                hint=f"Check that {vault} resolves and is reachable from the function app (DNS, private "
-                "endpoint, firewall) and that its TLS certificate is trusted.",
-            )
-        if isinstance(exc, HttpResponseError):
-            return SecretUnavailableError(
-                f"Could not read {where}: the vault answered {status} ({kv_code or 'error'}).",
-                secret_name=name, vault=vault, reason="vault_error",
-                hint="Key Vault may be throttling or unavailable; the connector retries on the next request.",
-            )
-        return SecretUnavailableError(
-            f"Could not read {where} ({type(exc).__name__}).", secret_name=name, vault=vault, reason="error",
-            hint=f"Check the vault {vault} and the function app's identity.",
-        )
+        return vault_error(name, self._vault, exc)
 
     # ------------------------------------------------------------------ transforms
     @staticmethod
@@ -548,13 +430,6 @@ class SecretStore:
             ) from None
 
 
-def _managed_identity(settings: Settings) -> Any:
-    """The user-assigned identity (``AZURE_CLIENT_ID``) whose token is the federated client assertion."""
-    from azure.identity import ManagedIdentityCredential
-
-    return ManagedIdentityCredential(client_id=settings.azure_client_id)
-
-
 def _identity_error(exc: Exception, where: str, *, name: str, vault: str | None) -> SecretUnavailableError:
     """The vault could not be authenticated to: no identity at all, or one the vault refuses."""
     from azure.identity import CredentialUnavailableError
@@ -570,4 +445,50 @@ def _identity_error(exc: Exception, where: str, *, name: str, vault: str | None)
         f"Could not read {where}: the vault did not accept the app's identity (401).",
         secret_name=name, vault=vault, reason="unauthenticated",
         hint="Check that the vault is in the managed identity's tenant. " + _RBAC_HINT,
+    )
+
+
+def vault_error(name: str, vault: str | None, exc: Exception) -> SecretUnavailableError:
+    """What stopped a read of ``name``, as a 503 naming the secret and the vault (never a value)."""
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    where = f"the Key Vault secret '{name}' in {vault}"
+    status = getattr(exc, "status_code", None)
+    error = getattr(exc, "error", None)
+    kv_code = getattr(error, "code", None) if error is not None else None
+    if isinstance(exc, ResourceNotFoundError) or status == 404:
+        return SecretUnavailableError(
+            f"Could not read {where}: it does not exist ({kv_code or 'NotFound'}, 404).",
+            secret_name=name, vault=vault, reason="not_found",
+            hint=f"Create the secret '{name}' in {vault}, or set the app setting that names it.",
+        )
+    if status == 403:
+        return SecretUnavailableError(
+            f"Could not read {where}: access denied ({kv_code or 'Forbidden'}, 403).",
+            secret_name=name, vault=vault, reason="forbidden", hint=_RBAC_HINT,
+        )
+    if isinstance(exc, ClientAuthenticationError):
+        return _identity_error(exc, where, name=name, vault=vault)
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        return SecretUnavailableError(
+            f"Could not read {where}: the vault is unreachable ({type(exc).__name__}).",
+            secret_name=name, vault=vault, reason="unreachable",
+            hint=f"Check that {vault} resolves and is reachable from the function app (DNS, private "
+            "endpoint, firewall) and that its TLS certificate is trusted.",
+        )
+    if isinstance(exc, HttpResponseError):
+        return SecretUnavailableError(
+            f"Could not read {where}: the vault answered {status} ({kv_code or 'error'}).",
+            secret_name=name, vault=vault, reason="vault_error",
+            hint="Key Vault may be throttling or unavailable; the connector retries on the next request.",
+        )
+    return SecretUnavailableError(
+        f"Could not read {where} ({type(exc).__name__}).", secret_name=name, vault=vault, reason="error",
+        hint=f"Check the vault {vault} and the function app's identity.",
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from shared.accounts import iso, utcnow
 from shared.errors import ConnectorError, MicrosoftError, UpstreamUnavailableError, ValidationError
@@ -25,9 +24,12 @@ from shared.mail import (
 
 log = logging.getLogger("connector.send")
 
+Json = dict[str, object]
+SendResult = dict[str, str | None]  # status, trackingId, sentAt (and an answer's ids)
+
 
 def send(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, *,
-         context: Mapping[str, Any]) -> dict[str, Any]:
+         context: Mapping[str, str]) -> SendResult:
     plan = plan_attachments(req)
     if not plan.needs_draft:
         payload = {"message": message_payload(req, inline=plan.inline), "saveToSentItems": req.save_to_sent_items}
@@ -45,7 +47,7 @@ def send(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest,
 
 
 def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, plan: AttachmentPlan,
-                     context: Mapping[str, Any]) -> None:
+                     context: Mapping[str, str]) -> None:
     # https://learn.microsoft.com/graph/outlook-large-attachments
     # Creating a draft delivers nothing, so it is safe to retry (safe=True) and a failure before
     # the final send means "nothing was sent".
@@ -56,7 +58,7 @@ def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: 
 
 
 def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: str, plan: AttachmentPlan,
-               context: Mapping[str, Any], *, prepare: dict[str, Any] | None = None) -> None:
+               context: Mapping[str, str], *, prepare: Json | None = None) -> None:
     """Finish a draft and send it once: PATCH ``prepare`` (if any), attach the files the draft still lacks
     (POSTs below 3 MB, upload sessions above), then ``POST /messages/{id}/send``. Before that final
     send any failure deletes the draft (nothing was sent); after it, the draft is kept for inspection."""
@@ -94,7 +96,7 @@ def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: s
 
 
 def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str, req: AnswerRequest, *,
-           context: Mapping[str, Any]) -> dict[str, Any]:
+           context: Mapping[str, str]) -> SendResult:
     """Reply, reply-all or forward in the conversation of ``message_id`` (SPEC §4a), delivering once.
 
     Graph's direct action (``POST /messages/{id}/reply``…, 202, no body) when everything fits one request
@@ -103,7 +105,7 @@ def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str
     https://learn.microsoft.com/graph/api/message-reply, message-createreply, message-forward
     """
     plan = plan_answer(req)
-    result: dict[str, Any] = {"status": "sent", "trackingId": req.tracking_id}
+    result: SendResult = {"status": "sent", "trackingId": req.tracking_id}
     if not plan.needs_draft and (req.kind == "forward" or not req.extra_recipients):
         graph.request("POST", f"me/messages/{message_id}/{req.kind}", mailbox=mailbox, token=token, safe=False,
                       data=dumps(answer_payload(req, inline=plan.inline)),
@@ -122,7 +124,9 @@ def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str
     send_draft(graph, token, mailbox, draft["id"], plan, context, prepare=prepare)
     # Sending moves the draft to Sent Items under a new id (https://learn.microsoft.com/graph/outlook-immutable-id),
     # so the draft's id would name nothing: Graph gives no id for the sent message.
-    return {**result, "sentAt": iso(utcnow()), "messageId": None, "conversationId": draft.get("conversationId")}
+    conversation = draft.get("conversationId")
+    return {**result, "sentAt": iso(utcnow()), "messageId": None,
+            "conversationId": conversation if isinstance(conversation, str) else None}
 
 
 def _nothing_sent(err: ConnectorError) -> UpstreamUnavailableError:
@@ -133,9 +137,9 @@ def _nothing_sent(err: ConnectorError) -> UpstreamUnavailableError:
         headers={k: v for k, v in err.headers.items() if k == "Retry-After"})
 
 
-def _added_recipients(draft: Mapping[str, Any], req: AnswerRequest) -> dict[str, Any]:
+def _added_recipients(draft: Mapping[str, str], req: AnswerRequest) -> Json:
     """The draft's recipients (as Graph chose them) plus the caller's extra ones."""
-    out: dict[str, Any] = {}
+    out: Json = {}
     for key, extra in (("toRecipients", req.to), ("ccRecipients", req.cc), ("bccRecipients", req.bcc)):
         if extra:
             out[key] = list(draft.get(key) or []) + [r.to_graph() for r in extra]
@@ -143,7 +147,7 @@ def _added_recipients(draft: Mapping[str, Any], req: AnswerRequest) -> dict[str,
 
 
 def _upload(graph: GraphClient, mailbox: str, upload_url: str, att: Attachment,
-            context: Mapping[str, Any]) -> None:
+            context: Mapping[str, str]) -> None:
     """Ranged PUTs, in order, to the session's pre-authenticated URL
     (https://learn.microsoft.com/graph/outlook-large-attachments). GraphClient owns the limiter and
     the Retry-After waits; an error here comes before the final send, so nothing was sent."""

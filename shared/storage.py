@@ -161,6 +161,19 @@ def mapped(call: Callable[[], T]) -> T:
         raise unavailable(type(e).__name__) from None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`Table.claim` got: our row's ETag when we hold it, and the row as it was read (None when
+    we created it)."""
+
+    etag: str | None
+    row: Row | None
+
+    @property
+    def held(self) -> bool:
+        return self.etag is not None
+
+
 class Table:
     """One table: typed calls, errors mapped, every call within the current :class:`Budget`.
 
@@ -236,26 +249,31 @@ class Table:
             raise
         return True
 
-    def claim(self, entity: Entity, *, take_over: Callable[[Row], bool]) -> str | Row:
-        """Claim a row: create ``entity``; when a row is there already, read it and, if ``take_over(row)``
-        says it is abandoned (stale, expired), replace it conditionally on the ETag just read. Returns the
-        ETag of our row, or the row that holds the claim. Of any number of concurrent claimers exactly one
-        gets the ETag (an insert and an ETag-conditional replace are atomic in Table Storage:
-        https://learn.microsoft.com/rest/api/storageservices/update-entity2)."""
+    def claim(self, entity: Entity, *, take_over: Callable[[Row], bool], create: bool = True,
+              merge: bool = False) -> Claim:
+        """Claim a row: create ``entity`` (unless ``create`` is False); when a row is there already, read it and,
+        if ``take_over(row)`` says it is free (abandoned, expired, not yet used), write ``entity`` over it
+        conditionally on the ETag just read (a merge with ``merge``). Of any number of concurrent claimers
+        exactly one holds the row: an insert and an ETag-conditional write are atomic in Table Storage
+        (https://learn.microsoft.com/rest/api/storageservices/update-entity2)."""
         pk, rk = str(entity["PartitionKey"]), str(entity["RowKey"])
         for _ in range(3):  # a row deleted between our insert and our read, or taken over first: look again
-            try:
-                return self.create(entity)
-            except ConflictError:
-                pass
+            if create:
+                try:
+                    return Claim(self.create(entity), None)
+                except ConflictError:
+                    pass
             try:
                 current = self.get(pk, rk)
             except NotFoundError:
+                if not create:
+                    return Claim(None, None)
                 continue
             if not take_over(current):
-                return current
+                return Claim(None, current)
             try:
-                return self.replace(entity, etag=etag_of(current) or "*")
+                etag = etag_of(current) or "*"
+                return Claim(self.merge(entity, etag=etag) if merge else self.replace(entity, etag=etag), current)
             except (ConflictError, NotFoundError):
                 continue  # another claimer took it over (or released it) first
         raise ConflictError("The row is being claimed and released too fast.", code="claim_contended")
@@ -320,12 +338,20 @@ def _rest_pipeline(transport: HttpTransport,
     (``https://storage.azure.com/.default``) or nothing (a SAS in the URL)."""
     from azure.core.credentials import AzureNamedKeyCredential
     from azure.core.pipeline import Pipeline
-    from azure.core.pipeline.policies import BearerTokenCredentialPolicy, DistributedTracingPolicy, RetryPolicy
+    from azure.core.pipeline.policies import (
+        BearerTokenCredentialPolicy,
+        DistributedTracingPolicy,
+        RequestIdPolicy,
+        RetryPolicy,
+        UserAgentPolicy,
+    )
 
-    from shared._table_rest import SharedKeyPolicy, StorageHeaders
+    from shared._table_rest import USER_AGENT, SharedKeyPolicy, StorageHeaders
 
-    # A span per attempt when tracing is on (shared/telemetry.py), as the SDK's pipeline has.
-    policies: list[object] = [RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()),
+    # As the SDK's pipeline: an x-ms-client-request-id per call (what Azure support traces), a User-Agent,
+    # and a span per attempt when tracing is on (shared/telemetry.py).
+    policies: list[object] = [RequestIdPolicy(), UserAgentPolicy(sdk_moniker=USER_AGENT),
+                              RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()),
                               DistributedTracingPolicy(), StorageHeaders()]
     if isinstance(credential, AzureNamedKeyCredential):
         policies.append(SharedKeyPolicy(credential))

@@ -130,9 +130,8 @@ class SubscriptionStore:
             since = parse_iso(row.get("at"))
             return since is None or since <= now - CREATION_STALE
 
-        held = self._table.claim({"PartitionKey": owner_partition(owner), "RowKey": account_id + _CREATING,
-                                  "at": iso(now)}, take_over=abandoned)
-        return held if isinstance(held, str) else None
+        return self._table.claim({"PartitionKey": owner_partition(owner), "RowKey": account_id + _CREATING,
+                                  "at": iso(now)}, take_over=abandoned).etag
 
     def release_creation(self, owner: str, account_id: str, etag: str) -> None:
         self._table.delete_if_present(owner_partition(owner), account_id + _CREATING, etag=etag)

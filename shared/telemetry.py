@@ -36,7 +36,6 @@ vocabularies (outcomes, error codes, size classes), never an id or an address.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -97,7 +96,7 @@ def strip_url(url: str) -> str:
     secret in the path (``https://hooks.slack.com/services/T…/B…/<secret>``)."""
     base = url.split("#", 1)[0].split("?", 1)[0]
     origin = _origin(base)
-    if origin and origin.lower() == _webhook_origin(os.environ.get("WEBHOOK_URL", "")):
+    if origin and origin.lower() == _webhook_host[0]:
         return origin
     return "/".join("{redacted}" if "@" in seg or _JWT.search(seg) else seg for seg in base.split("/"))
 
@@ -111,9 +110,12 @@ def _origin(url: str) -> str:
     return f"{scheme}://{host}" if host else ""
 
 
-@functools.lru_cache(maxsize=4)
-def _webhook_origin(webhook_url: str) -> str:
-    return _origin(webhook_url.split("#", 1)[0].split("?", 1)[0]).lower()
+_webhook_host = [""]  # the origin of WEBHOOK_URL, lower case (set from the settings telemetry is configured with)
+
+
+def redact_webhook_host(webhook_url: str | None) -> None:
+    """URLs on the host of ``webhook_url`` (``WEBHOOK_URL``) keep only scheme and host in spans and logs."""
+    _webhook_host[0] = _origin((webhook_url or "").split("#", 1)[0].split("?", 1)[0]).lower()
 
 
 def _clean_value(key: str, value: object) -> object:
@@ -455,6 +457,7 @@ def get_telemetry(settings: Settings | None = None) -> Telemetry:
                 mode = "off"
                 try:
                     settings = settings or get_settings()
+                    redact_webhook_host(settings.webhook_url)
                     mode = mode_of(settings)
                     _current = _azure(settings) if mode == "azure" else _console() if mode == "console" else OFF
                 except Exception as e:  # telemetry must never fail an invocation

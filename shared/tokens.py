@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
 from shared.backoff import backoff_delay
+from shared.due_index import bucket_of
 from shared.errors import (
     ConflictError,
     ConnectorError,
@@ -32,11 +33,11 @@ from shared.errors import (
     StorageUnavailableError,
     UpstreamUnavailableError,
 )
-from shared.refresh_index import bucket_of
+from shared.keyed import PerKey
 
 if TYPE_CHECKING:
+    from shared.due_index import DueIndex
     from shared.oauth import OAuthClient
-    from shared.refresh_index import RefreshIndex
     from shared.telemetry import Telemetry
 
 log = logging.getLogger("connector.tokens")
@@ -53,13 +54,10 @@ USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one
 
 
 class TokenManager:
-    def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: RefreshIndex, keepalive: dt.timedelta,
+    def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: DueIndex, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE,
-                 telemetry: Telemetry | None = None, forced_coalesce_s: float = 10.0) -> None:
-        """``forced_coalesce_s``: :meth:`refresh_requested` within this long of the last one this instance ran
-        for the account answers that refresh's result: a burst of forced refreshes costs one grant (and one
-        rotation of the refresh token), not one each. 0: off."""
+                 telemetry: Telemetry | None = None) -> None:
         from shared.telemetry import OFF
 
         self._store = store
@@ -70,19 +68,11 @@ class TokenManager:
         self._on_reauth = on_reauth
         self._sleep = sleep
         self._lease = lease
-        self._locks_guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._forced_coalesce_s = forced_coalesce_s
-        self._forced_at: dict[str, float] = {}  # account id → monotonic time of its last forced refresh here
+        # One lock per account: refreshes of one account in this process queue behind each other.
+        self._locks: PerKey[threading.Lock] = PerKey(threading.Lock, idle=lambda lock: not lock.locked())
 
     def _local_lock(self, account_id: str) -> threading.Lock:
-        with self._locks_guard:
-            lock = self._locks.get(account_id)
-            if lock is None:
-                if len(self._locks) > 10_000:  # bound memory: drop idle locks
-                    self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-                lock = self._locks[account_id] = threading.Lock()
-            return lock
+        return self._locks.get(account_id)
 
     @staticmethod
     def _fresh(tokens: Tokens, now: dt.datetime) -> bool:
@@ -150,27 +140,6 @@ class TokenManager:
         """
         return self.refresh_reporting(owner, account_id, force=force, stale_access_token=stale_access_token,
                                       account=account, indexed_at=indexed_at)[0]
-
-    def refresh_requested(self, account: Account) -> Account:
-        """A refresh someone asked for (``POST …/refresh``): forced, but coalesced. Within ``forced_coalesce_s``
-        of this instance's last forced refresh of the account it answers the
-        record as that refresh left it; concurrent requests queue on the account's lock (or another
-        instance's lease) and so take the first one's result."""
-        with self._local_lock(account.id):
-            with self._locks_guard:
-                at = self._forced_at.get(account.id)
-            if at is not None and time.monotonic() - at < self._forced_coalesce_s:
-                current = self._store.get_account(account.owner, account.id)
-                if current.status != ACTIVE:
-                    raise reauth_error(current)
-                return current
-            saved = self._refresh_locked(account.owner, account.id, force=True, stale_access_token=None,
-                                         account=account, indexed_at=RECORD_DUE)[0]
-            with self._locks_guard:
-                if len(self._forced_at) > 10_000:
-                    self._forced_at.clear()
-                self._forced_at[account.id] = time.monotonic()
-            return saved
 
     def refresh_reporting(self, owner: str, account_id: str, *, force: bool = True,
                           stale_access_token: str | None = None, account: Account | None = None,

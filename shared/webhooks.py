@@ -157,10 +157,6 @@ class Webhooks:
             lost, self._pending = len(self._pending), collections.deque(maxlen=PENDING_MAX)
         log.error("%d webhook event(s) could not be queued within %d s and are lost", lost, PENDING_RETRY_S)
 
-    def pending_events(self) -> int:
-        """Events kept for a background re-enqueue (health and tests)."""
-        with self._pending_lock:
-            return len(self._pending)
 
     def enqueue_message_received(self, account_id: str, message: dict[str, object]) -> str | None:
         """Enqueue ``message.received`` (SPEC §6a); returns the event id, None when webhooks are off.

@@ -7,8 +7,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, cast
 
 import azure.functions as func
@@ -102,7 +102,7 @@ def handle(req: func.HttpRequest, function: str, fn: Handler, *, auth: bool = Tr
 
             connector = get_connector()
             if auth:
-                ctx.caller = connector.authenticate(req.headers.get("Authorization"))
+                ctx.caller = connector.auth.authenticate(req.headers.get("Authorization"))
             result = fn(connector, ctx)
             resp = result if isinstance(result, func.HttpResponse) else json_response(result)
         except Exception as e:
@@ -132,6 +132,23 @@ def _invocation(req: func.HttpRequest, function: str, cid: str,
                                     "url.path": _route_of(req.url),
                                     "faas.invocation_id": context.invocation_id if context is not None else None}
     return get_telemetry().invocation(function, trigger="http", trace_parent=parent, attributes=attrs)
+
+
+@contextmanager
+def background_invocation(name: str, context: func.Context, *, msg: func.QueueMessage | None = None) -> Iterator[None]:
+    """A timer or queue invocation's span (child of the host's trace context; a queue message's id and dequeue
+    count, never its body) and the storage budget of background work."""
+    from shared.storage import background_budget
+    from shared.telemetry import get_telemetry
+
+    attrs: dict[str, str | int | None] = {"faas.invocation_id": context.invocation_id}
+    if msg is not None:
+        attrs.update({"messaging.message.id": msg.id, "messaging.system": "azure_storage_queue",
+                      "messaging.message.delivery_attempt": msg.dequeue_count})
+    with get_telemetry().invocation(name, trigger="timer" if msg is None else "pubsub",
+                                    trace_parent=context.trace_context.trace_parent, attributes=attrs), \
+            background_budget():
+        yield
 
 
 def _code_of(error: BaseException | None) -> str | None:

@@ -23,7 +23,8 @@ from shared.blueprints._http import (
 )
 
 if TYPE_CHECKING:
-    from shared.service import CallbackOutcome, Connector
+    from shared.connect_flow import CallbackOutcome
+    from shared.service import Connector
 
 bp = func.Blueprint()
 
@@ -39,7 +40,7 @@ _MAX_PARAM = 8192
 def connect_microsoft(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> JsonBody:
         ctx.account_ref = query(req, "accountId", max_len=64)
-        return c.start_connect(
+        return c.connect.start(
             ctx.owner, return_url=query(req, "returnUrl"), login_hint=query(req, "loginHint", max_len=256),
             domain_hint=query(req, "domainHint", max_len=256), prompt=query(req, "prompt", max_len=32),
             account_id=ctx.account_ref, require_login_hint=query_bool(req, "requireLoginHint"),
@@ -65,8 +66,8 @@ def connect_microsoft_callback(req: func.HttpRequest, context: func.Context = NO
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
         params = callback_params(req)
         if req.method != "POST" and "code" in params:
-            c.refuse_code_in_url(params.get("state"))  # burns the state, then 400
-        outcome = c.complete_connect(params)
+            c.connect.refuse_code_in_url(params.get("state"))  # burns the state, then 400
+        outcome = c.connect.complete(params)
         ctx.account_ref = outcome.account_id
         result = _result_params(outcome)
         if outcome.return_url:

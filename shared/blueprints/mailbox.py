@@ -28,7 +28,7 @@ def _answer(req: func.HttpRequest, kind: str, function: str, context: func.Conte
         key = req.headers.get("Idempotency-Key")
         mid = req.route_params.get("messageId") or ""
         fingerprint = answer_fingerprint(kind, mid, body, request.attachments) if key and isinstance(body, dict) else ""
-        result = c.mail_ops.answer(ctx.owner, ctx.account_id, mid, request, idempotency_key=key, body_hash=fingerprint)
+        result = c.mail.answer(ctx.owner, ctx.account_id, mid, request, idempotency_key=key, body_hash=fingerprint)
         return json_response(result, 202)
 
     return handle(req, function, run, context=context)
@@ -55,7 +55,7 @@ def update_message(req: func.HttpRequest, context: func.Context = NO_CONTEXT) ->
         from shared.messages import parse_update
 
         changes = parse_update(json_body(req.get_body(), "body"))
-        return c.mail_ops.update(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "", changes)
+        return c.mail.update(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "", changes)
 
     return handle(req, "update_message", run, context=context)
 
@@ -73,7 +73,7 @@ def move_message(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> f
         if unknown:
             raise ValidationError(unknown[0], f"Unknown field {unknown[0]!r}; give folder.")
         folder = move_destination(body.get("folder"))
-        return c.mail_ops.move(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "", folder)
+        return c.mail.move(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "", folder)
 
     return handle(req, "move_message", run, context=context)
 
@@ -81,7 +81,7 @@ def move_message(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> f
 @bp.route(route=_MESSAGE, methods=["DELETE"], auth_level=func.AuthLevel.ANONYMOUS)
 def delete_message(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        c.mail_ops.delete(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "")
+        c.mail.delete(ctx.owner, ctx.account_id, req.route_params.get("messageId") or "")
         return func.HttpResponse(status_code=204)
 
     return handle(req, "delete_message", run, context=context)
@@ -93,7 +93,7 @@ def get_conversation(req: func.HttpRequest, context: func.Context = NO_CONTEXT) 
     def run(c: Connector, ctx: Context) -> JsonBody:
         from shared.messages import parse_top
 
-        return c.mail_ops.conversation(ctx.owner, ctx.account_id, req.route_params.get("conversationId") or "",
+        return c.mail.conversation(ctx.owner, ctx.account_id, req.route_params.get("conversationId") or "",
                                        top=parse_top(query(req, "top", max_len=8)),
                                        cursor=query(req, "cursor", max_len=8192))
 

@@ -21,7 +21,7 @@ _MIME = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}(?:
 @bp.route(route="accounts/{accountId}/messages", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def list_messages(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     def run(c: Connector, ctx: Context) -> JsonBody:
-        return c.mail_ops.find(ctx.owner, ctx.account_id, message_query(req), query(req, "cursor", max_len=8192))
+        return c.mail.find(ctx.owner, ctx.account_id, message_query(req), query(req, "cursor", max_len=8192))
 
     return handle(req, "list_messages", run, context=context)
 
@@ -46,7 +46,7 @@ def message_query(req: func.HttpRequest) -> MessageQuery:
 @bp.route(route="accounts/{accountId}/messages/{messageId}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def get_message(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     return handle(req, "get_message",
-                  lambda c, ctx: c.get_message(ctx.owner, ctx.account_id, req.route_params.get("messageId")),
+                  lambda c, ctx: c.mail.get_message(ctx.owner, ctx.account_id, req.route_params.get("messageId")),
                   context=context)
 
 
@@ -56,7 +56,7 @@ def get_attachment(req: func.HttpRequest, context: func.Context = NO_CONTEXT) ->
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
         from shared.messages import parse_range
 
-        got = c.mail_ops.download(ctx.owner, ctx.account_id, req.route_params.get("messageId"),
+        got = c.mail.download(ctx.owner, ctx.account_id, req.route_params.get("messageId"),
                                   req.route_params.get("attachmentId"), parse_range(req.headers.get("Range")))
         data, ctype, name = got.content, got.content_type, got.name
         ranged = {"Content-Range": got.content_range} if got.content_range else {}
@@ -73,9 +73,9 @@ def get_attachment(req: func.HttpRequest, context: func.Context = NO_CONTEXT) ->
 
 @bp.route(route="accounts/{accountId}/folders", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def list_folders(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
-    return handle(req, "list_folders", lambda c, ctx: c.list_folders(ctx.owner, ctx.account_id), context=context)
+    return handle(req, "list_folders", lambda c, ctx: c.mail.list_folders(ctx.owner, ctx.account_id), context=context)
 
 
 @bp.route(route="accounts/{accountId}/diagnose", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def diagnose(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
-    return handle(req, "diagnose", lambda c, ctx: c.diagnose(ctx.owner, ctx.account_id), context=context)
+    return handle(req, "diagnose", lambda c, ctx: c.account_ops.diagnose(ctx.owner, ctx.account_id), context=context)

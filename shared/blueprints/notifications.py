@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared.blueprints._http import Context, capped_body, handle, json_body
-from shared.blueprints.timers import _invocation  # the span and storage budget of background invocations
+from shared.blueprints._http import Context, background_invocation, capped_body, handle, json_body
 
 if TYPE_CHECKING:
     from shared.service import Connector
@@ -50,9 +49,9 @@ def _endpoint(req: func.HttpRequest, function: str) -> func.HttpResponse:
         return handle(req, function, lambda c, ctx: _validation(token), auth=False)
 
     def run(c: Connector, ctx: Context) -> func.HttpResponse:
-        from shared.notifications import MAX_BODY_BYTES
+        from shared.notification_intake import MAX_BODY_BYTES
 
-        c.notifications.accept(json_body(capped_body(req, MAX_BODY_BYTES, "A notification batch"), "body"))
+        c.notifications.intake.accept(json_body(capped_body(req, MAX_BODY_BYTES, "A notification batch"), "body"))
         return func.HttpResponse(status_code=202)
 
     return handle(req, function, run, auth=False)
@@ -72,8 +71,8 @@ def graph_lifecycle_notifications(req: func.HttpRequest) -> func.HttpResponse:
 def notification_worker(msg: func.QueueMessage, context: func.Context) -> None:
     from shared.service import get_connector
 
-    with _invocation("notification_worker", context, msg=msg):
-        get_connector().notifications.process(msg.get_body())
+    with background_invocation("notification_worker", context, msg=msg):
+        get_connector().notifications.worker.process(msg.get_body())
 
 
 @bp.timer_trigger(schedule="%REFRESH_SCHEDULE%", arg_name="timer", run_on_startup=False)
@@ -81,8 +80,8 @@ def notifications_timer(timer: func.TimerRequest, context: func.Context) -> None
     """Subscription renewal and the safety catch-up, from the due-time index (same cadence as refresh)."""
     from shared.service import get_connector
 
-    with _invocation("notifications_timer", context):
-        get_connector().notifications.enqueue_due()
+    with background_invocation("notifications_timer", context):
+        get_connector().notifications.subscriptions.enqueue_due()
 
 
 @bp.timer_trigger(schedule="0 45 3 * * *", arg_name="timer", run_on_startup=False)
@@ -90,5 +89,5 @@ def notifications_reconcile(timer: func.TimerRequest, context: func.Context) -> 
     """Daily: subscribe existing accounts, repair the index, switch off cleanly, purge old de-duplication rows."""
     from shared.service import get_connector
 
-    with _invocation("notifications_reconcile", context):
-        get_connector().notifications.reconcile()
+    with background_invocation("notifications_reconcile", context):
+        get_connector().notifications.reconciler.reconcile()

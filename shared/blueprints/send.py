@@ -24,7 +24,7 @@ def send_mail(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func
         request = parse_send_request(body, files=files, max_total=c.settings.send_max_total_bytes)
         key = req.headers.get("Idempotency-Key")
         fingerprint = request_fingerprint(body, request.attachments) if key and isinstance(body, dict) else ""
-        result = c.send_mail(ctx.owner, ctx.account_id, request, idempotency_key=key, body_hash=fingerprint)
+        result = c.mail.send(ctx.owner, ctx.account_id, request, idempotency_key=key, body_hash=fingerprint)
         return json_response(result, 202)
 
     return handle(req, "send_mail", run, context=context)

@@ -325,7 +325,7 @@ def test_a_message_with_hundreds_of_recipients_is_announced_bounded_and_catch_up
     crowd = [{"emailAddress": {"address": f"person{i}@example.com", "name": name}} for i in range(400)]
     [big, after] = control.seed_messages(ADELE, [{"subject": "all hands", "toRecipients": crowd},
                                                  {"subject": "after the big one"}])
-    assert in_process(host).notifications.process(job("maintain", owner, aid)) == "maintain"
+    assert in_process(host).notifications.worker.process(job("maintain", owner, aid)) == "maintain"
     events = wait_for(lambda: len(received(webhooks, aid)) == 2 and received(webhooks, aid), timeout=30,
                       what="both messages via the catch-up")
     by_id = {e["doc"]["data"]["message"]["id"]: e["doc"]["data"]["message"] for e in events}
@@ -337,32 +337,33 @@ def test_a_message_with_hundreds_of_recipients_is_announced_bounded_and_catch_up
 @pytest.mark.parametrize("why", ["gone", "inactive"])
 def test_maintenance_of_a_deleted_or_reauth_account_leaves_no_index_row(
         host: Host, browser_session: Any, control: Any, sandbox_http: None, why: str) -> None:
-    from shared.refresh_index import RefreshIndex
+    from shared.due_index import DueIndex
     from shared.storage import SUBSCRIPTION_INDEX_TABLE
 
     owner = f"owner-rearm-{why}"
     aid = connected(host, browser_session, owner, ADELE)
     c = in_process(host)
     make_due(host, aid)
-    _, due, rearm = RefreshIndex(c.storage.table(SUBSCRIPTION_INDEX_TABLE)).take_due(dt.datetime.now(dt.UTC))
+    _, due, rearm = DueIndex(c.storage.table(SUBSCRIPTION_INDEX_TABLE)).take_due(dt.datetime.now(dt.UTC))
     assert aid in [d.account_id for d in due] and index_buckets(host, aid) == [rearm]  # the re-armed row
     acc = c.accounts.get_account(owner, aid)
     if why == "gone":
         c.accounts.delete_account(owner, aid)
     else:
         c.accounts.update_with(acc, lambda a: replace(a, status="reauth_required"))
-    assert c.notifications.process(job("maintain", owner, aid, rearm=rearm)) == why
+    assert c.notifications.worker.process(job("maintain", owner, aid, rearm=rearm)) == why
     assert index_buckets(host, aid) == []  # not back every 30 minutes forever
 
 
 def test_a_claim_is_timed_by_the_clock_not_by_the_jobs_start(host: Host, browser_session: Any,
                                                               sandbox_http: None) -> None:
-    from shared.notifications import CLAIM_STALE, _seen_key
+    from shared.notifications import CLAIM_STALE
+    from shared.notifications import seen_key as _seen_key
     from shared.storage import SEEN_TABLE
 
     owner = "owner-claim"
     aid = connected(host, browser_session, owner, ADELE)
-    n = in_process(host).notifications
+    n = in_process(host).notifications.delivery
     seen = in_process(host).storage.table(SEEN_TABLE)
     assert n._claim(aid, "AAMk-claim") is True
     row = seen.get(aid, _seen_key("AAMk-claim"))
@@ -376,7 +377,7 @@ def test_a_claim_is_timed_by_the_clock_not_by_the_jobs_start(host: Host, browser
 def test_the_intake_reads_storage_once_per_clientstate_and_refreshes_its_cache(
         host: Host, browser_session: Any, control: Any, sandbox_http: None) -> None:
     from shared.crypto import account_aad
-    from shared.notifications import MAX_UNKNOWN_LOOKUPS
+    from shared.notification_intake import MAX_UNKNOWN_LOOKUPS
     from shared.storage import SUBSCRIPTIONS_TABLE
     from shared.subscriptions import client_key
 
@@ -385,7 +386,7 @@ def test_the_intake_reads_storage_once_per_clientstate_and_refreshes_its_cache(
     sid = subscription_of(control, ADELE)["id"]
     transport = _CountingTransport()
     c = in_process(host, transport)
-    n = c.notifications
+    n = c.notifications.intake
 
     def item(client_state: str, i: int) -> dict[str, Any]:
         return {"subscriptionId": sid, "clientState": client_state, "changeType": "created",
@@ -393,7 +394,7 @@ def test_the_intake_reads_storage_once_per_clientstate_and_refreshes_its_cache(
 
     assert n.accept({"value": [item(f"forged-{i}", i) for i in range(1000)]}) == (0, 1000)
     assert transport.reads <= MAX_UNKNOWN_LOOKUPS  # not one read per forged clientState
-    [state] = [s for s in n._store.all_states() if s.account_id == aid]
+    [state] = [s for s in c.notifications.store.all_states() if s.account_id == aid]
     sealed = str(c.storage.table(SUBSCRIPTIONS_TABLE).get(state.client_key, "cs")["clientState"])
     real = c.secrets.key_ring().open(sealed, aad=account_aad(owner, aid, "clientState")).decode()
     before = transport.reads
@@ -435,7 +436,7 @@ def test_last_event_does_not_write_back_a_stale_status(host: Host, browser_sessi
     fresh = c.accounts.get_account(owner, aid)
     stale = replace(fresh, notifications=replace(fresh.notifications, status="pending", last_event_at=None))
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    c.notifications._note_event(stale, now)
+    c.notifications.delivery._note_event(stale, now)
     n = account(host, owner, aid)["notifications"]
     assert n["status"] == "active" and n["expiresAt"] and n["lastEventAt"] >= now.isoformat()[:19]
 
@@ -448,10 +449,10 @@ def test_unexpected_errors_fail_the_job_instead_of_escaping(host: Host, browser_
     c = in_process(host)
     gone = {"error": {"code": "SyncStateNotFound", "message": "The sync state is not found."}}
     control.inject("/v1.0/me/mailFolders/inbox/messages/delta", status=410, count=2, body=gone, user=ADELE)
-    assert c.notifications.process(job("maintain", owner, aid)) == "failed"  # the second 410 as well
-    state = c.notifications._store.get(owner, aid)
-    c.notifications._store.save(replace(state, delta_link="https://elsewhere.example/v1.0/delta?token=x"))
-    assert c.notifications.process(job("maintain", owner, aid)) == "failed"  # a link outside GRAPH_BASE_URL
+    assert c.notifications.worker.process(job("maintain", owner, aid)) == "failed"  # the second 410 as well
+    state = c.notifications.store.get(owner, aid)
+    c.notifications.store.save(replace(state, delta_link="https://elsewhere.example/v1.0/delta?token=x"))
+    assert c.notifications.worker.process(job("maintain", owner, aid)) == "failed"  # a link outside GRAPH_BASE_URL
     assert account(host, owner, aid)["notifications"]["status"] == "failed"
 
 
@@ -464,4 +465,4 @@ def test_old_mail_moved_back_into_the_inbox_is_not_announced(host: Host, browser
     old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=20)).isoformat().replace("+00:00", "Z")
     [mid] = control.seed_messages(ADELE, [{"subject": "from the archive", "receivedDateTime": old}])
     c = in_process(host)
-    assert c.notifications.process(job("changes", owner, aid, subscription_id=sid, ids=(mid,))) == "duplicate"
+    assert c.notifications.worker.process(job("changes", owner, aid, subscription_id=sid, ids=(mid,))) == "duplicate"

@@ -112,7 +112,7 @@ def _client_state(host: Host, owner: str, aid: str) -> str:
     from shared.storage import SUBSCRIPTIONS_TABLE
 
     c = in_process(host)
-    state = c.notifications._store.get(owner, aid)
+    state = c.notifications.store.get(owner, aid)
     sealed = str(c.storage.table(SUBSCRIPTIONS_TABLE).get(state.client_key, "cs")["clientState"])
     return str(c.secrets.key_ring().open(sealed, aad=account_aad(owner, aid, "clientState")).decode())
 
@@ -151,7 +151,7 @@ def test_a_forged_subscription_removed_leaves_one_live_subscription(host: Host, 
 
 def test_a_flood_of_ids_becomes_one_catch_up_not_one_read_each(host: Host, browser_session: Any, control: Any,
                                                                sandbox_http: None) -> None:  # noqa: F811
-    from shared.notifications import MAX_IDS_PER_BATCH
+    from shared.notification_intake import MAX_IDS_PER_BATCH
 
     owner = "owner-id-flood"
     aid = connected(host, browser_session, owner, ADELE)
@@ -190,7 +190,7 @@ def test_concurrent_subscription_jobs_of_one_account_make_one_subscription(host:
     c = in_process(host)
     outcomes: list[str] = []
     workers = [threading.Thread(target=lambda: outcomes.append(
-        c.notifications.process(Job("ensure", owner, aid).to_message()))) for _ in range(4)]
+        c.notifications.worker.process(Job("ensure", owner, aid).to_message()))) for _ in range(4)]
     for w in workers:
         w.start()
     for w in workers:

@@ -13,6 +13,7 @@ from azure.core.credentials import AccessToken
 
 from devstack.certs import new_client_certificate
 from devstack.keyvault import KeyVaultDouble, sandbox_token_service
+from shared.app_credential import AppCredential
 from shared.client_credentials import CertificateError, ManagedIdentityAssertion, parse_certificate
 from shared.config import load_settings
 from shared.errors import ConfigurationError, SecretUnavailableError
@@ -20,6 +21,8 @@ from shared.secret_store import SecretStore
 
 from .test_config import GOOD
 from .test_secret_store import KEY_RING_JSON, vault, vault_settings  # noqa: F401 - the vault fixture
+
+GOOD_SETTINGS = load_settings(GOOD)
 
 EXCHANGE = "api://AzureADTokenExchange"
 
@@ -116,29 +119,34 @@ def test_certificate_from_key_vault_and_rotation(vault: KeyVaultDouble, caplog: 
     caplog.set_level(logging.DEBUG)
     key_pem, cert_pem = new_client_certificate()
     vault.set_certificate("ms-client-cert", key_pem, cert_pem)
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"))
-    first = store.client_credential()
+    clock = Clock()
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate")
+    store = SecretStore(settings, clock=clock, ttl_seconds=300)
+    cred = AppCredential(settings, vault=store, clock=clock)
+    first = cred.current()
     assert first.kind == "certificate" and first.msal == {"private_key": key_pem, "public_certificate": cert_pem}
-    assert store.client_credential() == first and vault.reads("ms-client-cert") == 1  # cached
-    store.check()
+    assert cred.current() == first and vault.reads("ms-client-cert") == 1  # cached
+    cred.check()
     new_key, new_cert = new_client_certificate()
     vault.set_certificate("ms-client-cert", new_key, new_cert, pkcs12=True)  # rotated, as PKCS#12 this time
-    assert store.client_credential() == first  # still cached until Entra rejects it
-    store.invalidate_client_credential()
-    second = store.client_credential()
+    assert cred.current() == first  # still cached until Entra rejects it or the cache expires
+    clock.now += 301
+    second = cred.current()
     assert second.version != first.version and second.msal["public_certificate"] == new_cert
     assert key_pem.splitlines()[1] not in repr(second) + repr(store) + caplog.text
     assert new_key.splitlines()[1] not in caplog.text
 
 
 def test_malformed_or_missing_certificate_is_a_named_503(vault: KeyVaultDouble) -> None:  # noqa: F811
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), error_ttl_seconds=0)
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate")
+    store = SecretStore(settings, error_ttl_seconds=0)
+    cred = AppCredential(settings, vault=store)
     with pytest.raises(SecretUnavailableError) as ei:
-        store.check()
+        cred.check()
     assert ei.value.reason == "not_found" and ei.value.secret_name == "ms-client-cert"
     vault.set_secret("ms-client-cert", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(SecretUnavailableError) as ei:
-        store.client_credential()
+        cred.current()
     assert ei.value.reason == "malformed" and "AAAA" not in str(ei.value.detail)
 
 
@@ -170,10 +178,10 @@ class Entra:
         return list(self.presented)
 
 
-def _oauth(store: SecretStore, monkeypatch: Any) -> Any:
+def _oauth(cred: AppCredential, monkeypatch: Any) -> Any:
     from shared.oauth import OAuthClient
 
-    oauth = OAuthClient(store._settings, secrets_store=store, session=None, states_table=None)  # type: ignore[arg-type]
+    oauth = OAuthClient(GOOD_SETTINGS, credentials=cred, session=None, states_table=None)  # type: ignore[arg-type]
     monkeypatch.setattr(oauth, "_msal_app_for", lambda credential: credential)  # the "app" is the credential
     return oauth
 
@@ -201,16 +209,17 @@ def test_newest_certificate_unknown_to_entra_falls_back_until_it_is_registered(
     a, b = _thumb(cert_a), _thumb(cert_b)
     vault.set_certificate("ms-client-cert", key_a, cert_a)
     clock = Clock()
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=clock, ttl_seconds=300,
-                        cert_retry_seconds=900)
-    oauth, entra = _oauth(store, monkeypatch), Entra(a)
-    assert entra.call(oauth) == [a] and store.client_credential_warning() is None
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate")
+    store = SecretStore(settings, clock=clock, ttl_seconds=300)
+    cred = AppCredential(settings, vault=store, clock=clock, cert_retry_seconds=900)
+    oauth, entra = _oauth(cred, monkeypatch), Entra(a)
+    assert entra.call(oauth) == [a] and cred.warning() is None
 
     vault.set_certificate("ms-client-cert", key_b, cert_b, pkcs12=True)  # auto-renewal: a new key pair
     clock.now += 301  # the cache expires: the app reads B, Entra rejects it, A keeps working
     assert entra.call(oauth) == [b, a] and oauth.operator_alert is None
     assert vault.listings("ms-client-cert") == 1
-    warning = store.client_credential_warning()
+    warning = cred.warning()
     assert warning is not None and warning["warning"] == "certificate_not_registered"
     sha1_b = parse_certificate(key_b + cert_b).thumbprint_sha1.upper()
     assert sha1_b in warning["detail"] and "app registration" in warning["hint"]
@@ -223,12 +232,12 @@ def test_newest_certificate_unknown_to_entra_falls_back_until_it_is_registered(
     assert vault.reads("ms-client-cert") == reads + 0 and vault.listings("ms-client-cert") == 1
 
     clock.now += 900  # the scheduled retry of the newest: still unknown, back to A
-    assert entra.call(oauth) == [b, a] and store.client_credential_warning() is not None
+    assert entra.call(oauth) == [b, a] and cred.warning() is not None
     entra.accepted.add(b)  # the operator uploads B to the app registration
     clock.now += 100
     assert entra.call(oauth) == [a]  # the retry is not due yet
     clock.now += 800
-    assert entra.call(oauth) == [b] and store.client_credential_warning() is None
+    assert entra.call(oauth) == [b] and cred.warning() is None
     assert entra.call(oauth) == [b]
     text = caplog.text + repr(store) + json.dumps(warning)
     for key in (key_a, key_b):
@@ -244,12 +253,15 @@ def test_fallback_skips_disabled_and_expired_versions_and_ends_when_entra_reject
     vault.update_version("ms-client-cert", versions["disabled"], enabled=False)
     vault.update_version("ms-client-cert", versions["expired"], expires=int(time.time()) - 60)
     t = {n: _thumb(pair[1]) for n, pair in certs.items()}
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=Clock())
-    oauth, entra = _oauth(store, monkeypatch), Entra(t["a"], t["disabled"], t["expired"])
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate")
+    clock = Clock()
+    store = SecretStore(settings, clock=clock)
+    cred = AppCredential(settings, vault=store, clock=clock)
+    oauth, entra = _oauth(cred, monkeypatch), Entra(t["a"], t["disabled"], t["expired"])
     assert entra.call(oauth) == [t["newest"], t["a"]]
     # The app registration drops A and gets the newest: A's rejection makes the app present the newest at once.
     entra.accepted = {t["newest"]}
-    assert entra.call(oauth) == [t["a"], t["newest"]] and store.client_credential_warning() is None
+    assert entra.call(oauth) == [t["a"], t["newest"]] and cred.warning() is None
 
 
 def test_no_earlier_version_means_the_operator_error(vault: KeyVaultDouble, monkeypatch: Any) -> None:  # noqa: F811
@@ -257,12 +269,15 @@ def test_no_earlier_version_means_the_operator_error(vault: KeyVaultDouble, monk
 
     key, cert = new_client_certificate("only")
     vault.set_certificate("ms-client-cert", key, cert)
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate"), clock=Clock())
-    oauth, entra = _oauth(store, monkeypatch), Entra()
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="certificate")
+    clock = Clock()
+    store = SecretStore(settings, clock=clock)
+    cred = AppCredential(settings, vault=store, clock=clock)
+    oauth, entra = _oauth(cred, monkeypatch), Entra()
     with pytest.raises(OperatorError) as ei:
         entra.call(oauth)
     assert ei.value.code == "invalid_client_certificate" and oauth.operator_alert is not None
-    assert entra.presented == [_thumb(cert)] and store.client_credential_warning() is None
+    assert entra.presented == [_thumb(cert)] and cred.warning() is None
 
 
 def test_an_expired_secret_costs_one_vault_read_per_30_seconds_not_one_per_token_call(
@@ -270,8 +285,9 @@ def test_an_expired_secret_costs_one_vault_read_per_30_seconds_not_one_per_token
     from shared.errors import OperatorError
 
     clock = Clock()
-    store = SecretStore(vault_settings(vault), clock=clock, ttl_seconds=300)
-    oauth = _oauth(store, monkeypatch)
+    settings = vault_settings(vault)
+    store = SecretStore(settings, clock=clock, ttl_seconds=300)
+    oauth = _oauth(AppCredential(settings, vault=store, clock=clock), monkeypatch)
     expired = {"error": "invalid_client", "error_codes": [7000222],
                "error_description": "AADSTS7000222: The provided client secret keys for app are expired."}
     calls = []
@@ -300,9 +316,11 @@ def test_an_expired_secret_costs_one_vault_read_per_30_seconds_not_one_per_token
 def test_managed_identity_assertion_through_the_real_credential(vault: KeyVaultDouble, control: Any) -> None:  # noqa: F811
     mi = control.add_managed_identity(vault.identity_client_id)
     vault.token_service = sandbox_token_service(control)
-    store = SecretStore(vault_settings(vault, MS_CLIENT_CREDENTIAL="managed_identity", MS_TENANT="organizations",
-                                       AZURE_CLIENT_ID=vault.identity_client_id))
-    credential = store.client_credential()
+    settings = vault_settings(vault, MS_CLIENT_CREDENTIAL="managed_identity", MS_TENANT="organizations",
+                              AZURE_CLIENT_ID=vault.identity_client_id)
+    store = SecretStore(settings)
+    cred = AppCredential(settings, vault=store)
+    credential = cred.current()
     assert credential.kind == "managed_identity" and set(credential.msal) == {"client_assertion"}
     assertion = credential.msal["client_assertion"]
     token = assertion()
@@ -310,8 +328,8 @@ def test_managed_identity_assertion_through_the_real_credential(vault: KeyVaultD
     assert (claims["aud"], claims["sub"], claims["iss"]) == (EXCHANGE, mi["principal_id"], mi["issuer"])
     requests_before = vault.token_requests
     assert assertion() == token and vault.token_requests == requests_before  # cached
-    store.check()
-    store.invalidate_client_credential()  # Entra rejected it: a new token, not the credential's cached one
+    cred.check()
+    cred.reject(credential, "client_assertion_expired")  # Entra rejected it: a new token, not the cached one
     assert assertion() != token and vault.token_requests == requests_before + 1
     assert token not in repr(credential) and token not in repr(store)
 

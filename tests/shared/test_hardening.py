@@ -269,8 +269,10 @@ def _ring() -> Any:
 
 def test_result_token_verifies_with_the_published_keys_and_names_owner_account_and_state() -> None:
     from shared import connect_result
+    from shared.crypto import KeyRing
 
-    ring = _ring()
+    material = {"k1": os.urandom(32), "k2": os.urandom(32)}
+    ring = KeyRing("k2", dict(material))
     token = connect_result.sign(ring, issuer="https://connector.example", audience="https://product.example",
                                 owner="owner-1", account_id="acc_1", state="the-state")
     keys = jwt.PyJWKSet.from_dict(connect_result.jwks(ring))
@@ -283,7 +285,13 @@ def test_result_token_verifies_with_the_published_keys_and_names_owner_account_a
     assert claims["stateHash"] == connect_result.state_hash("the-state")
     assert claims["exp"] - claims["iat"] == connect_result.RESULT_TTL_S <= 300
     assert {k.key_id for k in keys.keys} == {"connect-result-k1", "connect-result-k2"}  # every ring key published
-    assert connect_result.jwks(ring) == connect_result.jwks(ring)  # derived, stable across instances
+    # Derived from the ring, not generated: another instance (a ring built anew from the same keys) publishes
+    # the same keys and verifies this instance's token.
+    other = KeyRing("k2", dict(material))
+    assert other is not ring and connect_result.jwks(other) == connect_result.jwks(ring)
+    other_key = next(k for k in jwt.PyJWKSet.from_dict(connect_result.jwks(other)).keys if k.key_id == header["kid"])
+    assert jwt.decode(token, other_key, algorithms=["ES256"], audience="https://product.example",
+                      issuer="https://connector.example")["sub"] == "owner-1"
 
 
 def test_state_partition_is_a_keyed_mac_not_a_hash_of_the_owner() -> None:

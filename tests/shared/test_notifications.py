@@ -10,15 +10,8 @@ import pytest
 
 from shared.config import load_settings
 from shared.errors import ConfigurationError, ValidationError
-from shared.notifications import (
-    MAX_ITEMS,
-    MAX_RECIPIENTS,
-    Change,
-    Job,
-    NotificationConfig,
-    message_summary,
-    parse_batch,
-)
+from shared.notification_intake import MAX_ITEMS, Change, parse_batch
+from shared.notifications import MAX_RECIPIENTS, Job, NotificationConfig, message_summary
 from tests.shared.test_config import GOOD
 
 

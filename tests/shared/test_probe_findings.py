@@ -14,10 +14,12 @@ from shared.auth import CallerAuth
 from shared.blueprints._http import json_body, lone_surrogate_at
 from shared.blueprints.send import check_multipart_parts
 from shared.config import load_settings
+from shared.connect_flow import ascii_lower
+from shared.connect_flow import check_login_hint as _check_login_hint
 from shared.errors import AuthenticationError, PayloadTooLargeError, ValidationError
 from shared.ms_errors import AUTHORIZE_ERRORS, callback_message, from_authorize_error
-from shared.notifications import Job, _merge_lifecycle, parse_batch
-from shared.service import _check_login_hint, ascii_lower
+from shared.notification_intake import _merge_lifecycle, parse_batch
+from shared.notifications import Job
 from tests.shared.test_config import GOOD
 
 # -- lone surrogates -------------------------------------------------------------------------------

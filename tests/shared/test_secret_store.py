@@ -14,6 +14,7 @@ from azure.core.credentials import AccessToken
 
 from devstack.keyvault import KeyVaultDouble
 from shared import secret_store as secret_store_module
+from shared.app_credential import AppCredential
 from shared.config import load_settings
 from shared.crypto import KeyRing, account_aad
 from shared.errors import to_problem
@@ -153,12 +154,12 @@ def test_missing_secret_names_it_and_leaks_nothing(vault):
     assert "secret_unavailable" in problem
     assert_no_secret(problem + str(err) + repr(err))
     with pytest.raises(SecretUnavailableError):
-        store.check()
+        store.client_secret()
     # failures are cached briefly: no vault call storm
     assert vault.reads("ms-client-secret") == 1
     vault.set_secret("ms-client-secret", CLIENT_SECRET)
     store.invalidate_client_secret()
-    store.check()
+    store.client_secret()
 
 
 def test_failure_cache_expires(vault):
@@ -179,7 +180,7 @@ def test_forbidden_secret(vault):
     vault.forbid("ms-client-secret")
     store = SecretStore(vault_settings(vault))
     with pytest.raises(SecretUnavailableError) as ei:
-        store.check()
+        store.client_secret()
     err = ei.value
     assert err.reason == "forbidden" and err.status == 503
     assert "403" in err.detail and "ms-client-secret" in err.detail and "Key Vault Secrets User" in err.hint
@@ -238,7 +239,7 @@ def test_env_ca_bundle_is_not_trusted_by_the_sdk(vault, monkeypatch):
     monkeypatch.setitem(secret_store_module.SDK_RETRY, "retry_total", 0)
     store = SecretStore(vault_settings(vault, MS_CA_BUNDLE=""))
     with pytest.raises(SecretUnavailableError) as ei:
-        store.check()
+        store.client_secret()
     assert ei.value.reason == "unreachable" and vault.url in ei.value.hint
     assert vault.requests == []
 
@@ -262,7 +263,7 @@ def test_no_identity_available(vault, monkeypatch):
 
     store = SecretStore(vault_settings(vault), credential=NoIdentity())
     with pytest.raises(SecretUnavailableError) as ei:
-        store.check()
+        store.client_secret()
     assert ei.value.reason == "no_identity" and "managed identity" in ei.value.hint
 
 
@@ -291,12 +292,11 @@ def test_environment_path_without_vault(monkeypatch):
         raise AssertionError("no Key Vault without KEY_VAULT_URL")
 
     store = SecretStore(settings, secret_client_factory=no_client)
-    assert not store.uses_key_vault
     assert store.client_secret() == "env-secret"
     ring = store.key_ring()
     assert ring.active_kid == "k2" and store.key_ring() is ring
     store.invalidate_client_secret()
-    store.check()
+    AppCredential(settings, vault=store).check()
     assert "env-secret" not in repr(store)
 
 
@@ -308,7 +308,7 @@ def test_no_secret_or_token_in_logs(vault, caplog):
     vault.forbid("ms-client-secret")
     store.invalidate_client_secret()
     with pytest.raises(SecretUnavailableError):
-        store.check()
+        store.client_secret()
     text = caplog.text
     assert_no_secret(text)
     for token in vault.issued_tokens():
@@ -364,27 +364,29 @@ def test_double_lists_versions_with_paging_and_serves_each_version(vault):
 def test_a_rejected_credential_is_reread_at_most_every_30_seconds(vault):
     clock = FakeClock()
     store = SecretStore(vault_settings(vault), clock=clock, ttl_seconds=300)
-    stale = store.client_credential()
+    cred = AppCredential(store_settings := vault_settings(vault), vault=store, clock=clock)
+    assert store_settings.client_credential == "secret"
+    stale = cred.current()
     assert vault.reads("ms-client-secret") == 1
     clock.now += 100
     # Entra rejects it: re-read once; the vault still has the same value, so a retry would not help.
-    assert store.reject_client_credential(stale, "client_secret_expired") is None
+    assert cred.reject(stale, "client_secret_expired") is None
     assert vault.reads("ms-client-secret") == 2
     for _ in range(5):  # it stays rejected: no vault read per token request
         clock.now += 5
-        assert store.reject_client_credential(stale, "client_secret_expired") is None
+        assert cred.reject(stale, "client_secret_expired") is None
     assert vault.reads("ms-client-secret") == 2
     vault.set_secret("ms-client-secret", "rotated-secret")
     clock.now += 6  # 31 s after the re-read
-    fresh = store.reject_client_credential(stale, "client_secret_expired")
+    fresh = cred.reject(stale, "client_secret_expired")
     assert fresh is not None and fresh.msal == "rotated-secret" and vault.reads("ms-client-secret") == 3
     # Accepted, then rejected a second later: re-read at once (it may just have been rotated).
-    store.accept_client_credential(fresh)
+    cred.accept(fresh)
     clock.now += 1
-    assert store.reject_client_credential(fresh, "client_secret_expired") is None
+    assert cred.reject(fresh, "client_secret_expired") is None
     assert vault.reads("ms-client-secret") == 4
     clock.now += 1
-    assert store.reject_client_credential(fresh, "client_secret_expired") is None
+    assert cred.reject(fresh, "client_secret_expired") is None
     assert vault.reads("ms-client-secret") == 4
 
 

@@ -177,3 +177,15 @@ def test_a_text_body_is_sent_with_its_length_in_bytes() -> None:
         assert t.send(req).status_code == 200
         assert _get(t, s.port) == 200  # the connection is still in step
         assert s.bodies[0] == "héllo ✓".encode() and s.connections == 1
+
+
+def test_what_http_client_does_not_send_goes_through_the_requests_fallback() -> None:
+    """A streamed answer (or a request that is not azure-core's REST type) is sent by azure-core's
+    RequestsTransport on its own pool: the same server answers, and the keep-alive pool is not used."""
+    with server(lambda c, r: "ok") as s:
+        t = StorageTransport()
+        streamed = t.send(HttpRequest("GET", f"http://127.0.0.1:{s.port}/x"), stream=True)
+        assert streamed.status_code == 200 and b"".join(streamed.iter_bytes()) == b"{}"
+        assert _get(t, s.port) == 200  # the plain way, on a connection of its own pool
+        assert s.methods == ["GET", "GET"] and s.connections == 2
+        t.close()

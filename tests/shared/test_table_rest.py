@@ -133,14 +133,20 @@ def test_shared_key_matches_the_sdk_and_a_wrong_key_is_refused(azurite: Any) -> 
     from shared._table_rest import SharedKeyPolicy, StorageHeaders
 
     cred = AzureNamedKeyCredential("devstoreaccount1", base64.b64encode(b"k" * 64).decode())
-    for method, ctype in (("GET", ""), ("PATCH", "application/json")):
-        ours = HttpRequest(method, "http://127.0.0.1:1/devstoreaccount1/t(PartitionKey='a%27%27b',RowKey='r')",
-                           headers={"Content-Type": ctype} if ctype else {})
-        StorageHeaders().on_request(PipelineRequest(ours, PipelineContext(None)))
-        theirs = HttpRequest(method, ours.url, headers=dict(ours.headers))
-        SharedKeyPolicy(cred).on_request(PipelineRequest(ours, PipelineContext(None)))
-        SdkPolicy(cred).on_request(PipelineRequest(theirs, PipelineContext(None)))
-        assert ours.headers["Authorization"] == theirs.headers["Authorization"]
+    entity = "t(PartitionKey='a%27%27b',RowKey='r')"
+    urls = ("http://127.0.0.1:1/devstoreaccount1/" + entity,  # path-style (Azurite)
+            "https://devstoreaccount1.table.core.windows.net/" + entity,  # virtual-hosted (production)
+            "https://devstoreaccount1.table.core.windows.net/t")  # an insert posts to the table
+    verbs = (("GET", ""), ("PUT", "application/json"), ("PATCH", "application/json"), ("DELETE", ""),
+             ("POST", "application/json"))  # read, replace/upsert, merge, delete, insert
+    for url in urls:
+        for method, ctype in verbs:
+            ours = HttpRequest(method, url, headers={"Content-Type": ctype} if ctype else {})
+            StorageHeaders().on_request(PipelineRequest(ours, PipelineContext(None)))
+            theirs = HttpRequest(method, ours.url, headers=dict(ours.headers))
+            SharedKeyPolicy(cred).on_request(PipelineRequest(ours, PipelineContext(None)))
+            SdkPolicy(cred).on_request(PipelineRequest(theirs, PipelineContext(None)))
+            assert ours.headers["Authorization"] == theirs.headers["Authorization"], (method, url)
 
     good = azurite.connection_string
     account_key = next(p.split("=", 1)[1] for p in good.split(";") if p.startswith("AccountKey="))
@@ -188,6 +194,7 @@ class _TableServer(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str]] = []
+        self.headers: list[dict[str, str]] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -195,6 +202,7 @@ class _TableServer(http.server.ThreadingHTTPServer):
 
             def do_GET(self) -> None:
                 outer.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
+                outer.headers.append(dict(self.headers.items()))
                 body = json.dumps({"odata.etag": "W/\"1\"", "PartitionKey": "p", "RowKey": "r", "v": "x"}).encode()
                 denied = "denied" in self.path  # Azure's answer to a token it does not accept
                 self.send_response(403 if denied else 200)
@@ -235,6 +243,10 @@ def test_an_identity_based_account_sends_a_cached_storage_bearer_token() -> None
         assert [s[1] for s in server.seen] == ["/accounts(PartitionKey='p',RowKey='r')"] * 2
         assert {s[2] for s in server.seen} == {"Bearer storage-token-for-test"}
         assert credential.scopes == [("https://storage.azure.com/.default",)]  # one token, reused
+        # As the SDK's pipeline: a client request id per call (Azure support traces it) and a User-Agent.
+        ids = [h.get("x-ms-client-request-id") for h in server.headers]
+        assert all(ids) and len(set(ids)) == len(ids)
+        assert all("outlook-connector/table-rest" in h.get("User-Agent", "") for h in server.headers)
         with pytest.raises(StorageUnavailableError) as refused:  # as azure-data-tables maps it: 503, retry later
             t.get("p", "denied")
         assert "credential failed: ClientAuthenticationError" in str(refused.value)

@@ -71,13 +71,13 @@ def stack(host: Host, browser_session: Any, otel: Any, monkeypatch_module: Any) 
 
     c = service.Connector(load_settings(host.env))
     monkeypatch_module.setattr(service, "_connector", c)
-    start = c.start_connect(OWNER, return_url=None, login_hint=USER)
+    start = c.connect.start(OWNER, return_url=None, login_hint=USER)
     form = authorize(browser_session, start["authUrl"])
     resp = _call("connect_microsoft_callback", func.HttpRequest(
         method="POST", url=f"{host.url}/api/connect/microsoft/callback", body=urlencode(form.fields).encode(),
         headers={"Content-Type": "application/x-www-form-urlencoded"}))
     assert resp.status_code == 200, resp.get_body()[:300]
-    account_id = c.list_accounts(OWNER)[0]["id"]
+    account_id = c.account_ops.list_accounts(OWNER)[0]["id"]
     tokens = c.accounts.open_tokens(c.accounts.get_account(OWNER, account_id))
     return {"c": c, "account": account_id, "code": form.fields["code"], "tokens": tokens,
             "correlation": resp.headers["x-correlation-id"]}
@@ -184,8 +184,8 @@ def test_refresh_failure_is_counted_as_invalid_grant(otel: Any, host: Host, stac
 def test_throttled_graph_calls(otel: Any, host: Host, stack: dict[str, Any], browser_session: Any,
                                control: Any) -> None:
     c = stack["c"]
-    start = c.start_connect(OWNER, return_url=None, login_hint=USER, account_id=stack["account"])
-    assert c.complete_connect(authorize(browser_session, start["authUrl"]).fields).status == "connected"
+    start = c.connect.start(OWNER, return_url=None, login_hint=USER, account_id=stack["account"])
+    assert c.connect.complete(authorize(browser_session, start["authUrl"]).fields).status == "connected"
     control.inject("/v1.0/me/mailFolders", status=429, retry_after=0, count=1, user=USER)
     r = _api(host, "GET", f"/api/accounts/{stack['account']}/folders", "list_folders",
              route={"accountId": stack["account"]})
@@ -229,11 +229,11 @@ def test_notification_functions_run_in_the_hosts_trace(otel: Any, stack: dict[st
         assert "context" in inspect.signature(fns[name]).parameters, name
 
 
-def test_webhook_urls_keep_only_their_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_urls_keep_only_their_host() -> None:
     """A Slack-style webhook URL carries its secret in the path: spans keep scheme and host only."""
-    from shared.telemetry import clean_attributes, strip_url
+    from shared.telemetry import clean_attributes, redact_webhook_host, strip_url
 
-    monkeypatch.setenv("WEBHOOK_URL", "https://hooks.slack.com/services/T000/B000/XyZsecretPath")
+    redact_webhook_host("https://hooks.slack.com/services/T000/B000/XyZsecretPath")  # WEBHOOK_URL, from Settings
     for url in ("https://hooks.slack.com/services/T000/B000/XyZsecretPath",
                 "https://HOOKS.slack.com/services/T000/B000/XyZsecretPath?x=1#f"):
         assert strip_url(url) == url.split("/services")[0]
@@ -241,6 +241,7 @@ def test_webhook_urls_keep_only_their_host(monkeypatch: pytest.MonkeyPatch) -> N
         {"url.full": "https://hooks.slack.com/services/T000/B000/XyZsecretPath"}))
     assert strip_url("https://graph.microsoft.com/v1.0/me/messages?$top=1") == \
         "https://graph.microsoft.com/v1.0/me/messages"
+    redact_webhook_host(None)
 
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")

@@ -32,8 +32,8 @@ def _connector(host: Host, lease: dt.timedelta) -> Any:
 
 
 def _connect(c: Any, browser: Any, owner: str) -> str:
-    start = c.start_connect(owner, return_url=None, login_hint=USER)
-    out = c.complete_connect(authorize(browser, start["authUrl"]).fields)  # Entra's form_post fields
+    start = c.connect.start(owner, return_url=None, login_hint=USER)
+    out = c.connect.complete(authorize(browser, start["authUrl"]).fields)  # Entra's form_post fields
     assert out.status == "connected", out
     return str(out.account_id)
 
@@ -111,7 +111,7 @@ class _LoseResponses(WrappingTransport):
 
 def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_session: Any) -> None:
     from shared.config import load_settings
-    from shared.refresh_index import bucket_of
+    from shared.due_index import bucket_of
     from shared.service import Connector
     from shared.storage import Storage
 
@@ -130,7 +130,10 @@ def test_a_final_write_whose_response_was_lost_still_counts(host: Host, browser_
     assert stored.sealed_tokens == after.sealed_tokens
     # The refresh completed as if nothing happened: the next due time is indexed (not left to the
     # daily reconciliation).
-    rows = c.refresh_index.buckets_of(owner, acc_id)
+    from shared.storage import REFRESH_INDEX_TABLE
+    from tests.e2e.test_refresh import index_buckets
+
+    rows = index_buckets(c.storage.table(REFRESH_INDEX_TABLE), owner, acc_id)
     assert bucket_of(stored.refresh_due_at) in rows
 
 

@@ -1,4 +1,4 @@
-"""RefreshIndex against real Azurite: rows move with the due time, the timer takes only due rows and
+"""DueIndex against real Azurite: rows move with the due time, the timer takes only due rows and
 re-arms them, and a finished worker removes the re-armed row."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account
-from shared.refresh_index import REARM, RefreshIndex, bucket_of, row_key
+from shared.due_index import REARM, DueIndex, bucket_of, row_key
 from shared.storage import Table
 from tests.conftest import storage_settings
 
@@ -19,12 +19,12 @@ NOW = dt.datetime(2026, 12, 1, 12, 2, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture()
-def index(azurite: Any) -> tuple[RefreshIndex, Table]:
+def index(azurite: Any) -> tuple[DueIndex, Table]:
     from shared.storage import Storage
 
     table = Storage(storage_settings(azurite.connection_string)).table("ri" + uuid.uuid4().hex[:12])
     table.create_if_missing()
-    return RefreshIndex(table), table
+    return DueIndex(table), table
 
 
 def _account(i: int, due: dt.datetime | None) -> Account:
@@ -37,7 +37,7 @@ def _rows(table: Table) -> set[tuple[str, str]]:
     return {(str(e["PartitionKey"]), str(e["RowKey"])) for e in table.scan()}
 
 
-def test_rows_move_with_the_due_time_and_leave_with_the_account(index: tuple[RefreshIndex, Table]) -> None:
+def test_rows_move_with_the_due_time_and_leave_with_the_account(index: tuple[DueIndex, Table]) -> None:
     idx, table = index
     a = _account(1, NOW + dt.timedelta(days=7))
     idx.put(a)
@@ -52,7 +52,7 @@ def test_rows_move_with_the_due_time_and_leave_with_the_account(index: tuple[Ref
     assert _rows(table) == set()
 
 
-def test_take_due_reads_only_due_rows_and_rearms_them(index: tuple[RefreshIndex, Table]) -> None:
+def test_take_due_reads_only_due_rows_and_rearms_them(index: tuple[DueIndex, Table]) -> None:
     idx, table = index
     due = [_account(i, NOW - dt.timedelta(minutes=5 * i)) for i in range(1, 4)]
     later = _account(9, NOW + dt.timedelta(hours=2))
@@ -75,7 +75,7 @@ def test_take_due_reads_only_due_rows_and_rearms_them(index: tuple[RefreshIndex,
     assert (rearm, row_key("owner-3", "acc_3")) not in _rows(table)
 
 
-def test_take_due_spans_more_than_one_transaction(index: tuple[RefreshIndex, Table]) -> None:
+def test_take_due_spans_more_than_one_transaction(index: tuple[DueIndex, Table]) -> None:
     idx, table = index
     accounts = [_account(i, NOW - dt.timedelta(minutes=1)) for i in range(150)]  # > one 100-row transaction
     for a in accounts:

@@ -1,6 +1,7 @@
-"""The refresh due-time index (SPEC §6, §9: find due accounts without scanning all accounts).
+"""A due-time index: find the accounts due for work without scanning all accounts (SPEC §6, §9).
 
-Table ``refreshindex``: PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``),
+Two tables use it: ``refreshindex`` (proactive token refresh) and ``subscriptionindex`` (subscription
+renewal and the safety catch-up). PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``),
 RowKey = ``<owner partition>|<account id>``. A timer run reads only partitions ``<=`` the current
 bucket — the due rows — never the accounts table. The account record stays the truth: a stale or
 duplicate row costs one read of the account, never a wrong refresh.
@@ -44,7 +45,9 @@ class DueAccount:
     account_id: str
 
 
-class RefreshIndex:
+class DueIndex:
+    """One due-time index table: rows keyed by (bucket, owner and account), moved, taken and removed here only."""
+
     def __init__(self, table: Table) -> None:
         self._table = table
 
@@ -62,6 +65,18 @@ class RefreshIndex:
 
     def put_row(self, owner: str, account_id: str, due: dt.datetime) -> None:
         self._table.upsert(_row(bucket_of(due), owner, account_id))
+
+    def move_row(self, owner: str, account_id: str, due: dt.datetime | None, *, stale: set[str]) -> None:
+        """Index the account at ``due`` (None: nowhere) and remove its rows in the ``stale`` buckets (the
+        previous due time, a re-armed row), except the new one."""
+        keep = bucket_of(due) if due is not None else ""
+        if due is not None:
+            self.put_row(owner, account_id, due)
+        for bucket in stale - {"", keep}:
+            self.remove_row(bucket, owner, account_id)
+
+    def remove_row(self, bucket: str, owner: str, account_id: str) -> None:
+        self._table.delete_if_present(bucket, row_key(owner, account_id))
 
     def remove(self, account: Account) -> None:
         if account.refresh_due_at is not None:
@@ -94,12 +109,6 @@ class RefreshIndex:
                 except (NotFoundError, ConflictError):  # a row removed meanwhile fails the whole batch
                     for rk in batch:
                         self._table.delete_if_present(pk, rk)
-
-    def buckets_of(self, owner: str, account_id: str) -> list[str]:
-        """The buckets the account is indexed under (diagnostics and tests: this query scans the table)."""
-        rows = self._table.query("RowKey eq @rk", parameters={"rk": row_key(owner, account_id)},
-                                 select=["PartitionKey"])
-        return sorted(str(r["PartitionKey"]) for r in rows)
 
     def finish(self, owner: str, account_id: str, *, rearm: str, account: Account | None) -> None:
         """The worker is done with the account: drop the re-armed row unless it is the next due row."""
