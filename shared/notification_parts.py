@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from shared.graph import GraphClient
     from shared.notification_delivery import NotificationDelivery
     from shared.notification_intake import NotificationIntake
-    from shared.notifications import NotificationConfig, NotificationWorker
+    from shared.notification_worker import NotificationWorker
+    from shared.notifications import NotificationConfig
     from shared.storage import Queue, Storage
     from shared.subscription_lifecycle import SubscriptionLifecycle, SubscriptionReconciler
     from shared.subscriptions import SubscriptionStore
@@ -91,6 +92,6 @@ class NotificationParts:
     @cached_property
     def worker(self) -> NotificationWorker:
         """The queue trigger's body."""
-        from shared.notifications import NotificationWorker
+        from shared.notification_worker import NotificationWorker
 
         return NotificationWorker(lifecycle=self.subscriptions, delivery=self.delivery)

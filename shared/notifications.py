@@ -9,9 +9,8 @@ Three parts, each following Microsoft's documented behaviour, share the queue ``
 * **Delivery** (:mod:`shared.notification_delivery`): read each new message's summary and emit
   ``message.received`` once per message id; the delta catch-up.
 
-This module holds what they share: the queue message (:class:`Job`), the event's summary, the time
-constants, and the queue worker (:class:`NotificationWorker`), which runs a job on its part and classifies
-its failure.
+This module holds what they share: the queue message (:class:`Job`), the event's summary and the time
+constants. The queue worker (:mod:`shared.notification_worker`) runs each job on its part.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import parse_iso
 from shared.errors import (
-    ConnectorError,
-    ReauthRequiredError,
     StorageUnavailableError,
     ThrottledError,
     UpstreamUnavailableError,
@@ -34,8 +31,6 @@ from shared.errors import (
 
 if TYPE_CHECKING:
     from shared.config import Settings
-    from shared.notification_delivery import NotificationDelivery
-    from shared.subscription_lifecycle import SubscriptionLifecycle
 
 log = logging.getLogger("connector.notifications")
 
@@ -131,37 +126,6 @@ def _cut(value: object) -> object:
 
 def _address(value: object) -> object:
     return {k: _cut(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-
-class NotificationWorker:
-    """The queue trigger's body: a ``changes`` job goes to delivery, every other job to the subscriptions."""
-
-    def __init__(self, *, lifecycle: SubscriptionLifecycle, delivery: NotificationDelivery) -> None:
-        self._lifecycle = lifecycle
-        self._delivery = delivery
-
-    def process(self, raw: bytes) -> str:
-        """Run one job. Returns what happened (for logs and tests)."""
-        try:
-            job = Job.from_message(raw)
-        except ValueError:
-            log.error("dropping a malformed notification job")
-            return "malformed"
-        try:
-            outcome = self._delivery.run(job) if job.kind == "changes" else self._lifecycle.run(job)
-        except ReauthRequiredError:
-            outcome = self._lifecycle.failed(job, "reauth_required", retry=None)
-        except TRANSIENT as e:
-            outcome = self._lifecycle.retry_later(job, e)
-        except Exception as e:  # ours, or e.g. a second DeltaExpiredError, a link outside Graph, a bad answer
-            code = e.code if isinstance(e, ConnectorError) else "internal_error"
-            log.warning("notification job %s for %s failed: %s (%s)", job.kind, job.account_id, code,
-                        type(e).__name__)
-            # One unreadable message is not a broken subscription; the safety catch-up tries it again.
-            outcome = "failed" if job.kind == "changes" else self._lifecycle.failed(job, code, retry=FAILED_RETRY)
-        log.info(json.dumps({"event": "notifications.job", "kind": job.kind, "accountId": job.account_id,
-                             "outcome": outcome}))
-        return outcome
 
 
 def seen_key(mid: str) -> str:
