@@ -58,6 +58,16 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``, man 2 prctl), so a killed ``devstack up`` or test session leaves no
+    Azurite holding its ports."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def azurite_command() -> list[str]:
     """The azurite executable, installing it with ``npm ci`` the first time."""
     if shutil.which("node") is None:
@@ -125,7 +135,8 @@ class Azurite:
         else:
             os.makedirs(self.location, exist_ok=True)
             cmd += ["--location", self.location]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -678,7 +678,9 @@ def _demo_token(req: Request) -> Response:
         return _problem(409, "Not available", "AUTH_HS256_SECRET is not set, so the dev host cannot issue tokens.")
     lifetime = 12 * 3600
     token = issue_dev_token(settings, sub, lifetime_s=lifetime)
-    body = json.dumps({"token": token, "sub": sub, "exp": int(time.time()) + lifetime})
+    # The sandbox's address too, so the page's instructions name the port this stack really uses.
+    body = json.dumps({"token": token, "sub": sub, "exp": int(time.time()) + lifetime,
+                       "sandbox": settings.authority_host})
     return Response(body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if taken:
         print(f"devstack host: port {a.port} is already in use (another host or `func start`?). "
-              "Stop it or pass --port.", file=sys.stderr)
+              "Stop it, or set DEVHOST_PORT (or pass --port).", file=sys.stderr)
         return 1
     try:
         app = load_app()

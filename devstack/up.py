@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,10 @@ def token_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
 
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.environ.setdefault("DEMO_ENABLED", "true")  # the local stack shows the demo client unless told not to
     apply_settings(values)
-    named = [(a.port, "dev host", "--port"), (a.sandbox_port, "sandbox", "--sandbox-port")]
+    named = [(a.port, "dev host", "DEVHOST_PORT (or --port)"),
+             (a.sandbox_port, "sandbox", "SANDBOX_PORT (or --sandbox-port)")]
     named += [(port, "Azurite", "AZURITE_BLOB_PORT / _QUEUE_PORT / _TABLE_PORT") for port in storage_ports]
     for port, what, how in named:
         if port_in_use(port):
@@ -102,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PUBLIC_BASE_URL"] = f"http://localhost:{a.port}"
     # The local stack's own sandbox may call the dev host's loopback http notification URL (Graph: https only).
     os.environ.setdefault("SANDBOX_ALLOW_HTTP_NOTIFICATIONS", "1")
-    print("devstack: starting Azurite (Table + Queue storage)...", flush=True)
+    # SIGTERM (a service manager, `kill`, a closed terminal's job control) stops like Ctrl-C: the children
+    # are stopped in the finally below instead of being left holding their ports.
+    signal.signal(signal.SIGTERM, _interrupt)
+    persist = os.environ.get("PERSIST", "").lower() in ("1", "true", "yes")
+    location = os.environ.get("AZURITE_LOCATION") or str(ROOT / ".devstack" / "azurite")
+    print(f"devstack: starting Azurite (Table + Queue storage{', kept in ' + location if persist else ''})...",
+          flush=True)
     try:
-        az = Azurite(blob_port=storage_ports[0], queue_port=storage_ports[1], table_port=storage_ports[2]).start()
+        az = Azurite(blob_port=storage_ports[0], queue_port=storage_ports[1], table_port=storage_ports[2],
+                     in_memory=not persist, location=location).start()
     except DevstackError as e:
         print(f"devstack: {e}", file=sys.stderr)
         return 1
@@ -131,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     from shared.config import get_settings
 
     token = issue_dev_token(get_settings(), "dev-user")
+    kept = f"kept in {location}" if persist else "in memory; PERSIST=1 make dev keeps it"
     print(f"""
 Outlook connector is running locally ({time.monotonic() - t0:.1f} s).
   API          {host.url}/api/health
   Demo page    {f"http://localhost:{a.port}/demo/" if static else "(off: DEMO_ENABLED=false)"}
   Sandbox      {sandbox.url}   (test users: adele@contoso.onmicrosoft.com, pat@outlook.com, ...)
-  Storage      Azurite on 127.0.0.1:{storage_ports[0]}-{storage_ports[2]} (in memory)
+  Storage      Azurite on 127.0.0.1:{storage_ports[0]}-{storage_ports[2]} ({kept})
 Next:
   1. open the demo page and connect a mailbox (the sandbox signs you in; no Azure account needed), or
   2. call the API with the development caller token (sub=dev-user, 12 h):

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 _Key = tuple[str, str, int]
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_HAS_POLL = hasattr(select, "poll")  # not on Windows (`func start` there, the operator CLI)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 
 
@@ -187,9 +188,13 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
     sock = conn.sock
     if sock is None:
         return False
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    # Windows has no poll(); select() takes sockets there (and has no FD_SETSIZE limit on them).
+    readable, _, broken = select.select([sock], [], [sock], 0)
+    return bool(readable or broken)
 
 
 def _seconds(value: object, default: float) -> float:

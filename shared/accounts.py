@@ -306,8 +306,10 @@ class AccountStore:
             raise _no_account()
         return acc
 
-    def reencrypt_all(self) -> tuple[int, int]:
-        """Re-seal every record not under the active key. Returns (examined, rewritten)."""
+    def reencrypt_all(self, *, on_progress: Callable[[int, int, int], None] | None = None,
+                      every: int = 100) -> tuple[int, int]:
+        """Re-seal every record not under the active key. Returns (examined, rewritten); ``on_progress``
+        (examined, total, rewritten) is told every ``every`` records and at the end."""
         ring = self._key_ring()
         accounts = self.list_all()
         rewritten = 0
@@ -317,14 +319,15 @@ class AccountStore:
                 return None
             return replace(acc, sealed_tokens=self.seal_tokens(acc.owner, acc.id, self.open_tokens(acc), ring=ring))
 
-        for acc in accounts:
-            if reseal(acc) is None:
-                continue
-            try:
-                saved = self.update_with(acc, reseal)
-            except NotFoundError:
-                continue  # deleted meanwhile
-            rewritten += saved.sealed_tokens != acc.sealed_tokens
+        for n, acc in enumerate(accounts, 1):
+            if reseal(acc) is not None:
+                try:
+                    saved = self.update_with(acc, reseal)
+                    rewritten += saved.sealed_tokens != acc.sealed_tokens
+                except NotFoundError:
+                    pass  # deleted meanwhile
+            if on_progress is not None and (n % every == 0 or n == len(accounts)):
+                on_progress(n, len(accounts), rewritten)
         return len(accounts), rewritten
 
 

@@ -65,6 +65,8 @@ class NotificationDelivery:
         return self._deliver_changes(acc, job)
 
     def _deliver_changes(self, acc: Account, job: Job) -> str:
+        if not self._webhooks.enabled:  # WEBHOOK_URL unset: nobody to tell, so nothing is read or claimed
+            return "no_receiver"
         token = AccountTokenSource(self._tokens, acc)
         now = utcnow()
         sent = 0
@@ -133,7 +135,9 @@ class NotificationDelivery:
         """Enqueue ``message.received``. A message the queue refuses (not a transient failure) is marked
         ``rejected`` and skipped, so it can never stop a catch-up; a transient failure releases the claim."""
         try:
-            self._webhooks.enqueue_message_received(acc.id, message_summary(msg))
+            if self._webhooks.enqueue_message_received(acc.id, message_summary(msg)) is None:
+                self._release(acc.id, mid)  # webhooks off: nothing was announced
+                return 0
         except TRANSIENT:
             self._release(acc.id, mid)
             raise

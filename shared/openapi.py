@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
+from shared import __version__
+
 PROBLEM = {"$ref": "#/components/responses/Problem"}
 
 Json = dict[str, object]
@@ -20,8 +22,8 @@ def _ref(name: str) -> dict[str, str]:
 
 def _json(schema: Mapping[str, object], description: str, example: object = None) -> Json:
     media: Json = {"schema": schema}
-    if example is not None:
-        media["example"] = example
+    if example is not None:  # OAS 3.1 media type: a map of Example Objects
+        media["examples"] = {"example": {"value": example}}
     return {"description": description, "content": {"application/json": media}}
 
 
@@ -82,7 +84,7 @@ SCHEMAS: Json = {
                 "properties": {"status": {"enum": ["active", "pending", "failed", "off"]},
                                "expiresAt": DATETIME_OR_NULL, "lastEventAt": DATETIME_OR_NULL}},
         },
-        "example": ACCOUNT_EXAMPLE,
+        "examples": [ACCOUNT_EXAMPLE],
     },
     "AccountList": {"type": "object", "required": ["accounts"], "additionalProperties": False,
                     "properties": {"accounts": {"type": "array", "items": _ref("Account")}}},
@@ -112,8 +114,8 @@ SCHEMAS: Json = {
             "trackingId": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
             "saveToSentItems": {"type": "boolean", "default": True},
         },
-        "example": {"to": ["Ann <ann@example.com>"], "subject": "Hello", "bodyHtml": "<p>Hi</p>",
-                    "trackingId": "crm-4711"},
+        "examples": [{"to": ["Ann <ann@example.com>"], "subject": "Hello", "bodyHtml": "<p>Hi</p>",
+                    "trackingId": "crm-4711"}],
     },
     "SendResult": {"type": "object", "required": ["status", "trackingId", "sentAt"], "additionalProperties": False,
                    "properties": {"status": {"const": "sent"}, "trackingId": {"type": "string"},
@@ -168,7 +170,7 @@ SCHEMAS: Json = {
                                "contentBytes": {"type": "string", "contentEncoding": "base64"}}}},
             "trackingId": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
         },
-        "example": {"comment": "Thanks, we'll be in touch.", "trackingId": "crm-4711-reply"},
+        "examples": [{"comment": "Thanks, we'll be in touch.", "trackingId": "crm-4711-reply"}],
     },
     "AnswerResult": {
         "type": "object", "required": ["status", "trackingId", "sentAt", "messageId", "conversationId"],
@@ -184,12 +186,12 @@ SCHEMAS: Json = {
         "properties": {"isRead": {"type": "boolean"}, "flag": {"enum": ["notFlagged", "flagged", "complete"]},
                        "categories": {"type": "array", "maxItems": 50,
                                       "items": {"type": "string", "minLength": 1, "maxLength": 255}}},
-        "example": {"isRead": True, "flag": "flagged", "categories": ["Customer"]}},
+        "examples": [{"isRead": True, "flag": "flagged", "categories": ["Customer"]}]},
     "MoveRequest": {"type": "object", "required": ["folder"], "additionalProperties": False,
                     "properties": {"folder": {"type": "string", "maxLength": 512,
                                               "description": "A well-known folder name (inbox, archive, "
                                                              "deleteditems, …) or a folder id."}},
-                    "example": {"folder": "archive"}},
+                    "examples": [{"folder": "archive"}]},
     "OrganisedMessage": {"allOf": [_ref("MessageSummary"), {
         "type": "object", "required": ["flag", "categories", "parentFolderId"],
         "properties": {"flag": {"enum": ["notFlagged", "flagged", "complete"]},
@@ -439,7 +441,7 @@ def document() -> Json:
     paths = {**_connect_paths(), **_account_paths(), **_mail_paths(), **_notification_paths()}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Outlook mailbox connector", "version": "1.0.0",
+        "info": {"title": "Outlook mailbox connector", "version": __version__,
                  "description": "Connect Outlook.com / Microsoft 365 mailboxes (Entra OAuth, auth code + PKCE) and "
                                 "send and read mail through Microsoft Graph on the user's behalf."},
         "servers": [{"url": "/"}],

@@ -29,13 +29,21 @@ function banner(kind, text, hint) {
   if (hint) b.append(el("span", { class: "hint", "data-testid": "banner-hint" }, hint));
 }
 
+function showSandbox(doc) {
+  // The sandbox this stack runs (SANDBOX_PORT may not be the default 8443).
+  const el = document.getElementById("sandbox-url");
+  if (el && doc && doc.sandbox) el.textContent = doc.sandbox;
+}
+
 async function getToken(force) {
   const saved = JSON.parse(sessionStorage.getItem("demoToken") || "null");
+  showSandbox(saved);
   if (!force && saved && saved.exp > Date.now() / 1000 + 60) return saved.token;
   const r = await fetch("/demo/token", { method: "POST", headers: { "Content-Type": "application/json" },
                                          body: JSON.stringify({ sub: SUB }) });
   if (!r.ok) throw new Error("The dev host did not issue a caller token (is DEMO_ENABLED set?)");
   const doc = await r.json();
+  showSandbox(doc);
   sessionStorage.setItem("demoToken", JSON.stringify(doc));
   return doc.token;
 }

@@ -139,7 +139,7 @@ class Mailbox:
             "hasAttachments": bool(attachments),
             "internetMessageId": fields.get("internetMessageId") or f"<{uuid.uuid4().hex}@sandbox.local>",
             "subject": fields.get("subject", f"Seeded message {self._seq}"),
-            "bodyPreview": str(body.get("content", ""))[:255],
+            "bodyPreview": body_preview(body),
             "importance": fields.get("importance", "normal"),
             "parentFolderId": fid,
             "conversationId": fields.get("conversationId") or new_conversation_id(),
@@ -243,3 +243,42 @@ class Mailbox:
 
     def total_size(self, msg: dict[str, Any]) -> int:
         return len(str(msg["body"].get("content", "")).encode()) + sum(a["size"] for a in msg["_attachments"])
+
+
+def body_preview(body: dict[str, Any]) -> str:
+    """Graph's ``bodyPreview``: "the first 255 characters of the message body, in text format"
+    (https://learn.microsoft.com/graph/api/resources/message): an HTML body without its markup, scripts and
+    styles, entities decoded and whitespace collapsed."""
+    content = str(body.get("content", ""))
+    if str(body.get("contentType", "text")).lower() == "html":
+        from html.parser import HTMLParser
+
+        parts: list[str] = []
+
+        hidden = ("script", "style", "head", "title")
+        blocks = ("p", "br", "div", "li", "tr", "td", "h1", "h2", "h3", "blockquote", "table", "ul", "ol")
+
+        class _Text(HTMLParser):
+            skip = 0  # inside how many elements whose text is not shown
+
+            def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+                if tag in hidden:
+                    self.skip += 1
+                elif tag in blocks:
+                    parts.append(" ")
+
+            def handle_endtag(self, tag: str) -> None:
+                if tag in hidden and self.skip:
+                    self.skip -= 1
+                elif tag in blocks:
+                    parts.append(" ")
+
+            def handle_data(self, data: str) -> None:
+                if not self.skip:
+                    parts.append(data)
+
+        parser = _Text(convert_charrefs=True)
+        parser.feed(content)
+        parser.close()
+        content = "".join(parts)
+    return " ".join(content.split())[:255]

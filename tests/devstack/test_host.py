@@ -155,7 +155,7 @@ def test_devstack_cli_errors_are_clear(tmp_path: Any) -> None:
         port = s.getsockname()[1]
         p = subprocess.run([sys.executable, "-m", "devstack", "host", "--port", str(port)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and "already in use" in p.stderr
+    assert p.returncode == 1 and "already in use" in p.stderr and "DEVHOST_PORT" in p.stderr
     p = subprocess.run([sys.executable, "-m", "devstack", "bogus"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "unknown command" in p.stderr

@@ -126,3 +126,13 @@ def test_synthetic_large_attachment_is_streamed(sandbox_server, ctl, http, flows
     for piece in synthetic_chunks("s1", size):
         want.update(piece)
     assert got.hexdigest() == want.hexdigest()
+
+
+def test_body_preview_is_plain_text_as_graphs_is():
+    from devstack.sandbox.mailbox import body_preview
+
+    html = ("<html><head><title>t</title><style>p{color:red}</style></head><body><p>Hello&nbsp;<b>Adele</b>,</p>"
+            "<script>alert(1)</script>\n\n<p>see   the &lt;report&gt;.</p></body></html>")
+    assert body_preview({"contentType": "html", "content": html}) == "Hello Adele, see the <report>."
+    assert body_preview({"contentType": "text", "content": "a\n\n b " + "x" * 300}).startswith("a b x")
+    assert len(body_preview({"contentType": "HTML", "content": "<p>" + "y" * 400 + "</p>"})) == 255

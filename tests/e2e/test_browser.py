@@ -143,6 +143,8 @@ def test_connect_send_and_read_in_a_browser(browser: Browser, host: Host, contro
         _assert("demo-user" in b.text("#who"), b.text("#who")),
         _assert(b.css("#no-accounts").is_displayed(), "the empty-state line should show"),
         _assert(not b.css("#send").is_enabled(), "Send must wait for an account"),
+        # The seeding instructions name this stack's sandbox, not a fixed port.
+        _assert(b.text("#sandbox-url") == host.env["MS_AUTHORITY_HOST"], b.text("#sandbox-url")),
     ))
 
     # Connect without a hint: the sandbox shows its account picker, then the permissions page.

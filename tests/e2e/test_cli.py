@@ -12,10 +12,14 @@ from typing import Any
 from tests.conftest import ROOT, Host, connect
 
 
-def cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
-    p = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
+def cli(env: dict[str, str], *args: str, cwd: Any = ROOT) -> tuple[int, Any]:
+    p = run_cli(env, *args, cwd=cwd)
     return p.returncode, json.loads(p.stdout)
+
+
+def run_cli(env: dict[str, str], *args: str, cwd: Any = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_cli_list_show_diagnose_refresh(host: Host, browser_session: Any) -> None:
@@ -39,8 +43,12 @@ def test_cli_reencrypt_moves_every_record_to_the_active_key(host: Host, browser_
     ring["keys"]["k2"] = base64.b64encode(secrets.token_bytes(32)).decode()
     ring["active"] = "k2"
     env = dict(host.env, TOKEN_ENCRYPTION_KEYS=json.dumps(ring))
-    rc, out = cli(env, "reencrypt")
+    p = run_cli(env, "reencrypt")
+    rc, out = p.returncode, json.loads(p.stdout)
     assert rc == 0 and out["activeKey"] == "k2" and out["reencrypted"] >= 1
+    # Progress as it goes, on standard error (the JSON on standard output stays one document).
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == f"reencrypt: {out['examined']}/{out['examined']} examined, {out['reencrypted']} re-encrypted"
     from azure.data.tables import TableClient
 
     t = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "accounts")
@@ -51,3 +59,24 @@ def test_cli_reencrypt_moves_every_record_to_the_active_key(host: Host, browser_
     ring["active"] = "k1"
     rc, out = cli(dict(host.env, TOKEN_ENCRYPTION_KEYS=json.dumps(ring)), "reencrypt")
     assert rc == 0 and {e["tokensKid"] for e in t.list_entities() if e.get("tokens")} == {"k1"}
+
+
+def test_cli_reads_local_settings_json_and_every_command_has_help(host: Host, tmp_path: Any) -> None:
+    """Run locally without exported settings, the CLI takes them from local.settings.json as Core Tools does;
+    a variable that is set wins over the file."""
+    import os
+
+    (tmp_path / "local.settings.json").write_text(json.dumps({"IsEncrypted": False, "Values": host.env}))
+    bare = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    rc, rows = cli(bare, "list", "--owner", "owner-cli-settings", cwd=tmp_path)
+    assert rc == 0 and rows == []
+    rc, problem = cli({**bare, "AzureWebJobsStorage": "not a connection string"}, "list", cwd=tmp_path)
+    assert rc == 1 and "AzureWebJobsStorage" in json.dumps(problem)  # the environment won over the file
+    for command in ("list", "show", "diagnose", "refresh", "reencrypt"):
+        p = run_cli(bare, command, "--help", cwd=tmp_path)
+        assert p.returncode == 0 and "usage:" in p.stdout, command
+        description = p.stdout.split("\n\n")[1]
+        assert description.strip() and not description.startswith("positional"), (command, p.stdout)
+    top = run_cli(bare, "--help", cwd=tmp_path).stdout
+    for command in ("list", "show", "diagnose", "refresh", "reencrypt"):
+        assert any(line.strip().startswith(command + " ") for line in top.splitlines()), (command, top)

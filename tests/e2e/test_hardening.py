@@ -254,6 +254,7 @@ def test_demo_token_on_loopback_still_works_and_checks_sub(host: Host) -> None:
     ok = host.http.post(host.url + "/demo/token", json={"sub": "demo-user"},
                         headers={"Origin": host.url}, timeout=30)
     assert ok.status_code == 200 and ok.json()["token"]
+    assert ok.json()["sandbox"] == host.env["MS_AUTHORITY_HOST"]  # the demo page's instructions use this port
     assert host.http.post(host.url + "/demo/token", json={"sub": "demo\n"}, timeout=30).status_code == 400
     assert host.http.post(host.url + "/demo/token", data="[" * 100_000, timeout=30).status_code == 400
 

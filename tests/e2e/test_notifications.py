@@ -466,3 +466,29 @@ def test_old_mail_moved_back_into_the_inbox_is_not_announced(host: Host, browser
     [mid] = control.seed_messages(ADELE, [{"subject": "from the archive", "receivedDateTime": old}])
     c = in_process(host)
     assert c.notifications.worker.process(job("changes", owner, aid, subscription_id=sid, ids=(mid,))) == "duplicate"
+
+
+def test_without_a_webhook_receiver_a_job_says_so_and_claims_nothing(host: Host, browser_session: Any,
+                                                                     control: Any, sandbox_http: None,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """WEBHOOK_URL unset: the log must not say "delivered", and no message id is claimed (nothing was sent)."""
+    from shared.config import load_settings
+    from shared.notifications import seen_key
+    from shared.service import Connector
+    from shared.storage import SEEN_TABLE
+
+    owner = "owner-no-receiver"
+    aid = connected(host, browser_session, owner, ADELE)
+    sid = subscription_of(control, ADELE)["id"]
+    control.notification_switches(drop=-1)
+    [mid] = control.seed_messages(ADELE, [{"subject": "nobody listens"}])
+    quiet = Connector(load_settings({**host.env, "WEBHOOK_URL": "", "WEBHOOK_SECRET": ""}))
+    with caplog.at_level("INFO", logger="connector.notifications"):
+        outcome = quiet.notifications.worker.process(job("changes", owner, aid, subscription_id=sid, ids=(mid,)))
+    assert outcome == "no_receiver"
+    assert not any('"delivered"' in r.getMessage() for r in caplog.records)
+    assert any('"outcome": "no_receiver"' in r.getMessage() for r in caplog.records)
+    from azure.core.exceptions import ResourceNotFoundError
+
+    with pytest.raises(ResourceNotFoundError):  # not claimed: a receiver configured later may still be told
+        TableClient.from_connection_string(host.env["AzureWebJobsStorage"], SEEN_TABLE).get_entity(aid, seen_key(mid))

@@ -52,7 +52,8 @@ def test_document_is_openapi_31_with_security_and_examples(doc: dict[str, Any]) 
     assert doc["openapi"].startswith("3.1")
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     validator = Draft202012Validator(doc["components"]["schemas"]["Account"])
-    validator.validate(doc["components"]["schemas"]["Account"]["example"])
+    for example in doc["components"]["schemas"]["Account"]["examples"]:  # JSON Schema 2020-12: a list
+        validator.validate(example)
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert op.get("operationId") and op.get("responses"), (path, method)
@@ -156,3 +157,20 @@ def test_schemathesis_finds_no_5xx(host: Host, tmp_path: Any, browser_session: A
     assert m is not None, out[-2000:]
     print(f"schemathesis: {m.group(1)} generated requests, {m.group(2)} passed, no 5xx")
     assert int(m.group(1)) >= 100
+
+
+def test_document_validates_against_the_oas_31_meta_schema(doc: dict[str, Any]) -> None:
+    """The served document against the OpenAPI 3.1 schema (openapi-spec-validator), with no deprecated
+    ``example`` left anywhere and ``info.version`` the package's version."""
+    import json
+    import tomllib
+
+    from openapi_spec_validator import validate
+
+    from shared import __version__
+    from tests.conftest import ROOT
+
+    validate(doc)
+    assert '"example":' not in json.dumps(doc)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert doc["info"]["version"] == __version__ == project["version"]

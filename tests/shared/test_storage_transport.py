@@ -92,14 +92,23 @@ def _send(t: StorageTransport, port: int, method: str, body: str | bytes, **head
     return int(t.send(HttpRequest(method, f"http://127.0.0.1:{port}/x", content=body, headers=headers)).status_code)
 
 
-def test_keep_alive_connections_are_reused() -> None:
+@pytest.fixture(params=["poll", "select"])
+def readiness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of seeing a closed idle socket: poll() (Linux, macOS) and select() (Windows has no poll)."""
+    from shared import _storage_transport
+
+    monkeypatch.setattr(_storage_transport, "_HAS_POLL", request.param == "poll")
+    return str(request.param)
+
+
+def test_keep_alive_connections_are_reused(readiness: str) -> None:
     with server(lambda n, i: "ok") as s:
         t = StorageTransport()
         assert [_get(t, s.port) for _ in range(5)] == [200] * 5
         assert s.connections == 1 and len(s.requests) == 5
 
 
-def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+def test_a_connection_the_server_closed_while_idle_is_not_reused(readiness: str) -> None:
     with server(lambda n, i: "ok-then-close") as s:
         t = StorageTransport()
         assert _get(t, s.port) == 200
