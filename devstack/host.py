@@ -227,6 +227,7 @@ class DevHost:
         self.trust_forwarded = os.environ.get("DEVHOST_TRUST_FORWARDED", "").lower() == "true"
         self.read_timeout = _positive_int("DEVHOST_READ_TIMEOUT_SECONDS", os.environ.get("DEVHOST_READ_TIMEOUT_SECONDS"),
                                           30)
+        self.body_deadline = 4.0 * self.read_timeout  # a whole body, however it trickles in
         self.http: list[HttpRoute] = []
         self.timers: list[TimerFunction] = []
         self.queues: list[QueueFunction] = []
@@ -336,7 +337,7 @@ class DevHost:
             headers=dict(req.headers.items()),
             params=dict(parse_qsl(req.query_string.decode("latin-1"), keep_blank_values=True)),
             route_params=params,
-            read=lambda: _read_body(req),
+            read=lambda limit: _read_body(req, limit, deadline_s=self.body_deadline),
         )
         try:
             out = _call(route.fn, {route.arg: freq}, traceparent=req.headers.get("traceparent"))
@@ -531,32 +532,51 @@ class LazyBodyRequest(func.HttpRequest):
     (``get_body``, ``form``, ``files``), so a function that refuses a declared ``Content-Length`` has
     read nothing."""
 
-    def __init__(self, *, read: Callable[[], bytes], **kw: Any) -> None:
+    def __init__(self, *, read: Callable[[int], bytes], **kw: Any) -> None:
         super().__init__(body=b"", **kw)
         self._read = read
         self._body: bytes | None = None
 
     def get_body(self) -> bytes:
         if self._body is None:
-            self._body = self._read()
+            self._body = self._read(MAX_REQUEST_BYTES + 1)
+        return self._body
+
+    def read_body_up_to(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of the body (a route's own cap): a larger one is not read further."""
+        if self._body is None:
+            self._body = self._read(limit)
         return self._body
 
     def get_json(self) -> Any:
         return json.loads(self.get_body().decode("utf-8"))
 
 
-def _read_body(req: Request) -> bytes:
+def _read_body(req: Request, limit: int, *, deadline_s: float) -> bytes:
+    """Up to ``limit`` bytes of the body (the rest, if any, is never read: the answer closes the connection),
+    within ``deadline_s`` in all: a client that trickles a byte now and then does not hold a thread past it."""
     from werkzeug.exceptions import ClientDisconnected
 
+    deadline = time.monotonic() + deadline_s
+    chunks: list[bytes] = []
+    size = 0
     try:
-        body = req.stream.read(MAX_REQUEST_BYTES + 1)
+        while size < limit:
+            if time.monotonic() > deadline:
+                raise ClientGone("too slow")
+            chunk = req.stream.read(min(65536, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except ClientDisconnected:
         raise ClientGone("disconnected") from None
     except (TimeoutError, OSError) as e:
         raise ClientGone(type(e).__name__) from None
+    body = b"".join(chunks)
     if len(body) > MAX_REQUEST_BYTES:
         raise BodyTooLarge
-    if req.content_length is not None and len(body) < req.content_length:
+    if req.content_length is not None and len(body) < min(req.content_length, limit):
         raise ClientGone("disconnected")
     return body
 

@@ -96,11 +96,14 @@ class AccountOps:
                          notifications=self._notification_check).run(acc)
 
 
-def health_checks(*, storage: Storage, secrets: SecretStore, credential: AppCredential,
-                  oauth: OAuthClient) -> tuple[bool, dict[str, Json]]:
-    """``GET /api/health``: storage, the app's credential, the key ring, and what Entra last said of the app."""
+def health_checks(*, storage: Callable[[], Storage], secrets: Callable[[], SecretStore],
+                  credential: Callable[[], AppCredential],
+                  oauth: Callable[[], OAuthClient]) -> tuple[bool, dict[str, Json]]:
+    """``GET /api/health``: storage, the app's credential, the key ring, and what Entra last said of the app.
+    Each part is got inside its check, so one that cannot be built fails that check only."""
     checks: dict[str, Json] = {}
-    for name, fn in (("storage", storage.check), ("clientSecret", credential.check), ("tokenKeys", secrets.key_ring)):
+    for name, fn in (("storage", lambda: storage().check()), ("clientSecret", lambda: credential().check()),
+                     ("tokenKeys", lambda: secrets().key_ring())):
         try:
             fn()
             checks[name] = {"ok": True}
@@ -108,11 +111,14 @@ def health_checks(*, storage: Storage, secrets: SecretStore, credential: AppCred
             p = to_problem(e)
             checks[name] = {"ok": False, "code": p.body["code"], "detail": p.body["detail"]}
     try:
-        alert = oauth.operator_alert
+        alert = oauth().operator_alert
     except ConnectorError:  # storage down: the storage check above already says so
         alert = None
     checks["appRegistration"] = ({"ok": True} if alert is None else
                                  {"ok": False, "code": alert.code, "detail": alert.detail, "hint": alert.hint})
     if alert is None:  # working, but on the previous certificate: the operator has something to do
-        checks["appRegistration"].update(credential.warning() or {})
+        try:
+            checks["appRegistration"].update(credential().warning() or {})
+        except ConnectorError:
+            pass  # the credential check above says why
     return all(c["ok"] for c in checks.values()), checks

@@ -122,7 +122,7 @@ class AppCredential:
             return newest  # another version is the newest by now
         if self._search_allowed():
             self._searched_at = self._clock()
-            previous = self._vault.earlier_certificates(newest, skip=self._rotation.excluded() | {newest.thumbprint},
+            previous = self._vault.earlier_certificate(newest, skip=self._rotation.excluded() | {newest.thumbprint},
                                                         valid_at=self._wall())
         else:
             previous = self._rotation.held()

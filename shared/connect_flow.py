@@ -187,9 +187,7 @@ class ConnectFlow:
         of one mailbox the first creates the account and the others, waiting here, update it."""
         mac = hmac.new(self._key_ring().derive(MAILBOX_CLAIM_PURPOSE), f"{owner}\n{home}".encode(),
                        hashlib.sha256).hexdigest()
-        now = utcnow()
-        row = {"PartitionKey": "m-" + mac[:40], "RowKey": "connect", "at": iso(now),
-               "expiresAt": (now + _seconds(MAILBOX_CLAIM_STALE_S)).isoformat()}
+        pk = "m-" + mac[:40]
         deadline = time.monotonic() + MAILBOX_CLAIM_WAIT_S
 
         def abandoned(current: Row) -> bool:
@@ -197,6 +195,9 @@ class ConnectFlow:
             return not isinstance(at, str) or at <= (iso(utcnow() - _seconds(MAILBOX_CLAIM_STALE_S)) or "")
 
         while True:
+            now = utcnow()  # the claim's time is when it is taken, not when we started waiting for it
+            row = {"PartitionKey": pk, "RowKey": "connect", "at": iso(now),
+                   "expiresAt": (now + _seconds(MAILBOX_CLAIM_STALE_S)).isoformat()}
             held = self._claims.claim(row, take_over=abandoned).etag
             if held is not None:
                 break
@@ -208,7 +209,7 @@ class ConnectFlow:
             yield
         finally:
             try:
-                self._claims.delete_if_present(str(row["PartitionKey"]), "connect", etag=held)
+                self._claims.delete_if_present(pk, "connect", etag=held)
             except ConnectorError:
                 pass  # goes stale, then is taken over; the clean-up timer purges it
 

@@ -89,8 +89,7 @@ def _claim(table: Table, pk: str, rk: str, body_hash: str, sleep: Callable[[floa
         claim = table.claim(entity, take_over=expired)  # a failed first attempt removed its row: ours now
         if claim.etag is not None:
             return claim.etag
-        assert claim.row is not None  # not held, so a row holds it
-        done = _replay(claim.row, body_hash)
+        done = _replay(claim.row, body_hash) if claim.row is not None else None  # None: contended, look again
         if done is not None:
             return done
         if time.monotonic() > deadline:

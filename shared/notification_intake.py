@@ -139,7 +139,8 @@ class NotificationIntake:
         for (owner, account_id, sid), seen in jobs.items():
             ids = list(seen)
             if len(ids) > budget:  # a flood: one catch-up reads what these ids name, with delta's paging
-                lifecycle.setdefault(sid, Job("lifecycle", owner, account_id, sid, event="missed", catchup=True))
+                lifecycle[sid] = _merge_lifecycle(lifecycle.get(sid), Job("lifecycle", owner, account_id, sid,
+                                                                          event="missed", catchup=True))
                 continue
             budget -= len(ids)
             for i in range(0, len(ids), IDS_PER_JOB):

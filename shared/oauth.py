@@ -356,15 +356,27 @@ def _state_key(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+def _expires_in(value: object) -> float:
+    """``expires_in`` seconds (a number, or a numeric string as some servers send); 3600 when absent or not
+    positive, as before."""
+    try:
+        seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else 0.0
+    except ValueError:
+        seconds = 0.0
+    return seconds if 0 < seconds <= 86_400 else 3600.0  # NaN, infinity and nonsense get the default
+
+
 def _token_result(raw: dict[str, object]) -> TokenResult:
     """MSAL's success dict (RFC 6749 §5.1; ``expires_in`` a number or a numeric string)."""
-    expires_in = raw.get("expires_in")
-    seconds = int(expires_in) if isinstance(expires_in, (int, str)) and str(expires_in).isdigit() else 3600
+    access = raw.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise UpstreamUnavailableError("The Microsoft token endpoint answered without an access token.",
+                                       hint="Transient; retry shortly.")
     refresh, claims = raw.get("refresh_token"), raw.get("id_token_claims")
     return TokenResult(
-        access_token=str(raw["access_token"]),
+        access_token=access,
         refresh_token=refresh if isinstance(refresh, str) else None,
-        expires_at=utcnow() + dt.timedelta(seconds=seconds),
+        expires_at=utcnow() + dt.timedelta(seconds=_expires_in(raw.get("expires_in"))),
         scopes=tuple(str(raw.get("scope") or "").split()),
         id_token_claims=dict(claims) if isinstance(claims, dict) else {},
     )

@@ -1,4 +1,5 @@
-"""The OAuth client secret and the token key ring: Key Vault (Azure) or environment (local only).
+"""The client secret, the client certificate, the token key ring and the webhook secret: Key Vault (Azure)
+or environment (local only).
 
 With ``KEY_VAULT_URL`` set, both values are Key Vault secrets (``MS_CLIENT_SECRET_NAME``,
 ``TOKEN_KEYS_SECRET_NAME``) read through ``azure-keyvault-secrets`` with an azure-identity credential:
@@ -23,29 +24,23 @@ With ``KEY_VAULT_URL`` set, both values are Key Vault secrets (``MS_CLIENT_SECRE
 * **Caching.** Each value is kept in memory for ``ttl_seconds`` (``KEY_VAULT_CACHE_SECONDS``; failures
   for ``error_ttl_seconds``, so a vault outage does not turn every request into a vault call);
   concurrent callers share one read.
-* **Rejected credentials.** When Entra rejects the app's credential (AADSTS7000215 / 7000222 for a
-  secret, 700027 for a certificate, 700024 / 70021 for a managed identity's assertion) the OAuth module
-  calls :meth:`SecretStore.reject_client_credential`, which re-reads it so a secret or certificate
-  rotated in the vault is picked up without a restart, and says whether a retry can present another
-  one. The re-read is skipped while the cached value was read less than :data:`REREAD_INTERVAL_S`
-  ago (or the TTL, if shorter) and Entra has accepted nothing since: a credential that stays
-  rejected (an expired secret) costs one vault read per interval, not one per token request.
-  :meth:`SecretStore.accept_client_credential` records each acceptance.
-* **Certificate rotation.** Key Vault renews a certificate as a new version with a new key, which
-  Entra does not know until it is uploaded to the app registration. When Entra rejects the newest
-  version with AADSTS700027, the previous enabled, unexpired version of the certificate's secret
-  (``list_properties_of_secret_versions`` + ``get_secret(name, version)``) is presented instead, and
-  the newest is tried again every ``MS_CLIENT_CERT_RETRY_SECONDS`` (see ``shared.certificate_rotation``);
-  :meth:`SecretStore.client_credential_warning` is the operator hint for ``/api/health``. Listing
-  needs the *list* (``secrets/readMetadata``) permission, which *Key Vault Secrets User* includes.
-* **The app's credential** (``MS_CLIENT_CREDENTIAL``, see ``shared.client_credentials``):
-  :meth:`SecretStore.client_credential` is what MSAL takes: the secret, the certificate read as the
-  secret of ``MS_CLIENT_CERT_NAME``, or the managed identity's assertion callable.
+* **Rejected credentials.** When Entra rejects the app's credential, :class:`shared.app_credential.AppCredential`
+  (which chooses what to present: ``MS_CLIENT_CREDENTIAL``) asks :meth:`SecretStore.reread` to drop the cached
+  value, so a secret or certificate rotated in the vault is picked up without a restart. The re-read is
+  skipped while the cached value was read less than :data:`REREAD_INTERVAL_S` ago (or the TTL, if shorter)
+  and Entra has accepted nothing since: a credential that stays rejected (an expired secret) costs one
+  vault read per interval, not one per token request.
+* **Certificate versions.** Key Vault renews a certificate as a new version with a new key, which Entra
+  does not know until it is uploaded to the app registration. :meth:`SecretStore.newest_certificate` reads
+  the newest; :meth:`SecretStore.earlier_certificate` finds the previous enabled, unexpired version
+  (``list_properties_of_secret_versions`` + ``get_secret(name, version)``) for the fallback
+  (``shared.certificate_rotation``). Listing needs the *list* (``secrets/readMetadata``) permission, which
+  *Key Vault Secrets User* includes.
 * **The webhook secret** is read at run time too (``WEBHOOK_SECRET_NAME``), never at start-up, so a
   vault problem cannot stop every function; rotating it in the vault takes effect within the TTL.
 * **Errors.** Anything that stops a read (not found, forbidden, no identity, network) raises
   :class:`SecretUnavailableError` (``secret_unavailable``, 503) naming the secret and the vault —
-  never a value. :meth:`SecretStore.check` is what ``/api/health`` calls.
+  never a value.
 
 Without ``KEY_VAULT_URL`` the values come from ``MS_CLIENT_SECRET``, ``TOKEN_ENCRYPTION_KEYS`` and
 ``WEBHOOK_SECRET`` (local development only; ``shared.config`` requires them then).
@@ -297,7 +292,7 @@ class SecretStore:
         """While Entra keeps rejecting a credential, the vault is re-read at most this often."""
         return self._reread_s
 
-    def earlier_certificates(self, newest: CertificateVersion, *, skip: set[str],
+    def earlier_certificate(self, newest: CertificateVersion, *, skip: set[str],
                              valid_at: float) -> CertificateVersion | None:
         """The most recent other enabled, unexpired version of the certificate whose thumbprint is not in
         ``skip`` (at most :data:`MAX_FALLBACK_READS` versions read), or None."""

@@ -184,8 +184,10 @@ class Connector:
     def health(self) -> tuple[bool, dict[str, dict[str, object]]]:
         from shared.account_ops import health_checks
 
-        return health_checks(storage=self.storage, secrets=self.secrets, credential=self.app_credential,
-                             oauth=self.oauth)
+        # Parts are built inside each check: storage that cannot be reached on first use is a failed check,
+        # not an exception instead of the report.
+        return health_checks(storage=lambda: self.storage, secrets=lambda: self.secrets,
+                             credential=lambda: self.app_credential, oauth=lambda: self.oauth)
 
     def cleanup(self) -> dict[str, int]:
         """The clean-up timer: expired OAuth states (and mailbox claims) and idempotency records."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ def mapped(call: Callable[[], T]) -> T:
         raise unavailable(type(e).__name__) from None
 
 
+_CLAIM_ID = "claimId"  # the claimer's nonce on a claimed row (Table.claim)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What :meth:`Table.claim` got: our row's ETag when we hold it, and the row as it was read (None when
@@ -255,12 +259,18 @@ class Table:
         if ``take_over(row)`` says it is free (abandoned, expired, not yet used), write ``entity`` over it
         conditionally on the ETag just read (a merge with ``merge``). Of any number of concurrent claimers
         exactly one holds the row: an insert and an ETag-conditional write are atomic in Table Storage
-        (https://learn.microsoft.com/rest/api/storageservices/update-entity2)."""
+        (https://learn.microsoft.com/rest/api/storageservices/update-entity2).
+
+        Each attempt writes a random ``claimId``: a write that landed but whose answer was lost (its retry
+        then fails with 409 or 412) is recognised as ours when the row is read back. A claim still contended
+        after three rounds is "not held" (the row as last read), never an error."""
         pk, rk = str(entity["PartitionKey"]), str(entity["RowKey"])
+        mine: dict[str, EntityValue] = {**entity, _CLAIM_ID: secrets.token_hex(8)}
+        current: Row | None = None
         for _ in range(3):  # a row deleted between our insert and our read, or taken over first: look again
             if create:
                 try:
-                    return Claim(self.create(entity), None)
+                    return Claim(self.create(mine), None)
                 except ConflictError:
                     pass
             try:
@@ -268,15 +278,18 @@ class Table:
             except NotFoundError:
                 if not create:
                     return Claim(None, None)
+                current = None
                 continue
+            if current.get(_CLAIM_ID) == mine[_CLAIM_ID]:
+                return Claim(etag_of(current) or "*", current)  # ours: the answer to our write was lost
             if not take_over(current):
                 return Claim(None, current)
             try:
                 etag = etag_of(current) or "*"
-                return Claim(self.merge(entity, etag=etag) if merge else self.replace(entity, etag=etag), current)
+                return Claim(self.merge(mine, etag=etag) if merge else self.replace(mine, etag=etag), current)
             except (ConflictError, NotFoundError):
-                continue  # another claimer took it over (or released it) first
-        raise ConflictError("The row is being claimed and released too fast.", code="claim_contended")
+                continue  # another claimer took it over (or released it), or our own write landed: look again
+        return Claim(None, current)
 
     def submit(self, operations: Iterable[tuple[str, Entity]]) -> None:
         """One entity-group transaction (≤ 100 operations, one partition)."""

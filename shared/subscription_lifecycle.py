@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from shared.tokens import TokenManager
 
 log = logging.getLogger("connector.notifications")
+DISCONNECT_WAIT_S = 25.0  # Graph validates both notification URLs (10 s each) before it answers a creation
 
 
 class SubscriptionLifecycle:
@@ -103,7 +105,11 @@ class SubscriptionLifecycle:
     def on_disconnect(self, account: Account) -> None:
         """The account is about to be deleted: delete its Graph subscription while the grant still exists
         (one token refresh allowed), then our rows. Never raises: the deletion goes on regardless, and a
-        subscription left behind expires by itself within days."""
+        subscription left behind expires by itself within days.
+
+        It first waits (briefly) for a creation in flight: holding the creation claim, it sees every
+        subscription that creation made, and no creator writes rows back after it."""
+        self._wait_for_creation(account)
         try:
             state = self._store.get(account.owner, account.id)
         except ConnectorError as e:
@@ -130,6 +136,21 @@ class SubscriptionLifecycle:
             self._store.delete(state)
         except ConnectorError as e:
             log.warning("rows of disconnected %s not deleted (%s); the daily reconciliation will", account.id, e.code)
+
+    def _wait_for_creation(self, account: Account) -> None:
+        """Take the account's creation claim (kept: the rows' deletion removes it), waiting up to
+        :data:`DISCONNECT_WAIT_S` for a worker that is creating a subscription now."""
+        deadline = time.monotonic() + DISCONNECT_WAIT_S
+        while True:
+            try:
+                if self._store.claim_creation(account.owner, account.id) is not None:
+                    return
+            except ConnectorError:
+                return  # storage trouble: go on; the deletion below says what it could not do
+            if time.monotonic() > deadline:
+                log.warning("a subscription of %s is still being created; disconnecting anyway", account.id)
+                return
+            time.sleep(0.2)  # the creator holds the claim for one Graph call (validation included)
 
     def check(self, account: Account) -> tuple[bool, str, str | None]:
         """The diagnose check: (ok, detail, hint)."""

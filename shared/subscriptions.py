@@ -18,8 +18,9 @@ Table ``subscriptions`` holds two kinds of rows:
 * **creation claim** (owner partition, RowKey = account id + ``|creating``): held by the one worker
   that creates the account's subscription, so concurrent jobs (four connects at once) make one;
 * **pointer list** (owner partition, RowKey = account id + ``|cs|`` + pointer key): every pointer an
-  account has, so a disconnect finds (and deletes at Graph) every subscription, even one whose
-  creation crashed before the state row was written;
+  account has, so a disconnect finds (and deletes at Graph) every subscription whose id was recorded,
+  even one whose creation crashed before the state row was written (a crash between Graph's answer and
+  the pointer's update leaves a subscription we cannot name: it expires by itself within 7 days);
 * **pointer** (PartitionKey = ``cs-`` + SHA-256 of the clientState, RowKey = ``cs``): owner,
   account, subscription id and the clientState sealed with the token key ring. The notification
   endpoint finds a subscription by the clientState a notification carries, so a pointer written

@@ -207,16 +207,20 @@ def query(req: func.HttpRequest, name: str, *, max_len: int = 2048) -> str | Non
 
 def capped_body(req: func.HttpRequest, cap: int, what: str) -> bytes:
     """The request body, refused with 413 when its declared ``Content-Length`` exceeds ``cap``, before it
-    is read (a host that reads lazily never buffers it), and again when what arrived is larger."""
+    is read, and again when what arrived is larger. A host that reads bodies lazily (the dev host's
+    ``read_body_up_to``) never buffers more than ``cap`` + 1 bytes of it, declared or chunked."""
     from shared.errors import PayloadTooLargeError, ValidationError
 
-    declared = req.headers.get("Content-Length")
-    if declared is not None:
-        if not declared.strip().isdigit() or len(declared.strip()) > 18:
+    declared = (req.headers.get("Content-Length") or "").strip()
+    if declared:
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:  # "²".isdigit() is True
             raise ValidationError("Content-Length", "Content-Length must be a whole number of bytes.")
         if int(declared) > cap:
             raise PayloadTooLargeError(f"{what} is at most {cap} bytes.", extra={"field": "body"})
-    body = req.get_body()
+    # A host that reads the body lazily can stop at the cap (a chunked body declares no length); the
+    # Functions host hands the body over whole.
+    read_up_to = getattr(req, "read_body_up_to", None)
+    body = read_up_to(cap + 1) if callable(read_up_to) else req.get_body()
     if len(body) > cap:
         raise PayloadTooLargeError(f"{what} is at most {cap} bytes.", extra={"field": "body"})
     return body

@@ -67,9 +67,8 @@ def check_multipart_parts(raw: bytes, content_type: str) -> None:
 
     Every part starts with the delimiter ``--boundary`` (RFC 2046 §5.1.1), so counting delimiters
     bounds the parts in one fast pass; a multipart parser would first build them all. The boundary is
-    read by the parser that parses the body (werkzeug's, under ``HttpRequest.form``), and a header
-    that names it twice is refused: two readers picking different ones would count one boundary and
-    parse by the other."""
+    read by the parser that parses the body (werkzeug's, under ``HttpRequest.form``), so the count and the
+    parse use the same one; a header that plainly names it twice is refused as malformed as well."""
     from werkzeug.http import parse_options_header
 
     from shared.errors import PayloadTooLargeError, ValidationError

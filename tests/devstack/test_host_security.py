@@ -31,6 +31,11 @@ def _app(fired: threading.Event) -> func.FunctionApp:
             return func.HttpResponse("too large", status_code=413)
         return func.HttpResponse(str(len(req.get_body())), status_code=200)
 
+    @app.route(route="peek", methods=["POST"])
+    def peek(req: func.HttpRequest) -> func.HttpResponse:
+        """Reads at most 100 bytes of whatever body comes, declared or chunked."""
+        return func.HttpResponse(str(len(req.read_body_up_to(100))), status_code=200)  # type: ignore[attr-defined]
+
     @app.route(route="whoami", methods=["GET"])
     def whoami(req: func.HttpRequest) -> func.HttpResponse:
         return func.HttpResponse(req.url, status_code=200)
@@ -210,3 +215,25 @@ def test_forwarded_host_is_ignored_unless_trusted(devhost: Any, monkeypatch: pyt
         assert r.text.startswith("http://tunnel.example/api/whoami")
     finally:
         h.stop()
+
+
+def test_a_chunked_body_is_read_only_up_to_the_routes_cap(devhost: Any) -> None:
+    """No Content-Length to refuse: the lazy body hands the route no more than the cap it asks for (what
+    werkzeug then drains of the rest is discarded as it arrives, never held)."""
+
+    def chunks() -> Any:
+        for _ in range(160):  # 10 MB, chunked
+            yield b"x" * 65536
+
+    r = devhost.s.post(devhost.local + "/api/peek", data=chunks(), timeout=30)
+    assert r.status_code == 200 and r.text == "100"
+
+
+def test_capped_body_refuses_a_non_ascii_digit_length() -> None:
+    from shared.blueprints._http import capped_body
+    from shared.errors import ValidationError
+
+    req = func.HttpRequest("POST", "http://h/api/x", headers={"Content-Length": "\u00b2"}, body=b"12")
+    with pytest.raises(ValidationError) as e:
+        capped_body(req, 10, "A body")
+    assert e.value.field == "Content-Length"

@@ -161,6 +161,9 @@ def test_a_flood_of_ids_becomes_one_catch_up_not_one_read_each(host: Host, brows
     before = control.counters()
     items = [{"subscriptionId": sid, "clientState": cs, "changeType": "created",
               "resourceData": {"id": f"AAMkFlood{i}"}} for i in range(MAX_IDS_PER_BATCH + 50)]
+    # A lifecycle item in the same batch (Graph posts lifecycle events to the lifecycle URL; a batch that
+    # mixes them must still not lose the flood's catch-up).
+    items.append({"subscriptionId": sid, "clientState": cs, "lifecycleEvent": "reauthorizationRequired"})
     assert host.http.post(host.url + NOTIFY, json={"value": items}, timeout=30).status_code == 202
     wait_for(lambda: control.counters()["delta_requests"] > before["delta_requests"], timeout=30,
              what="the catch-up")
@@ -168,6 +171,7 @@ def test_a_flood_of_ids_becomes_one_catch_up_not_one_read_each(host: Host, brows
     after = control.counters()
     reads = after["graph_requests_by_user"].get(ADELE, 0) - before["graph_requests_by_user"].get(ADELE, 0)
     assert reads < 20, reads
+    assert subscription_of(control, ADELE)["reauthorizations"] == 1  # one job did both
 
 
 def test_notification_ids_with_a_slash_are_refused(host: Host) -> None:

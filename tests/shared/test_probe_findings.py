@@ -151,3 +151,16 @@ def test_a_caller_token_longer_lived_than_the_cap_is_refused() -> None:
     with pytest.raises(AuthenticationError):
         short.authenticate("Bearer " + _token())
     assert short.authenticate("Bearer " + _token(exp=now + 300)) == "u"
+
+
+def test_health_reports_storage_that_cannot_be_reached_on_first_use() -> None:
+    """The parts are built inside their checks: storage refusing connections from the start is a failed
+    check in the report (503 with checks), not an exception in place of it."""
+    from shared.service import Connector
+    from tests.conftest import storage_settings
+
+    dead = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + "A" * 86 + "==;"
+            "TableEndpoint=http://127.0.0.1:9/devstoreaccount1;QueueEndpoint=http://127.0.0.1:9/devstoreaccount1;")
+    ok, checks = Connector(storage_settings(dead)).health()
+    assert ok is False and checks["storage"]["ok"] is False and checks["storage"]["code"] == "storage_unavailable"
+    assert checks["tokenKeys"]["ok"] is True and "appRegistration" in checks

@@ -253,3 +253,42 @@ def test_an_identity_based_account_sends_a_cached_storage_bearer_token() -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_claim_whose_write_landed_but_lost_its_answer_is_held(azurite: Any) -> None:
+    """Table.claim's conditional take-over (replace, or merge) lands, its answer is lost, the retry fails its
+    ETag check: the claimer reads the row back, finds its own claimId, and holds it."""
+    from azure.core.exceptions import ServiceResponseError
+
+    from devstack.transport import WrappingTransport
+
+    class _LoseFirstWriteAnswer(WrappingTransport):
+        lose = 0
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            response = super().send(request, **kwargs)
+            if request.method in ("PUT", "PATCH") and self.lose:
+                self.lose -= 1
+                raise ServiceResponseError("connection reset after the request was processed (test)")
+            return response
+
+    transport = _LoseFirstWriteAnswer()
+    t = Storage(storage_settings(azurite.connection_string), transport=transport).table("tc" + uuid.uuid4().hex[:12])
+    t.create_if_missing()
+    for merge in (False, True):
+        t.upsert({"PartitionKey": "p", "RowKey": "r", "state": "stale", "keep": "yes"})
+        transport.lose = 1
+        claim = t.claim({"PartitionKey": "p", "RowKey": "r", "state": "mine"}, merge=merge,
+                        take_over=lambda row: row.get("state") == "stale")
+        assert transport.lose == 0 and claim.held, merge
+        row = t.get("p", "r")
+        assert row["state"] == "mine" and claim.etag == row.etag
+        assert ("keep" in row) is merge  # a merge keeps the other columns
+    # Held by someone else: not held, and the row that holds it is returned.
+    other = t.claim({"PartitionKey": "p", "RowKey": "r", "state": "theirs"}, take_over=lambda row: False)
+    assert not other.held and other.row is not None and other.row["state"] == "mine"
+    # Claiming a row that must exist (create=False) and does not: not held, no row created.
+    none = t.claim({"PartitionKey": "p", "RowKey": "absent", "x": 1}, create=False, take_over=lambda row: True)
+    assert not none.held and none.row is None
+    with pytest.raises(NotFoundError):
+        t.get("p", "absent")
