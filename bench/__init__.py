@@ -1,1 +1,1 @@
-"""Benchmarks for the SPEC §9 bars. Ratios are measured within one run; results go to results.md."""
+"""Benchmarks of the measured bars (bench/results.md). Ratios are measured within one run; results go to results.md."""

@@ -79,8 +79,15 @@ def machine() -> str:
             f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
+#: Set by ``python -m bench --write``: only then do benchmarks rewrite bench/results.md (a tracked file).
+WRITE = [False]
+
+
 def write_section(name: str, body: str) -> None:
-    """Replace (or add) the section ``## name`` of results.md."""
+    """Replace (or add) the section ``## name`` of results.md, when asked (``--write``); else print it."""
+    if not WRITE[0]:
+        print(f"\n## {name}\n\n{body.strip()}\n(not written: pass --write to update bench/results.md)", flush=True)
+        return
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nMeasured by `python -m bench`.\n"
     marker = f"\n## {name}\n"
     section = f"{marker}\n{body.strip()}\n"
@@ -101,3 +108,16 @@ def median(xs: list[float]) -> float:
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))]
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def app_function(name: str) -> Any:
+    """The user function ``name`` of ``function_app.app``, indexed once per process: azure-functions refuses a
+    second ``get_functions()`` on one app (every name would then look registered twice)."""
+    if not _FUNCTIONS:
+        from function_app import app
+
+        _FUNCTIONS.update({str(f.get_function_name()): f.get_user_function() for f in app.get_functions()})
+    return _FUNCTIONS[name]

@@ -1,4 +1,4 @@
-"""``python -m bench chaos``: a soak-and-chaos run with figures (SPEC §9 "Under load and faults").
+"""``python -m bench chaos``: a soak-and-chaos run with figures.
 
 Starts the local stack (Azurite, the Microsoft sandbox, a Key Vault double, a webhook receiver and
 two or more dev hosts running the timers and queue workers), connects N mailboxes across several
@@ -60,16 +60,16 @@ class Result:
 
 def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--mailboxes", type=int, default=200)
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--hosts", type=int, default=2)
-    p.add_argument("--seed", type=int, default=15)
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
+    p.add_argument("--mailboxes", type=int, default=200, help="mailboxes connected before the traffic (1-5000)")
+    p.add_argument("--minutes", type=float, default=5.0, help="length of the traffic and fault phase (0.2-120)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent API clients sending traffic (1-64)")
+    p.add_argument("--hosts", type=int, default=2, help="dev host instances behind the clients (2-8)")
+    p.add_argument("--seed", type=int, default=15, help="random seed of the traffic and the fault schedule")
+    p.add_argument("--write", action="store_true", help="update bench/results.md with the report (a tracked file)")
     a = p.parse_args(argv)
     if not (1 <= a.mailboxes <= 5000 and 0.2 <= a.minutes <= 120 and 1 <= a.clients <= 64 and 2 <= a.hosts <= 8):
         p.error("--mailboxes 1-5000, --minutes 0.2-120, --clients 1-64, --hosts 2-8")
-    return Options(a.mailboxes, a.minutes, a.clients, a.hosts, a.seed, not a.no_write)
+    return Options(a.mailboxes, a.minutes, a.clients, a.hosts, a.seed, a.write)
 
 
 def connect_all(stack: ChaosStack, registry: Registry, rec: Recorder, n: int, workers: int) -> Mailbox:
@@ -111,6 +111,7 @@ def drive(stack: ChaosStack, opts: Options, registry: Registry, rec: Recorder, c
         churn = threading.Thread(target=token_churn, args=(stack.control, stop, random.Random(opts.seed), 5.0),
                                  daemon=True)
         churn.start()
+        threading.Thread(target=_progress, args=(rec, faults, stop, deadline), daemon=True).start()
         try:
             fault_run.result(timeout=opts.minutes * 60 + 15 * 60)  # bounded even if a fault hangs
             stop.wait(max(0.0, deadline - time.monotonic()))  # traffic continues after the last fault
@@ -121,6 +122,17 @@ def drive(stack: ChaosStack, opts: Options, registry: Registry, rec: Recorder, c
     for api in apis + [probe]:
         api.close()
     return ops, faults
+
+
+def _progress(rec: Recorder, faults: Faults, stop: threading.Event, deadline: float,
+              every_s: float = 30.0) -> None:
+    """A line every ``every_s`` during the traffic phase, so a long run shows it is alive and where it is."""
+    while not stop.wait(every_s):
+        with rec.lock:
+            ops, errors = len(rec.recs), sum(r.status >= 500 or r.status == 0 for r in rec.recs)
+        left = max(0.0, deadline - time.monotonic()) / 60
+        print(f"chaos: {ops} requests so far ({errors} 5xx or no answer), {len(faults.log)} faults injected, "
+              f"{left:.1f} min of traffic left", flush=True)
 
 
 def audit(stack: ChaosStack, registry: Registry, rec: Recorder, faults: Faults, opts: Options) -> Audit:

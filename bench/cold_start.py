@@ -52,7 +52,7 @@ def run(repeats: int = 11) -> dict[str, float]:
            "telemetry_first_use_ms": median(otel) * 1e3}
     res["ratio"] = res["app_ms"] / res["deps_ms"]
     res["ratio_incl_lazy"] = res["app_plus_lazy_ms"] / res["deps_ms"]
-    write_section("Cold start (SPEC §9: ≤ 1.1×)", f"""
+    write_section("Cold start", f"""
 {machine()}; median of {repeats} fresh processes each.
 
 | what | median |

@@ -3,7 +3,7 @@ peak (tracemalloc) while ``GET /api/accounts/{id}/messages/{mid}/attachments/{ai
 against Azurite and the sandbox (which streams a synthetic 100 MB attachment without holding it).
 
 The classic Functions HTTP model hands the host one ``bytes`` body per response, so the connector serves
-an attachment whole up to 25 MiB and larger ones in ``Range`` requests (issue 13); the figure is the peak
+an attachment whole up to 25 MiB and larger ones in ``Range`` requests; the figure is the peak
 of one request, which bounds what any number of such downloads costs at a time.
 """
 
@@ -16,7 +16,7 @@ import time
 import tracemalloc
 from typing import Any
 
-from bench._stack import Stack, machine, write_section
+from bench._stack import Stack, app_function, machine, write_section
 
 SIZE = 100 * 1024 * 1024
 MB = 1024 * 1024
@@ -56,12 +56,11 @@ def run() -> dict[str, Any]:
     try:
         os.environ.update(stack.env)  # function_app reads the environment, as on Azure
         from devstack.sandbox.mailbox import synthetic_chunks
-        from function_app import app
         from shared.auth import issue_dev_token
         from shared.config import get_settings
         from shared.service import get_connector
 
-        fn = next(f for f in app.get_functions() if f.get_function_name() == "get_attachment").get_user_function()
+        fn = app_function("get_attachment")
         owner, user = "bench-download", "adele@contoso.onmicrosoft.com"
         account = stack.connect(get_connector(), owner, user)
         token = issue_dev_token(get_settings(), owner)
@@ -89,7 +88,7 @@ def run() -> dict[str, Any]:
 
 def _write(res: dict[str, Any]) -> None:
     small, large = res["ranges_4mib"], res["ranges_25mib"]
-    write_section("Download memory (issue 13: a 100 MB attachment)", f"""
+    write_section("Download memory", f"""
 {machine()}; one 100 MB attachment through the `get_attachment` HTTP function in-process (Azurite +
 sandbox, which streams it); Python heap peak (tracemalloc) of the worst single request, response body
 included.

@@ -14,7 +14,7 @@ import tracemalloc
 import uuid
 from typing import Any
 
-from bench._stack import Stack, machine, write_section
+from bench._stack import Stack, app_function, machine, write_section
 
 SIZE = 40 * 1024 * 1024
 
@@ -37,12 +37,11 @@ def run() -> dict[str, Any]:
     stack = Stack()
     try:
         os.environ.update(stack.env)  # function_app reads the environment, as on Azure
-        from function_app import app
         from shared.auth import issue_dev_token
         from shared.config import get_settings
         from shared.service import get_connector
 
-        fn = next(f for f in app.get_functions() if f.get_function_name() == "send_mail").get_user_function()
+        fn = app_function("send_mail")
         c = get_connector()
         owner = "bench-memory"
         account = stack.connect(c, owner, "adele@contoso.onmicrosoft.com")
@@ -64,7 +63,7 @@ def run() -> dict[str, Any]:
         stack.stop()
     res = {"multipart_status": mp_status, "multipart_peak_x": round(mp_peak, 2), "json_status": js_status,
            "json_peak_x": round(js_peak, 2)}
-    write_section("Send memory (issue 4: no several copies of a large body)", f"""
+    write_section("Send memory", f"""
 {machine()}; one 40 MB attachment through the `send_mail` HTTP function in-process (Azurite + sandbox);
 Python heap peak (tracemalloc) on top of the request body the host already holds, × the file size.
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,8 +136,12 @@ class Azurite:
         else:
             os.makedirs(self.location, exist_ok=True)
             cmd += ["--location", self.location]
+        # The parent-death signal follows the *thread* that started the child (man 2 prctl): only a child
+        # started by the main thread (devstack up, a test session) gets it; one restarted by a worker thread
+        # (the chaos run's storage outage) must outlive that thread.
+        tie = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                     preexec_fn=_die_with_parent if tie else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

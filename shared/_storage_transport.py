@@ -2,7 +2,7 @@
 
 Why not azure-core's ``RequestsTransport``: a refresh makes about five storage calls, and a third of
 each call's CPU went to requests and urllib3 (session and environment merging, the cookie jar, URL
-re-parsing and re-encoding) that a storage client never uses (issue 11; ``bench/refresh.py``).
+re-parsing and re-encoding) that a storage client never uses.
 The SDKs' pipelines — shared-key or token auth, retries, timeouts, error mapping — stay as they are;
 only the socket work changes. Anything this transport does not handle the plain way (a streamed
 download, file uploads, a legacy request object) goes to a ``RequestsTransport`` unchanged.

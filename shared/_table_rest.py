@@ -2,7 +2,7 @@
 
 Why not ``TableClient`` for these: a refresh makes five single-row calls, and azure-data-tables
 spends most of each call's CPU in its generated serialiser, its tracing decorator and an
-eleven-policy pipeline (issue 11; ``bench/refresh.py``). These calls are simple enough to write
+eleven-policy pipeline. These calls are simple enough to write
 down: one URL, a JSON body of plain properties, an ``If-Match`` header. What stays the same as the
 SDK: the transport (so every fault and timeout looks identical), azure-core's retry policy with the
 per-call budget options (:class:`shared.storage.Budget`), azure-core's error types (mapped once

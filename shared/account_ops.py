@@ -1,4 +1,4 @@
-"""Account routes (SPEC §3): list, get, disconnect, refresh now, diagnose; and the health checks.
+"""Account routes: list, get, disconnect, refresh now, diagnose; and the health checks.
 
 :class:`AccountOps` takes its parts keyword-only; the inbound-mail hooks come in as callables, so it never
 reaches back into the connector or the notification parts.

@@ -19,7 +19,7 @@ from shared.crypto import KeyRing, account_aad, kid_of
 from shared.errors import ConflictError, NotFoundError, StorageUnavailableError
 from shared.storage import EntityValue, Row, Table, etag_of
 
-CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts (SPEC §2)
+CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts
 ACTIVE = "active"
 REAUTH_REQUIRED = "reauth_required"
 
@@ -67,13 +67,13 @@ class Tokens:
                    parse_iso(d.get("rti")) or utcnow())
 
 
-#: ``notifications.status`` values (SPEC §3, §6a).
+#: ``notifications.status`` values.
 NOTIFY_ACTIVE, NOTIFY_PENDING, NOTIFY_FAILED, NOTIFY_OFF = "active", "pending", "failed", "off"
 
 
 @dataclass(frozen=True)
 class NotificationSummary:
-    """The account's inbound-mail subscription as the Account JSON shows it (SPEC §6a); the
+    """The account's inbound-mail subscription as the Account JSON shows it; the
     subscription itself lives in :mod:`shared.subscriptions`."""
 
     status: str = NOTIFY_OFF
@@ -114,7 +114,7 @@ class Account:
         return self.home_account_id or self.id
 
     def to_public(self) -> dict[str, object]:
-        """Account JSON exactly as SPEC §3. Never a token."""
+        """The Account JSON of the API (docs: GET /api/openapi.json). Never a token."""
         return {
             "id": self.id,
             "provider": "microsoft",

@@ -1,4 +1,4 @@
-"""Caller authentication: a bearer JWT issued by the integrating product (SPEC §3).
+"""Caller authentication: a bearer JWT issued by the integrating product.
 
 Validated with PyJWT against ``AUTH_JWKS_URL`` (RS256/ES256; keys cached by ``jwt.PyJWKClient``,
 re-fetched when an unknown ``kid`` appears so the issuer can rotate keys) or ``AUTH_HS256_SECRET``.
@@ -83,7 +83,9 @@ class CallerAuth:
     def authenticate(self, authorization: str | None) -> str:
         """Return the owner (``sub``) of a valid ``Authorization: Bearer`` header, else raise."""
         if not authorization:
-            raise AuthenticationError("Send a bearer token: Authorization: Bearer <JWT>.")
+            # RFC 6750 §3.1: a request with no authentication at all gets no error code, only the scheme.
+            raise AuthenticationError("Send a bearer token: Authorization: Bearer <JWT>.",
+                                      headers={"WWW-Authenticate": "Bearer"})
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("The Authorization header must use the Bearer scheme.")

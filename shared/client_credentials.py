@@ -1,4 +1,4 @@
-"""The app's own credential towards Entra (``MS_CLIENT_CREDENTIAL``, SPEC §5), as MSAL takes it.
+"""The app's own credential towards Entra (``MS_CLIENT_CREDENTIAL``), as MSAL takes it.
 
 Three kinds, each handed to ``msal.ConfidentialClientApplication(client_credential=...)``:
 

@@ -161,7 +161,7 @@ def _on_off_auto(name: str, value: str) -> bool | None:
     raise ConfigurationError(f"{name} must be true, false or auto", setting=name)
 
 
-#: ``MS_CLIENT_CREDENTIAL`` values: how the app proves its identity to Entra (SPEC §5).
+#: ``MS_CLIENT_CREDENTIAL`` values: how the app proves its identity to Entra.
 CLIENT_CREDENTIAL_KINDS = ("secret", "certificate", "managed_identity")
 
 
@@ -395,7 +395,7 @@ class Settings:
 
     @property
     def notifications_on(self) -> bool:
-        """Inbound mail notifications (SPEC §6a): explicit, or on where Graph can reach PUBLIC_BASE_URL.
+        """Inbound mail notifications: explicit, or on where Graph can reach PUBLIC_BASE_URL.
 
         Graph only delivers to https notification URLs
         (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks); the local sandbox

@@ -1,4 +1,4 @@
-"""Connecting a mailbox (SPEC §3 connect and callback): start the flow, complete it at the callback.
+"""Connecting a mailbox: start the flow, complete it at the callback.
 
 :class:`ConnectFlow` takes its parts keyword-only and never reaches back into the connector that built it.
 Completing a connect consumes the ``state`` once (:mod:`shared.oauth`), redeems the code with the PKCE

@@ -1,4 +1,4 @@
-"""The ``result`` token of a successful connect (SPEC §3) and the public keys that verify it.
+"""The ``result`` token of a successful connect and the public keys that verify it.
 
 A connect link (``authUrl``) is a bearer capability while its state lives: forwarded to someone
 else, it attaches *their* mailbox to the owner who asked for it. RFC 9700 §4.7 (OAuth 2.0 Security

@@ -1,4 +1,4 @@
-"""Token encryption at rest (SPEC §5): AES-256-GCM with a key ring and associated data.
+"""Token encryption at rest: AES-256-GCM with a key ring and associated data.
 
 Sealed format (ASCII, safe in a Table Storage string property)::
 

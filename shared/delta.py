@@ -1,4 +1,4 @@
-"""Inbox delta catch-up: every message that arrived, even when every notification was lost (SPEC §6a).
+"""Inbox delta catch-up: every message that arrived, even when every notification was lost.
 
 Graph's message delta (https://learn.microsoft.com/graph/delta-query-messages,
 https://learn.microsoft.com/graph/api/message-delta): a round of ``GET
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from shared.graph import GraphClient, TokenSource
 
 INBOX_DELTA = "me/mailFolders/inbox/messages/delta"
-#: The message summary of ``message.received`` (SPEC §6a).
+#: The message summary of ``message.received``.
 SUMMARY_FIELDS = ("id", "subject", "from", "toRecipients", "receivedDateTime", "conversationId",
                   "internetMessageId", "hasAttachments", "bodyPreview", "isRead")
 PAGE_SIZE = 50

@@ -60,7 +60,7 @@ class Diagnosis:
         self._graph = graph
         self._admin_consent_url = admin_consent_url
         self._context = graph_context
-        self._notifications = notifications  # the inbound-mail check (SPEC §6a), when wired
+        self._notifications = notifications  # the inbound-mail check, when wired
         self.checks: list[Check] = []
 
     def add(self, name: str, ok: bool, detail: str, hint: str | None = None) -> None:

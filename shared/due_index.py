@@ -1,4 +1,4 @@
-"""A due-time index: find the accounts due for work without scanning all accounts (SPEC §6, §9).
+"""A due-time index: find the accounts due for work without scanning all accounts.
 
 Two tables use it: ``refreshindex`` (proactive token refresh) and ``subscriptionindex`` (subscription
 renewal and the safety catch-up). PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``),

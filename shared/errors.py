@@ -222,7 +222,7 @@ class UpstreamUnavailableError(ConnectorError):
 
     def __init__(self, detail: str, **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(detail, **kw)
-        # Every 503 tells the caller when to come back (SPEC §3, §4): Microsoft's own Retry-After when
+        # Every 503 tells the caller when to come back: Microsoft's own Retry-After when
         # the raiser passed it on, else the default (found by the chaos run: 503s without it).
         from shared.backoff import DEFAULT_RETRY_AFTER_S
 

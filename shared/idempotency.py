@@ -1,4 +1,4 @@
-"""``Idempotency-Key`` for sends (SPEC §4), in the spirit of draft-ietf-httpapi-idempotency-key-header.
+"""``Idempotency-Key`` for sends, in the spirit of draft-ietf-httpapi-idempotency-key-header.
 
 The record (table ``idempotency``, PartitionKey = owner partition + account, RowKey = SHA-256 of the
 key) is *created* before the send: creation is atomic in Table Storage, so of two concurrent

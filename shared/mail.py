@@ -1,4 +1,4 @@
-"""Send requests → Graph payloads; inline vs upload-session attachments (SPEC §4).
+"""Send requests → Graph payloads; inline vs upload-session attachments.
 
 Graph facts encoded here:
 * ``POST /me/sendMail`` answers 202 with no body; a request over 4 MB is refused, so attachments
@@ -204,7 +204,7 @@ KNOWN_FIELDS = {"to", "cc", "bcc", "replyTo", "subject", "bodyHtml", "bodyText",
 
 
 def parse_send_request(body: object, *, files: list[Attachment] | None = None, max_total: int) -> SendRequest:
-    """Validate a send body (SPEC §4); raise ValidationError naming the field, 413 beyond caps."""
+    """Validate a send body; raise ValidationError naming the field, 413 beyond caps."""
     if not isinstance(body, dict):
         raise ValidationError("body", "The request body must be a JSON object.")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -331,7 +331,7 @@ def file_attachment(a: Attachment) -> Json:
             "contentBytes": base64.b64encode(a.read_all()).decode("ascii")}
 
 
-# -- reply, reply-all, forward (SPEC §4a) ------------------------------------------------------
+# -- reply, reply-all, forward ------------------------------------------------------
 ANSWER_KINDS = ("reply", "replyAll", "forward")
 ANSWER_FIELDS = {"comment", "bodyHtml", "bodyText", "to", "cc", "bcc", "attachments", "trackingId"}
 
@@ -440,7 +440,7 @@ def _b64_len(n: int) -> int:
 
 
 def plan_attachments(req: SendRequest) -> AttachmentPlan:
-    """Place each file so that no Graph request exceeds 4 MB (SPEC §2, §4); 413 naming the body if
+    """Place each file so that no Graph request exceeds 4 MB; 413 naming the body if
     the message text alone is too large for one request."""
     base = len(dumps(message_payload(req, inline=[]))) + _REQUEST_SLACK
     if base > GRAPH_REQUEST_MAX:

@@ -1,4 +1,4 @@
-"""Working with mail as an account (SPEC §3, §4, §4a): send, answer in a thread, organise, find, read, download.
+"""Working with mail as an account: send, answer in a thread, organise, find, read, download.
 
 :class:`MailOps` takes its parts keyword-only (the Graph client, the token manager, the account store,
 the idempotency table, the cursor key ring) and never reaches back into the Connector. Every call goes
@@ -107,7 +107,7 @@ class MailOps:
     # -- send -----------------------------------------------------------------------------------
     def send(self, owner: str, account_id: str, request: SendRequest, *, idempotency_key: str | None,
              body_hash: str) -> dict[str, str | None]:
-        """Send as the mailbox (SPEC §4): sendMail, or a draft with upload sessions for large attachments."""
+        """Send as the mailbox: sendMail, or a draft with upload sessions for large attachments."""
         from shared.send import send
 
         who = self._as(owner, account_id)

@@ -126,7 +126,7 @@ def map_folder(f: Json) -> Json:
                                   "childFolderCount")}
 
 
-# -- finding mail: $filter / $orderby / $search (SPEC §3) ----------------------------------------
+# -- finding mail: $filter / $orderby / $search ----------------------------------------
 # A $filter with $orderby on messages must name the $orderby property in $filter, first, or Graph answers
 # 400 InefficientFilter (https://learn.microsoft.com/graph/api/user-list-messages#using-filter-and-orderby-in-the-same-query):
 # every filtered listing therefore starts with a receivedDateTime clause (this one matches every message).

@@ -141,7 +141,7 @@ GRAPH: dict[str, ErrorInfo] = {
     "ErrorMessageSizeExceeded": ErrorInfo(
         "message_too_large", 413,
         "The message exceeds the mailbox's size limit. Send smaller attachments or share a link instead."),
-    # Graph says 404, but the account exists: a state of the mailbox the user must fix, so 409 (SPEC §3).
+    # Graph says 404, but the account exists: a state of the mailbox the user must fix, so 409.
     # https://learn.microsoft.com/graph/api/resources/mail-api-overview
     "MailboxNotEnabledForRESTAPI": ErrorInfo(
         "mailbox_not_available", 409,
@@ -327,7 +327,7 @@ def from_graph_response(status: int, body: object, headers: Mapping[str, str], *
     if status >= 500:
         return UpstreamUnavailableError(detail, microsoft=details, hint="Microsoft Graph failed; try again later.")
     if status in (401, 404):
-        # Our 401 is the caller's JWT, our 404 an unknown account or message (SPEC §3 "Status codes"):
+        # Our 401 is the caller's JWT, our 404 an unknown account or message:
         # an unmapped Graph 401 (one refresh already failed) or 404 is Microsoft's condition.
         return MicrosoftError(detail, code="graph_error", status=502, microsoft=details,
                               hint=f"Microsoft Graph answered {status} ({gcode}); retry, and if it persists run the "

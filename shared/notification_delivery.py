@@ -1,4 +1,4 @@
-"""Delivering inbound mail (SPEC §6a): a created message becomes one signed ``message.received`` webhook.
+"""Delivering inbound mail: a created message becomes one signed ``message.received`` webhook.
 
 The queue worker's ``changes`` jobs (:meth:`NotificationDelivery.run`) read each message's summary and
 enqueue ``message.received`` on the webhook queue, at least once, de-duplicated by message id within

@@ -1,4 +1,4 @@
-"""The notification endpoints' work (SPEC §6a): check a ``changeNotificationCollection`` and enqueue it.
+"""The notification endpoints' work: check a ``changeNotificationCollection`` and enqueue it.
 
 Graph wants a 2xx within 3 s and throttles or drops slow endpoints; when the work could not be persisted
 the endpoint answers 5xx so Graph retries

@@ -1,4 +1,4 @@
-"""The inbound-mail parts (SPEC §6a), built once each from what the connector hands over: the endpoints'
+"""The inbound-mail parts, built once each from what the connector hands over: the endpoints'
 intake, the queue worker, the subscriptions' lifecycle and reconciliation, and delivery. Blueprints reach
 each part in one hop (``connector.notifications.intake`` …); no part reaches back here.
 """

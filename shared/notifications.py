@@ -1,4 +1,4 @@
-"""Inbound mail (SPEC §6a): Graph change notifications become signed ``message.received`` webhooks.
+"""Inbound mail: Graph change notifications become signed ``message.received`` webhooks.
 
 Three parts, each following Microsoft's documented behaviour, share the queue ``notification-jobs``:
 

@@ -1,4 +1,4 @@
-"""Proactive refresh (SPEC §6): a due-time index, a timer that fans out, a queue worker.
+"""Proactive refresh: a due-time index, a timer that fans out, a queue worker.
 
 * **Index**: :class:`shared.due_index.DueIndex`. A timer run reads only the due rows,
   never the accounts table.

@@ -1,5 +1,5 @@
-"""Sending as the mailbox: inline ``sendMail`` or draft + upload sessions + ``send`` (SPEC §4); replies and
-forwards in a conversation, by Graph's direct action or its reply draft + the same upload path (SPEC §4a)."""
+"""Sending as the mailbox: inline ``sendMail`` or draft + upload sessions + ``send``; replies and
+forwards in a conversation, by Graph's direct action or its reply draft + the same upload path."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: s
             if isinstance(e, ConnectorError) and e.extra.get("outcomeUnknown"):
                 raise _nothing_sent(e) from None
         if isinstance(e, ConnectorError) and e.status == 404:
-            # Our own draft vanished: Microsoft's condition, not an unknown message of the caller (SPEC §3).
+            # Our own draft vanished: Microsoft's condition, not an unknown message of the caller.
             raise MicrosoftError("The draft being sent disappeared from the mailbox.", code="draft_not_found",
                                  status=502, microsoft=e.microsoft,
                                  hint="Check Sent Items, then retry the send.") from None
@@ -97,7 +97,7 @@ def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: s
 
 def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str, req: AnswerRequest, *,
            context: Mapping[str, str]) -> SendResult:
-    """Reply, reply-all or forward in the conversation of ``message_id`` (SPEC §4a), delivering once.
+    """Reply, reply-all or forward in the conversation of ``message_id``, delivering once.
 
     Graph's direct action (``POST /messages/{id}/reply``…, 202, no body) when everything fits one request
     and Graph's own recipients stand; otherwise ``createReply``… (a draft that already carries the thread's

@@ -148,7 +148,7 @@ class Connector:
     # -- what the blueprints call ----------------------------------------------------------------
     @cached_property
     def connect(self) -> ConnectFlow:
-        """Connect and callback (SPEC §3)."""
+        """Connect and callback."""
         from shared.connect_flow import ConnectFlow, ConnectIdentity
 
         tokens, lifecycle = self.tokens, self.notifications.subscriptions
@@ -162,7 +162,7 @@ class Connector:
 
     @cached_property
     def mail(self) -> MailOps:
-        """Everything done as an account: send, answer, organise, find, read, download (SPEC §3, §4, §4a)."""
+        """Everything done as an account: send, answer, organise, find, read, download."""
         from shared.mailbox import MailOps
 
         return MailOps(graph=self.graph, tokens=self.tokens, accounts=self.accounts,
@@ -195,7 +195,7 @@ class Connector:
 
         return cleanup(states=self.storage.table(STATES_TABLE), idempotency=self.storage.table(IDEMPOTENCY_TABLE))
 
-    # -- inbound mail (SPEC §6a) -------------------------------------------------------------------
+    # -- inbound mail -------------------------------------------------------------------
     @cached_property
     def notifications(self) -> NotificationParts:
         """The intake, worker, subscriptions and delivery of inbound mail (shared.notification_parts)."""

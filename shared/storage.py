@@ -16,7 +16,7 @@
   ``__clientId`` for a user-assigned identity:
   https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity
 
-SDK imports are lazy so that importing ``function_app`` stays cheap (cold start, SPEC §9).
+SDK imports are lazy so that importing ``function_app`` stays cheap (cold start, bench/cold_start.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ ACCOUNTS_TABLE = "accounts"
 STATES_TABLE = "oauthstates"
 REFRESH_INDEX_TABLE = "refreshindex"
 IDEMPOTENCY_TABLE = "idempotency"
-SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscriptions per account, and their clientState pointers (SPEC §6a)
+SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscriptions per account, and their clientState pointers
 SUBSCRIPTION_INDEX_TABLE = "subscriptionindex"  # due-time index of subscription renewal / safety catch-up
 SEEN_TABLE = "seenmessages"  # message ids already announced (message.received de-duplication)
 TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE, SUBSCRIPTIONS_TABLE,

@@ -1,4 +1,4 @@
-"""Graph subscriptions of connected accounts (SPEC §6a): create, renew, reauthorize, recreate, delete.
+"""Graph subscriptions of connected accounts: create, renew, reauthorize, recreate, delete.
 
 Each active account has one subscription on its Inbox, made in the background on connect, re-connect
 and recovery (:meth:`SubscriptionLifecycle.on_connected`) and deleted on disconnect. The queue worker's

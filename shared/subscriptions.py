@@ -1,4 +1,4 @@
-"""Graph subscriptions on an account's Inbox, and where we keep them (SPEC §6a).
+"""Graph subscriptions on an account's Inbox, and where we keep them.
 
 Microsoft's contract (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks):
 

@@ -14,7 +14,7 @@ Modes (``TELEMETRY_EXPORTER``, read once from :class:`shared.config.Settings`):
 * ``console``: the same spans and metrics printed by the SDK's console exporters (local, no Azure).
 * ``off``: nothing is imported; every method below is a no-op.
 
-Cold start (SPEC §9): importing this module imports no OpenTelemetry package. The providers are
+Cold start: importing this module imports no OpenTelemetry package. The providers are
 built on first use, inside the first invocation (:func:`get_telemetry`): ``azure.monitor.opentelemetry``
 costs ~670 ms to import, which indexing must not pay.
 
@@ -59,7 +59,7 @@ AttrValue = str | bool | int | float
 SERVICE_NAME = "outlook-connector"
 INSTRUMENTATION = "connector"
 
-#: ``connector.refresh`` outcomes (SPEC §6 failure classes).
+#: ``connector.refresh`` outcomes.
 REFRESH_OUTCOMES = ("ok", "invalid_grant", "invalid_client", "throttled", "transient")
 #: Libraries the distro would instrument on its own; we instrument requests and azure-core ourselves.
 _DISTRO_LIBRARIES = ("azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3",
@@ -213,7 +213,7 @@ class Telemetry:
                 inv.outcome(code=getattr(e, "code", None), error=e)
                 raise
 
-    # -- metrics (SPEC §5a; docs/operations.md) ------------------------------------------------
+    # -- metrics ------------------------------------------------
     def refresh(self, outcome: str, *, code: str | None = None) -> None:
         """One token-endpoint refresh: ``outcome`` in :data:`REFRESH_OUTCOMES`, ``code`` our error code."""
         if self._instruments is not None:

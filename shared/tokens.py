@@ -1,6 +1,6 @@
 """Access tokens for an account: use the stored one while fresh, refresh safely when not.
 
-Rotation safety (SPEC §5, §6): each refresh returns a new refresh token that must replace the
+Rotation safety: each refresh returns a new refresh token that must replace the
 stored one, and with strict rotation the old one dies at once. Two refreshers that both use the
 same refresh token would lose the grant, so a refresh first takes a short **lease** on the
 account row with an ETag-conditional write (Table Storage ETags are per-entity optimistic
@@ -79,9 +79,9 @@ class TokenManager:
         return tokens.expires_at - now > REFRESH_MARGIN
 
     def next_due(self, tokens: Tokens, now: dt.datetime, *, active_use: bool) -> dt.datetime:
-        """When the refresher should next look at this account (SPEC §6 policy)."""
+        """When the refresher should next look at this account."""
         # Jitter moves due times earlier by a random amount so that accounts connected together
-        # do not renew together (SPEC §6: spread load instead of synchronised bursts).
+        # do not renew together.
         keepalive = tokens.refresh_token_issued_at + self._keepalive - self._keepalive / 14 * _jitter()
         if active_use:
             return min(tokens.expires_at - REFRESH_MARGIN * (2 + _jitter()), keepalive)
@@ -104,7 +104,7 @@ class TokenManager:
         return self.current_access_token(account), account
 
     def note_use(self, account: Account, now: dt.datetime | None = None) -> Account:
-        """Record active use (SPEC §6): ``lastUsedAt``, and move the due time ahead of the access
+        """Record active use: ``lastUsedAt``, and move the due time ahead of the access
         token's expiry so the timer renews it before the next use needs it."""
         now = now or utcnow()
         if account.last_used_at and now - account.last_used_at < USE_RECORD_INTERVAL:
@@ -304,7 +304,7 @@ class TokenManager:
 
         If another writer stored a different refresh token meanwhile (our lease ran out and it
         rotated first, or the account was re-connected), the grant is alive: use what it stored
-        (SPEC §6: "a refresher that loses a rotation race re-reads the stored tokens").
+       .
         """
         current = self._store.get_account(acc.owner, acc.id)
         if current.status == ACTIVE and current.sealed_tokens and current.lease_id != lease:
@@ -338,7 +338,7 @@ class TokenManager:
 
 
 def refresh_outcome(error: BaseException) -> str:
-    """The ``connector.refresh`` outcome of a failed token request (SPEC §6 failure classes)."""
+    """The ``connector.refresh`` outcome of a failed token request."""
     from shared.errors import OperatorError, ThrottledError
 
     if isinstance(error, ReauthRequiredError):

@@ -1,5 +1,5 @@
 """Outbound webhooks: ``account.connected``, ``account.reauth_required``, ``account.recovered``,
-``account.disconnected`` (SPEC §6), and ``message.received`` (inbound mail, SPEC §6a).
+``account.disconnected``, and ``message.received`` (inbound mail, docs/webhooks.md).
 
 Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; ``message.received`` carries
 ``"data":{"accountId","message":{…}}`` instead. Signature header, in the
@@ -42,7 +42,7 @@ AccountJson = dict[str, object]
 log = logging.getLogger("connector.webhooks")
 
 EVENTS = ("account.connected", "account.reauth_required", "account.recovered", "account.disconnected")
-MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"} (SPEC §6a), not {"account"}
+MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"}, not {"account"}
 SIGNATURE_HEADER = "X-Connector-Signature"
 MAX_ATTEMPTS = 8
 PENDING_MAX = 10_000  # events kept in memory while storage is down
@@ -159,7 +159,7 @@ class Webhooks:
 
 
     def enqueue_message_received(self, account_id: str, message: dict[str, object]) -> str | None:
-        """Enqueue ``message.received`` (SPEC §6a); returns the event id, None when webhooks are off.
+        """Enqueue ``message.received``; returns the event id, None when webhooks are off.
 
         Unlike :meth:`emit` it raises (StorageUnavailableError) when the event could not be queued:
         inbound mail is delivered at least once, so the caller retries instead of losing it."""

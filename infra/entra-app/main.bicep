@@ -14,6 +14,10 @@
 // identity credential that trusts the function app's user-assigned managed identity
 // (https://learn.microsoft.com/entra/workload-id/workload-identity-federation-config-app-trust-managed-identity).
 // No secret and no certificate is created: add one in the portal if you choose those credentials.
+//
+// Requirements: Bicep CLI v0.36.1 or later, the minimum for the Microsoft Graph extension types pinned in
+// bicepconfig.json (microsoftgraph/v1.0 1.0.0). The extension works in the Azure public cloud only
+// (not in Azure US Government, China or other sovereign clouds); there, create the registration in the portal.
 
 extension microsoftGraphV1
 

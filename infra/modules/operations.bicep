@@ -3,7 +3,8 @@
 // e-mail action group, and the operator's workbook (operations-workbook.json).
 //
 // Metrics arrive in customMetrics (name = instrument name, customDimensions = attributes); invocation
-// spans in dependencies (name = function name). Query rules:
+// spans (name = function name) in dependencies (HTTP and timer: INTERNAL spans) or requests (queue: CONSUMER
+// spans), so queries over invocations read `union requests, dependencies`. Query rules:
 // https://learn.microsoft.com/azure/azure-monitor/alerts/alerts-create-log-alert-rule
 // Bicep reference: https://learn.microsoft.com/azure/templates/microsoft.insights/scheduledqueryrules
 // Workbooks from templates: https://learn.microsoft.com/azure/azure-monitor/visualize/workbooks-automate
@@ -83,7 +84,7 @@ var alerts = [
     severity: 0
     frequency: 'PT5M'
     window: 'PT15M'
-    query: 'let refreshes = customMetrics | where name == "connector.refresh" and tostring(customDimensions["outcome"]) == "invalid_client" | summarize n = sum(valueSum);\nlet calls = dependencies | where tostring(customDimensions["connector.error.code"]) in (${codeList}) | summarize n = todouble(count());\nunion refreshes, calls | summarize failures = sum(n)'
+    query: 'let refreshes = customMetrics | where name == "connector.refresh" and tostring(customDimensions["outcome"]) == "invalid_client" | summarize n = sum(valueSum);\nlet calls = union requests, dependencies | where tostring(customDimensions["connector.error.code"]) in (${codeList}) | summarize n = todouble(count());\nunion refreshes, calls | summarize failures = sum(n)'
     measure: 'failures'
     aggregation: 'Total'
     threshold: 0
@@ -131,7 +132,7 @@ var alerts = [
     severity: 1
     frequency: 'PT15M'
     window: 'PT15M'
-    query: 'let hostLogs = traces | where message has "MaxDequeueCount" or message has "-poison" | summarize n = todouble(count());\nlet lastAttempts = dependencies | where success == false and toint(customDimensions["messaging.message.delivery_attempt"]) >= 5 | summarize n = todouble(count());\nunion hostLogs, lastAttempts | summarize poisoned = sum(n)'
+    query: 'let hostLogs = traces | where message has "MaxDequeueCount" or message has "-poison" | summarize n = todouble(count());\nlet lastAttempts = union requests, dependencies | where success == false and toint(customDimensions["messaging.message.delivery_attempt"]) >= 5 | summarize n = todouble(count());\nunion hostLogs, lastAttempts | summarize poisoned = sum(n)'
     measure: 'poisoned'
     aggregation: 'Total'
     threshold: 0
@@ -168,6 +169,9 @@ resource rules 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = [for a in a
       ]
     }
     autoMitigate: true
+    // The queries name tables (requests, traces, customMetrics) that a fresh workspace has not created yet:
+    // without this, creating the rule fails validation on the first deployment.
+    skipQueryValidation: true
     actions: {
       actionGroups: empty(alertEmail) ? [] : [
         actionGroup.id
@@ -184,8 +188,12 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   properties: {
     displayName: 'Outlook connector: operations'
     category: 'workbook'
+    // sourceId: the workbook is listed under the Application Insights resource (Monitoring > Workbooks); the
+    // template's fallbackResourceIds (empty in the file) gets the same id, so opening it from the gallery or a
+    // link queries that component instead of asking for one.
     sourceId: appInsights.id
-    serializedData: loadTextContent('operations-workbook.json')
+    serializedData: replace(loadTextContent('operations-workbook.json'), '"fallbackResourceIds": []',
+      '"fallbackResourceIds": ["${appInsights.id}"]')
   }
 }
 

@@ -1,4 +1,4 @@
-"""Working with mail (SPEC §3, §4a): reply, reply-all and forward in the thread; mark, flag, categorise,
+"""Working with mail: reply, reply-all and forward in the thread; mark, flag, categorise,
 move and delete; read a whole conversation. The operations are :class:`shared.mailbox.MailOps`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Inbound mail (SPEC §6a): Graph's notification endpoints, the processing queue trigger and the timers.
+"""Inbound mail: Graph's notification endpoints, the processing queue trigger and the timers.
 
 ``POST /api/notifications/microsoft`` and ``…/lifecycle`` are anonymous (Graph calls them). They:
 

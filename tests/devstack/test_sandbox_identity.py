@@ -319,3 +319,22 @@ def test_no_secrets_in_error_bodies(sandbox_server, ctl, http):
 def test_work_account_on_other_authorities(sandbox_server, ctl, http, tenant, flows):
     tokens = flows.sign_in(ADELE, tenant=tenant)
     assert "refresh_token" in tokens
+
+
+def test_a_code_issued_without_a_challenge_refuses_a_verifier(sandbox_server, ctl, http):
+    """RFC 9700 §4.8.2 (PKCE downgrade): an authorization request stripped of its code_challenge still gets a
+    code (a confidential client may do without PKCE, as Entra allows), but a token request that then brings a
+    code_verifier is refused: the attacker removed the challenge the client had sent."""
+    def code() -> str:
+        r = http.get(f"{sandbox_server.url}/common/oauth2/v2.0/authorize", allow_redirects=False, timeout=10,
+                     params={"client_id": DEFAULT_CLIENT_ID, "response_type": "code", "redirect_uri": REDIRECT_URI,
+                             "scope": "User.Read offline_access", "state": "s", "login_hint": ADELE})
+        assert r.status_code == 302, r.text[:300]
+        return query(r.headers["Location"])["code"]
+
+    token_url = f"{sandbox_server.url}/common/oauth2/v2.0/token"
+    form = {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET,
+            "grant_type": "authorization_code", "redirect_uri": REDIRECT_URI, "scope": "User.Read offline_access"}
+    downgraded = http.post(token_url, data={**form, "code": code(), "code_verifier": "v" * 43}, timeout=10)
+    assert downgraded.status_code == 400 and downgraded.json()["error"] == "invalid_grant", downgraded.text
+    assert http.post(token_url, data={**form, "code": code()}, timeout=10).status_code == 200  # no PKCE at all

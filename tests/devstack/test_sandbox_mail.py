@@ -1,4 +1,4 @@
-"""The sandbox's Graph mail actions (issue 13): reply/replyAll/forward and createReply*, move, PATCH flag,
+"""The sandbox's Graph mail actions: reply/replyAll/forward and createReply*, move, PATCH flag,
 $search with its restrictions, $filter/$orderby, conversation filtering — each with Graph's error shapes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The chaos run, short (issue 15): about a minute of traffic with every fault injected once, so that a
+"""The chaos run, short: about a minute of traffic with every fault injected once, so that a
 regression of any promise (no duplicate send, no lost refresh token, no unmapped error, no leaked
 secret, every webhook delivered) fails the build. The full run is ``make chaos`` (a benchmark)."""
 

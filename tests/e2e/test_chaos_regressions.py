@@ -1,4 +1,4 @@
-"""Regression tests for defects the chaos run (``python -m bench chaos``, issue 15) uncovered, one each."""
+"""Regression tests for defects the chaos run (``python -m bench chaos``) uncovered, one each."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.conftest import Host, connect, wait_for
 
 def test_token_endpoint_5xx_answers_503_with_retry_after(host: Host, control: Any, browser_session: Any) -> None:
     """Chaos finding 1: a 5xx from the token endpoint during refresh-now was a 503 without
-    ``Retry-After`` (SPEC §3: storage or Microsoft unavailable → 503 *with* Retry-After)."""
+    ``Retry-After``."""
     acc = connect(host, browser_session, sub="owner-chaos-1", login_hint="megan@contoso.onmicrosoft.com")
     account_id = acc["result"]["accountId"]
     control.inject("*/oauth2/v2.0/token", status=500, count=1)

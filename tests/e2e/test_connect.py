@@ -306,6 +306,8 @@ def test_caller_jwt_is_required_and_checked(host: Host, case: str) -> None:
         r = host.api(method, path, sub=None, headers=headers)
         assert r.status_code == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        # RFC 6750 §3.1: no credentials at all → the scheme only; a bad token → error="invalid_token".
+        assert ("error=" in r.headers["WWW-Authenticate"]) == ("Authorization" in headers), (case, r.headers)
         assert r.headers["Content-Type"].startswith("application/problem+json")
     assert len(_states(host)) == states_before  # connect stored no pending flow for an unauthenticated caller
 

@@ -1,4 +1,4 @@
-"""Issue 16 against the running stack (dev host + Azurite + the HTTPS sandbox, real MSAL): a forwarded
+"""Hardening against the running stack (dev host + Azurite + the HTTPS sandbox, real MSAL): a forwarded
 connect link, log forging, hostile bodies and headers, form_post, the result page, attachments, the
 dev host's token and admin endpoints, webhook redirects. Each test fails on the code before the fix."""
 

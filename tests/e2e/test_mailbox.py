@@ -1,4 +1,4 @@
-"""Working with mail end to end (issue 13, SPEC §3/§4a): reply/replyAll/forward in the thread, PATCH, move,
+"""Working with mail end to end: reply/replyAll/forward in the thread, PATCH, move,
 DELETE, search, threads and ranged attachment downloads — dev host + Azurite + the HTTPS sandbox."""
 
 from __future__ import annotations

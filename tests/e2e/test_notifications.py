@@ -1,4 +1,4 @@
-"""Inbound mail end to end (SPEC §6a): connect → Graph subscription validated and created → mail lands in
+"""Inbound mail end to end: connect → Graph subscription validated and created → mail lands in
 the Inbox → one signed ``message.received`` webhook; duplicates suppressed; dropped notifications,
 ``missed`` and ``subscriptionRemoved`` recovered by delta catch-up; renewal; disconnect; forged and
 malformed notifications."""

@@ -211,6 +211,32 @@ def test_concurrent_subscription_jobs_of_one_account_make_one_subscription(host:
     assert [r for r in rows if r.get("accountId") == aid or str(r["RowKey"]).startswith(aid)] == []
 
 
+def test_concurrent_callbacks_of_one_mailbox_store_one_account(host: Host, browser_session: Any,
+                                                                control: Any, sandbox_http: None) -> None:  # noqa: F811
+    """Four connect flows of one mailbox by one owner, completed at once: one account (the others update it),
+    one subscription, and after the disconnect none."""
+    owner = "owner-four-connects"
+    forms = []
+    for _ in range(4):
+        start = host.api("GET", "/api/connect/microsoft", sub=owner,
+                         params={"returnUrl": APP, "loginHint": ADELE}).json()
+        forms.append(authorize(browser_session, start["authUrl"]))
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda f=f: answers.append(f.submit(host.http).status_code)) for f in forms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == [302] * 4
+    [acc] = host.api("GET", "/api/accounts", sub=owner).json()["accounts"]
+    wait_for(lambda: queues_idle(host), timeout=120, what="the connects' jobs")
+    wait_for(lambda: account(host, owner, acc["id"])["notifications"]["status"] == "active", timeout=60,
+             what="an active subscription")
+    assert len(control.subscriptions(ADELE)) == 1
+    assert host.api("DELETE", f"/api/accounts/{acc['id']}", sub=owner).status_code == 204
+    assert control.subscriptions(ADELE) == []
+
+
 # -- 8. pending states under concurrency; forced refreshes coalesce ---------------------------------
 
 def test_the_pending_state_cap_holds_under_concurrency(host: Host) -> None:

@@ -322,7 +322,7 @@ def test_a_lost_refresh_message_brings_the_account_back_later(host: Host, browse
 
 def test_an_account_used_right_after_connect_is_renewed_by_the_timer_before_its_token_expires(
         host: Host, browser_session: Any, control: Any) -> None:
-    """SPEC §6: an account in active use gets its access token renewed before it expires, with no
+    """Proactive refresh: an account in active use gets its access token renewed before it expires, with no
     request from the caller. Entra's shortest configurable access-token lifetime (10 minutes) puts the
     renewal due time (5-15 minutes before expiry) at once, so the timer is due without faking time."""
     owner = "owner-active-use"

@@ -1,4 +1,4 @@
-"""Issue 14, part 2: one test per deploy defect found by review, so none can come back; and the optional
+"""One test per deploy defect found by review, so none can come back; and the optional
 Bicep path that creates the Entra app registration (Microsoft Graph Bicep extension)."""
 
 from __future__ import annotations
@@ -185,3 +185,20 @@ def test_app_registration_template_is_optional_and_complete(templates: dict[str,
     # No federated credential for an audience with personal accounts (the app refuses that combination).
     assert mentions(fic["condition"], "personalAccounts")
     assert resources(tpl, "Microsoft.Graph/servicePrincipals")
+
+
+def test_every_main_parameter_is_mapped_for_azd() -> None:
+    """azd fills a parameter only through main.parameters.json: one missing there cannot be set with
+    `azd env set` (keyVaultSoftDeleteRetentionInDays was)."""
+    import re
+
+    params = re.findall(r"^param (\w+)", (INFRA / "main.bicep").read_text(), re.M)
+    mapped = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert params and [p for p in params if p not in mapped] == []
+    assert mapped["keyVaultSoftDeleteRetentionInDays"]["value"] == "${KEY_VAULT_SOFT_DELETE_RETENTION_DAYS=90}"
+
+
+def test_the_graph_bicep_option_states_its_requirements() -> None:
+    text = (INFRA / "entra-app" / "main.bicep").read_text()
+    assert "v0.36.1" in text and "public cloud only" in text
+    assert "microsoftgraph/v1.0:1.0.0" in (INFRA / "entra-app" / "bicepconfig.json").read_text()

@@ -129,3 +129,27 @@ def test_operations_doc_explains_every_alert(ops: dict[str, Any]) -> None:
         assert re.search(rf"^### {re.escape(heading)}$", doc, re.M | re.I), f"docs/operations.md lacks '### {heading}'"
     for name in exported_instruments():
         assert f"`{name}`" in doc, name
+
+
+def test_queries_over_invocations_read_requests_too_and_rules_skip_validation(ops: dict[str, Any]) -> None:
+    """Queue invocations are CONSUMER spans, which Application Insights stores in `requests` (HTTP and timer
+    ones are INTERNAL, in `dependencies`): a query over invocations that reads `dependencies` alone misses
+    them. And alert rules skip query validation, which fails on a workspace that has no `requests` yet."""
+    wb = json.loads((INFRA / "modules" / "operations-workbook.json").read_text())
+    queries = {a["key"]: _text(a["query"]) for a in _alerts(ops)}
+    queries.update({i["name"]: i["content"]["query"] for i in wb["items"] if i["type"] == 3})
+    for name, query in queries.items():
+        spans = "customDimensions[\"connector.error.code\"]" in query or "delivery_attempt" in query
+        if spans:
+            assert "union requests, dependencies" in query, name
+    assert "skipQueryValidation: true" in (INFRA / "modules" / "operations.bicep").read_text()
+    assert json.loads(json.dumps(ops["resources"]["rules"]["config"]))  # parsed by pycep, not only grepped
+    assert "skipQueryValidation" in json.dumps(ops["resources"]["rules"]["config"])
+
+
+def test_the_workbook_falls_back_to_the_application_insights_component(ops: dict[str, Any]) -> None:
+    """The template file leaves fallbackResourceIds empty; the Bicep fills in the component's id."""
+    wb = json.loads((INFRA / "modules" / "operations-workbook.json").read_text())
+    assert wb["fallbackResourceIds"] == []
+    config = json.dumps(ops["resources"]["workbook"]["config"])
+    assert "fallbackResourceIds" in config and "appInsights.id" in config and "sourceId" in config

@@ -229,3 +229,17 @@ def test_function_app_imports_with_a_valid_environment(change: dict[str, str], e
         assert proc.returncode == 0, proc.stderr[-2000:]
     else:
         assert proc.returncode != 0 and "ConfigurationError" in proc.stderr and error in proc.stderr, proc.stderr
+
+
+def test_documents_and_docstrings_cite_nothing_outside_the_repository() -> None:
+    """README, docs, the package, the dev stack and the benchmarks refer only to what the repository holds:
+    no product-specification sections or issue numbers a reader cannot open."""
+    from tests.conftest import ROOT
+
+    pattern = re.compile(r"SPEC ?§|SPEC\.md|\b[Ii]ssue \d+")
+    paths = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "infra").rglob("*.md"),
+             *(ROOT / "shared").rglob("*.py"), *(ROOT / "devstack").rglob("*.py"), *(ROOT / "devstack").rglob("*.md"),
+             *(ROOT / "bench").glob("*.py"), ROOT / "bench" / "results.md", ROOT / "function_app.py"]
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in paths for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert found == [], found

@@ -216,7 +216,7 @@ def test_401_with_another_code_is_not_refreshed_nor_our_401() -> None:
     assert token.refreshed_from == [] and e.value.status == 502
 
 
-# -- Graph errors never masquerade as ours (SPEC §3) -----------------------------------------
+# -- Graph errors never masquerade as ours -----------------------------------------
 
 def test_mailbox_not_enabled_is_409_mailbox_not_available() -> None:
     fake = FakeTransport(graph_error(404, "MailboxNotEnabledForRESTAPI"))

@@ -1,4 +1,4 @@
-"""Issue 16, the parts that need no running host: hostile values against the app's own functions
+"""Hardening, the parts that need no running host: hostile values against the app's own functions
 (log lines, caller JWT subjects, webhook signatures and the docs' receiver sample, Entra error
 bodies, JSON depth, header values, signed connect results)."""
 

@@ -299,3 +299,22 @@ def test_off_imports_nothing_and_does_nothing() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'azure.monitor'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_logger_of_the_package_is_under_connector() -> None:
+    """The OpenTelemetry log export takes the ``connector`` logger tree only: a module logging under
+    ``__name__`` (``shared.auth``) would be dropped in Application Insights."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    names = []
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "getLogger" and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant):
+                    names.append((path.name, arg.value))
+                elif path.name != "logs.py":  # logs.py quiets third-party loggers by name
+                    names.append((path.name, ast.unparse(arg)))
+    assert names and all(str(n).startswith("connector") for _, n in names), names
