@@ -15,6 +15,9 @@ Every Graph call, upload-session chunk PUTs included, goes through :meth:`GraphC
 * Upload-session URLs are pre-authenticated and outside ``GRAPH_BASE_URL``: they get no
   ``Authorization`` header (https://learn.microsoft.com/graph/outlook-large-attachments).
   They carry a secret in their query string, so they are never logged nor put in an error.
+* Every request sends ``Prefer: IdType="ImmutableId"``: message ids in answers, delta rounds and the
+  notifications of subscriptions created with it stay the same when a message moves
+  (https://learn.microsoft.com/graph/outlook-immutable-id).
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ class GraphClient:
         while True:
             auth: AuthBase = _Bearer(access) if access is not None else _NoAuthorization()
             resp = self._send_once(method, url, mailbox=mailbox, auth=auth, safe=safe, timeout=timeout,
-                                   headers={"Accept": "application/json", **(headers or {})}, send_kw=send_kw)
+                                   headers=_headers(headers), send_kw=send_kw)
             if resp.status_code < 400:
                 return resp
             body = _json_or_none(resp)
@@ -210,6 +213,23 @@ class GraphClient:
         if wait <= self._max_wait and self._clock() - started + wait <= self._budget:
             return wait
         raise err  # 503 + Retry-After to our caller
+
+
+#: Every request asks for immutable message ids: a message keeps its id when it moves (Outlook gives a moved
+#: item a new regular id), in answers, delta rounds and the notifications of subscriptions created with it.
+#: https://learn.microsoft.com/graph/outlook-immutable-id
+IMMUTABLE_IDS = 'IdType="ImmutableId"'
+
+
+def _headers(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The request's headers: JSON, immutable ids, and the caller's (a caller's ``Prefer`` joins ours)."""
+    headers = {"Accept": "application/json", "Prefer": IMMUTABLE_IDS}
+    for name, value in (extra or {}).items():
+        if name.lower() == "prefer":
+            headers["Prefer"] = f"{IMMUTABLE_IDS}, {value}"
+        else:
+            headers[name] = value
+    return headers
 
 
 def _is_stale_token(resp: requests.Response, body: object) -> bool:

@@ -7,8 +7,8 @@ to Graph as the account through :class:`~shared.graph.GraphClient` (limiter, Ret
 
 * Reply, reply-all, forward: :func:`shared.send.answer` — Graph's direct action, or its reply draft + the
   send path's attachments and upload sessions; under ``Idempotency-Key`` like a send.
-* Organise: ``PATCH`` (isRead, flag, categories); move (Graph gives the moved message a new id, which the
-  move answers); delete = move to Deleted Items, as Outlook does.
+* Organise: ``PATCH`` (isRead, flag, categories); move (the message keeps its immutable id); delete = move to
+  Deleted Items, as Outlook does.
 * Find: ``$filter``/``$orderby`` listings, ``$search`` with its own rules, threads oldest first; Graph's
   nextLink travels sealed as the caller's cursor.
 * Download: the classic Functions HTTP model hands the host a whole ``bytes`` body, so memory is bounded by
@@ -178,7 +178,8 @@ class MailOps:
         return out
 
     def move(self, owner: str, account_id: str, message_id: str, folder: str) -> Json:
-        """https://learn.microsoft.com/graph/api/message-move : 201 with the message under its new id."""
+        """https://learn.microsoft.com/graph/api/message-move : 201 with the moved message, under the same
+        immutable id (every request asks for immutable ids)."""
         mid = m.check_id(message_id, "messageId")
         who = self._as(owner, account_id)
         if folder not in m.WELL_KNOWN_FOLDERS:

@@ -178,8 +178,9 @@ SCHEMAS: Json = {
         "properties": {"status": {"const": "sent"}, "trackingId": {"type": "string"},
                        "sentAt": {"type": "string", "format": "date-time"},
                        "messageId": {"type": ["string", "null"],
-                                     "description": "The id Graph gave the answer's draft (large attachments or "
-                                                    "added recipients); null when Graph's direct action sent it."},
+                                     "description": "The immutable id of the sent answer in Sent Items when it was "
+                                                    "sent from a draft (large attachments or added recipients); null "
+                                                    "when Graph's direct action sent it (Graph answers no id)."},
                        "conversationId": {"type": ["string", "null"]}}},
     "MessageUpdate": {
         "type": "object", "additionalProperties": False, "minProperties": 1,
@@ -330,13 +331,13 @@ def _mail_paths() -> Json:
                 params=acc + [MESSAGE_ID], body={"required": True, "content": {
                     "application/json": {"schema": _ref("MessageUpdate")}}}, tags=("mail",)),
             "delete": _op("delete_message", "Delete as Outlook does: the message moves to Deleted Items.", {
-                "204": {"description": "Moved to Deleted Items (its id changes)."},
+                "204": {"description": "Moved to Deleted Items (its id stays: ids are immutable ids)."},
                 **_errors(400, 403, 404, 409, 502, 503)}, params=acc + [MESSAGE_ID], tags=("mail",)),
         },
         **_answer_paths(),
         "/api/accounts/{accountId}/messages/{messageId}/move": {"post": _op(
-            "move_message", "Move to another folder; Graph gives the moved message a new id, answered here.", {
-                "200": _json(_ref("OrganisedMessage"), "The message in its new folder, with its new id."),
+            "move_message", "Move to another folder; the message keeps its (immutable) id.", {
+                "200": _json(_ref("OrganisedMessage"), "The message in its new folder, with the same id."),
                 **_errors(400, 403, 404, 409, 502, 503)},
             params=acc + [MESSAGE_ID], body={"required": True, "content": {
                 "application/json": {"schema": _ref("MoveRequest")}}}, tags=("mail",))},

@@ -122,10 +122,10 @@ def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str
         raise
     prepare = None if req.kind == "forward" or not req.extra_recipients else _added_recipients(draft, req)
     send_draft(graph, token, mailbox, draft["id"], plan, context, prepare=prepare)
-    # Sending moves the draft to Sent Items under a new id (https://learn.microsoft.com/graph/outlook-immutable-id),
-    # so the draft's id would name nothing: Graph gives no id for the sent message.
-    conversation = draft.get("conversationId")
-    return {**result, "sentAt": iso(utcnow()), "messageId": None,
+    # The draft was created with immutable ids, so its id names the Sent Items copy once it is sent
+    # (https://learn.microsoft.com/graph/outlook-immutable-id, "Immutable ID with sending mail").
+    conversation, sent_id = draft.get("conversationId"), draft.get("id")
+    return {**result, "sentAt": iso(utcnow()), "messageId": sent_id if isinstance(sent_id, str) else None,
             "conversationId": conversation if isinstance(conversation, str) else None}
 
 

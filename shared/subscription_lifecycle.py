@@ -58,7 +58,7 @@ from shared.notifications import (
     Job,
     NotificationConfig,
 )
-from shared.subscriptions import SubscriptionGoneError, SubscriptionState, SubscriptionStore
+from shared.subscriptions import IMMUTABLE_IDS, SubscriptionGoneError, SubscriptionState, SubscriptionStore
 from shared.tokens import AccountTokenSource
 
 if TYPE_CHECKING:
@@ -227,20 +227,29 @@ class SubscriptionLifecycle:
             except SubscriptionGoneError:
                 event = "subscriptionRemoved"
         if event == "subscriptionRemoved":
-            # Delete it first: a removal Graph did not send (a forged or replayed notification) must not leave
+            # Deleted first: a removal Graph did not send (a forged or replayed notification) must not leave
             # the old subscription live beside the new one. Gone already is the normal case.
-            try:
-                subscriptions.delete(self._graph, token, acc.mailbox_key, state.subscription_id)
-            except (ThrottledError, ReauthRequiredError):
-                raise
-            except MicrosoftError as e:  # e.g. refused: it was not ours to delete; a new one is needed anyway
-                log.warning("removed subscription of %s not deleted (%s)", acc.id, e.code)
-            state = self._create(acc, token, state, now)  # recreate, then catch up
+            state = self._replace(acc, token, state, now)  # recreate, then catch up
         return self._delivery.catch_up(acc, token, state, now)
+
+    def _replace(self, acc: Account, token: TokenSource, state: SubscriptionState,
+                 now: dt.datetime) -> SubscriptionState:
+        """Delete the subscription at Graph (gone already is fine), then create a new one."""
+        try:
+            subscriptions.delete(self._graph, token, acc.mailbox_key, state.subscription_id)
+        except (ThrottledError, ReauthRequiredError):
+            raise
+        except MicrosoftError as e:  # e.g. refused: it was not ours to delete; a new one is needed anyway
+            log.warning("subscription of %s not deleted before its replacement (%s)", acc.id, e.code)
+        return self._create(acc, token, state, now)
 
     def _subscribe(self, acc: Account, token: TokenSource, state: SubscriptionState, now: dt.datetime, *,
                    force: bool) -> SubscriptionState:
-        """Renew (which also reauthorizes) when forced or due; create when there is none or Graph lost it."""
+        """Renew (which also reauthorizes) when forced or due; create when there is none or Graph lost it.
+        A subscription made before immutable ids is replaced: Graph keeps the id type a subscription was
+        created with (https://learn.microsoft.com/graph/outlook-immutable-id)."""
+        if state.subscription_id and state.id_type != IMMUTABLE_IDS:
+            return self._replace(acc, token, state, now)
         if state.subscription_id:
             if not force and state.expires_at is not None and state.expires_at - now > RENEW_BEFORE:
                 return state
@@ -284,7 +293,8 @@ class SubscriptionLifecycle:
         self._store.bind_pointer(key, sid)
         if state.client_key and state.client_key != key:
             self._store.drop_pointer(acc.owner, acc.id, state.client_key)
-        return self._store.save(replace(state, subscription_id=sid, client_key=key, expires_at=expires))
+        return self._store.save(replace(state, subscription_id=sid, client_key=key, expires_at=expires,
+                                        id_type=IMMUTABLE_IDS))
 
     def _settle(self, acc: Account, state: SubscriptionState, now: dt.datetime, *, rearm: str) -> None:
         """Save the state, move the index row to the next maintenance, show the account as active."""

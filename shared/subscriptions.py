@@ -53,6 +53,7 @@ REQUESTED_LIFETIME = MAX_LIFETIME - dt.timedelta(minutes=10)
 INBOX_RESOURCE = "me/mailFolders('Inbox')/messages"
 CLIENT_STATE_BYTES = 32  # 43 base64url characters, within Graph's 128
 _POINTER_RK = "cs"
+IMMUTABLE_IDS = "immutable"  # SubscriptionState.id_type of a subscription created with immutable ids
 _CREATING = "|creating"
 _POINTER_LIST = "|cs|"
 CREATION_STALE = dt.timedelta(minutes=2)  # Graph validates both URLs (10 s each) before it answers
@@ -69,6 +70,9 @@ class SubscriptionState:
     account_id: str
     subscription_id: str = ""
     client_key: str = ""  # the pointer row's PartitionKey
+    # "immutable": created with Prefer: IdType="ImmutableId", so its notifications name messages by immutable ids.
+    # "" for a subscription made before, which Graph keeps notifying with regular ids until it is recreated.
+    id_type: str = ""
     expires_at: dt.datetime | None = None
     delta_link: str = ""
     delta_synced_at: dt.datetime | None = None  # start of the last complete catch-up round
@@ -242,6 +246,7 @@ def _gone_or(e: MicrosoftError) -> Exception:
 def _state_entity(s: SubscriptionState) -> dict[str, EntityValue]:
     return {"PartitionKey": owner_partition(s.owner), "RowKey": s.account_id, "owner": s.owner,
             "accountId": s.account_id, "subscriptionId": s.subscription_id, "clientKey": s.client_key,
+            "idType": s.id_type,
             "expiresAt": iso(s.expires_at) or "", "deltaLink": s.delta_link,
             "deltaSyncedAt": iso(s.delta_synced_at) or "", "dueAt": iso(s.due_at) or "", "failures": s.failures,
             "lastError": s.last_error, "updatedAt": iso(utcnow())}
@@ -255,7 +260,8 @@ def _state_from(e: Row) -> SubscriptionState:
     failures = e.get("failures")
     return SubscriptionState(
         owner=text("owner"), account_id=text("accountId") or text("RowKey"), subscription_id=text("subscriptionId"),
-        client_key=text("clientKey"), expires_at=parse_iso(e.get("expiresAt")), delta_link=text("deltaLink"),
+        client_key=text("clientKey"), id_type=text("idType"), expires_at=parse_iso(e.get("expiresAt")),
+        delta_link=text("deltaLink"),
         delta_synced_at=parse_iso(e.get("deltaSyncedAt")), due_at=parse_iso(e.get("dueAt")),
         failures=failures if isinstance(failures, int) else 0, last_error=text("lastError"),
         etag=etag_of(e))

@@ -112,10 +112,14 @@ class SandboxControl:
         rows = self._call("GET", f"/users/{self._u(user)}/lost_rotations", params=params)["rotations"]
         return [(float(r["minted"]), float(r["stalePresented"])) for r in rows]
 
-    def seed_messages(self, user: str, messages: list[dict[str, Any]] | int, folder: str = "inbox") -> list[str]:
+    def seed_messages(self, user: str, messages: list[dict[str, Any]] | int, folder: str = "inbox", *,
+                      immutable: bool = True) -> list[str]:
+        """Mail arriving in ``folder``; its ids as an app sees them with ``Prefer: IdType="ImmutableId"`` (the
+        connector's) or, with ``immutable=False``, without."""
         body: dict[str, Any] = {"folder": folder}
         body["count" if isinstance(messages, int) else "messages"] = messages
-        return list(self._call("POST", f"/users/{self._u(user)}/messages", json=body)["ids"])
+        doc = self._call("POST", f"/users/{self._u(user)}/messages", json=body)
+        return list(doc["immutableIds" if immutable else "ids"])
 
     def sent(self, user: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/users/{self._u(user)}/sent")["sent"])

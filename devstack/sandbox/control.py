@@ -281,7 +281,9 @@ def seed_messages(upn: str) -> Response:
             raise ControlError(f"invalid message: {exc.code}: {exc.message}") from None
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise ControlError(f"invalid message: {type(exc).__name__}: {exc}") from None
-    return jsonify({"ids": ids})
+        immutable = [mb.messages[i]["_immutable"] for i in ids]
+    # Both: what an app sees without and with `Prefer: IdType="ImmutableId"`.
+    return jsonify({"ids": ids, "immutableIds": immutable})
 
 
 @bp.get("/users/<upn>/sent")

@@ -25,7 +25,7 @@ from typing import Any
 from flask import Blueprint, request
 
 from .errors import GraphError
-from .graph import READ_SCOPES, _Ctx, _folder_or_404, _host, _sb, _select, graph_call
+from .graph import READ_SCOPES, _Ctx, _folder_or_404, _host, _sb, _select, graph_call, immutable_ids
 from .mailbox import Mailbox
 
 bp = Blueprint("delta", __name__)
@@ -44,7 +44,7 @@ class DeltaToken:
     select: list[str] | None
     filter: str | None
     change_type: str | None
-    snapshot: dict[str, str] = field(default_factory=dict)  # id -> changeKey when the round began
+    snapshot: dict[str, str] = field(default_factory=dict)  # immutable id -> "changeKey id" when the round began
 
 
 @dataclass
@@ -91,21 +91,26 @@ def _new_token(ctx: _Ctx, folder_id: str) -> DeltaToken:
 
 
 def _round(mb: Mailbox, tok: DeltaToken, *, initial: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The snapshot is keyed by the immutable id (it survives moves) and holds "changeKey id" with the id of
+    the time; a removed message is named by whichever id the request asks for."""
     keep = _filter(tok.filter)
-    current = {m["id"]: m for m in mb.messages.values() if m["parentFolderId"] == tok.folder_id and keep(m)}
-    created = [m for mid, m in current.items() if mid not in tok.snapshot]
-    updated = [m for mid, m in current.items() if mid in tok.snapshot and tok.snapshot[mid] != m["changeKey"]]
-    removed = [mid for mid in tok.snapshot if mid not in current]
+    immutable = immutable_ids()
+    current = {m["_immutable"]: m for m in mb.messages.values() if m["parentFolderId"] == tok.folder_id and keep(m)}
+    seen = {key: value.split(" ", 1) for key, value in tok.snapshot.items()}
+    created = [m for key, m in current.items() if key not in seen]
+    updated = [m for key, m in current.items() if key in seen and seen[key][0] != m["changeKey"]]
+    removed = [key if immutable else seen[key][1] for key in seen if key not in current]
     if initial or tok.change_type is None:
         changed, gone = created + updated, removed
     else:
         changed = {"created": created, "updated": updated}.get(tok.change_type, [])
         gone = removed if tok.change_type == "deleted" else []
     changed.sort(key=lambda m: (m["receivedDateTime"], m["id"]))
-    items = [{"@odata.type": "#microsoft.graph.message", **mb.message_resource(m, tok.select)} for m in changed]
+    items = [{"@odata.type": "#microsoft.graph.message", **mb.message_resource(m, tok.select, immutable=immutable)}
+             for m in changed]
     items += [{"@odata.type": "#microsoft.graph.message", "id": mid, "@removed": {"reason": "deleted"}}
               for mid in gone]
-    return items, {mid: m["changeKey"] for mid, m in current.items()}
+    return items, {key: f"{m['changeKey']} {m['id']}" for key, m in current.items()}
 
 
 def _gone() -> GraphError:

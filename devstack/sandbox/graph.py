@@ -461,7 +461,9 @@ def _list_messages(ctx: _Ctx, folder: str | None) -> tuple[int, Any]:
         msgs = [m for m in mb.messages.values() if (fid is None or m["parentFolderId"] == fid) and pred(m)]
         msgs.sort(key=lambda m: (m[om.group(1)], m["id"]), reverse=(om.group(3) != "asc"))
         page = msgs[skip: skip + top]
-        value = [mb.message_resource(m, select, expand_attachments=_expands_attachments()) for m in page]
+        immutable = immutable_ids()
+        value = [mb.message_resource(m, select, expand_attachments=_expands_attachments(), immutable=immutable)
+                 for m in page]
     body = _page_body(ctx, folder, select, value)
     if skip + top < len(msgs):
         args = {k: v for k, v in request.args.items() if k not in ("$skip", "skip", "$top", "top")}
@@ -496,7 +498,7 @@ def _search_messages(ctx: _Ctx, folder: str | None, search: str) -> tuple[int, A
         hits = [m for m in mb.messages.values() if (fid is None or m["parentFolderId"] == fid) and match(m)]
         hits.sort(key=lambda m: (m["sentDateTime"], m["id"]), reverse=True)
         hits = hits[:SEARCH_MAX_RESULTS]
-        value = [mb.message_resource(m, select) for m in hits[offset: offset + top]]
+        value = [mb.message_resource(m, select, immutable=immutable_ids()) for m in hits[offset: offset + top]]
     body = _page_body(ctx, folder, select, value)
     if offset + top < len(hits):
         args = {k: v for k, v in request.args.items() if k not in ("$skiptoken", "skiptoken")}
@@ -534,10 +536,19 @@ def list_folder_messages(ctx: _Ctx, folder: str) -> tuple[int, Any]:
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-+/=]{20,}$")
 
 
+def immutable_ids() -> bool:
+    """``Prefer: IdType="ImmutableId"`` on this request: message ids in answers (and in the notifications of a
+    subscription created with it) are immutable ids. https://learn.microsoft.com/graph/outlook-immutable-id"""
+    return any(_IMMUTABLE_PREFER.search(v) for v in request.headers.getlist("Prefer"))
+
+
+_IMMUTABLE_PREFER = re.compile(r'(?:^|[,;\s])IdType\s*=\s*"?ImmutableId"?(?:$|[,;\s])', re.I)
+
+
 def _message_or_404(mb: Mailbox, mid: str) -> dict[str, Any]:
     if not _ID_RE.match(mid):
         raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
-    msg = mb.messages.get(mid)
+    msg = mb.find(mid)
     if msg is None:
         raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
     return msg
@@ -550,7 +561,8 @@ def get_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     select = _select()
     with state.lock:
         mb = _mailbox(ctx)
-        res = mb.message_resource(_message_or_404(mb, mid), select, expand_attachments=_expands_attachments())
+        res = mb.message_resource(_message_or_404(mb, mid), select, expand_attachments=_expands_attachments(),
+                                  immutable=immutable_ids())
     return 200, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity", **res}
 
 
@@ -567,7 +579,7 @@ def update_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
             if k != "attachments":
                 msg[k] = v
         msg["lastModifiedDateTime"] = iso(state.now())
-        res = mb.message_resource(msg)
+        res = mb.message_resource(msg, immutable=immutable_ids())
     return 200, res
 
 
@@ -577,8 +589,7 @@ def delete_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
     with state.lock:
         mb = _mailbox(ctx)
-        _message_or_404(mb, mid)
-        del mb.messages[mid]
+        del mb.messages[_message_or_404(mb, mid)["id"]]
     return 204, None
 
 
@@ -937,7 +948,7 @@ def create_draft(ctx: _Ctx) -> tuple[int, Any]:
             msg["toRecipients"] = []
         msg["_attachments"] = attachments
         msg["hasAttachments"] = bool(attachments)
-        res = mb.message_resource(msg)
+        res = mb.message_resource(msg, immutable=immutable_ids())
     return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity", **res}
 
 
@@ -1070,7 +1081,7 @@ def _accept_chunk(ctx: _Ctx, sess: UploadSession) -> Response:
         # Final range: 201 Created, empty body, Location of the attachment.
         state.uploads.pop(sess.token, None)
         mb = state.mailboxes[sess.upn]
-        msg = mb.messages.get(sess.message_id)
+        msg = mb.find(sess.message_id)
         if msg is None:
             raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
         att = Mailbox.make_attachment(
@@ -1112,7 +1123,7 @@ def send_draft(ctx: _Ctx, mid: str) -> tuple[int, Any]:
         msg["sentDateTime"] = iso(now)
         # The sent draft lands in Sent Items as another item: like any move, its id changes (unless the
         # app asked for immutable ids), so the draft's id is gone after the send.
-        mb.move(mid, mb.folder_id("sentitems") or "")
+        mb.move(msg["id"], mb.folder_id("sentitems") or "")
         deliver_to_sandbox_users(state, mb, payload, msg["_attachments"], now)
         state.counters["sendmail"] += 1
     return 202, None
@@ -1217,7 +1228,7 @@ def _answer(ctx: _Ctx, mid: str, action: str) -> tuple[int, Any]:
             draft.update(toRecipients=fields["toRecipients"], ccRecipients=fields["ccRecipients"],
                          _attachments=attachments, hasAttachments=bool(attachments))
             _link_to(draft, original)
-            res = mb.message_resource(draft)
+            res = mb.message_resource(draft, immutable=immutable_ids())
             return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity",
                          **res}
         _check_addresses(fields)
@@ -1261,13 +1272,13 @@ def move_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
     with state.lock:
         mb = _mailbox(ctx)
-        _message_or_404(mb, mid)
+        moving = _message_or_404(mb, mid)
         fid = mb.folder_id(dest)
         if fid is None:
             if not _ID_RE.match(dest):
                 raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
             raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
-        res = mb.message_resource(mb.move(mid, fid))
+        res = mb.message_resource(mb.move(moving["id"], fid), immutable=immutable_ids())
     return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity", **res}
 
 

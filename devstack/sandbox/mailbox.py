@@ -130,6 +130,7 @@ class Mailbox:
         attachments = [self.make_attachment(a, now) for a in fields.get("attachments") or []]
         msg: dict[str, Any] = {
             "id": mid,
+            "_immutable": new_message_id(),  # stays when the message moves (https://learn.microsoft.com/graph/outlook-immutable-id)
             "createdDateTime": received,
             "lastModifiedDateTime": received,
             "changeKey": base64.b64encode(secrets.token_bytes(12)).decode(),
@@ -211,9 +212,18 @@ class Mailbox:
             "sha256": att["sha256"],
         }
 
+    def find(self, mid: str) -> dict[str, Any] | None:
+        """The message with this id: its current id, or its immutable id (Graph takes either in a URL)."""
+        msg = self.messages.get(mid)
+        if msg is None:
+            msg = next((m for m in self.messages.values() if m.get("_immutable") == mid), None)
+        return msg
+
     def message_resource(self, msg: dict[str, Any], select: list[str] | None = None,
-                         expand_attachments: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"@odata.etag": f'W/"{msg["changeKey"]}"', "id": msg["id"]}
+                         expand_attachments: bool = False, immutable: bool = False) -> dict[str, Any]:
+        """``immutable``: the request sent ``Prefer: IdType="ImmutableId"``, so ids are the immutable ones."""
+        out: dict[str, Any] = {"@odata.etag": f'W/"{msg["changeKey"]}"',
+                               "id": msg["_immutable"] if immutable else msg["id"]}
         for k, v in msg.items():
             if k.startswith("_") or k == "id":
                 continue
@@ -229,8 +239,9 @@ class Mailbox:
         return out
 
     def move(self, mid: str, fid: str) -> dict[str, Any]:
-        """Move a message to folder ``fid``. Exchange gives the moved item a new id (unless the app asked for
-        immutable ids), so the sandbox does too: the old id is gone afterwards."""
+        """Move a message (its current id ``mid``) to folder ``fid``. Exchange gives the moved item a new id, so
+        the sandbox does too: the old id is gone afterwards. Its immutable id stays: an app that asks for
+        immutable ids sees the same id before and after."""
         msg = self.messages.pop(mid)
         msg["id"] = new_message_id()
         msg["parentFolderId"] = fid

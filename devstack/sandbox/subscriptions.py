@@ -33,7 +33,7 @@ import requests
 from flask import Blueprint
 
 from .errors import GraphError
-from .graph import READ_SCOPES, _body_json, _Ctx, _host, _sb, graph_call
+from .graph import READ_SCOPES, _body_json, _Ctx, _host, _sb, graph_call, immutable_ids
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Subscription:
     renewals: int = 0
     reauthorizations: int = 0
     reauth_required: bool = False
+    immutable_ids: bool = False  # created with Prefer: IdType="ImmutableId": notifications carry immutable ids
 
     def resource_json(self) -> dict[str, Any]:
         return {"id": self.id, "resource": self.resource, "applicationId": self.client_id,
@@ -164,14 +165,15 @@ class Notifier:
         if state.notify_duplicate:
             state.notify_duplicate -= 1 if state.notify_duplicate > 0 else 0
             copies = 2
-        path = f"Users/{sub.oid}@{sub.tid}/Messages/{msg['id']}"
+        mid = msg["_immutable"] if sub.immutable_ids else msg["id"]
+        path = f"Users/{sub.oid}@{sub.tid}/Messages/{mid}"
         item = {"id": uuid.uuid4().hex[:16], "subscriptionId": sub.id,
                 "subscriptionExpirationDateTime": _iso_ms(sub.expires_at), "clientState": sub.client_state,
                 "changeType": "created", "resource": path, "tenantId": sub.tid,
                 "resourceData": {"@odata.type": "#Microsoft.Graph.Message", "@odata.id": path,
-                                 "@odata.etag": f'W/"{msg["changeKey"]}"', "id": msg["id"]}}
+                                 "@odata.etag": f'W/"{msg["changeKey"]}"', "id": mid}}
         for _ in range(copies):
-            self._submit(sub.notification_url, {"value": [item]}, sub.id, "change", msg["id"])
+            self._submit(sub.notification_url, {"value": [item]}, sub.id, "change", mid)
 
     def lifecycle(self, sub: Subscription, event: str) -> None:
         item = {"subscriptionId": sub.id, "subscriptionExpirationDateTime": _iso_ms(sub.expires_at),
@@ -275,7 +277,8 @@ def _new_subscription(ctx: _Ctx, body: dict[str, Any]) -> Subscription:
         notification_url=state.notifier.check_url(body.get("notificationUrl"), "notificationUrl"),
         lifecycle_url=None if lifecycle is None else state.notifier.check_url(lifecycle, "lifecycleNotificationUrl"),
         client_state=client_state, expires_at=_expiry(body.get("expirationDateTime"), state.now()),
-        tls=str(body.get("latestSupportedTlsVersion") or "v1_2"), created_at=state.now())
+        tls=str(body.get("latestSupportedTlsVersion") or "v1_2"), created_at=state.now(),
+        immutable_ids=immutable_ids())
 
 
 @bp.post("/v1.0/subscriptions")

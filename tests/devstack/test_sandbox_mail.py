@@ -136,3 +136,45 @@ def test_body_preview_is_plain_text_as_graphs_is():
     assert body_preview({"contentType": "html", "content": html}) == "Hello Adele, see the <report>."
     assert body_preview({"contentType": "text", "content": "a\n\n b " + "x" * 300}).startswith("a b x")
     assert len(body_preview({"contentType": "HTML", "content": "<p>" + "y" * 400 + "</p>"})) == 255
+
+
+IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}
+
+
+def test_with_immutable_ids_a_message_keeps_its_id_through_moves_and_a_sent_draft(sandbox_server, ctl, http, flows):
+    """https://learn.microsoft.com/graph/outlook-immutable-id: with `Prefer: IdType="ImmutableId"` every answer
+    names the message by an id that stays when it moves (to another folder, or a draft to Sent Items)."""
+    at = flows.sign_in(ADELE)["access_token"]
+    base = f"{sandbox_server.url}/v1.0/me/messages"
+    [mid] = ctl.seed_messages(ADELE, [{"subject": "Keep me"}], immutable=True)
+    both = {**bearer(at), **IMMUTABLE}
+    assert http.get(f"{base}/{mid}", headers=both, timeout=10).json()["id"] == mid
+    regular = http.get(f"{base}/{mid}", headers=bearer(at), timeout=10).json()["id"]  # either id works in a URL
+    assert regular != mid
+    moved = http.post(f"{base}/{mid}/move", json={"destinationId": "archive"}, headers=both, timeout=10)
+    assert moved.status_code == 201 and moved.json()["id"] == mid and moved.json()["parentFolderId"] != ""
+    assert http.get(f"{base}/{mid}", headers=both, timeout=10).json()["subject"] == "Keep me"
+    graph_error(http.get(f"{base}/{regular}", headers=bearer(at), timeout=10), 404, "ErrorItemNotFound")
+    listed = http.get(f"{sandbox_server.url}/v1.0/me/mailFolders/archive/messages", headers=both, timeout=10).json()
+    assert mid in [m["id"] for m in listed["value"]]
+    # A draft sent with the header: its id names the Sent Items copy afterwards.
+    draft = http.post(f"{base}/{mid}/createReply", headers=both, timeout=10).json()
+    assert http.post(f"{base}/{draft['id']}/send", headers=both, timeout=10).status_code == 202
+    sent = http.get(f"{base}/{draft['id']}", headers=both, timeout=10).json()
+    assert sent["id"] == draft["id"] and sent["isDraft"] is False
+
+
+def test_delta_names_messages_by_the_id_type_asked_for(sandbox_server, ctl, http, flows):
+    at = flows.sign_in(ADELE)["access_token"]
+    url = f"{sandbox_server.url}/v1.0/me/mailFolders/inbox/messages/delta"
+    both = {**bearer(at), **IMMUTABLE}
+    [mid] = ctl.seed_messages(ADELE, [{"subject": "Delta"}], immutable=True)
+    first = http.get(url, headers=both, timeout=10).json()
+    while "@odata.nextLink" in first:
+        page = http.get(first["@odata.nextLink"], headers=both, timeout=10).json()
+        first = {**page, "value": first["value"] + page["value"]}
+    assert mid in [m["id"] for m in first["value"]]
+    http.post(f"{sandbox_server.url}/v1.0/me/messages/{mid}/move", json={"destinationId": "archive"}, headers=both,
+              timeout=10)
+    second = http.get(first["@odata.deltaLink"], headers=both, timeout=10).json()
+    assert second["value"] == [{"@odata.type": "#microsoft.graph.message", "id": mid, "@removed": {"reason": "deleted"}}]

@@ -83,7 +83,9 @@ def test_reply_with_a_10_mb_attachment_lands_once_in_the_thread(host: Host, acco
 
     first = reply()
     assert first.status_code == 202, first.text
-    assert first.json()["messageId"] is None  # the draft's id dies when it moves to Sent Items
+    sent_id = first.json()["messageId"]  # the draft's immutable id: it names the Sent Items copy now
+    copy = _api(host, "GET", f"/api/accounts/{account}/messages/{sent_id}")
+    assert copy.status_code == 200 and copy.json()["subject"] == "RE: Send me the contract"
     again = reply()  # a client retry with the same key: the first result, nothing sent again
     assert again.status_code == 202 and again.json() == first.json()
     [sent] = _sent(control, "reply-10mb")
@@ -182,20 +184,23 @@ def test_patch_marks_flags_and_categorises(host: Host, account: str, control: An
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
 
 
-def test_move_answers_the_new_id_and_delete_goes_to_deleted_items(host: Host, account: str, control: Any) -> None:
+def test_move_answers_the_same_id_and_delete_goes_to_deleted_items(host: Host, account: str, control: Any) -> None:
+    """Ids are Graph's immutable ids: a message keeps its id when it is moved (and when it is deleted, which
+    moves it to Deleted Items), in every answer."""
     subject = "move me " + uuid.uuid4().hex[:6]
     mid, _, _ = _thread(control, subject)
     r = _api(host, "POST", f"/api/accounts/{account}/messages/{mid}/move", json={"folder": "Archive"})
     assert r.status_code == 200, r.text
-    moved = r.json()["id"]
-    assert moved != mid and r.json()["subject"] == subject
-    assert _api(host, "GET", f"/api/accounts/{account}/messages/{mid}").status_code == 404
+    assert r.json()["id"] == mid and r.json()["subject"] == subject
+    after = _api(host, "GET", f"/api/accounts/{account}/messages/{mid}")
+    assert after.status_code == 200 and after.json()["id"] == mid
     archive = _api(host, "GET", f"/api/accounts/{account}/messages", params={"folder": "archive", "top": 100}).json()
-    assert moved in [m["id"] for m in archive["messages"]]
-    assert _api(host, "DELETE", f"/api/accounts/{account}/messages/{moved}").status_code == 204
+    assert mid in [m["id"] for m in archive["messages"]]
+    assert _api(host, "DELETE", f"/api/accounts/{account}/messages/{mid}").status_code == 204
     deleted = _api(host, "GET", f"/api/accounts/{account}/messages", params={"folder": "deleteditems", "top": 100})
-    assert subject in [m["subject"] for m in deleted.json()["messages"]]
-    assert _api(host, "GET", f"/api/accounts/{account}/messages/{moved}").status_code == 404
+    assert mid in [m["id"] for m in deleted.json()["messages"]]
+    gone = _api(host, "GET", f"/api/accounts/{account}/messages/AAMkAG{'n' * 40}")
+    assert gone.status_code == 404 and gone.json()["code"] == "message_not_found"
     other, _, _ = _thread(control, "stays")
     for body, field in (({"folder": "AAMkAG" + "q" * 40}, "folder"), ({"folder": "../x"}, "folder"),
                         ({}, "folder"), ({"folder": "archive", "x": 1}, "x")):
@@ -346,5 +351,5 @@ def test_real_responses_of_the_new_routes_match_the_openapi_document(host: Host,
     call("GET", f"{base}/messages", params={"q": "schema", "unreadOnly": "true"})
     moved = call("POST", f"{base}/messages/{mid}/move", json={"folder": "archive"}).json()["id"]
     call("DELETE", f"{base}/messages/{moved}")
-    call("DELETE", f"{base}/messages/{moved}")
+    call("DELETE", f"{base}/messages/AAMkAG{'n' * 40}")  # no such message: 404
     assert len(c.checked) >= 9

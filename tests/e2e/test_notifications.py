@@ -492,3 +492,24 @@ def test_without_a_webhook_receiver_a_job_says_so_and_claims_nothing(host: Host,
 
     with pytest.raises(ResourceNotFoundError):  # not claimed: a receiver configured later may still be told
         TableClient.from_connection_string(host.env["AzureWebJobsStorage"], SEEN_TABLE).get_entity(aid, seen_key(mid))
+
+
+def test_a_subscription_made_before_immutable_ids_is_replaced(host: Host, browser_session: Any, control: Any,
+                                                              webhooks: WebhookReceiver, sandbox_http: None) -> None:
+    """Graph keeps the id type a subscription was created with: one made by an earlier version (regular ids)
+    is deleted and created anew at its next maintenance, after which notifications name immutable ids."""
+    from shared.notifications import Job
+
+    owner = "owner-id-upgrade"
+    aid = connected(host, browser_session, owner, ADELE)
+    first = subscription_of(control, ADELE)["id"]
+    c = in_process(host)
+    state = c.notifications.store.get(owner, aid)
+    assert state.id_type == "immutable"
+    c.notifications.store.save(replace(state, id_type=""))  # as an earlier version stored it
+    assert c.notifications.worker.process(Job("maintain", owner, aid).to_message()) == "maintain"
+    [sub] = control.subscriptions(ADELE)
+    assert sub["id"] != first and c.notifications.store.get(owner, aid).id_type == "immutable"
+    [mid] = control.seed_messages(ADELE, [{"subject": "after the upgrade"}])  # immutable ids
+    wait_for(lambda: [e for e in received(webhooks, aid) if e["doc"]["data"]["message"]["id"] == mid], timeout=30,
+             what="the event named by the immutable id")

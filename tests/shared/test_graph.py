@@ -374,3 +374,19 @@ def test_network_failure_on_send_mail(exc: Exception, unknown: bool) -> None:
     assert len(fake.requests) == 1 and t.sleeps == []
     assert bool(e.value.extra.get("outcomeUnknown")) is unknown
     assert ("nothing was sent" in e.value.detail) is not unknown
+
+
+# -- immutable ids ---------------------------------------------------------------------------
+
+def test_every_request_asks_for_immutable_ids_and_keeps_the_callers_preferences() -> None:
+    """https://learn.microsoft.com/graph/outlook-immutable-id: the header applies only to the request that
+    carries it, so every request carries it; a caller's own Prefer (delta's page size) joins it."""
+    fake = FakeTransport(reply(200, {}), reply(200, {}), reply(202, None))
+    client, _ = make_client(fake)
+    get(client)
+    get(client, "me/mailFolders/inbox/messages/delta", headers={"Prefer": "odata.maxpagesize=50"})
+    send_mail(client)
+    prefer = [r.headers["Prefer"] for r in fake.requests]
+    assert prefer == ['IdType="ImmutableId"', 'IdType="ImmutableId", odata.maxpagesize=50', 'IdType="ImmutableId"']
+    assert fake.requests[2].headers["Content-Type"] == "application/json"
+    assert fake.requests[2].body == b'{"message":{"subject":"x"}}'
