@@ -117,13 +117,19 @@ def _client_state(host: Host, owner: str, aid: str) -> str:
     return str(c.secrets.key_ring().open(sealed, aad=account_aad(owner, aid, "clientState")).decode())
 
 
-def test_a_lifecycle_storm_does_one_catch_up(host: Host, browser_session: Any, control: Any,
-                                             sandbox_http: None) -> None:  # noqa: F811
-    owner = "owner-storm"
-    aid = connected(host, browser_session, owner, ADELE)
-    sid = subscription_of(control, ADELE)["id"]
+def _subscribed(host: Host, browser: Any, control: Any, owner: str) -> tuple[str, str, str]:
+    """A connected account with its live subscription, once the connect's own jobs are done:
+    (account id, subscription id, its clientState)."""
+    aid = connected(host, browser, owner, ADELE)
+    sid = str(subscription_of(control, ADELE)["id"])
     cs = _client_state(host, owner, aid)
     wait_for(lambda: queues_idle(host), what="the connect's own jobs")
+    return aid, sid, cs
+
+
+def test_a_lifecycle_storm_does_one_catch_up(host: Host, browser_session: Any, control: Any,
+                                             sandbox_http: None) -> None:  # noqa: F811
+    _, sid, cs = _subscribed(host, browser_session, control, "owner-storm")
     before = control.counters()["delta_requests"]
     storm = [{"subscriptionId": sid, "clientState": cs, "lifecycleEvent": "missed"}] * 200
     assert host.http.post(host.url + NOTIFY + "/lifecycle", json={"value": storm}, timeout=30).status_code == 202
@@ -153,11 +159,7 @@ def test_a_flood_of_ids_becomes_one_catch_up_not_one_read_each(host: Host, brows
                                                                sandbox_http: None) -> None:  # noqa: F811
     from shared.notification_intake import MAX_IDS_PER_BATCH
 
-    owner = "owner-id-flood"
-    aid = connected(host, browser_session, owner, ADELE)
-    sid = subscription_of(control, ADELE)["id"]
-    cs = _client_state(host, owner, aid)
-    wait_for(lambda: queues_idle(host), what="the connect's own jobs")
+    _, sid, cs = _subscribed(host, browser_session, control, "owner-id-flood")
     before = control.counters()
     items = [{"subscriptionId": sid, "clientState": cs, "changeType": "created",
               "resourceData": {"id": f"AAMkFlood{i}"}} for i in range(MAX_IDS_PER_BATCH + 50)]
