@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
-PROBLEM_TYPE_BASE = "https://github.com/outlook-connector/docs/problems/"
+from shared.problems import problem_type
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def to_problem(exc: BaseException) -> Problem:
     if not isinstance(exc, ConnectorError):
         exc = ConnectorError("An unexpected error occurred. The correlation id identifies it in the logs.")
     body: dict[str, object] = {
-        "type": PROBLEM_TYPE_BASE + exc.code,
+        "type": problem_type(exc.code),
         "title": exc.title,
         "status": exc.status,
         "detail": exc.detail,

@@ -253,6 +253,10 @@ def _connect_paths() -> Json:
             secured=False, tags=("operations",))},
         "/api/openapi.json": {"get": _op("openapi", "This document.", {
             "200": _json({"type": "object"}, "OpenAPI 3.1 document.")}, secured=False, tags=("operations",))},
+        "/api/problems": {"get": _op("problems", "What each problem `code` means; every problem's `type` points "
+                                     "to its anchor here.", {
+            "200": {"description": "HTML page, one anchor per code.", "content": {"text/html": {
+                "schema": {"type": "string"}}}}}, secured=False, tags=("operations",))},
         "/api/connect/microsoft": {"get": _op("connect_microsoft", "Start connecting a Microsoft mailbox.", {
             "200": _json(_ref("ConnectStart"), "Send the user's browser to authUrl."), **_errors(400, 404, 503)},
             params=[_q("returnUrl", {"type": "string", "maxLength": 2048},

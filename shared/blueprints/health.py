@@ -1,4 +1,5 @@
-"""GET /api/health (200 when storage and the client secret are reachable, else 503) and the OpenAPI document."""
+"""GET /api/health (200 when storage and the client secret are reachable, else 503), the OpenAPI document and
+the page every problem's ``type`` points to."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def openapi(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.H
         return document()
 
     return handle(req, "openapi", run, auth=False, context=context)
+
+
+@bp.route(route="problems", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def problems(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
+    def run(c: Connector, ctx: Context) -> func.HttpResponse:
+        from shared.problems import page
+
+        # A static page of text: no script, no frames (CSP), so serving it anonymously exposes nothing.
+        return func.HttpResponse(page(), status_code=200, mimetype="text/html", charset="utf-8", headers={
+            "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'"})
+
+    return handle(req, "problems", run, auth=False, context=context)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 
@@ -310,6 +310,16 @@ def test_caller_jwt_is_required_and_checked(host: Host, case: str) -> None:
         assert ("error=" in r.headers["WWW-Authenticate"]) == ("Authorization" in headers), (case, r.headers)
         assert r.headers["Content-Type"].startswith("application/problem+json")
     assert len(_states(host)) == states_before  # connect stored no pending flow for an unauthenticated caller
+
+
+def test_a_problem_type_resolves_to_its_description(host: Host) -> None:
+    r = host.api("GET", "/api/accounts", sub=None)
+    assert r.status_code == 401
+    # RFC 9457 §3.1.1: `type` is a URI reference, resolved against the request's URL (RFC 3986 §5).
+    page = host.http.get(urljoin(r.url, r.json()["type"]), timeout=30)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert 'id="unauthorized"' in page.text
+    assert "script-src" not in page.headers["Content-Security-Policy"]  # default-src 'none': no script at all
 
 
 def test_pending_states_per_owner_are_bounded(host: Host) -> None:
