@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -187,3 +188,24 @@ def test_missing_or_malformed_authorization(jwks: JwksServer) -> None:
     for header in (None, "", "Basic dXNlcjpwdw==", "Bearer ", "Bearer not-a-jwt"):
         with pytest.raises(AuthenticationError):
             a.authenticate(header)
+
+
+def test_the_production_issuer_sample_of_the_docs_is_accepted(jwks: JwksServer) -> None:
+    """docs/caller-tokens.md's signing code, run as written: its JWKS and its tokens pass the connector's checks."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "caller-tokens.md").read_text(encoding="utf-8")
+    [code] = re.findall(r"```python\n(.*?)```", text, re.S)
+    sample: dict[str, Any] = {}
+    exec(compile(code, "docs/caller-tokens.md", "exec"), sample)
+    old, new = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks.keys = sample["public_jwks"]({"2026-11": old, "2026-12": new})["keys"]
+    env = {**GOOD, "AUTH_ISSUER": sample["ISSUER"], "AUTH_AUDIENCE": sample["AUDIENCE"], "AUTH_JWKS_URL": jwks.url}
+    env.pop("AUTH_HS256_SECRET")
+    a = CallerAuth(load_settings(env), session=new_session(None))
+    assert a.authenticate("Bearer " + sample["caller_token"](new, "2026-12", "tenant-42")) == "tenant-42"
+    assert a.authenticate("Bearer " + sample["caller_token"](old, "2026-11", "tenant-7")) == "tenant-7"
+    with pytest.raises(AuthenticationError, match="InvalidSignature"):  # a key id naming another key
+        a.authenticate("Bearer " + sample["caller_token"](old, "2026-12", "tenant-42"))
+    with pytest.raises(AuthenticationError, match="longer than"):
+        a.authenticate("Bearer " + sample["caller_token"](new, "2026-12", "tenant-42", lifetime_s=7 * 86400))

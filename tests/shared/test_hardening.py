@@ -179,6 +179,11 @@ def test_docs_receiver_sample_never_raises_and_rejects_replays_and_future_timest
     assert sample["handle"](secret, b'{"id":"evt_3"}', old) == 401
     not_json = b"[not json"
     assert sample["handle"](secret, not_json, {"X-Connector-Signature": sign(secret, not_json, now)}) == 400
+    # Header names are case-insensitive: a framework that lower-cases them (ASGI, Node) gets the same answers.
+    lower = json.dumps({"id": "evt_4", "type": "account.connected"}).encode()
+    assert sample["handle"](secret, lower, {"x-connector-signature": sign(secret, lower, now)}) == 204
+    assert sample["handle"](secret, lower, {"X-CONNECTOR-SIGNATURE": sign(secret, lower, now)}) == 200
+    assert sample["handle"](secret, lower, {"x-connector-signature": "t=1,v1=00"}) == 401
 
 
 # -- 3. JSON depth ----------------------------------------------------------------------------------
