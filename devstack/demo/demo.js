@@ -21,12 +21,32 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+function linked(text) {
+  // Text with its https URLs as links (an admin-consent URL in a hint is meant to be opened or copied).
+  const out = [];
+  let last = 0;
+  for (const m of text.matchAll(/https:\/\/[^\s<>"']+/g)) {
+    const url = m[0].replace(/[.,;:)]+$/, "");
+    out.push(text.slice(last, m.index), el("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, url));
+    last = m.index + url.length;
+  }
+  out.push(text.slice(last));
+  return out;
+}
+
+function when(iso) {
+  // Graph's times are UTC with up to seven fractional digits: show them in the viewer's time zone, to the minute.
+  if (!iso) return "";
+  const d = new Date(iso);
+  return isNaN(d) ? iso : d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
 function banner(kind, text, hint) {
   const b = $("banner");
   b.hidden = false;
   b.className = kind;
   b.replaceChildren(el("span", { "data-testid": "banner-text" }, text));
-  if (hint) b.append(el("span", { class: "hint", "data-testid": "banner-hint" }, hint));
+  if (hint) b.append(el("span", { class: "hint", "data-testid": "banner-hint" }, ...linked(hint)));
 }
 
 function showSandbox(doc) {
@@ -180,7 +200,7 @@ async function send(ev) {
   try {
     const r = await api("POST", `/api/accounts/${encodeURIComponent(a.id)}/send`, form);
     out.className = "ok-text";
-    out.textContent = `Sent at ${r.sentAt} (tracking id ${r.trackingId})` +
+    out.textContent = `Sent at ${when(r.sentAt)} (tracking id ${r.trackingId})` +
       ($("send-file").files.length ? ` with ${$("send-file").files[0].name}` : "");
   } catch (e) { showProblem(e, out); }
 }
@@ -195,8 +215,10 @@ async function loadMessages(ev, more) {
     const items = r.messages.map((m) => el("li", { class: m.isRead ? "read" : "unread", "data-message-id": m.id },
       el("div", { class: "subject" }, m.subject || "(no subject)"),
       el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " +
-        m.receivedDateTime + (m.hasAttachments ? " · 📎" : "")),
+        when(m.receivedDateTime) + (m.hasAttachments ? " · 📎" : "")),
       el("div", { class: "preview" }, m.bodyPreview || ""),
+      el("button", { type: "button", class: "small open", "data-testid": "open",
+                     onclick: (ev) => openMessage(ev.target.closest("li"), a, m) }, "Open"),
       el("button", { type: "button", class: "small reply", "data-testid": "reply",
                      onclick: (ev) => openReply(ev.target.closest("li"), a, m) }, "Reply")));
     if (more) $("messages").append(...items); else $("messages").replaceChildren(...items);
@@ -204,6 +226,28 @@ async function loadMessages(ev, more) {
     nextCursor = r.nextCursor;
     $("more-messages").hidden = !nextCursor;
   } catch (e) { showProblem(e); }
+}
+
+async function openMessage(li, a, m) {
+  // The whole message: GET …/messages/{id}. An HTML body is shown as its text (parsed into an inert document,
+  // never inserted as markup), so a message cannot run script or load images in this page.
+  const shown = li.querySelector(".body");
+  if (shown) { shown.remove(); return; }
+  const box = el("div", { class: "body", "data-testid": "message-body" }, "Loading…");
+  li.querySelector(".preview").after(box);
+  try {
+    const d = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}/messages/${encodeURIComponent(m.id)}`);
+    let text = d.body.content;
+    if (d.body.contentType === "html") {
+      const doc = new DOMParser().parseFromString(text, "text/html");
+      doc.querySelectorAll("script, style, head").forEach((n) => n.remove());
+      doc.querySelectorAll("br").forEach((n) => n.replaceWith("\n"));
+      doc.querySelectorAll("p, div, li, tr, h1, h2, h3").forEach((n) => n.append("\n"));
+      text = doc.body.textContent.replace(/\n{3,}/g, "\n\n");
+    }
+    const names = (d.attachments || []).map((x) => x.name).join(", ");
+    box.textContent = (text || "").trim() + (names ? "\n\nAttachments: " + names : "");
+  } catch (e) { showProblem(e, box); }
 }
 
 function openReply(li, a, m) {
@@ -221,7 +265,7 @@ function openReply(li, a, m) {
       const r = await api("POST", `/api/accounts/${encodeURIComponent(a.id)}/messages/` +
         `${encodeURIComponent(m.id)}/reply`, { comment: text.value });
       out.className = "ok-text";
-      out.textContent = `Replied at ${r.sentAt} (tracking id ${r.trackingId})`;
+      out.textContent = `Replied at ${when(r.sentAt)} (tracking id ${r.trackingId})`;
     } catch (e) { showProblem(e, out); }
   });
   li.append(form);
@@ -255,7 +299,7 @@ async function pollIncoming(tick) {
     const acc = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}`);
     const n = acc.notifications || { status: "off" };
     $("incoming-status").textContent = `Inbox subscription: ${n.status}` +
-      (n.expiresAt ? `, renewed before ${n.expiresAt}` : "") + (n.lastEventAt ? `; last event ${n.lastEventAt}` : "");
+      (n.expiresAt ? `, renewed before ${when(n.expiresAt)}` : "") + (n.lastEventAt ? `; last event ${when(n.lastEventAt)}` : "");
     const changed = n.lastEventAt !== lastEventAt[a.id];
     lastEventAt[a.id] = n.lastEventAt;
     if (!changed && tick % 5 !== 0 && seenIncoming.has(a.id)) return;
@@ -269,7 +313,7 @@ async function pollIncoming(tick) {
       if (first) continue; // what was there before the page looked is not "incoming"
       $("incoming").prepend(el("li", { class: "unread new", "data-message-id": m.id },
         el("div", { class: "subject" }, "New: " + (m.subject || "(no subject)")),
-        el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " + m.receivedDateTime),
+        el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " + when(m.receivedDateTime)),
         el("div", { class: "preview" }, m.bodyPreview || "")));
     }
   } catch (e) { $("incoming-status").textContent = "Incoming mail: " + (e.message || e); }

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +266,54 @@ def test_consent_required_user_sees_a_clear_error(browser: Browser, host: Host) 
         _assert(b.text("[data-testid=banner-hint]").endswith("(error code: consent_required)"), b.text("#banner")),
         _assert("/organizations/v2.0/adminconsent?client_id=" in b.text("[data-testid=banner-hint]"),
                 "the hint carries the admin-consent URL to send to an administrator"),
+        _assert("/organizations/v2.0/adminconsent?client_id=" in
+                (b.css("[data-testid=banner-hint] a").get_attribute("href") or ""), "the admin-consent URL is a link"),
         _assert(_accounts(b) == accounts_before, "nothing was added to the accounts list"),
     ))
+
+
+def test_a_narrow_window_reads_a_message_body_safely(browser: Browser, host: Host, control: Any) -> None:
+    """At 420 px (a phone, an Office task pane): nothing overflows sideways, times are local and to the minute,
+    a message opens to its body, and an HTML body is shown as text (its script never runs)."""
+    b = browser
+    b.d.set_window_size(420, 900)
+    try:
+        _open_demo(b, host)
+        b.css("#login-hint").send_keys("megan@contoso.onmicrosoft.com")
+        b.css("#connect-popup").click()
+        b.wait(lambda: "megan@contoso.onmicrosoft.com" in b.text("#send-as"), "megan's account to be selected")
+        control.seed_messages("megan@contoso.onmicrosoft.com", [{
+            "subject": "Narrow body", "body": {"contentType": "html", "content":
+                "<html><head><style>p{color:red}</style></head><body><p>Hello <b>there</b></p>"
+                "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'></body></html>"}}])
+        b.css("#load-messages").click()
+        b.wait(lambda: any("Narrow body" in li.text for li in b.all("#messages li[data-message-id]")), "the message")
+        li = next(li for li in b.all("#messages li[data-message-id]") if "Narrow body" in li.text)
+        li.find_element("css selector", "[data-testid=open]").click()
+        b.wait(lambda: li.find_element("css selector", "[data-testid=message-body]").text not in ("", "Loading…"),
+               "the message body")
+        body = li.find_element("css selector", "[data-testid=message-body]").text
+        meta = li.find_element("css selector", ".muted").text
+        buttons = [e.rect for e in li.find_elements("css selector", "button")]
+        row = [e.rect for e in b.all("#accounts tbody tr")[0].find_elements("css selector", "button")]
+        _step(b, "narrow-message-body", lambda: (
+            _assert(b.d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"),
+                    "the page scrolls sideways at 420 px"),
+            _assert("Hello there" in body, body),
+            _assert("pwned" not in body and "color:red" not in body, body),
+            _assert(b.d.execute_script("return window.pwned === undefined"), "the message's script ran"),
+            # Local time to the minute, not Graph's "2026-12-07T08:05:01.1234567Z".
+            _assert(not re.search(r"\d{4}-\d\d-\d\dT|:\d\d\.\d", meta), meta),
+            _assert(buttons[0]["x"] + buttons[0]["width"] < buttons[1]["x"] or buttons[0]["y"] != buttons[1]["y"],
+                    f"the Open and Reply buttons touch: {buttons}"),
+            _assert(all(a["x"] + a["width"] < c["x"] or a["y"] != c["y"] for a, c in pairwise(row)),
+                    f"the account's buttons touch: {row}"),
+        ))
+        icon = host.http.get(host.url + "/demo/" + b.css("link[rel=icon]").get_attribute("href").rsplit("/", 1)[-1],
+                             timeout=30)
+        assert icon.status_code == 200 and icon.headers["Content-Type"] == "image/svg+xml"
+    finally:
+        b.d.set_window_size(1200, 1000)
 
 
 def _assert(ok: bool, message: Any) -> None:
