@@ -41,6 +41,11 @@ function when(iso) {
   return isNaN(d) ? iso : d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 }
 
+function sender(m) {
+  // "from · received" under a message's subject, in the list and in incoming mail.
+  return (m.from ? m.from.address || "" : "") + " · " + when(m.receivedDateTime);
+}
+
 function banner(kind, text, hint) {
   const b = $("banner");
   b.hidden = false;
@@ -214,8 +219,7 @@ async function loadMessages(ev, more) {
     const r = await api("GET", `/api/accounts/${encodeURIComponent(a.id)}/messages?` + q);
     const items = r.messages.map((m) => el("li", { class: m.isRead ? "read" : "unread", "data-message-id": m.id },
       el("div", { class: "subject" }, m.subject || "(no subject)"),
-      el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " +
-        when(m.receivedDateTime) + (m.hasAttachments ? " · 📎" : "")),
+      el("div", { class: "muted" }, sender(m) + (m.hasAttachments ? " · 📎" : "")),
       el("div", { class: "preview" }, m.bodyPreview || ""),
       el("button", { type: "button", class: "small open", "data-testid": "open",
                      onclick: (ev) => openMessage(ev.target.closest("li"), a, m) }, "Open"),
@@ -313,7 +317,7 @@ async function pollIncoming(tick) {
       if (first) continue; // what was there before the page looked is not "incoming"
       $("incoming").prepend(el("li", { class: "unread new", "data-message-id": m.id },
         el("div", { class: "subject" }, "New: " + (m.subject || "(no subject)")),
-        el("div", { class: "muted" }, (m.from ? m.from.address || "" : "") + " · " + when(m.receivedDateTime)),
+        el("div", { class: "muted" }, sender(m)),
         el("div", { class: "preview" }, m.bodyPreview || "")));
     }
   } catch (e) { $("incoming-status").textContent = "Incoming mail: " + (e.message || e); }
