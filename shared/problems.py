@@ -9,6 +9,7 @@ them equal). Microsoft's own codes (``AADSTSnnnn``, Graph's ``error.code``) trav
 from __future__ import annotations
 
 import html
+from functools import lru_cache
 
 PROBLEMS_PATH = "/api/problems"
 
@@ -139,8 +140,9 @@ def problem_type(code: str) -> str:
     return f"{PROBLEMS_PATH}#{code}"
 
 
+@lru_cache(maxsize=1)
 def page() -> str:
-    """``GET /api/problems``: the catalogue as HTML, one ``id`` per code."""
+    """``GET /api/problems``: the catalogue as HTML, one ``id`` per code (built once: the catalogue is constant)."""
     rows = "\n".join(f'<h2 id="{html.escape(code)}"><code>{html.escape(code)}</code>: {html.escape(title)}</h2>\n'
                      f"<p>{html.escape(text)}</p>" for code, (title, text) in sorted(PROBLEMS.items()))
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Outlook connector: problem types'
