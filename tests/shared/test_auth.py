@@ -4,6 +4,7 @@ real JWKS endpoint on loopback, and the HS256 path. Only claims and keys vary; t
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -192,8 +193,6 @@ def test_missing_or_malformed_authorization(jwks: JwksServer) -> None:
 
 def test_the_production_issuer_sample_of_the_docs_is_accepted(jwks: JwksServer) -> None:
     """docs/caller-tokens.md's signing code, run as written: its JWKS and its tokens pass the connector's checks."""
-    import re
-
     text = (Path(__file__).resolve().parents[2] / "docs" / "caller-tokens.md").read_text(encoding="utf-8")
     [code] = re.findall(r"```python\n(.*?)```", text, re.S)
     sample: dict[str, Any] = {}
