@@ -94,7 +94,7 @@ class GraphClient:
         self._telemetry = telemetry or OFF  # connector.graph.throttled (docs/operations.md)
         self.session = session
         # A bounded semaphore per mailbox (never dropped: one in use may not be replaced by a fresh one).
-        self._limiter = PerKey(lambda: threading.BoundedSemaphore(max_concurrent), idle=lambda _: False)
+        self._limiter = PerKey(lambda: threading.BoundedSemaphore(max_concurrent), idle=None)
         self._budget = retry_budget_s
         self._max_wait = max_single_wait_s
         self._timeout = timeout
