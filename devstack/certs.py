@@ -125,3 +125,14 @@ def new_client_certificate(common_name: str = "mailbox-connector", *, days: int 
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode("ascii")
     return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def ensure_notification_certificate(directory: Path | str | None = None) -> Path:
+    """The local stand-in for the Key Vault certificate rich notifications are encrypted to
+    (``NOTIFICATION_CERT_PATH``): a PEM file with an RSA key and its self-signed certificate, made once."""
+    base = Path(directory) if directory is not None else ensure_certs().ca_cert.parent
+    path = base / "notification-cert.pem"
+    if not path.exists():
+        key_pem, cert_pem = new_client_certificate("mailbox-connector notifications", days=3650)
+        _write_private(path, (key_pem + cert_pem).encode("ascii"))
+    return path

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     t0 = time.monotonic()
-    from devstack.certs import ensure_certs
+    from devstack.certs import ensure_certs, ensure_notification_certificate
 
     certs = ensure_certs()
     try:
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MS_AUTHORITY_HOST"] = f"https://localhost:{a.sandbox_port}"
     os.environ["GRAPH_BASE_URL"] = f"https://localhost:{a.sandbox_port}/v1.0"
     os.environ["MS_CA_BUNDLE"] = str(certs.ca_cert)
+    os.environ.setdefault("NOTIFICATION_CERT_PATH", str(ensure_notification_certificate(certs.ca_cert.parent)))
     os.environ["PUBLIC_BASE_URL"] = f"http://localhost:{a.port}"
     # The local stack's own sandbox may call the dev host's loopback http notification URL (Graph: https only).
     os.environ.setdefault("SANDBOX_ALLOW_HTTP_NOTIFICATIONS", "1")

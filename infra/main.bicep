@@ -139,6 +139,19 @@ param sendMaxTotalBytes string = '104857600'
 ])
 param notificationsEnabled string = 'auto'
 
+@description('Mailbox events to produce (MAIL_EVENTS), comma-separated: message.received, message.sent, message.updated, message.deleted.')
+param mailEvents string = 'message.received,message.sent'
+
+@description('Rich notifications (NOTIFICATIONS_RESOURCE_DATA): Graph sends message summaries encrypted to a Key Vault certificate; the postprovision hook creates it.')
+@allowed([
+  'false'
+  'true'
+])
+param notificationsResourceData string = 'false'
+
+@description('Key Vault certificate for rich notifications (NOTIFICATION_CERT_NAME).')
+param notificationCertName string = 'notification-cert'
+
 // ---- Sizing ----------------------------------------------------------------------------------
 
 @description('Maximum instances Flex Consumption scales out to (40-1000, Microsoft\'s Flex Consumption limits).')
@@ -290,7 +303,7 @@ module roles 'modules/roles.bicep' = {
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
     grantDeployerDataRoles: grantDeployerDataRoles
-    grantDeployerCertificatesOfficer: msClientCredential == 'certificate'
+    grantDeployerCertificatesOfficer: msClientCredential == 'certificate' || notificationsResourceData == 'true'
     storageAccountName: storage.outputs.name
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
@@ -417,6 +430,18 @@ module functionApp 'modules/functionapp.bicep' = {
         name: 'NOTIFICATIONS_ENABLED'
         value: notificationsEnabled
       }
+      {
+        name: 'MAIL_EVENTS'
+        value: mailEvents
+      }
+      {
+        name: 'NOTIFICATIONS_RESOURCE_DATA'
+        value: notificationsResourceData
+      }
+      {
+        name: 'NOTIFICATION_CERT_NAME'
+        value: notificationCertName
+      }
     ]
   }
 }
@@ -444,4 +469,6 @@ output MANAGED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
 output MS_CLIENT_CREDENTIAL string = msClientCredential
 output MS_CLIENT_CERT_NAME string = msClientCertName
+output NOTIFICATIONS_RESOURCE_DATA string = notificationsResourceData
+output NOTIFICATION_CERT_NAME string = notificationCertName
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName

@@ -11,6 +11,11 @@ Creates, only if they do not exist yet:
   wrote one from the ``WEBHOOK_SECRET`` azd variable. The app reads it at run time (no Key Vault
   reference, so no restart is needed after it is created).
 
+* ``notification-cert`` (``NOTIFICATION_CERT_NAME``), when ``NOTIFICATIONS_RESOURCE_DATA`` is true: the Key Vault
+  certificate Graph encrypts rich notifications to, self-signed with Key Vault's default policy (RSA 2048,
+  exportable key, renewed automatically before it expires; each renewal is a new version the app picks up).
+  Certificates are data-plane objects ARM cannot create, which is why this is not done in Bicep.
+
 An existing secret is never overwritten, so ``azd provision`` / ``azd up`` can be re-run without
 rotating the key ring (which would make every stored token unreadable). Rotation is a separate,
 deliberate step (docs/deploy.md). Secret values are passed to ``az`` through a private temporary
@@ -18,7 +23,8 @@ file, never on the command line, and are never printed.
 
 Environment (azd exports the Bicep outputs): ``KEY_VAULT_NAME`` (required),
 ``TOKEN_KEYS_SECRET_NAME``, ``WEBHOOK_SECRET_NAME``, ``MS_CLIENT_CREDENTIAL``,
-``MS_CLIENT_SECRET_NAME``, ``MS_CLIENT_CERT_NAME``; ``AZ`` overrides the Azure CLI executable;
+``MS_CLIENT_SECRET_NAME``, ``MS_CLIENT_CERT_NAME``, ``NOTIFICATIONS_RESOURCE_DATA``, ``NOTIFICATION_CERT_NAME``;
+``AZ`` overrides the Azure CLI executable;
 ``POSTPROVISION_RETRIES`` / ``POSTPROVISION_RETRY_DELAY`` tune the wait for the new Key Vault
 role assignment to propagate.
 """
@@ -142,6 +148,28 @@ class AzCli:
             os.unlink(path)
 
 
+def ensure_certificate(az: AzCli, vault: str, name: str, existing: set[str], deleted: set[str]) -> bool:
+    """Create Key Vault certificate ``name`` (self-signed, Key Vault's default policy) unless it exists; a
+    certificate's key is the secret of the same name, so the secret list tells. Return True if it was created."""
+    if name in existing:
+        print(f"postprovision: certificate '{name}' already exists in {vault}; left unchanged")
+        return False
+    if name in deleted:
+        raise HookError(f"certificate '{name}' is soft-deleted in {vault}. Recover it: "
+                        f"az keyvault certificate recover --vault-name {vault} --name {name}")
+    policy = az.run(["keyvault", "certificate", "get-default-policy", "-o", "json"])
+    fd, path = tempfile.mkstemp(prefix="kv-policy-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(policy)
+        az.run(["keyvault", "certificate", "create", "--vault-name", vault, "--name", name, "--policy", f"@{path}",
+                "--output", "none"], retry=True)
+    finally:
+        os.unlink(path)
+    print(f"postprovision: created certificate '{name}' in {vault} (rich notifications)")
+    return True
+
+
 def ensure_secret(
     az: AzCli, vault: str, name: str, existing: set[str], deleted: set[str], make: Callable[[], str], content_type: str
 ) -> bool:
@@ -183,6 +211,8 @@ def main(environ: dict[str, str] | None = None) -> int:
         if keys_name in existing:
             check_key_ring(az.secret_value(vault, keys_name))
         ensure_secret(az, vault, webhook_name, existing, deleted, new_webhook_secret, "text/plain")
+        if (env.get("NOTIFICATIONS_RESOURCE_DATA") or "").lower() in ("1", "true", "yes"):
+            ensure_certificate(az, vault, env.get("NOTIFICATION_CERT_NAME") or "notification-cert", existing, deleted)
     except HookError as exc:
         print(f"postprovision: ERROR: {exc}", file=sys.stderr)
         return 1

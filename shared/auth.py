@@ -13,65 +13,32 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from typing import Any
 
 import jwt
 import requests
 
 from shared.config import Settings
 from shared.errors import AuthenticationError
+from shared.jwks import SessionJWKClient
 
 _ALGS_JWKS = ["RS256", "ES256"]
 _LEEWAY_S = 60  # clock skew tolerated on exp/nbf
-_JWKS_MIN_REFRESH_S = 60  # an unknown kid re-fetches the JWKS at most once a minute
-_JWKS_MAX_AGE_S = 3600  # and the set is re-read hourly, so a key the issuer withdrew stops being trusted
-# An unreachable issuer: a failed re-read falls back to the last set read less than 2 h ago, which is then
-# cached for one more _JWKS_MAX_AGE_S (so at most ~3 h without a successful read), not a total auth outage.
-_JWKS_STALE_S = 2 * 3600
-_JWKS_TIMEOUT = (5, 10)  # (connect, read) seconds
 log = logging.getLogger("connector.auth")
-
-
-class _SessionJWKClient(jwt.PyJWKClient):
-    """``PyJWKClient`` fetching through the app's injected session.
-
-    The stock client uses urllib, which honours ``*_PROXY`` from the environment and ignores
-    ``MS_CA_BUNDLE``; the app's session does neither (see ``shared._http``)."""
-
-    def __init__(self, uri: str, *, session: requests.Session) -> None:
-        super().__init__(uri, lifespan=_JWKS_MAX_AGE_S, cooldown_duration=_JWKS_MIN_REFRESH_S)
-        self._session = session
-        self._last_good: tuple[float, dict[str, Any]] | None = None
-
-    def fetch_data(self) -> dict[str, Any]:
-        try:
-            resp = self._session.get(self.uri, timeout=_JWKS_TIMEOUT)
-            resp.raise_for_status()
-            data = self._as_jwk_set_payload(resp.json())
-        except (requests.RequestException, ValueError, jwt.PyJWKClientError) as e:
-            if self._last_good and time.monotonic() - self._last_good[0] < _JWKS_STALE_S:
-                log.warning("caller auth: JWKS fetch failed (%s); using the last set read", type(e).__name__)
-                return self._last_good[1]
-            raise jwt.PyJWKClientConnectionError(f"JWKS fetch failed: {type(e).__name__}") from e
-        self._last_good = (time.monotonic(), data)
-        # The base class's fetch_data starts the unknown-kid cooldown on every successful fetch; do the same.
-        self._last_successful_fetch = time.monotonic()
-        return data
 
 
 class CallerAuth:
     def __init__(self, settings: Settings, *, session: requests.Session | None = None) -> None:
         self._s = settings
-        self._jwks: _SessionJWKClient | None = None
+        self._jwks: SessionJWKClient | None = None
         if settings.auth_jwks_url:
             if session is None:
                 from shared._http import new_session
 
                 session = new_session(settings.ca_bundle)
-            self._jwks = _SessionJWKClient(settings.auth_jwks_url, session=session)
+            self._jwks = SessionJWKClient(settings.auth_jwks_url, session=session)
 
     @staticmethod
-    def _jwks_key(jwks: _SessionJWKClient, kid: str) -> jwt.PyJWK:
+    def _jwks_key(jwks: SessionJWKClient, kid: str) -> jwt.PyJWK:
         try:
             return jwks.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError:

@@ -149,6 +149,19 @@ def _flag(name: str, value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
 
+MAIL_EVENT_NAMES = ("message.received", "message.sent", "message.updated", "message.deleted")
+
+
+def _mail_events(name: str, value: str) -> tuple[str, ...]:
+    """Comma-separated event names, each known, at least one (in the order of :data:`MAIL_EVENT_NAMES`)."""
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(names - set(MAIL_EVENT_NAMES))
+    if unknown or not names:
+        raise ConfigurationError(f"{name} must list one or more of {', '.join(MAIL_EVENT_NAMES)}"
+                                 + (f" (unknown: {unknown[0][:40]})" if unknown else ""), setting=name)
+    return tuple(n for n in MAIL_EVENT_NAMES if n in names)
+
+
 def _on_off_auto(name: str, value: str) -> bool | None:
     """``true`` / ``false`` (also 1/0, yes/no, on/off) or ``auto`` (None: decided from other settings)."""
     v = value.lower()
@@ -310,6 +323,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NOTIFICATIONS_ENABLED", "auto", attr="notifications_enabled", parse=_on_off_auto,
             doc="Inbound mail: Graph change notifications become `message.received` webhooks (`true`, `false` or "
                 "`auto`: on when `PUBLIC_BASE_URL` is https or Graph is the local sandbox); see `docs/webhooks.md`."),
+    Setting("MAIL_EVENTS", "message.received,message.sent", attr="mail_events", parse=_mail_events,
+            doc="Mailbox events to produce (comma-separated): `message.received` (Inbox), `message.sent` (Sent Items, "
+                "through this API or Outlook), `message.updated` (read, flag, categories, folder), `message.deleted`. "
+                "Each needs a Graph subscription per mailbox; see `docs/webhooks.md`."),
+    Setting("NOTIFICATIONS_RESOURCE_DATA", "false", attr="notifications_resource_data", parse=_flag,
+            doc="Rich notifications: Graph sends each new or changed message's summary encrypted to our certificate, "
+                "so no Graph read is needed per event (`docs/webhooks.md`). Subscriptions switch at their next "
+                "maintenance."),
+    Setting("NOTIFICATION_CERT_NAME", "notification-cert", attr="notification_cert_name", parse=_vault_object_name,
+            doc="Key Vault certificate whose public key Graph encrypts rich notifications to (exportable RSA key); "
+                "a new version is used for new and renewed subscriptions, earlier versions still decrypt."),
+    Setting("NOTIFICATION_CERT_PATH", attr="notification_cert_path", parse=_pem_file, local_only=True,
+            doc="Local stand-in for `NOTIFICATION_CERT_NAME` without Key Vault: a PEM file with the RSA key and its "
+                "certificate (`make dev` generates one)."),
     Setting("DEMO_ENABLED", "false", attr="demo_enabled", parse=_flag, local_only=True,
             doc="The dev host serves the demo page at `/demo/` (`make dev` sets it); nothing serves it in Azure."),
     Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", attr="appinsights_connection_string",
@@ -384,6 +411,10 @@ class Settings:
     appinsights_connection_string: str | None = field(repr=False)
     telemetry_exporter: str = "auto"  # shared.telemetry.mode_of
     notifications_enabled: bool | None = None  # None: auto (see notifications_on)
+    mail_events: tuple[str, ...] = ("message.received", "message.sent")
+    notifications_resource_data: bool = False
+    notification_cert_name: str = "notification-cert"
+    notification_cert_path: str | None = None
 
     @property
     def authority(self) -> str:

@@ -1,4 +1,4 @@
-"""Inbox delta catch-up: every message that arrived, even when every notification was lost.
+"""Folder delta catch-up (Inbox, Sent Items): every message that arrived, even when every notification was lost.
 
 Graph's message delta (https://learn.microsoft.com/graph/delta-query-messages,
 https://learn.microsoft.com/graph/api/message-delta): a round of ``GET
@@ -19,14 +19,11 @@ from typing import TYPE_CHECKING
 
 from shared.accounts import iso
 from shared.errors import MicrosoftError
+from shared.notifications import SUMMARY_FIELDS
 
 if TYPE_CHECKING:
     from shared.graph import GraphClient, TokenSource
 
-INBOX_DELTA = "me/mailFolders/inbox/messages/delta"
-#: The message summary of ``message.received``.
-SUMMARY_FIELDS = ("id", "subject", "from", "toRecipients", "receivedDateTime", "conversationId",
-                  "internetMessageId", "hasAttachments", "bodyPreview", "isRead")
 PAGE_SIZE = 50
 MAX_PAGES = 40  # per run: a larger backlog resumes from the saved nextLink on the next run
 _EXPIRED_CODES = {"SyncStateNotFound", "syncStateNotFound", "SyncStateInvalid", "resyncRequired"}
@@ -49,10 +46,11 @@ def initial_params(since: dt.datetime) -> dict[str, str]:
 
 
 def catch_up(graph: GraphClient, token: TokenSource, mailbox: str, *, link: str, since: dt.datetime,
-             on_message: Callable[[dict[str, object]], None], max_pages: int = MAX_PAGES) -> DeltaResult:
-    """Walk the round starting at ``link`` (or a new round from ``since`` when empty); call
-    ``on_message`` for every created or changed message (removals are skipped)."""
-    url, params = (link, None) if link else (INBOX_DELTA, initial_params(since))
+             on_message: Callable[[dict[str, object]], None], folder: str = "inbox",
+             max_pages: int = MAX_PAGES) -> DeltaResult:
+    """Walk the round starting at ``link`` (or a new round of the well-known ``folder`` from ``since`` when
+    empty); call ``on_message`` for every created or changed message (removals are skipped)."""
+    url, params = (link, None) if link else (f"me/mailFolders/{folder}/messages/delta", initial_params(since))
     seen = 0
     for _ in range(max_pages):
         page = _page(graph, token, mailbox, url, params)

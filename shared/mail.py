@@ -37,6 +37,11 @@ ATTACHMENT_MAX = 150 * 1024 * 1024
 # Multiple of 320 KiB as Graph recommends for upload sessions, and under the 4 MB per-PUT limit.
 UPLOAD_CHUNK = 320 * 1024 * 12
 TRACKING_HEADER = "X-Connector-Tracking-Id"
+# The trackingId is also stored on the message as a named extended property, which Exchange keeps on the Sent
+# Items copy (a header of ours is a transport header: not dependable on the copy), so a ``message.sent`` event
+# can tell mail sent through this API from mail sent in Outlook.
+# https://learn.microsoft.com/graph/api/resources/extended-properties-overview
+TRACKING_PROPERTY = "String {5d6c3b1e-8f0a-4c2e-9b7d-3a1f0e4c6b28} Name ConnectorTrackingId"
 # Exchange Online's default recipient limit is 500 per message, To, Cc and Bcc together (an admin can
 # raise it to 1,000); counted here with Reply-To as a bound on the whole request
 # https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/exchange-online-limits#sending-limits
@@ -313,6 +318,7 @@ def message_payload(req: SendRequest, *, inline: list[Attachment]) -> Json:
         "toRecipients": [r.to_graph() for r in req.to],
         "importance": req.importance,
         "internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}],
+        "singleValueExtendedProperties": [{"id": TRACKING_PROPERTY, "value": req.tracking_id}],
     }
     if req.cc:
         msg["ccRecipients"] = [r.to_graph() for r in req.cc]
@@ -384,7 +390,8 @@ def parse_answer_request(kind: str, body: object, *, files: list[Attachment] | N
 def answer_message(req: AnswerRequest, *, inline: list[Attachment], recipients: bool) -> Json:
     """The ``message`` parameter of reply/replyAll/forward and createReply*: the answer's writable properties.
     ``recipients``: set to/cc/bcc here too (a forward, to which Graph adds no recipient of its own)."""
-    msg: Json = {"internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}]}
+    msg: Json = {"internetMessageHeaders": [{"name": TRACKING_HEADER, "value": req.tracking_id}],
+                 "singleValueExtendedProperties": [{"id": TRACKING_PROPERTY, "value": req.tracking_id}]}
     if req.body_html is not None:
         msg["body"] = {"contentType": "HTML", "content": req.body_html}
     elif req.body_text is not None:

@@ -1,10 +1,17 @@
-"""Delivering inbound mail: a created message becomes one signed ``message.received`` webhook.
+"""Delivering mailbox events: a change Graph notifies becomes one signed webhook.
 
-The queue worker's ``changes`` jobs (:meth:`NotificationDelivery.run`) read each message's summary and
-enqueue ``message.received`` on the webhook queue, at least once, de-duplicated by message id within
-:data:`shared.notifications.DEDUP_WINDOW` (Graph may send a notification more than once): a message id is
-*claimed* first (:meth:`shared.storage.Table.claim`), so of two workers only one announces it. The delta
-catch-up (:meth:`NotificationDelivery.catch_up`) announces what notifications missed through the same claim.
+The queue worker's ``changes`` jobs (:meth:`NotificationDelivery.run`) read each message Graph named and
+enqueue its event on the webhook queue, at least once, de-duplicated within
+:data:`shared.notifications.DEDUP_WINDOW` (Graph may send a notification more than once):
+
+* ``message.received`` (Inbox ``created``) and ``message.sent`` (Sent Items ``created``): by message id;
+* ``message.updated`` (``updated``): by message id and ``changeKey``, which Exchange changes on every change of
+  the item, so the same change notified twice is announced once and a new change is announced again;
+* ``message.deleted`` (``deleted``): by message id, after Graph confirms the message is gone.
+
+A key is *claimed* first (:meth:`shared.storage.Table.claim`), so of two workers only one announces it. The delta
+catch-up (:meth:`NotificationDelivery.catch_up`) announces what notifications missed in each subscribed folder
+through the same claims.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -19,12 +27,23 @@ from typing import TYPE_CHECKING
 from shared import delta
 from shared.accounts import ACTIVE, Account, AccountStore, iso, parse_iso, utcnow
 from shared.errors import ConnectorError, MicrosoftError, NotFoundError
+from shared.mail import TRACKING_PROPERTY
+from shared.messages import WELL_KNOWN_FOLDERS
 from shared.notifications import (
     BASELINE,
     CLAIM_STALE,
     DEDUP_WINDOW,
+    DELETED,
+    INBOX,
     LAST_EVENT_EVERY,
+    RECEIVED,
+    SENT,
+    SENT_EVENT,
+    SUMMARY_FIELDS,
     TRANSIENT,
+    UPDATED,
+    UPDATED_FIELDS,
+    Feed,
     Job,
     message_summary,
     parse_time,
@@ -43,6 +62,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connector.notifications")
 
+#: ``message.sent``: the summary and our trackingId property
+#: (https://learn.microsoft.com/graph/api/singlevaluelegacyextendedproperty-get).
+SENT_EXPAND = f"singleValueExtendedProperties($filter=id eq '{TRACKING_PROPERTY}')"
+_JOB_ONLY = ("parentFolderId", "changeKey", "flag", "categories")  # in a rich job's summary, not in the event's
+FOLDER_CACHE_MAX = 10_000  # mailboxes whose well-known folder ids a worker process remembers
+
 
 class NotificationDelivery:
     def __init__(self, *, graph: GraphClient, tokens: TokenManager, accounts: AccountStore, seen: Table,
@@ -53,6 +78,8 @@ class NotificationDelivery:
         self._seen = seen
         self._webhooks = webhooks
         self._telemetry = telemetry  # connector.notification.lag (docs/operations.md)
+        self._folders: dict[str, dict[str, str]] = {}  # mailbox → {folder id: well-known name}
+        self._folders_lock = threading.Lock()
 
     def run(self, job: Job) -> str:
         """A ``changes`` job: the hot path needs only the account (one read)."""
@@ -62,42 +89,120 @@ class NotificationDelivery:
             return "gone"  # disconnected: its rows went with it
         if acc.status != ACTIVE:  # reauth_required: a re-connect catches up what arrives meanwhile
             return "inactive"
-        return self._deliver_changes(acc, job)
-
-    def _deliver_changes(self, acc: Account, job: Job) -> str:
         if not self._webhooks.enabled:  # WEBHOOK_URL unset: nobody to tell, so nothing is read or claimed
             return "no_receiver"
         token = AccountTokenSource(self._tokens, acc)
         now = utcnow()
-        sent = 0
-        for mid in job.ids:
-            if not self._claim(acc.id, mid):
-                continue
-            try:
-                msg = self._graph.get_json(f"me/messages/{mid}", mailbox=acc.mailbox_key, token=token,
-                                           params={"$select": ",".join(delta.SUMMARY_FIELDS)})
-            except MicrosoftError as e:
-                if e.code != "message_not_found":
-                    self._release(acc.id, mid)
-                    raise
-                self._mark(acc.id, mid, "gone")  # deleted or moved before we looked: nothing to announce
-                continue
-            except Exception:
-                self._release(acc.id, mid)
-                raise
-            if too_old(msg, now):  # e.g. old mail moved back into the Inbox: not new mail
-                self._mark(acc.id, mid, "old")
-                continue
-            sent += self._emit(acc, mid, msg)
+        given = job.resources  # a rich notification's data: no Graph read for it
+        if job.change == "updated":
+            sent = sum(self._updated(acc, token, mid, now, given.get(mid)) for mid in job.ids)
+        elif job.change == "deleted":
+            sent = sum(self._deleted(acc, token, mid) for mid in job.ids)
+        else:
+            sent = sum(self._created(acc, token, job.feed, mid, now, given.get(mid)) for mid in job.ids)
         if sent:
             self._note_event(token.account, now)
         return "delivered" if sent else "duplicate"
 
-    def catch_up(self, acc: Account, token: TokenSource, state: SubscriptionState,
-              now: dt.datetime) -> SubscriptionState:
-        """A delta round from the saved link. Without one (first sync, or Graph forgot the link) a new
-        round starts: it lists the Inbox of the last day as a baseline and announces only what arrived
-        after ``after`` (the connect, or the last complete sync)."""
+    # -- one message each --------------------------------------------------------------------------
+    def _created(self, acc: Account, token: TokenSource, feed: str, mid: str, now: dt.datetime,
+                 given: dict[str, object] | None = None) -> int:
+        """``message.received`` (Inbox) or ``message.sent`` (Sent Items) of a created message. A received message
+        Graph sent the summary of (rich notifications) is not read; a sent one is, for its origin: our trackingId
+        is an extended property, which Graph returns only through ``$expand``, not in resource data."""
+        key = mid if feed == INBOX else f"{feed}|{mid}"
+        if not self._claim(acc.id, key):
+            return 0
+        try:
+            msg = given if given is not None and feed == INBOX else self._read(acc, token, mid, sent=feed == SENT)
+        except Exception:
+            self._release(acc.id, key)
+            raise
+        if msg is None:
+            self._mark(acc.id, key, "gone")  # deleted or moved before we looked: nothing to announce
+            return 0
+        if too_old(msg, now):  # e.g. old mail moved back into the Inbox: not new mail
+            self._mark(acc.id, key, "old")
+            return 0
+        return self._emit(acc, key, msg, event=SENT_EVENT if feed == SENT else RECEIVED,
+                          summarized=msg is given)
+
+    def _updated(self, acc: Account, token: TokenSource, mid: str, now: dt.datetime,
+                 given: dict[str, object] | None = None) -> int:
+        """``message.updated``: the message as it is now (as Graph sent it, or read), once per ``changeKey``."""
+        msg = given if given is not None else self._get(acc, token, mid, {"$select": ",".join(UPDATED_FIELDS)})
+        if msg is None:
+            return 0  # deleted since: its deletion is its own event
+        key = f"updated|{mid}|{msg.get('changeKey') or ''}"
+        if not self._claim(acc.id, key):
+            return 0
+        return self._emit(acc, key, msg, event=UPDATED, folders=self._folder_names(acc, token),
+                          summarized=msg is given)
+
+    def _deleted(self, acc: Account, token: TokenSource, mid: str) -> int:
+        """``message.deleted``, once Graph confirms the message is gone (a notification is not proof enough:
+        it may be late, or name a message restored since)."""
+        key = f"deleted|{mid}"
+        if not self._claim(acc.id, key):
+            return 0
+        try:
+            still_there = self._get(acc, token, mid, {"$select": "id"}) is not None
+        except Exception:
+            self._release(acc.id, key)
+            raise
+        if still_there:
+            self._release(acc.id, key)
+            return 0
+        return self._emit(acc, key, {"id": mid}, event=DELETED)
+
+    def _read(self, acc: Account, token: TokenSource, mid: str, *, sent: bool) -> dict[str, object] | None:
+        params = {"$select": ",".join(SUMMARY_FIELDS)}
+        if sent:
+            params["$expand"] = SENT_EXPAND
+        return self._get(acc, token, mid, params)
+
+    def _get(self, acc: Account, token: TokenSource, mid: str, params: dict[str, str]) -> dict[str, object] | None:
+        """The message, or None when Graph no longer has it."""
+        try:
+            return self._graph.get_json(f"me/messages/{mid}", mailbox=acc.mailbox_key, token=token, params=params)
+        except MicrosoftError as e:
+            if e.code == "message_not_found":
+                return None
+            raise
+
+    def _folder_names(self, acc: Account, token: TokenSource) -> dict[str, str]:
+        """{folder id: well-known name} of the mailbox, read once per worker process (folder ids do not change).
+        https://learn.microsoft.com/graph/api/resources/mailfolder#well-known-folder-names"""
+        with self._folders_lock:
+            known = self._folders.get(acc.mailbox_key)
+        if known is not None:
+            return known
+        names: dict[str, str] = {}
+        for name in WELL_KNOWN_FOLDERS:
+            try:
+                folder = self._graph.get_json(f"me/mailFolders/{name}", mailbox=acc.mailbox_key, token=token,
+                                              params={"$select": "id"})
+            except MicrosoftError as e:
+                if e.status == 404:
+                    continue  # e.g. no archive folder in this mailbox
+                raise
+            if isinstance(folder.get("id"), str):
+                names[str(folder["id"])] = name
+        with self._folders_lock:
+            if len(self._folders) >= FOLDER_CACHE_MAX:
+                self._folders.clear()
+            self._folders[acc.mailbox_key] = names
+        return names
+
+    # -- catch-up ----------------------------------------------------------------------------------
+    def catch_up(self, acc: Account, token: TokenSource, feed: Feed, state: SubscriptionState,
+                 now: dt.datetime) -> SubscriptionState:
+        """A delta round of the feed's folder from the saved link (the mailbox-wide feed has no folder and
+        no delta). Without a link (first sync, or Graph forgot it) a new round starts: it lists the folder's
+        last day as a baseline and announces only what arrived after ``after`` (the connect, or the last
+        complete sync)."""
+        if not feed.folder:
+            return state
         if state.delta_synced_at is not None:
             after = state.delta_synced_at - dt.timedelta(minutes=10)
         else:
@@ -109,51 +214,73 @@ class NotificationDelivery:
             def announce(item: dict[str, object]) -> None:
                 received = parse_time(item.get("receivedDateTime"))
                 if not fresh or received is None or received >= after:
-                    announced[0] += self._announce(acc, item, now)
+                    announced[0] += self._announce(acc, token, feed, item, now)
             return announce
 
         since = min(after, now) - BASELINE
         try:
             result = delta.catch_up(self._graph, token, acc.mailbox_key, link=state.delta_link, since=since,
-                                    on_message=announcer(not state.delta_link))
+                                    folder=feed.folder, on_message=announcer(not state.delta_link))
         except delta.DeltaExpiredError:
-            result = delta.catch_up(self._graph, token, acc.mailbox_key, link="", since=since,
+            result = delta.catch_up(self._graph, token, acc.mailbox_key, link="", since=since, folder=feed.folder,
                                     on_message=announcer(True))
         if announced[0]:
             self._note_event(acc, now)
         return replace(state, delta_link=result.link,
                        delta_synced_at=now if result.complete else state.delta_synced_at)
 
-    def _announce(self, acc: Account, item: dict[str, object], now: dt.datetime) -> int:
+    def _announce(self, acc: Account, token: TokenSource, feed: Feed, item: dict[str, object],
+                  now: dt.datetime) -> int:
         """A message found by delta: announced unless already announced (or too old to be new)."""
         mid = str(item["id"])
         if too_old(item, now):
             return 0
-        return self._emit(acc, mid, item, source="catch_up") if self._claim(acc.id, mid) else 0
+        if feed.name == SENT:  # the origin needs our property, which a delta page does not carry
+            return self._created(acc, token, SENT, mid, now)
+        return self._emit(acc, mid, item, event=RECEIVED, source="catch_up") if self._claim(acc.id, mid) else 0
 
-    def _emit(self, acc: Account, mid: str, msg: dict[str, object], *, source: str = "notification") -> int:
-        """Enqueue ``message.received``. A message the queue refuses (not a transient failure) is marked
-        ``rejected`` and skipped, so it can never stop a catch-up; a transient failure releases the claim."""
+    # -- emitting ----------------------------------------------------------------------------------
+    def _emit(self, acc: Account, key: str, msg: dict[str, object], *, event: str, source: str = "notification",
+              folders: dict[str, str] | None = None, summarized: bool = False) -> int:
+        """Enqueue the event (``summarized``: ``msg`` is a job's summary already, not Graph's message). A message
+        the queue refuses (not a transient failure) is marked ``rejected`` and skipped, so it can never stop a
+        catch-up; a transient failure releases the claim."""
         try:
-            if self._webhooks.enqueue_message_received(acc.id, message_summary(msg)) is None:
-                self._release(acc.id, mid)  # webhooks off: nothing was announced
+            if self._enqueue(acc, msg, event, folders, summarized) is None:
+                self._release(acc.id, key)  # webhooks off: nothing was announced
                 return 0
         except TRANSIENT:
-            self._release(acc.id, mid)
+            self._release(acc.id, key)
             raise
         except Exception as e:
-            self._mark(acc.id, mid, "rejected")
+            self._mark(acc.id, key, "rejected")
             log.error(json.dumps({"event": "notifications.rejected", "accountId": acc.id,
                                   "reason": e.code if isinstance(e, ConnectorError) else type(e).__name__}))
             return 0
-        self._mark(acc.id, mid, "sent")
+        self._mark(acc.id, key, "sent")
         received = parse_time(msg.get("receivedDateTime"))
-        if received is not None:
+        if received is not None and event in (RECEIVED, SENT_EVENT):
             self._telemetry.notification_lag((dt.datetime.now(dt.UTC) - received).total_seconds(), source=source)
         return 1
 
+    def _enqueue(self, acc: Account, msg: dict[str, object], event: str,
+                 folders: dict[str, str] | None, summarized: bool) -> str | None:
+        if event == DELETED:
+            return self._webhooks.enqueue_message_event(event, acc.id, {"id": msg["id"]})
+        summary = ({k: v for k, v in msg.items() if k not in _JOB_ONLY} if summarized else message_summary(msg))
+        if event == UPDATED:
+            folder = str(msg.get("parentFolderId") or "")
+            summary.update({"folder": (folders or {}).get(folder, folder), "flag": _flag(msg.get("flag")),
+                            "categories": _categories(msg.get("categories"))})
+        if event == SENT_EVENT:
+            tracking = _tracking_id(msg)
+            return self._webhooks.enqueue_message_event(event, acc.id, summary, origin="api" if tracking else "mailbox",
+                                                        trackingId=tracking)
+        return self._webhooks.enqueue_message_event(event, acc.id, summary)
+
     def _claim(self, account_id: str, mid: str) -> bool:
-        """Claim a message id for announcing; False when it is (being) announced already. A claim whose
+        """Claim a de-duplication key (a message id, or a change of it) for announcing; False when it is (being)
+        announced already. A claim whose
         worker died before announcing (``claimed`` for :data:`CLAIM_STALE`) is taken over. The claim's time
         is the clock's, not the job's start, so a long job's fresh claim never looks abandoned."""
         now = utcnow()
@@ -183,3 +310,29 @@ class NotificationDelivery:
             self._accounts.set_last_event(acc, now)
         except ConnectorError as e:
             log.debug("lastEventAt of %s not written: %s", acc.id, e.code)
+
+
+def _flag(value: object) -> dict[str, object]:
+    """``flag.flagStatus`` and its dates (https://learn.microsoft.com/graph/api/resources/followupflag)."""
+    if not isinstance(value, dict):
+        return {"flagStatus": "notFlagged"}
+    out: dict[str, object] = {"flagStatus": str(value.get("flagStatus") or "notFlagged")}
+    for k in ("startDateTime", "dueDateTime", "completedDateTime"):
+        when = value.get(k)
+        if isinstance(when, dict) and isinstance(when.get("dateTime"), str):
+            out[k] = {"dateTime": when["dateTime"][:40], "timeZone": str(when.get("timeZone") or "UTC")[:64]}
+    return out
+
+
+def _categories(value: object) -> list[str]:
+    return [c[:255] for c in value[:50] if isinstance(c, str)] if isinstance(value, list) else []
+
+
+def _tracking_id(msg: dict[str, object]) -> str | None:
+    """Our trackingId property on the message, if this API sent it."""
+    props = msg.get("singleValueExtendedProperties")
+    for p in props if isinstance(props, list) else []:
+        if isinstance(p, dict) and str(p.get("id", "")).lower() == TRACKING_PROPERTY.lower():
+            value = p.get("value")
+            return value[:128] if isinstance(value, str) and value else None
+    return None

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from shared import subscriptions
 from shared.errors import ValidationError
 from shared.messages import check_id
-from shared.notifications import IDS_PER_JOB, LIFECYCLE_EVENTS, Job
+from shared.notifications import CHANGES, IDS_PER_JOB, LIFECYCLE_EVENTS, Job, resource_summary
+from shared.rich_notifications import NotificationCertificates, RichNotificationError, ValidationTokens, decrypt
 from shared.subscriptions import Pointer, SubscriptionStore
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ MAX_UNKNOWN_LOOKUPS = 4  # distinct unknown clientStates a batch may look up; th
 #: instead (nothing is lost, and a batch costs at most this many Graph reads).
 MAX_IDS_PER_BATCH = 200
 POINTER_CACHE_S = 300.0
+JOB_RESOURCE_BYTES = 36 * 1024
 _SUBSCRIPTION_ID = re.compile(r"[A-Za-z0-9-]{1,128}")
 # The lifecycle events of one subscription in one batch become one job: the first of these it carries
 # (a removal recreates and catches up; a reauthorization reauthorizes, then catches up if one was missed).
@@ -52,6 +54,9 @@ class Change:
     client_state: str | None
     message_id: str | None = None
     lifecycle_event: str | None = None
+    change_type: str = "created"  # created | updated | deleted
+    tenant_id: str | None = None
+    encrypted: object = None  # a rich notification's encryptedContent
 
 
 def parse_batch(doc: object) -> list[Change]:
@@ -85,7 +90,38 @@ def _parse_item(i: int, item: object) -> Change | None:
     if not isinstance(mid, str):
         raise ValidationError(f"value[{i}].resourceData.id", "resourceData.id must be a message id.")
     check_id(mid, f"value[{i}].resourceData.id")  # the rule of ids in routes: no "/", no "..", no query
-    return Change(sid, cs, message_id=mid) if "created" in change_type.split(",") else None
+    kind = next((t for t in ("created", "updated", "deleted") if t in change_type.split(",")), None)
+    tenant = item.get("tenantId")
+    return Change(sid, cs, message_id=mid, change_type=kind, tenant_id=tenant if isinstance(tenant, str) else None,
+                  encrypted=item.get("encryptedContent")) if kind else None
+
+
+@dataclass(frozen=True)
+class RichCheck:
+    """What the intake needs for rich notifications: Graph's validation tokens and our certificates."""
+
+    tokens: ValidationTokens
+    certificates: NotificationCertificates
+
+
+def _packed(ids: list[str], resources: dict[str, dict[str, object]]) -> list[list[str]]:
+    """Ids in jobs of at most :data:`IDS_PER_JOB`, and of at most :data:`JOB_RESOURCE_BYTES` of resources (a
+    queue message holds 48 KB before base64)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for mid in ids:
+        n = len(json.dumps(resources[mid])) if mid in resources else 0
+        if parts[-1] and (len(parts[-1]) >= IDS_PER_JOB or size + n > JOB_RESOURCE_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append(mid)
+        size += n
+    return parts
+
+
+def _expected(feed: str, change_type: str) -> bool:
+    """A folder feed announces created messages; the mailbox-wide feed, updates and deletions."""
+    return (change_type == "created") != (feed == CHANGES)
 
 
 @dataclass
@@ -107,11 +143,14 @@ def _merge_lifecycle(held: Job | None, new: Job) -> Job:
 class NotificationIntake:
     """Behind the anonymous notification endpoints: parse, find each clientState's subscription, enqueue."""
 
-    def __init__(self, *, enabled: bool, store: SubscriptionStore, queue: Callable[[], Queue]) -> None:
+    def __init__(self, *, enabled: bool, store: SubscriptionStore, queue: Callable[[], Queue],
+                 rich: RichCheck | None = None) -> None:
         self.enabled = enabled
         self._store = store
         self._queue = queue
+        self._rich = rich
         self._cache: dict[str, tuple[Pointer, float]] = {}
+        self.rich_rejected = 0  # batches dropped by a failed rich-notification check (this process)
         self._cache_lock = threading.Lock()
 
     def accept(self, doc: object) -> tuple[int, int]:
@@ -120,7 +159,15 @@ class NotificationIntake:
         changes = parse_batch(doc)
         if not self.enabled:
             return 0, len(changes)
-        jobs: dict[tuple[str, str, str], dict[str, None]] = {}  # ids in arrival order, each once
+        try:
+            resources = self._open_rich(doc, changes)
+        except RichNotificationError as e:
+            # Nothing in the batch is trusted; 202 all the same, so a sender learns nothing from the answer.
+            log.warning(json.dumps({"event": "notifications.rich_rejected", "dropped": len(changes),
+                                    "reason": str(e)}))
+            self.rich_rejected += 1
+            return 0, len(changes)
+        jobs: dict[tuple[str, str, str, str, str], dict[str, None]] = {}  # ids in arrival order, each once
         lifecycle: dict[str, Job] = {}
         dropped = 0
         batch = _Batch()
@@ -132,25 +179,50 @@ class NotificationIntake:
                 lifecycle[c.subscription_id] = _merge_lifecycle(
                     lifecycle.get(c.subscription_id), Job("lifecycle", ptr.owner, ptr.account_id, c.subscription_id,
                                                           event=c.lifecycle_event,
-                                                          catchup=c.lifecycle_event != "reauthorizationRequired"))
-            elif c.message_id:
-                jobs.setdefault((ptr.owner, ptr.account_id, c.subscription_id), {})[c.message_id] = None
+                                                          catchup=c.lifecycle_event != "reauthorizationRequired",
+                                                          feed=ptr.feed))
+            elif c.message_id and _expected(ptr.feed, c.change_type):
+                key = (ptr.owner, ptr.account_id, c.subscription_id, ptr.feed, c.change_type)
+                jobs.setdefault(key, {})[c.message_id] = None
         budget = MAX_IDS_PER_BATCH
-        for (owner, account_id, sid), seen in jobs.items():
+        for (owner, account_id, sid, feed, change), seen in jobs.items():
             ids = list(seen)
-            if len(ids) > budget:  # a flood: one catch-up reads what these ids name, with delta's paging
+            if len(ids) > budget and feed != CHANGES:
+                # A flood: one catch-up of the folder reads what these ids name, with delta's paging.
                 lifecycle[sid] = _merge_lifecycle(lifecycle.get(sid), Job("lifecycle", owner, account_id, sid,
-                                                                          event="missed", catchup=True))
+                                                                          event="missed", catchup=True, feed=feed))
                 continue
             budget -= len(ids)
-            for i in range(0, len(ids), IDS_PER_JOB):
-                self._queue().send(Job("changes", owner, account_id, sid, tuple(ids[i:i + IDS_PER_JOB])).to_message())
+            for part in _packed(ids, resources):
+                self._queue().send(Job("changes", owner, account_id, sid, tuple(part), feed=feed, change=change,
+                                       resources={m: resources[m] for m in part if m in resources}).to_message())
         for job in lifecycle.values():
             self._queue().send(job.to_message())
         if dropped:
             log.warning(json.dumps({"event": "notifications.dropped", "dropped": dropped,
                                     "reason": "unknown subscription or wrong clientState"}))
         return len(changes) - dropped, dropped
+
+    def _open_rich(self, doc: object, changes: list[Change]) -> dict[str, dict[str, object]]:
+        """The validated, decrypted resources of a batch's rich notifications (message id → summary). Graph's
+        validation tokens are checked before anything in the batch is trusted; any failure rejects the batch."""
+        tokens = doc.get("validationTokens") if isinstance(doc, dict) else None
+        rich = [c for c in changes if c.encrypted is not None]
+        if tokens is None and not rich:
+            return {}
+        if self._rich is None:
+            raise RichNotificationError("rich notifications are not configured")
+        tenants = {c.tenant_id or "" for c in changes if c.message_id}
+        if "" in tenants:
+            raise RichNotificationError("a notification names no tenant")
+        self._rich.tokens.check(tokens, tenants)
+        opened: dict[str, dict[str, object]] = {}
+        for c in rich:
+            resource = decrypt(c.encrypted, self._rich.certificates.key_for)
+            if resource.get("id") != c.message_id:
+                raise RichNotificationError("the encrypted resource is another message")
+            opened[str(c.message_id)] = resource_summary(resource)
+        return opened
 
     def _pointer(self, c: Change, batch: _Batch) -> Pointer | None:
         """The subscription of a notification's clientState: from the batch, the process cache, or one

@@ -12,15 +12,18 @@ from typing import TYPE_CHECKING
 from shared.storage import NOTIFICATION_QUEUE, SEEN_TABLE, SUBSCRIPTION_INDEX_TABLE, SUBSCRIPTIONS_TABLE
 
 if TYPE_CHECKING:
+    import requests
+
     from shared.accounts import AccountStore
     from shared.config import Settings
     from shared.crypto import RingSource
     from shared.due_index import DueIndex
     from shared.graph import GraphClient
     from shared.notification_delivery import NotificationDelivery
-    from shared.notification_intake import NotificationIntake
+    from shared.notification_intake import NotificationIntake, RichCheck
     from shared.notification_worker import NotificationWorker
     from shared.notifications import NotificationConfig
+    from shared.rich_notifications import NotificationCertificates
     from shared.storage import Queue, Storage
     from shared.subscription_lifecycle import SubscriptionLifecycle, SubscriptionReconciler
     from shared.subscriptions import SubscriptionStore
@@ -31,8 +34,11 @@ if TYPE_CHECKING:
 
 class NotificationParts:
     def __init__(self, settings: Settings, *, storage: Storage, key_ring: RingSource, graph: GraphClient,
-                 tokens: TokenManager, accounts: AccountStore, webhooks: Webhooks, telemetry: Telemetry) -> None:
+                 tokens: TokenManager, accounts: AccountStore, webhooks: Webhooks, telemetry: Telemetry,
+                 certificates: NotificationCertificates, session: requests.Session) -> None:
         self._settings = settings
+        self._certificates = certificates  # rich notifications: our encryption certificate's versions
+        self._session = session  # Microsoft's signing keys (validation tokens)
         self._storage = storage
         self._key_ring = key_ring
         self._graph = graph
@@ -65,7 +71,21 @@ class NotificationParts:
         """Behind the anonymous notification endpoints."""
         from shared.notification_intake import NotificationIntake
 
-        return NotificationIntake(enabled=self.config.enabled, store=self.store, queue=self._queue)
+        return NotificationIntake(enabled=self.config.enabled, store=self.store, queue=self._queue, rich=self.rich)
+
+    @cached_property
+    def rich(self) -> RichCheck:
+        """Rich notifications' checks: accepted whether or not this instance asks for resource data, so a batch of
+        a subscription made before the setting changed is still opened (with the key it was made with)."""
+        from shared.jwks import SessionJWKClient
+        from shared.notification_intake import RichCheck
+        from shared.rich_notifications import ValidationTokens
+
+        # Microsoft's signing keys for the identity platform's tokens (v1 and v2 share them).
+        jwks = SessionJWKClient(f"{self._settings.authority_host}/common/discovery/keys", session=self._session)
+        return RichCheck(ValidationTokens(client_id=self._settings.client_id,
+                                          authority_host=self._settings.authority_host, jwks=jwks),
+                         self._certificates)
 
     @cached_property
     def delivery(self) -> NotificationDelivery:
@@ -80,13 +100,15 @@ class NotificationParts:
         from shared.subscription_lifecycle import SubscriptionLifecycle
 
         return SubscriptionLifecycle(self.config, graph=self._graph, tokens=self._tokens, accounts=self._accounts,
-                                     store=self.store, index=self.index, queue=self._queue, delivery=self.delivery)
+                                     store=self.store, index=self.index, queue=self._queue, delivery=self.delivery,
+                                     certificates=self._certificates)
 
     @cached_property
     def reconciler(self) -> SubscriptionReconciler:
         from shared.subscription_lifecycle import SubscriptionReconciler
 
-        return SubscriptionReconciler(enabled=self.config.enabled, accounts=self._accounts, store=self.store,
+        return SubscriptionReconciler(enabled=self.config.enabled, feeds=tuple(f.name for f in self.config.feeds),
+                                      accounts=self._accounts, store=self.store,
                                       index=self.index, seen=self._storage.table(SEEN_TABLE), queue=self._queue)
 
     @cached_property

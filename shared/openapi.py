@@ -80,7 +80,7 @@ SCHEMAS: Json = {
                                                                       "at": {"type": "string"}}}]},
             "notifications": {
                 "type": "object", "required": ["status", "expiresAt", "lastEventAt"], "additionalProperties": False,
-                "description": "Inbound mail (Graph change notifications → message.received webhooks).",
+                "description": "Mailbox events (Graph change notifications → message.* webhooks).",
                 "properties": {"status": {"enum": ["active", "pending", "failed", "off"]},
                                "expiresAt": DATETIME_OR_NULL, "lastEventAt": DATETIME_OR_NULL}},
         },
@@ -442,6 +442,80 @@ def _notification_paths() -> Json:
     }
 
 
+_ADDRESS = {"type": ["object", "null"], "properties": {"address": NULLABLE_STR, "name": NULLABLE_STR}}
+_SUMMARY = {
+    "type": "object", "required": ["id"],
+    "properties": {
+        "id": {"type": "string", "description": "Immutable id: the same before and after a move."},
+        "subject": NULLABLE_STR, "from": _ADDRESS, "toRecipients": {"type": "array", "items": _ADDRESS},
+        "toRecipientsCount": {"type": "integer"}, "receivedDateTime": DATETIME_OR_NULL,
+        "conversationId": NULLABLE_STR, "internetMessageId": NULLABLE_STR, "hasAttachments": {"type": "boolean"},
+        "bodyPreview": NULLABLE_STR, "isRead": {"type": "boolean"},
+        "folder": {"type": "string", "description": "message.updated: a well-known folder name, else the folder id."},
+        "flag": {"type": "object", "description": "message.updated",
+                 "properties": {"flagStatus": {"enum": ["notFlagged", "flagged", "complete"]}}},
+        "categories": {"type": "array", "items": {"type": "string"}, "description": "message.updated"},
+    },
+}
+_EVENT_EXAMPLE_MESSAGE = {"id": "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0AmQ", "subject": "Quarterly numbers",
+                          "from": {"address": "ann@example.com", "name": "Ann"},
+                          "toRecipients": [{"address": "adele@contoso.onmicrosoft.com", "name": "Adele Vance"}],
+                          "toRecipientsCount": 1, "receivedDateTime": "2026-11-22T10:05:01Z",
+                          "conversationId": "AAQkAGI2", "internetMessageId": "<1@example.com>",
+                          "hasAttachments": False, "bodyPreview": "See attached", "isRead": False}
+#: The events the connector POSTs to WEBHOOK_URL (docs/webhooks.md): (type, summary, extra data, example message).
+_MESSAGE_EVENTS: tuple[tuple[str, str, Json, Json], ...] = (
+    ("message.received", "A message arrived in the Inbox.", {}, _EVENT_EXAMPLE_MESSAGE),
+    ("message.sent", "A message was sent (Sent Items): through this API (origin api) or in Outlook (mailbox).",
+     {"origin": "api", "trackingId": "crm-4711"}, {**_EVENT_EXAMPLE_MESSAGE, "isRead": True}),
+    ("message.updated", "A message was read or unread, flagged, categorised or moved; the message as it is now.",
+     {}, {**_EVENT_EXAMPLE_MESSAGE, "isRead": True, "folder": "archive", "flag": {"flagStatus": "flagged"},
+          "categories": ["Customer"]}),
+    ("message.deleted", "A message left the mailbox.", {}, {"id": _EVENT_EXAMPLE_MESSAGE["id"]}),
+)
+_ACCOUNT_EVENTS = (
+    ("account.connected", "A mailbox was connected (or re-connected while active)."),
+    ("account.reauth_required", "The grant is dead: ask the user to re-connect."),
+    ("account.recovered", "An account in reauth_required was re-connected."),
+    ("account.disconnected", "The account was deleted through the API."),
+)
+
+
+def _webhook(event: str, summary: str, data: Json, example: Json) -> Json:
+    headers = [{"name": "X-Connector-Signature", "in": "header", "required": True, "schema": {"type": "string"},
+                "description": "t=<unix seconds>,v1=<hex HMAC-SHA256(WEBHOOK_SECRET, \"<t>.<raw body>\")>"},
+               {"name": "X-Connector-Event", "in": "header", "required": True, "schema": {"const": event}},
+               {"name": "X-Connector-Delivery", "in": "header", "required": True, "schema": {"type": "string"},
+                "description": "The event id: drop ids already handled (delivery is at least once)."}]
+    schema = {"type": "object", "required": ["id", "type", "createdAt", "data"],
+              "properties": {"id": {"type": "string"}, "type": {"const": event},
+                             "createdAt": {"type": "string", "format": "date-time"}, "data": data}}
+    body = {"id": "evt_3f2a9c", "type": event, "createdAt": "2026-11-22T10:05:03Z", "data": example}
+    return {"post": {"operationId": event.replace(".", "_"), "summary": summary, "tags": ["webhooks"],
+                     "description": "Verify the signature over the raw body first (docs/webhooks.md).",
+                     "parameters": headers,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": schema, "examples": {event: {"value": body}}}}},
+                     "responses": {"2XX": {"description": "Handled (answer within 10 s; anything else is retried)."}}}}
+
+
+def _webhooks() -> Json:
+    """OpenAPI 3.1 ``webhooks``: what the connector POSTs to ``WEBHOOK_URL``."""
+    out: Json = {}
+    for event, summary in _ACCOUNT_EVENTS:
+        out[event] = _webhook(event, summary, {"type": "object", "required": ["account"],
+                                               "properties": {"account": _ref("Account")}},
+                              {"account": ACCOUNT_EXAMPLE})
+    for event, summary, extra, message in _MESSAGE_EVENTS:
+        props: Json = {"accountId": {"type": "string"}, "message": _SUMMARY}
+        if event == "message.sent":
+            props.update(origin={"enum": ["api", "mailbox"]}, trackingId=NULLABLE_STR)
+        out[event] = _webhook(event, summary, {"type": "object", "required": ["accountId", "message", *extra],
+                                               "properties": props},
+                              {"accountId": "acc_5f0c2a9e41d7b3c8a1e2f3d4", **extra, "message": message})
+    return out
+
+
 def document() -> Json:
     paths = {**_connect_paths(), **_account_paths(), **_mail_paths(), **_notification_paths()}
     return {
@@ -451,8 +525,9 @@ def document() -> Json:
                                 "send and read mail through Microsoft Graph on the user's behalf."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": t} for t in ("connect", "accounts", "mail", "notifications", "operations")],
+        "tags": [{"name": t} for t in ("connect", "accounts", "mail", "notifications", "operations", "webhooks")],
         "paths": paths,
+        "webhooks": _webhooks(),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                                            "description": "Issued by the integrating product; `sub` is the owner."}},

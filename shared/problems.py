@@ -123,6 +123,9 @@ PROBLEMS: dict[str, tuple[str, str]] = {
                              "`Retry-After`."),
     "subscription_in_progress": ("Subscription being created", "Another worker is creating the account's "
                                  "subscription; the job is retried."),
+    "notification_certificate_missing": ("No notification certificate", "NOTIFICATIONS_RESOURCE_DATA is on but "
+                                         "no encryption certificate is configured (NOTIFICATION_CERT_NAME in Key "
+                                         "Vault, or NOTIFICATION_CERT_PATH locally)."),
     # -- the connector's own dependencies
     "storage_unavailable": ("Storage unavailable", "Table or Queue storage is failing; retry after `Retry-After`."),
     "storage_rejected": ("Storage refused the request", "Storage refused the connector's request (credentials or "

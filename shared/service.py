@@ -200,10 +200,14 @@ class Connector:
     def notifications(self) -> NotificationParts:
         """The intake, worker, subscriptions and delivery of inbound mail (shared.notification_parts)."""
         from shared.notification_parts import NotificationParts
+        from shared.rich_notifications import NotificationCertificates
 
+        certificates = NotificationCertificates(newest=self.secrets.notification_certificate,
+                                                version=self.secrets.notification_certificate_version)
         return NotificationParts(self.settings, storage=self.storage, key_ring=self.secrets.key_ring,
                                  graph=self.graph, tokens=self.tokens, accounts=self.accounts,
-                                 webhooks=self.webhooks, telemetry=self.telemetry)
+                                 webhooks=self.webhooks, telemetry=self.telemetry, certificates=certificates,
+                                 session=self.session)
 
 
 _lock = threading.Lock()

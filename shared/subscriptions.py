@@ -1,4 +1,5 @@
-"""Graph subscriptions on an account's Inbox, and where we keep them.
+"""Graph subscriptions on an account's mailbox (one per feed: Inbox, Sent Items, mailbox-wide changes), and
+where we keep them.
 
 Microsoft's contract (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks):
 
@@ -13,16 +14,17 @@ Microsoft's contract (https://learn.microsoft.com/graph/change-notifications-del
 
 Table ``subscriptions`` holds two kinds of rows:
 
-* **state** (PartitionKey = owner partition, RowKey = account id): the subscription id, its expiry,
-  the Inbox delta link and the due time of the next maintenance (renewal / safety catch-up);
-* **creation claim** (owner partition, RowKey = account id + ``|creating``): held by the one worker
-  that creates the account's subscription, so concurrent jobs (four connects at once) make one;
+* **state**, one per feed (PartitionKey = owner partition, RowKey = account id for the Inbox feed, account id +
+  ``|feed|`` + feed name for the others): the subscription id, its expiry, the folder's delta link and the due
+  time of the next maintenance (renewal / safety catch-up);
+* **creation claim** (owner partition, RowKey = the state's RowKey + ``|creating``): held by the one worker
+  that creates the feed's subscription, so concurrent jobs (four connects at once) make one;
 * **pointer list** (owner partition, RowKey = account id + ``|cs|`` + pointer key): every pointer an
   account has, so a disconnect finds (and deletes at Graph) every subscription whose id was recorded,
   even one whose creation crashed before the state row was written (a crash between Graph's answer and
   the pointer's update leaves a subscription we cannot name: it expires by itself within 7 days);
 * **pointer** (PartitionKey = ``cs-`` + SHA-256 of the clientState, RowKey = ``cs``): owner,
-  account, subscription id and the clientState sealed with the token key ring. The notification
+  account, feed, subscription id and the clientState sealed with the token key ring. The notification
   endpoint finds a subscription by the clientState a notification carries, so a pointer written
   *before* ``POST /subscriptions`` already recognises notifications that race its answer; an unknown
   or wrong clientState finds nothing. The clientState is a 256-bit random value, so its SHA-256 in a
@@ -41,21 +43,26 @@ from typing import TYPE_CHECKING
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.crypto import RingSource, account_aad
 from shared.errors import MicrosoftError, NotFoundError
+from shared.notifications import FEED_NAMES, INBOX
 from shared.storage import etag_of
 
 if TYPE_CHECKING:
     from shared.graph import GraphClient, TokenSource
+    from shared.notifications import Feed
+    from shared.rich_notifications import EncryptionCertificate
     from shared.storage import EntityValue, Row, Table
 
 # Outlook messages: at most 10,080 minutes; ask for a little less so clock skew never makes Graph refuse it.
 MAX_LIFETIME = dt.timedelta(minutes=10_080)
 REQUESTED_LIFETIME = MAX_LIFETIME - dt.timedelta(minutes=10)
-INBOX_RESOURCE = "me/mailFolders('Inbox')/messages"
+# With resource data, 1,440 minutes (https://learn.microsoft.com/graph/api/resources/subscription#subscription-lifetime).
+RICH_LIFETIME = dt.timedelta(minutes=1_440) - dt.timedelta(minutes=10)
 CLIENT_STATE_BYTES = 32  # 43 base64url characters, within Graph's 128
 _POINTER_RK = "cs"
 IMMUTABLE_IDS = "immutable"  # SubscriptionState.id_type of a subscription created with immutable ids
 _CREATING = "|creating"
 _POINTER_LIST = "|cs|"
+_FEED = "|feed|"
 CREATION_STALE = dt.timedelta(minutes=2)  # Graph validates both URLs (10 s each) before it answers
 _NOT_FOUND_CODES = {"ResourceNotFound", "ItemNotFound", "ErrorItemNotFound", "NotFound", "InvalidSubscriptionId"}
 
@@ -70,9 +77,12 @@ class SubscriptionState:
     account_id: str
     subscription_id: str = ""
     client_key: str = ""  # the pointer row's PartitionKey
+    feed: str = INBOX
     # "immutable": created with Prefer: IdType="ImmutableId", so its notifications name messages by immutable ids.
     # "" for a subscription made before, which Graph keeps notifying with regular ids until it is recreated.
     id_type: str = ""
+    rich: bool = False  # created with includeResourceData (lifetime RICH_LIFETIME)
+    cert_id: str = ""  # the encryptionCertificateId it was created with
     expires_at: dt.datetime | None = None
     delta_link: str = ""
     delta_synced_at: dt.datetime | None = None  # start of the last complete catch-up round
@@ -87,6 +97,12 @@ class Pointer:
     owner: str
     account_id: str
     subscription_id: str
+    feed: str = INBOX
+
+
+def state_key(account_id: str, feed: str) -> str:
+    """The state row's RowKey: the account id for the Inbox feed (as before there were feeds)."""
+    return account_id if feed == INBOX else account_id + _FEED + feed
 
 
 def client_key(client_state: str) -> str:
@@ -101,11 +117,25 @@ class SubscriptionStore:
         self._key_ring = key_ring
 
     # -- state rows ---------------------------------------------------------------------------
-    def get(self, owner: str, account_id: str) -> SubscriptionState | None:
+    def get(self, owner: str, account_id: str, feed: str = INBOX) -> SubscriptionState | None:
         try:
-            return _state_from(self._table.get(owner_partition(owner), account_id))
+            return _state_from(self._table.get(owner_partition(owner), state_key(account_id, feed)))
         except NotFoundError:
             return None
+
+    def states_of(self, owner: str, account_id: str) -> dict[str, SubscriptionState]:
+        """Every feed's state of the account (the Inbox row, then one range read of the others)."""
+        found = {}
+        inbox = self.get(owner, account_id)
+        if inbox is not None:
+            found[INBOX] = inbox
+        lo = account_id + _FEED
+        for row in self._table.query("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                                     parameters={"pk": owner_partition(owner), "lo": lo, "hi": lo + "~"}):
+            name = str(row["RowKey"])[len(lo):]
+            if "|" not in name:
+                found[name] = _state_from(row)
+        return found
 
     def save(self, state: SubscriptionState) -> SubscriptionState:
         """Write the state row (upsert: the worker of one account is the only writer that matters;
@@ -113,36 +143,48 @@ class SubscriptionStore:
         return replace(state, etag=self._table.replace(_state_entity(state), etag=None))
 
     def delete(self, state: SubscriptionState) -> None:
-        """The state row and every pointer of the account."""
+        """One feed's state row, its pointer and its creation claim."""
         pk = owner_partition(state.owner)
-        self._table.delete_if_present(pk, state.account_id)
-        keys = {key for key, _ in self.pointers_of(state.owner, state.account_id)} | {state.client_key}
-        for key in keys - {""}:
-            self.drop_pointer(state.owner, state.account_id, key)
-        self._table.delete_if_present(pk, state.account_id + _CREATING)
+        rk = state_key(state.account_id, state.feed)
+        self._table.delete_if_present(pk, rk)
+        self.drop_pointer(state.owner, state.account_id, state.client_key)
+        self._table.delete_if_present(pk, rk + _CREATING)
+
+    def delete_account(self, owner: str, account_id: str, keys: set[str] | None = None) -> None:
+        """Every feed's state row, every pointer and every creation claim of the account (``keys``: the pointer
+        keys already listed, so they are not listed again)."""
+        pk = owner_partition(owner)
+        for state in self.states_of(owner, account_id).values():
+            self.delete(state)
+        listed = keys if keys is not None else {key for key, _ in self.pointers_of(owner, account_id)}
+        for key in listed - {""}:
+            self.drop_pointer(owner, account_id, key)
+        for feed in FEED_NAMES:  # a disconnect holds every feed's claim
+            self._table.delete_if_present(pk, state_key(account_id, feed) + _CREATING)
 
     def all_states(self) -> list[SubscriptionState]:
         """Every state row (the daily reconciliation only)."""
         rows = self._table.query("RowKey ne @p", parameters={"p": _POINTER_RK})
-        return [_state_from(e) for e in rows if "|" not in str(e.get("RowKey"))]
+        return [_state_from(e) for e in rows if _is_state_key(str(e.get("RowKey")))]
 
     # -- the creation claim -------------------------------------------------------------------
-    def claim_creation(self, owner: str, account_id: str) -> str | None:
-        """The right to create the account's subscription (its ETag), or None while another worker holds it."""
+    def claim_creation(self, owner: str, account_id: str, feed: str = INBOX) -> str | None:
+        """The right to create the feed's subscription (its ETag), or None while another worker holds it."""
         now = utcnow()
 
         def abandoned(row: Row) -> bool:
             since = parse_iso(row.get("at"))
             return since is None or since <= now - CREATION_STALE
 
-        return self._table.claim({"PartitionKey": owner_partition(owner), "RowKey": account_id + _CREATING,
-                                  "at": iso(now)}, take_over=abandoned).etag
+        return self._table.claim({"PartitionKey": owner_partition(owner),
+                                  "RowKey": state_key(account_id, feed) + _CREATING, "at": iso(now)},
+                                 take_over=abandoned).etag
 
-    def release_creation(self, owner: str, account_id: str, etag: str) -> None:
-        self._table.delete_if_present(owner_partition(owner), account_id + _CREATING, etag=etag)
+    def release_creation(self, owner: str, account_id: str, etag: str, feed: str = INBOX) -> None:
+        self._table.delete_if_present(owner_partition(owner), state_key(account_id, feed) + _CREATING, etag=etag)
 
     # -- pointer rows ---------------------------------------------------------------------------
-    def new_pointer(self, owner: str, account_id: str) -> tuple[str, str]:
+    def new_pointer(self, owner: str, account_id: str, feed: str = INBOX) -> tuple[str, str]:
         """A fresh clientState and its pointer row (subscription id still unknown): (clientState, key)."""
         client_state = secrets.token_urlsafe(CLIENT_STATE_BYTES)
         key = client_key(client_state)
@@ -150,7 +192,7 @@ class SubscriptionStore:
         # Listed first: a pointer that exists is always listed, so a disconnect finds it.
         self._table.upsert({"PartitionKey": owner_partition(owner), "RowKey": account_id + _POINTER_LIST + key})
         self._table.create({"PartitionKey": key, "RowKey": _POINTER_RK, "owner": owner, "accountId": account_id,
-                            "subscriptionId": "", "clientState": sealed})
+                            "feed": feed, "subscriptionId": "", "clientState": sealed})
         return client_state, key
 
     def bind_pointer(self, key: str, subscription_id: str) -> None:
@@ -192,31 +234,40 @@ class SubscriptionStore:
             return None
         if not hmac.compare_digest(stored, client_state.encode("utf-8", "surrogatepass")):
             return None
-        return Pointer(owner, account_id, str(e.get("subscriptionId") or ""))
+        return Pointer(owner, account_id, str(e.get("subscriptionId") or ""), str(e.get("feed") or INBOX))
 
 
 # -- Graph calls ---------------------------------------------------------------------------------
-def create(graph: GraphClient, token: TokenSource, mailbox: str, *, notification_url: str, lifecycle_url: str,
-           client_state: str, now: dt.datetime) -> tuple[str, dt.datetime]:
-    """POST /subscriptions (Graph validates both URLs first). Returns (id, expiry).
-    https://learn.microsoft.com/graph/api/subscription-post-subscriptions"""
-    body = {"changeType": "created", "notificationUrl": notification_url, "lifecycleNotificationUrl": lifecycle_url,
-            "resource": INBOX_RESOURCE, "expirationDateTime": iso(now + REQUESTED_LIFETIME),
-            "clientState": client_state, "latestSupportedTlsVersion": "v1_2"}
+def create(graph: GraphClient, token: TokenSource, mailbox: str, feed: Feed, *, notification_url: str,
+           lifecycle_url: str, client_state: str, now: dt.datetime,
+           encryption: EncryptionCertificate | None = None) -> tuple[str, dt.datetime]:
+    """POST /subscriptions (Graph validates both URLs first). Returns (id, expiry). With ``encryption``, a rich
+    subscription: the feed's properties, encrypted to that certificate, in every notification.
+    https://learn.microsoft.com/graph/api/subscription-post-subscriptions,
+    https://learn.microsoft.com/graph/change-notifications-with-resource-data"""
+    lifetime = RICH_LIFETIME if encryption is not None else REQUESTED_LIFETIME
+    body: dict[str, object] = {
+        "changeType": ",".join(feed.change_types), "notificationUrl": notification_url,
+        "lifecycleNotificationUrl": lifecycle_url, "resource": feed.resource,
+        "expirationDateTime": iso(now + lifetime), "clientState": client_state, "latestSupportedTlsVersion": "v1_2"}
+    if encryption is not None:
+        body.update(resource=f"{feed.resource}?$select={','.join(feed.select)}", includeResourceData=True,
+                    encryptionCertificate=encryption.certificate_b64, encryptionCertificateId=encryption.id)
     doc = graph.request("POST", "subscriptions", mailbox=mailbox, token=token, json=body, safe=False).json()
-    return str(doc["id"]), parse_iso(doc.get("expirationDateTime")) or now + REQUESTED_LIFETIME
+    return str(doc["id"]), parse_iso(doc.get("expirationDateTime")) or now + lifetime
 
 
 def renew(graph: GraphClient, token: TokenSource, mailbox: str, subscription_id: str, *,
-          now: dt.datetime) -> dt.datetime:
+          now: dt.datetime, rich: bool = False) -> dt.datetime:
     """PATCH /subscriptions/{id}: renews and reauthorizes. https://learn.microsoft.com/graph/api/subscription-update"""
-    body = {"expirationDateTime": iso(now + REQUESTED_LIFETIME)}
+    lifetime = RICH_LIFETIME if rich else REQUESTED_LIFETIME
+    body = {"expirationDateTime": iso(now + lifetime)}
     try:
         doc = graph.request("PATCH", f"subscriptions/{subscription_id}", mailbox=mailbox, token=token, json=body,
                             safe=True).json()
     except MicrosoftError as e:
         raise _gone_or(e) from None
-    return parse_iso(doc.get("expirationDateTime")) or now + REQUESTED_LIFETIME
+    return parse_iso(doc.get("expirationDateTime")) or now + lifetime
 
 
 def reauthorize(graph: GraphClient, token: TokenSource, mailbox: str, subscription_id: str) -> None:
@@ -243,10 +294,17 @@ def _gone_or(e: MicrosoftError) -> Exception:
 
 
 # -- entities ------------------------------------------------------------------------------------
+def _is_state_key(rk: str) -> bool:
+    if "|" not in rk:
+        return True
+    head, sep, name = rk.partition(_FEED)
+    return bool(sep) and "|" not in head and bool(name) and "|" not in name
+
+
 def _state_entity(s: SubscriptionState) -> dict[str, EntityValue]:
-    return {"PartitionKey": owner_partition(s.owner), "RowKey": s.account_id, "owner": s.owner,
-            "accountId": s.account_id, "subscriptionId": s.subscription_id, "clientKey": s.client_key,
-            "idType": s.id_type,
+    return {"PartitionKey": owner_partition(s.owner), "RowKey": state_key(s.account_id, s.feed), "owner": s.owner,
+            "accountId": s.account_id, "feed": s.feed, "subscriptionId": s.subscription_id, "clientKey": s.client_key,
+            "idType": s.id_type, "rich": s.rich, "certId": s.cert_id,
             "expiresAt": iso(s.expires_at) or "", "deltaLink": s.delta_link,
             "deltaSyncedAt": iso(s.delta_synced_at) or "", "dueAt": iso(s.due_at) or "", "failures": s.failures,
             "lastError": s.last_error, "updatedAt": iso(utcnow())}
@@ -260,7 +318,9 @@ def _state_from(e: Row) -> SubscriptionState:
     failures = e.get("failures")
     return SubscriptionState(
         owner=text("owner"), account_id=text("accountId") or text("RowKey"), subscription_id=text("subscriptionId"),
-        client_key=text("clientKey"), id_type=text("idType"), expires_at=parse_iso(e.get("expiresAt")),
+        client_key=text("clientKey"), feed=text("feed") or INBOX, id_type=text("idType"),
+        rich=e.get("rich") is True, cert_id=text("certId"),
+        expires_at=parse_iso(e.get("expiresAt")),
         delta_link=text("deltaLink"),
         delta_synced_at=parse_iso(e.get("deltaSyncedAt")), due_at=parse_iso(e.get("dueAt")),
         failures=failures if isinstance(failures, int) else 0, last_error=text("lastError"),

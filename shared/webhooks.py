@@ -1,9 +1,11 @@
 """Outbound webhooks: ``account.connected``, ``account.reauth_required``, ``account.recovered``,
-``account.disconnected``, and ``message.received`` (inbound mail, docs/webhooks.md).
+``account.disconnected``, and the mailbox events ``message.received``, ``message.sent``, ``message.updated``
+and ``message.deleted`` (docs/webhooks.md).
 
-Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; ``message.received`` carries
-``"data":{"accountId","message":{…}}`` instead. Signature header, in the
-style of Stripe's scheme: ``X-Connector-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>``.
+Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; a mailbox event carries
+``"data":{"accountId","message":{…}}`` instead (``message.sent`` also ``origin`` and ``trackingId``).
+Signature header, in the style of Stripe's scheme:
+``X-Connector-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>``.
 A receiver recomputes the HMAC over the raw body, compares in constant time, rejects a ``t``
 older than 5 minutes or more than :data:`FUTURE_SKEW_S` ahead, and drops event ids it has already
 handled (replays); see ``docs/webhooks.md``. Deliveries never follow redirects: a 3xx would make
@@ -43,6 +45,7 @@ log = logging.getLogger("connector.webhooks")
 
 EVENTS = ("account.connected", "account.reauth_required", "account.recovered", "account.disconnected")
 MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"}, not {"account"}
+MESSAGE_EVENTS = (MESSAGE_RECEIVED, "message.sent", "message.updated", "message.deleted")
 SIGNATURE_HEADER = "X-Connector-Signature"
 MAX_ATTEMPTS = 8
 PENDING_MAX = 10_000  # events kept in memory while storage is down
@@ -158,16 +161,19 @@ class Webhooks:
         log.error("%d webhook event(s) could not be queued within %d s and are lost", lost, PENDING_RETRY_S)
 
 
-    def enqueue_message_received(self, account_id: str, message: dict[str, object]) -> str | None:
-        """Enqueue ``message.received``; returns the event id, None when webhooks are off.
+    def enqueue_message_event(self, event: str, account_id: str, message: dict[str, object],
+                              **extra: object) -> str | None:
+        """Enqueue a mailbox event (:data:`MESSAGE_EVENTS`); returns the event id, None when webhooks are off.
 
         Unlike :meth:`emit` it raises (StorageUnavailableError) when the event could not be queued:
-        inbound mail is delivered at least once, so the caller retries instead of losing it."""
+        mailbox events are delivered at least once, so the caller retries instead of losing one."""
+        if event not in MESSAGE_EVENTS:
+            raise ValueError(f"unknown mailbox event {event}")
         if not self.enabled:
             return None
         event_id = "evt_" + uuid.uuid4().hex
-        payload = {"id": event_id, "type": MESSAGE_RECEIVED, "createdAt": iso(utcnow()),
-                   "data": {"accountId": account_id, "message": message}}
+        payload = {"id": event_id, "type": event, "createdAt": iso(utcnow()),
+                   "data": {"accountId": account_id, **extra, "message": message}}
         self._queue().send(json.dumps({"attempt": 0, "event": payload}).encode())
         return event_id
 
@@ -193,7 +199,7 @@ class Webhooks:
             why = f"HTTP {resp.status_code}"
         except Exception as e:
             ok, why = False, type(e).__name__
-        kind = event["type"] if event.get("type") in (*EVENTS, MESSAGE_RECEIVED) else "other"
+        kind = event["type"] if event.get("type") in (*EVENTS, *MESSAGE_EVENTS) else "other"
         if ok:
             self._telemetry.webhook("delivered", attempt=attempt + 1, event=kind)
             log.info("webhook %s delivered (%s)", event["type"], event["id"])

@@ -7,6 +7,7 @@ over HTTPS, exactly as a developer's ``make dev`` does, with settings from the e
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+ALL_MAIL_EVENTS = "message.received,message.sent,message.updated,message.deleted"
+FEEDS = 3  # subscriptions per mailbox with ALL_MAIL_EVENTS: Inbox, Sent Items, mailbox-wide changes
 # The app's timer and queue functions (shared/blueprints/timers.py, notifications.py). A second host on the
 # session's storage runs none of them (``AzureWebJobs.<name>.Disabled``, as on Azure): its workers would
 # take the session host's queue messages, and one it held when it stopped stays invisible for the
@@ -171,22 +174,34 @@ class Host:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) -> Iterator[Host]:
+def notification_cert_path() -> Path:
+    """The tests' rich-notification certificate (as `make dev` makes one), generated once per checkout."""
+    from devstack.certs import ensure_notification_certificate
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ensure_notification_certificate(ARTIFACTS)
+
+
+@contextlib.contextmanager
+def launch_host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver, *,
+                client_id: str = "5a1b0c3d-0000-4000-8000-00000000c0de", name: str = "host",
+                extra: dict[str, str] | None = None) -> Iterator[Host]:
+    """A dev host on its own port (its own app registration in the sandbox), sharing Azurite, the sandbox and the
+    webhook receiver; ``extra`` settings override the defaults."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    control.register_client(os.environ.get("TEST_CLIENT_ID", "5a1b0c3d-0000-4000-8000-00000000c0de"),
-                            "sandbox-client-secret-not-a-real-secret",
+    control.register_client(client_id, "sandbox-client-secret-not-a-real-secret",
                             [f"{base}/api/connect/microsoft/callback"])
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "AUTH_", "GRAPH_", "WEBHOOK_"))}
     env.update({
-        "MS_CLIENT_ID": "5a1b0c3d-0000-4000-8000-00000000c0de",
+        "MS_CLIENT_ID": client_id,
         "MS_CLIENT_SECRET": "sandbox-client-secret-not-a-real-secret",
         "MS_AUTHORITY_HOST": sandbox.url,
         "MS_TENANT": "common",
         "GRAPH_BASE_URL": sandbox.url + "/v1.0",
         "MS_CA_BUNDLE": sandbox.ca_path,
+        "NOTIFICATION_CERT_PATH": str(notification_cert_path()),
         "PUBLIC_BASE_URL": base,
         "AzureWebJobsStorage": azurite.connection_string,
         "AUTH_ISSUER": "https://issuer.test",
@@ -203,16 +218,24 @@ def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) ->
         # Failed queue messages become visible again at once (host.json says 10 s), so poison
         # handling is observable quickly; the same override syntax works on Azure.
         "AzureFunctionsJobHost__extensions__queues__visibilityTimeout": "00:00:00",
+        **(extra or {}),
     })
     from devstack.process import start_host
 
-    log_path = ARTIFACTS / "host.log"
+    log_path = ARTIFACTS / f"{name}.log"
     proc = start_host(env, port, log_path)
     try:
         proc.wait_healthy(60)
         yield Host(base, env, log_path, proc.proc)
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def host(azurite: Any, sandbox: Any, control: Any, webhooks: WebhookReceiver) -> Iterator[Host]:
+    """The dev host of the end-to-end tests, producing every mailbox event (one subscription per feed)."""
+    with launch_host(azurite, sandbox, control, webhooks, extra={"MAIL_EVENTS": ALL_MAIL_EVENTS}) as h:
+        yield h
 
 
 @pytest.fixture(scope="session")

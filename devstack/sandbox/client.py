@@ -121,6 +121,14 @@ class SandboxControl:
         doc = self._call("POST", f"/users/{self._u(user)}/messages", json=body)
         return list(doc["immutableIds" if immutable else "ids"])
 
+    def outlook(self, user: str, action: str, message_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        """The person acts in Outlook (read, unread, flag, unflag, categorize, move, delete, send): Graph notifies
+        the app's subscriptions. Returns the message's ``id`` and ``immutableId``."""
+        body: dict[str, Any] = {"action": action, **fields}
+        if message_id is not None:
+            body["messageId"] = message_id
+        return dict(self._call("POST", f"/users/{self._u(user)}/outlook", json=body))
+
     def sent(self, user: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/users/{self._u(user)}/sent")["sent"])
 

@@ -10,8 +10,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import tokens
 from .errors import GraphError
-from .graph import _validate_message, check_file_attachment
-from .mailbox import Mailbox
+from .graph import _validate_message, check_file_attachment, deliver_to_sandbox_users, save_to_sent_items
+from .mailbox import Mailbox, email
 from .state import (
     ClientApp,
     FederatedCredential,
@@ -284,6 +284,56 @@ def seed_messages(upn: str) -> Response:
         immutable = [mb.messages[i]["_immutable"] for i in ids]
     # Both: what an app sees without and with `Prefer: IdType="ImmutableId"`.
     return jsonify({"ids": ids, "immutableIds": immutable})
+
+
+OUTLOOK_ACTIONS = ("read", "unread", "flag", "unflag", "categorize", "move", "delete", "send")
+
+
+@bp.post("/users/<upn>/outlook")
+def outlook(upn: str) -> Response:
+    """The person acts in Outlook, not through the app: Graph notifies the app's subscriptions as it would.
+
+    ``{"action": "read"|"unread"|"flag"|"unflag"|"categorize"|"move"|"delete", "messageId": any id of the message,
+    "categories": [...] (categorize), "folder": well-known name or id (move)}``, or
+    ``{"action": "send", "message": {"subject", "toRecipients", ...}}`` (a Sent Items copy, and delivery to
+    sandbox users). Answers the message's ``id`` and ``immutableId`` after the action."""
+    user = _user(upn)
+    body = _body()
+    action = _get(body, "action", str, check=lambda a: a in OUTLOOK_ACTIONS)
+    state = _state()
+    with state.lock:
+        mb = state.mailboxes.get(user.upn)
+        if mb is None:
+            raise ControlError(f"user '{user.upn}' has no mailbox")
+        now = state.now()
+        if action == "send":
+            try:
+                fields = _validate_message(_get(body, "message", dict), for_send=True)
+            except GraphError as exc:
+                raise ControlError(f"invalid message: {exc.code}: {exc.message}") from None
+            fields.setdefault("from", email(mb.user.upn, mb.user.display_name))
+            msg = save_to_sent_items(mb, fields, [], now)
+            deliver_to_sandbox_users(state, mb, fields, [], now)
+            return jsonify({"id": msg["id"], "immutableId": msg["_immutable"]})
+        found = mb.find(_get(body, "messageId", str))
+        if found is None:
+            raise ControlError("no such message", 404)
+        msg = found
+        if action in ("read", "unread"):
+            mb.update(msg, {"isRead": action == "read"}, now)
+        elif action in ("flag", "unflag"):
+            mb.update(msg, {"flag": {"flagStatus": "flagged" if action == "flag" else "notFlagged"}}, now)
+        elif action == "categorize":
+            cats = _get(body, "categories", list, check=lambda v: all(isinstance(c, str) for c in v))
+            mb.update(msg, {"categories": list(cats)}, now)
+        elif action == "move":
+            fid = mb.folder_id(_get(body, "folder", str))
+            if fid is None:
+                raise ControlError("unknown folder")
+            msg = mb.move(msg["id"], fid)
+        else:
+            mb.remove(msg)
+        return jsonify({"id": msg["id"], "immutableId": msg["_immutable"]})
 
 
 @bp.get("/users/<upn>/sent")

@@ -521,6 +521,19 @@ def _expands_attachments() -> bool:
     return "attachments" in [e.strip() for e in (_q("expand") or "").split(",")]
 
 
+_EXPAND_PROPERTY = re.compile(r"^singleValueExtendedProperties\(\$filter=id eq '([^']+)'\)$", re.I)
+
+
+def _expanded_property() -> str | None:
+    """The id in ``$expand=singleValueExtendedProperties($filter=id eq '{id}')``, the documented way to read
+    one extended property (https://learn.microsoft.com/graph/api/singlevaluelegacyextendedproperty-get)."""
+    for part in (_q("expand") or "").split(","):
+        m = _EXPAND_PROPERTY.match(part.strip())
+        if m:
+            return m.group(1)
+    return None
+
+
 @bp.get("/v1.0/me/messages")
 @graph_call(scopes=READ_SCOPES)
 def list_messages(ctx: _Ctx) -> tuple[int, Any]:
@@ -561,8 +574,12 @@ def get_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     select = _select()
     with state.lock:
         mb = _mailbox(ctx)
-        res = mb.message_resource(_message_or_404(mb, mid), select, expand_attachments=_expands_attachments(),
+        msg = _message_or_404(mb, mid)
+        res = mb.message_resource(msg, select, expand_attachments=_expands_attachments(),
                                   immutable=immutable_ids())
+        wanted = _expanded_property()
+        if wanted is not None and mb.extended_properties(msg, wanted):
+            res["singleValueExtendedProperties"] = mb.extended_properties(msg, wanted)
     return 200, {"@odata.context": f"{_host()}/v1.0/$metadata#users('{ctx.user.me_id}')/messages/$entity", **res}
 
 
@@ -575,10 +592,7 @@ def update_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
         mb = _mailbox(ctx)
         msg = _message_or_404(mb, mid)
         fields = _validate_message(body, for_send=False)
-        for k, v in fields.items():
-            if k != "attachments":
-                msg[k] = v
-        msg["lastModifiedDateTime"] = iso(state.now())
+        mb.update(msg, {k: v for k, v in fields.items() if k != "attachments"}, state.now())
         res = mb.message_resource(msg, immutable=immutable_ids())
     return 200, res
 
@@ -589,7 +603,7 @@ def delete_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
     with state.lock:
         mb = _mailbox(ctx)
-        del mb.messages[_message_or_404(mb, mid)["id"]]
+        mb.remove(_message_or_404(mb, mid))
     return 204, None
 
 
@@ -823,6 +837,14 @@ def _validate_message(msg: Any, *, for_send: bool) -> dict[str, Any]:
             if not isinstance(v, list):
                 raise _request_body_read("The property 'attachments' must be an array.")
             fields[k] = v
+        elif k == "singleValueExtendedProperties":
+            # https://learn.microsoft.com/graph/api/resources/singlevaluelegacyextendedproperty: {id, value}
+            if not isinstance(v, list) or not all(
+                    isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("value"), str)
+                    and set(p) <= {"id", "value"} for p in v):
+                raise _request_body_read("The property 'singleValueExtendedProperties' must be an array of "
+                                         "{\"id\", \"value\"} objects.")
+            fields[k] = [{"id": p["id"], "value": p["value"]} for p in v]
         else:
             fields[k] = _typed(k, v)
     return fields
@@ -857,14 +879,15 @@ def _sent_record(mb: Mailbox, fields: dict[str, Any], attachments: list[dict[str
     }
 
 
-def _save_to_sent_items(mb: Mailbox, fields: dict[str, Any], attachments: list[dict[str, Any]],
-                        now: float) -> None:
+def save_to_sent_items(mb: Mailbox, fields: dict[str, Any], attachments: list[dict[str, Any]],
+                       now: float) -> dict[str, Any]:
     copy = dict(fields, isRead=True, sentDateTime=iso(now), receivedDateTime=iso(now))
     copy.pop("attachments", None)
     copy.setdefault("from", {"emailAddress": {"address": mb.user.upn, "name": mb.user.display_name}})
     msg = mb.add_message("sentitems", copy, now)
     msg["_attachments"] = attachments
     msg["hasAttachments"] = bool(attachments)
+    return msg
 
 
 def deliver_to_sandbox_users(state: SandboxState, sender: Mailbox, fields: dict[str, Any],
@@ -919,7 +942,7 @@ def send_mail(ctx: _Ctx) -> tuple[int, Any]:
         record = _sent_record(mb, fields, attachments, "sendMail", save_raw, now)
         mb.sent.append(record)
         if save_raw:
-            _save_to_sent_items(mb, fields, attachments, now)
+            save_to_sent_items(mb, fields, attachments, now)
         deliver_to_sandbox_users(state, mb, fields, attachments, now)
         state.counters["sendmail"] += 1
     return 202, None
@@ -1237,7 +1260,7 @@ def _answer(ctx: _Ctx, mid: str, action: str) -> tuple[int, Any]:
         record.update(inReplyTo=original["internetMessageId"],
                       references=(original.get("_references") or []) + [original["internetMessageId"]])
         mb.sent.append(record)
-        _save_to_sent_items(mb, fields, attachments, now)
+        save_to_sent_items(mb, fields, attachments, now)
         state.counters["sendmail"] += 1
     return 202, None  # https://learn.microsoft.com/en-us/graph/api/message-reply : 202 Accepted, no body
 

@@ -122,6 +122,7 @@ def openid_configuration(tenant: str) -> Response:
     })
 
 
+@bp.get("/<tenant>/discovery/keys")
 @bp.get("/<tenant>/discovery/v2.0/keys")
 def jwks(tenant: str) -> Response:
     # JWKS with RSA keys carrying "kid" (https://learn.microsoft.com/en-us/entra/identity-platform/signing-key-rollover)

@@ -60,6 +60,10 @@ def _folder_id(user: TestUser, name: str) -> str:
     return "AQMkAD" + base64.urlsafe_b64encode(digest + digest[:12]).decode() + "AAA="
 
 
+def new_change_key() -> str:
+    return base64.b64encode(secrets.token_bytes(12)).decode()
+
+
 def new_conversation_id() -> str:
     return "AAQkAG" + base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
 
@@ -83,9 +87,13 @@ def email(address: str, name: str | None = None) -> dict[str, Any]:
 
 
 class Mailbox:
-    def __init__(self, user: TestUser, on_added: Callable[[Mailbox, dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, user: TestUser, on_added: Callable[[Mailbox, dict[str, Any]], None] | None = None,
+                 on_changed: Callable[[Mailbox, dict[str, Any], str, dict[str, Any]], None] | None = None) -> None:
         self.user = user
         self.on_added = on_added  # a message appeared in a folder (change notifications)
+        # a message changed ("updated"), was removed ("deleted") or moved ("moved"; the last argument has
+        # the id and folder it had before): change notifications
+        self.on_changed = on_changed
         self.folders: dict[str, dict[str, Any]] = {}
         for wk, display in WELL_KNOWN_FOLDERS.items():
             fid = _folder_id(user, wk)
@@ -160,6 +168,9 @@ class Mailbox:
             "flag": fields.get("flag") or {"flagStatus": "notFlagged"},
             "internetMessageHeaders": fields.get("internetMessageHeaders") or [],
             "_attachments": attachments,
+            # singleValueExtendedProperties: kept on the item (and on its Sent Items copy), returned only when
+            # asked for with $expand (https://learn.microsoft.com/graph/api/singlevaluelegacyextendedproperty-get)
+            "_extended": [dict(p) for p in fields.get("singleValueExtendedProperties") or []],
         }
         self.messages[mid] = msg
         if self.on_added is not None:
@@ -243,14 +254,34 @@ class Mailbox:
         the sandbox does too: the old id is gone afterwards. Its immutable id stays: an app that asks for
         immutable ids sees the same id before and after."""
         msg = self.messages.pop(mid)
+        before = {"id": mid, "parentFolderId": msg["parentFolderId"]}
         msg["id"] = new_message_id()
         msg["parentFolderId"] = fid
         msg["webLink"] = msg["webLink"].replace(mid, msg["id"])
-        msg["changeKey"] = base64.b64encode(secrets.token_bytes(12)).decode()
+        msg["changeKey"] = new_change_key()
         self.messages[msg["id"]] = msg
-        if self.on_added is not None:  # a moved message is a created one in its new folder
-            self.on_added(self, msg)
+        if self.on_changed is not None:
+            self.on_changed(self, msg, "moved", before)
         return msg
+
+    def update(self, msg: dict[str, Any], fields: dict[str, Any], now: float) -> None:
+        """Change properties of a message: Exchange gives it a new changeKey, and Graph notifies ``updated``."""
+        msg.update(fields)
+        msg["lastModifiedDateTime"] = iso(now)
+        msg["changeKey"] = new_change_key()
+        if self.on_changed is not None:
+            self.on_changed(self, msg, "updated", {})
+
+    def remove(self, msg: dict[str, Any]) -> None:
+        """Delete a message; Graph notifies ``deleted``."""
+        del self.messages[msg["id"]]
+        if self.on_changed is not None:
+            self.on_changed(self, msg, "deleted", {})
+
+    @staticmethod
+    def extended_properties(msg: dict[str, Any], wanted: str) -> list[dict[str, Any]]:
+        """The message's extended properties whose id is ``wanted`` (ids compare case-insensitively)."""
+        return [dict(p) for p in msg.get("_extended") or [] if str(p.get("id", "")).lower() == wanted.lower()]
 
     def total_size(self, msg: dict[str, Any]) -> int:
         return len(str(msg["body"].get("content", "")).encode()) + sum(a["size"] for a in msg["_attachments"])

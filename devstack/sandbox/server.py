@@ -38,6 +38,7 @@ class PortInUseError(OSError):
 def create_app(state: SandboxState, key: SigningKey) -> Flask:
     app = Flask("devstack.sandbox")
     app.extensions["sandbox"] = {"state": state, "key": key}
+    state.notifier.signing_key = key  # signs rich notifications' validation tokens
     app.config["MAX_CONTENT_LENGTH"] = 160 * 1024 * 1024
     app.register_blueprint(control.bp)
     app.register_blueprint(subscriptions.bp)

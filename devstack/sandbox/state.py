@@ -188,7 +188,7 @@ class SandboxState:
             self.mailboxes: dict[str, Mailbox] = {}
             for u in TEST_USERS.values():
                 if u.has_mailbox:
-                    mb = Mailbox(u, on_added=self._message_added)
+                    mb = Mailbox(u, on_added=self._message_added, on_changed=self._message_changed)
                     mb.seed(DEFAULT_SEED, "inbox", now=self.now())
                     self.mailboxes[u.upn] = mb
             self.uploads: dict[str, Any] = {}
@@ -201,6 +201,11 @@ class SandboxState:
         from .subscriptions import message_arrived
 
         message_arrived(self, mb, msg)
+
+    def _message_changed(self, mb: Mailbox, msg: dict[str, Any], change: str, before: dict[str, Any]) -> None:
+        from .subscriptions import message_changed
+
+        message_changed(self, mb, msg, change, before)
 
     # -- injections ------------------------------------------------------------------------
     def take_injection(self, path: str, user: str | None = None) -> Injection | None:

@@ -16,7 +16,7 @@ import requests
 
 from devstack.sandbox import SandboxControl, SandboxServer
 from tests.conftest import wait_for
-from tests.devstack.conftest import SandboxFlows
+from tests.devstack.conftest import DEFAULT_CLIENT_ID, SandboxFlows
 
 ADELE = "adele@contoso.onmicrosoft.com"
 MEGAN = "megan@contoso.onmicrosoft.com"
@@ -233,3 +233,99 @@ def test_delta_rounds_pages_and_tokens(graph: Any, ctl: SandboxControl) -> None:
     assert [v["id"] for v in doc["value"]] == [new] and doc["value"][0]["subject"] == "new"
     assert graph("GET", link.split("$deltatoken=")[0] + "$deltatoken=nope").status_code == 410
     assert graph("GET", "/me/mailFolders/inbox/messages/delta", params={"$filter": "subject eq 'x'"}).status_code == 400
+
+
+def test_updates_moves_and_deletions_notify_as_graph_does(graph: Any, endpoint: Endpoint,
+                                                          ctl: SandboxControl) -> None:
+    """A mailbox-wide subscription made with immutable ids sees one ``updated`` per change and for a move; a
+    folder subscription sees a move as ``deleted`` there; a deletion is ``deleted``."""
+    immutable = {"Prefer": 'IdType="ImmutableId"'}
+    r = graph("POST", "/subscriptions", headers=immutable,
+              json=_body(endpoint, resource="me/messages", changeType="updated,deleted"))
+    assert r.status_code == 201, r.text
+    folder = graph("POST", "/subscriptions", json=_body(endpoint, notificationUrl=endpoint.url + "/inbox",
+                                                        changeType="deleted")).json()
+    [mid] = ctl.seed_messages(ADELE, [{"subject": "watched"}], immutable=True)
+    before = graph("GET", f"/me/messages/{mid}", headers=immutable).json()["changeKey"]
+    assert graph("PATCH", f"/me/messages/{mid}", json={"isRead": True}, headers=immutable).status_code == 200
+    assert graph("GET", f"/me/messages/{mid}", headers=immutable).json()["changeKey"] != before  # a new changeKey
+    ctl.outlook(ADELE, "move", mid, folder="archive")
+    ctl.outlook(ADELE, "delete", mid)
+    wait_for(lambda: len(endpoint.items()) >= 3 and len(endpoint.items("/inbox")) >= 1, what="the notifications")
+    wait_for(lambda: ctl.notifications()["inflight"] == 0, what="deliveries to finish")
+    assert [(i["changeType"], i["resourceData"]["id"]) for i in endpoint.items()] == [
+        ("updated", mid), ("updated", mid), ("deleted", mid)]
+    [left] = endpoint.items("/inbox")  # the Inbox subscription (regular ids) saw the message leave
+    assert left["changeType"] == "deleted" and left["subscriptionId"] == folder["id"]
+
+
+def test_sent_mail_keeps_its_extended_property_in_sent_items(graph: Any, ctl: SandboxControl) -> None:
+    prop = "String {5d6c3b1e-8f0a-4c2e-9b7d-3a1f0e4c6b28} Name Tracking"
+    msg = {"subject": "tracked", "toRecipients": [{"emailAddress": {"address": "x@example.com"}}],
+           "singleValueExtendedProperties": [{"id": prop, "value": "t-1"}]}
+    assert graph("POST", "/me/sendMail", json={"message": msg}).status_code == 202
+    [sent] = [m for m in graph("GET", "/me/mailFolders/sentitems/messages").json()["value"]
+              if m["subject"] == "tracked"]
+    assert "singleValueExtendedProperties" not in sent  # only when asked for
+    expand = f"singleValueExtendedProperties($filter=id eq '{prop}')"
+    got = graph("GET", f"/me/messages/{sent['id']}", params={"$expand": expand}).json()
+    assert got["singleValueExtendedProperties"] == [{"id": prop, "value": "t-1"}]
+    bad = {**msg, "singleValueExtendedProperties": [{"id": prop}]}
+    assert graph("POST", "/me/sendMail", json={"message": bad}).json()["error"]["code"] == "RequestBodyRead"
+
+
+def test_rich_notifications_follow_microsofts_format(graph: Any, endpoint: Endpoint, ctl: SandboxControl,
+                                                     sandbox_server: SandboxServer) -> None:
+    """Decrypted and validated here by the documented recipe, independently of the connector."""
+    import base64
+    import hashlib
+    import hmac
+
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, padding, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding as asym
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from devstack.certs import new_client_certificate
+
+    key_pem, cert_pem = new_client_certificate("rich")
+    cert_b64 = base64.b64encode(x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(
+        serialization.Encoding.DER)).decode()
+    rich = {"includeResourceData": True, "encryptionCertificate": cert_b64, "encryptionCertificateId": "v1"}
+    far = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).isoformat().replace("+00:00", "Z")
+    assert graph("POST", "/subscriptions", json=_body(endpoint, **rich)).json()["error"]["code"] == "ExtensionError"
+    selected = "me/mailFolders('Inbox')/messages?$select=id,subject,isRead"
+    too_long = graph("POST", "/subscriptions", json=_body(endpoint, resource=selected, expirationDateTime=far, **rich))
+    assert too_long.status_code == 400 and "1440" in too_long.json()["error"]["message"]
+    soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=20)).isoformat().replace("+00:00", "Z")
+    r = graph("POST", "/subscriptions", json=_body(endpoint, resource=selected, expirationDateTime=soon, **rich))
+    assert r.status_code == 201, r.text
+    [mid] = ctl.seed_messages(ADELE, [{"subject": "secret subject"}])  # regular ids: the subscription's
+    wait_for(lambda: endpoint.items(), what="a rich notification")
+    [post] = [p["doc"] for p in endpoint.posts if p["path"] == "/notify"]
+    [item] = post["value"]
+    content = item["encryptedContent"]
+    assert content["encryptionCertificateId"] == "v1" and "secret subject" not in json.dumps(post)
+
+    [token] = post["validationTokens"]
+    jwks = requests.get(f"{sandbox_server.url}/common/discovery/keys", verify=sandbox_server.ca_path,
+                        timeout=10).json()
+    kid = jwt.get_unverified_header(token)["kid"]
+    public = jwt.PyJWK({k: v for k, v in next(k for k in jwks["keys"] if k["kid"] == kid).items()
+                        if k in ("kty", "n", "e", "kid")}).key
+    claims = jwt.decode(token, public, algorithms=["RS256"], audience=DEFAULT_CLIENT_ID)
+    assert claims["iss"] == f"https://sts.windows.net/{claims['tid']}/" and claims["tid"] == item["tenantId"]
+    assert claims["appid"] == "0bf30f3b-4a52-48df-9a82-234910c4a086"
+
+    private = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    data = base64.b64decode(content["data"])
+    sym = private.decrypt(base64.b64decode(content["dataKey"]),  # type: ignore[union-attr]
+                          asym.OAEP(mgf=asym.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None))
+    assert hmac.compare_digest(hmac.new(sym, data, hashlib.sha256).digest(),
+                               base64.b64decode(content["dataSignature"]))
+    dec = Cipher(algorithms.AES(sym), modes.CBC(sym[:16])).decryptor()
+    unpad = padding.PKCS7(128).unpadder()
+    resource = json.loads(unpad.update(dec.update(data) + dec.finalize()) + unpad.finalize())
+    assert resource["id"] == mid == item["resourceData"]["id"] and resource["subject"] == "secret subject"
+    assert set(resource) - {"@odata.type", "@odata.id", "@odata.etag"} == {"id", "subject", "isRead"}

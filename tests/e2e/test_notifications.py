@@ -17,7 +17,7 @@ from azure.storage.queue import QueueClient
 
 from devstack.transport import WrappingTransport
 from shared.webhooks import verify
-from tests.conftest import Host, WebhookReceiver, connect, wait_for
+from tests.conftest import FEEDS, Host, WebhookReceiver, connect, wait_for
 
 ADELE = "adele@contoso.onmicrosoft.com"
 MEGAN = "megan@contoso.onmicrosoft.com"
@@ -61,9 +61,14 @@ def connected(host: Host, browser: Any, owner: str, upn: str) -> str:
     return account_id
 
 
+def inbox_subscriptions(control: Any, upn: str) -> list[dict[str, Any]]:
+    """The mailbox's live subscriptions on its Inbox (the default MAIL_EVENTS also subscribe to Sent Items)."""
+    return [dict(s) for s in control.subscriptions(upn) if "('Inbox')" in s["resource"]]
+
+
 def subscription_of(control: Any, upn: str) -> dict[str, Any]:
-    [sub] = control.subscriptions(upn)
-    return dict(sub)
+    [sub] = inbox_subscriptions(control, upn)
+    return sub
 
 
 def queues_idle(host: Host) -> bool:
@@ -155,7 +160,7 @@ def test_missed_and_subscription_removed_are_recovered(host: Host, browser_sessi
     wait_for(lambda: len(received(webhooks, aid)) == 2, timeout=30, what="catch-up after missed")
     [lost] = control.seed_messages(ADELE, 1)
     control.lifecycle_event(first, "subscriptionRemoved")
-    second = wait_for(lambda: [s["id"] for s in control.subscriptions(ADELE) if s["id"] != first], timeout=30,
+    second = wait_for(lambda: [s["id"] for s in inbox_subscriptions(control, ADELE) if s["id"] != first], timeout=30,
                       what="a new subscription")
     wait_for(lambda: len(received(webhooks, aid)) == 3, timeout=30, what="catch-up after subscriptionRemoved")
     assert sorted(e["doc"]["data"]["message"]["id"] for e in received(webhooks, aid)) == sorted([*missed, lost])
@@ -200,7 +205,7 @@ def test_disconnect_deletes_the_subscription(host: Host, browser_session: Any, c
                                              sandbox_http: None) -> None:
     owner = "owner-disconnect"
     aid = connected(host, browser_session, owner, ADELE)
-    assert len(control.subscriptions(ADELE)) == 1
+    assert len(inbox_subscriptions(control, ADELE)) == 1 and len(control.subscriptions(ADELE)) == FEEDS
     assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
     assert control.subscriptions(ADELE) == []
 
@@ -277,7 +282,8 @@ def test_reconnect_catches_up_what_arrived_meanwhile(host: Host, browser_session
     assert again["result"]["accountId"] == aid
     wait_for(lambda: len(received(webhooks, aid)) == 3, timeout=30, what="catch-up after the re-connect")
     assert sorted(e["doc"]["data"]["message"]["id"] for e in received(webhooks, aid)) == sorted(ids)
-    assert len(control.subscriptions(ADELE)) == 1  # renewed, not duplicated
+    assert len(inbox_subscriptions(control, ADELE)) == 1  # renewed, not duplicated
+    assert len(control.subscriptions(ADELE)) == FEEDS  # and the other feeds
 
 
 # -- review regressions: in-process parts on the host's settings (same Azurite, same sandbox) -----------
@@ -394,7 +400,7 @@ def test_the_intake_reads_storage_once_per_clientstate_and_refreshes_its_cache(
 
     assert n.accept({"value": [item(f"forged-{i}", i) for i in range(1000)]}) == (0, 1000)
     assert transport.reads <= MAX_UNKNOWN_LOOKUPS  # not one read per forged clientState
-    [state] = [s for s in c.notifications.store.all_states() if s.account_id == aid]
+    [state] = [s for s in c.notifications.store.all_states() if s.account_id == aid and s.feed == "inbox"]
     sealed = str(c.storage.table(SUBSCRIPTIONS_TABLE).get(state.client_key, "cs")["clientState"])
     real = c.secrets.key_ring().open(sealed, aad=account_aad(owner, aid, "clientState")).decode()
     before = transport.reads
@@ -508,7 +514,7 @@ def test_a_subscription_made_before_immutable_ids_is_replaced(host: Host, browse
     assert state.id_type == "immutable"
     c.notifications.store.save(replace(state, id_type=""))  # as an earlier version stored it
     assert c.notifications.worker.process(Job("maintain", owner, aid).to_message()) == "maintain"
-    [sub] = control.subscriptions(ADELE)
+    [sub] = inbox_subscriptions(control, ADELE)
     assert sub["id"] != first and c.notifications.store.get(owner, aid).id_type == "immutable"
     [mid] = control.seed_messages(ADELE, [{"subject": "after the upgrade"}])  # immutable ids
     wait_for(lambda: [e for e in received(webhooks, aid) if e["doc"]["data"]["message"]["id"] == mid], timeout=30,

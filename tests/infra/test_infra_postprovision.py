@@ -53,6 +53,16 @@ FAKE_AZ = textwrap.dedent(
         with open(opt("--file"), encoding="utf-8") as fh:
             state["secrets"][opt("--name")] = fh.read()
         state["content_types"][opt("--name")] = opt("--content-type")
+    elif args[:3] == ["keyvault", "certificate", "get-default-policy"]:
+        print(json.dumps({"issuerParameters": {"name": "Self"}, "keyProperties": {"exportable": True,
+                          "keySize": 2048, "keyType": "RSA"}, "secretProperties": {"contentType":
+                          "application/x-pkcs12"}, "x509CertificateProperties": {"subject": "CN=CLIGetDefaultPolicy",
+                          "validityInMonths": 12}, "lifetimeActions": [{"action": {"actionType": "AutoRenew"},
+                          "trigger": {"daysBeforeExpiry": 90}}]}))
+    elif args[:3] == ["keyvault", "certificate", "create"]:
+        with open(opt("--policy")[1:], encoding="utf-8") as fh:
+            state["policies"][opt("--name")] = json.load(fh)
+        state["secrets"][opt("--name")] = "<pkcs12>"
     elif args[:2] == ["functionapp", "restart"]:
         pass
     else:
@@ -71,7 +81,8 @@ def fake_az(tmp_path: Path):
     script.chmod(0o755)
     state_path = tmp_path / "state.json"
 
-    def run(secrets: dict[str, str] | None = None, deleted: list[str] | None = None, forbidden: bool = False):
+    def run(secrets: dict[str, str] | None = None, deleted: list[str] | None = None, forbidden: bool = False,
+            **extra: str):
         if secrets is not None or not state_path.exists():
             state = {
                 "secrets": secrets or {},
@@ -79,6 +90,7 @@ def fake_az(tmp_path: Path):
                 "forbidden": forbidden,
                 "calls": [],
                 "content_types": {},
+                "policies": {},
             }
             state_path.write_text(json.dumps(state))
         env = {
@@ -92,6 +104,7 @@ def fake_az(tmp_path: Path):
             "AZURE_RESOURCE_GROUP": "rg-test",
             "POSTPROVISION_RETRIES": "2",
             "POSTPROVISION_RETRY_DELAY": "0",
+            **extra,
         }
         proc = subprocess.run([sys.executable, str(HOOK)], env=env, capture_output=True, text=True, timeout=60)
         return proc, json.loads(state_path.read_text())
@@ -190,3 +203,20 @@ def test_posix_wrapper_runs_the_python_hook() -> None:
     proc = subprocess.run(["sh", str(ROOT / "scripts" / "postprovision.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "KEY_VAULT_NAME" in proc.stderr
+
+
+def test_rich_notifications_get_their_certificate_once(fake_az) -> None:
+    proc, state = fake_az({}, NOTIFICATIONS_RESOURCE_DATA="true", NOTIFICATION_CERT_NAME="notification-cert")
+    assert proc.returncode == 0, proc.stderr
+    policy = state["policies"]["notification-cert"]
+    assert policy["keyProperties"]["exportable"] is True and policy["keyProperties"]["keyType"] == "RSA"
+    first = len(state["calls"])
+    again, state = fake_az(None, NOTIFICATIONS_RESOURCE_DATA="true", NOTIFICATION_CERT_NAME="notification-cert")
+    assert again.returncode == 0 and "certificate 'notification-cert' already exists" in again.stdout
+    assert not any(call[:3] == ["keyvault", "certificate", "create"] for call in state["calls"][first:])
+
+
+def test_no_certificate_without_rich_notifications(fake_az) -> None:
+    proc, state = fake_az({})
+    assert proc.returncode == 0, proc.stderr
+    assert not any(call[:2] == ["keyvault", "certificate"] for call in state["calls"])

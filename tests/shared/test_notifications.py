@@ -28,6 +28,8 @@ def test_parses_graphs_change_and_lifecycle_notifications() -> None:
         {"subscriptionId": "s-1", "clientState": "cs", "lifecycleEvent": "missed"},
         {"subscriptionId": "s-1", "clientState": "cs", "lifecycleEvent": "somethingNew"}]})
     assert changes == [Change("7f1b4c2e-0000-4000-8000-000000000001", "cs", message_id="AAMk1="),
+                       Change("7f1b4c2e-0000-4000-8000-000000000001", "cs", message_id="AAMk1=",
+                              change_type="updated"),
                        Change("7f1b4c2e-0000-4000-8000-000000000001", "cs", message_id="AAMk2"),
                        Change("s-1", "cs", lifecycle_event="missed")]
 
