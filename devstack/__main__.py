@@ -11,6 +11,7 @@ USAGE = """usage: python -m devstack COMMAND [options]
   azurite   start only Azurite (Table + Queue storage)
   host      start only the dev Functions host for function_app.py (port 7071)
   token     print a development caller token (python -m devstack token [sub])
+  connect   connect a sandbox test mailbox without a browser; print its account id
 """
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         from devstack.host import main as run
     elif cmd == "token":
         from devstack.up import token_main as run
+    elif cmd == "connect":
+        from devstack.signin import main as run
     else:
         print(f"devstack: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import datetime as dt
 import hmac
 import importlib
@@ -296,6 +297,8 @@ class DevHost:
                 return _problem(415, "Unsupported media type", 'Admin calls take Content-Type: application/json, '
                                 'like {"input": "..."}.')
             return self._admin(path.rsplit("/", 1)[-1], req)
+        if path == DEMO_WEBHOOKS_PATH and "/demo/" in self.static:
+            return _demo_webhooks(req)
         if path == DEMO_TOKEN_PATH and "/demo/" in self.static:
             if not _trusted_host(req):
                 return _problem(403, "Forbidden", "/demo/token answers only loopback names (Host and Origin); "
@@ -702,6 +705,41 @@ def _demo_token(req: Request) -> Response:
     body = json.dumps({"token": token, "sub": sub, "exp": int(time.time()) + lifetime,
                        "sandbox": settings.authority_host})
     return Response(body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+DEMO_WEBHOOKS_PATH = "/demo/webhooks"
+_received: collections.deque[dict[str, object]] = collections.deque(maxlen=100)
+_received_lock = threading.Lock()
+
+
+def _demo_webhooks(req: Request) -> Response:
+    """The local stack's webhook receiver (``make dev`` points ``WEBHOOK_URL`` here): ``POST`` checks the
+    ``X-Connector-Signature`` with ``WEBHOOK_SECRET`` the way docs/webhooks.md shows a receiver doing it, and keeps
+    the newest 100 events in memory; ``GET`` lists them, newest first (loopback names only)."""
+    from shared.config import get_settings
+    from shared.webhooks import SIGNATURE_HEADER, verify
+
+    if req.method == "GET":
+        if not _trusted_host(req):
+            return _problem(403, "Forbidden", "/demo/webhooks lists events to loopback names only.")
+        with _received_lock:
+            events = list(reversed(_received))
+        return Response(json.dumps({"events": events}), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+    if req.method != "POST":
+        return _problem(405, "Method not allowed", "Use GET or POST.", {"Allow": "GET, POST"})
+    secret = get_settings().webhook_secret
+    body = req.get_data()
+    if not secret or not verify(secret, body, req.headers.get(SIGNATURE_HEADER) or ""):
+        return _problem(401, "Unauthorized", "The X-Connector-Signature does not verify with WEBHOOK_SECRET.")
+    try:
+        event = json.loads(body)
+    except ValueError:
+        return _problem(400, "Bad request", "The body is not JSON.")
+    with _received_lock:
+        _received.append({"receivedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "verified": True,
+                          "event": event})
+    return Response(status=204)
 
 
 def load_app(module: str = "function_app") -> func.FunctionApp:

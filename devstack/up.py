@@ -31,7 +31,7 @@ def seed_local_settings(path: Path = SETTINGS_FILE) -> dict[str, str]:
         doc["Values"]["AUTH_HS256_SECRET"] = secrets.token_urlsafe(32)
         path.write_text(json.dumps(doc, indent=2) + "\n")
         os.chmod(path, 0o600)
-        print(f"devstack: created {path.name} from the example (fresh token key)", flush=True)
+        print(f"devstack: created {path.name} from the example (fresh token key)", file=sys.stderr, flush=True)
     try:
         values: dict[str, str] = json.loads(path.read_text()).get("Values", {})
     except ValueError as e:
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MS_CA_BUNDLE"] = str(certs.ca_cert)
     os.environ.setdefault("NOTIFICATION_CERT_PATH", str(ensure_notification_certificate(certs.ca_cert.parent)))
     os.environ["PUBLIC_BASE_URL"] = f"http://localhost:{a.port}"
+    if not os.environ.get("WEBHOOK_URL"):  # the dev host's own receiver (GET /demo/webhooks lists what arrived)
+        os.environ["WEBHOOK_URL"] = f"http://localhost:{a.port}/demo/webhooks"
+        os.environ["WEBHOOK_SECRET"] = os.environ.get("WEBHOOK_SECRET") or secrets.token_urlsafe(32)
     # The local stack's own sandbox may call the dev host's loopback http notification URL (Graph: https only).
     os.environ.setdefault("SANDBOX_ALLOW_HTTP_NOTIFICATIONS", "1")
     # SIGTERM (a service manager, `kill`, a closed terminal's job control) stops like Ctrl-C: the children

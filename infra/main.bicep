@@ -24,7 +24,43 @@ targetScope = 'subscription'
 param environmentName string
 
 @minLength(1)
+// The regions that offer Flex Consumption, as Microsoft's Flex Consumption azd quickstart lists them
+// (Azure-Samples/functions-quickstart-python-http-azd, infra/main.bicep). azd offers only these; the live list is
+// `az functionapp list-flexconsumption-locations -o table` (docs/deploy.md): add a new region here when it appears.
 @description('Region for all resources (AZURE_LOCATION). It must offer the Flex Consumption plan.')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({
   azd: {
     type: 'location'
@@ -337,112 +373,34 @@ module functionApp 'modules/functionapp.bicep' = {
     publicBaseUrl: publicBaseUrlNormalised
     // The app's own settings (shared/config.py SETTINGS, non-local). KEY_VAULT_URL,
     // PUBLIC_BASE_URL and the platform settings are added by the module.
-    appSettings: [
-      {
-        name: 'MS_CLIENT_ID'
-        value: msClientId
-      }
-      {
-        name: 'MS_CLIENT_SECRET_NAME'
-        value: clientSecretName
-      }
-      {
-        name: 'MS_CLIENT_CREDENTIAL'
-        value: msClientCredential
-      }
-      {
-        name: 'MS_CLIENT_CERT_NAME'
-        value: msClientCertName
-      }
-      {
-        name: 'MS_CLIENT_ASSERTION_AUDIENCE'
-        value: msClientAssertionAudience
-      }
-      {
-        name: 'TOKEN_KEYS_SECRET_NAME'
-        value: tokenKeysSecretName
-      }
-      {
-        name: 'MS_AUTHORITY_HOST'
-        value: msAuthorityHost
-      }
-      {
-        name: 'MS_TENANT'
-        value: msTenant
-      }
-      {
-        name: 'MS_SCOPES'
-        value: msScopes
-      }
-      {
-        name: 'GRAPH_BASE_URL'
-        value: graphBaseUrl
-      }
-      {
-        name: 'AUTH_ISSUER'
-        value: authIssuer
-      }
-      {
-        name: 'AUTH_AUDIENCE'
-        value: authAudience
-      }
-      {
-        name: 'AUTH_JWKS_URL'
-        value: authJwksUrl
-      }
-      {
-        name: 'ALLOWED_RETURN_URLS'
-        value: allowedReturnUrls
-      }
-      {
-        name: 'WEBHOOK_URL'
-        value: webhookUrl
-      }
-      {
-        name: 'WEBHOOK_SECRET_NAME'
-        value: webhookSecretName
-      }
-      {
-        name: 'REFRESH_SCHEDULE'
-        value: refreshSchedule
-      }
-      {
-        name: 'CLEANUP_SCHEDULE'
-        value: cleanupSchedule
-      }
-      {
-        name: 'KEEPALIVE_DAYS'
-        value: keepaliveDays
-      }
-      {
-        name: 'AUTH_MAX_TOKEN_LIFETIME_SECONDS'
-        value: authMaxTokenLifetimeSeconds
-      }
-      {
-        name: 'FORCED_REFRESH_COALESCE_SECONDS'
-        value: forcedRefreshCoalesceSeconds
-      }
-      {
-        name: 'SEND_MAX_TOTAL_BYTES'
-        value: sendMaxTotalBytes
-      }
-      {
-        name: 'NOTIFICATIONS_ENABLED'
-        value: notificationsEnabled
-      }
-      {
-        name: 'MAIL_EVENTS'
-        value: mailEvents
-      }
-      {
-        name: 'NOTIFICATIONS_RESOURCE_DATA'
-        value: notificationsResourceData
-      }
-      {
-        name: 'NOTIFICATION_CERT_NAME'
-        value: notificationCertName
-      }
-    ]
+    appSettings: {
+      MS_CLIENT_ID: msClientId
+      MS_CLIENT_SECRET_NAME: clientSecretName
+      MS_CLIENT_CREDENTIAL: msClientCredential
+      MS_CLIENT_CERT_NAME: msClientCertName
+      MS_CLIENT_ASSERTION_AUDIENCE: msClientAssertionAudience
+      TOKEN_KEYS_SECRET_NAME: tokenKeysSecretName
+      MS_AUTHORITY_HOST: msAuthorityHost
+      MS_TENANT: msTenant
+      MS_SCOPES: msScopes
+      GRAPH_BASE_URL: graphBaseUrl
+      AUTH_ISSUER: authIssuer
+      AUTH_AUDIENCE: authAudience
+      AUTH_JWKS_URL: authJwksUrl
+      ALLOWED_RETURN_URLS: allowedReturnUrls
+      WEBHOOK_URL: webhookUrl
+      WEBHOOK_SECRET_NAME: webhookSecretName
+      REFRESH_SCHEDULE: refreshSchedule
+      CLEANUP_SCHEDULE: cleanupSchedule
+      KEEPALIVE_DAYS: keepaliveDays
+      AUTH_MAX_TOKEN_LIFETIME_SECONDS: authMaxTokenLifetimeSeconds
+      FORCED_REFRESH_COALESCE_SECONDS: forcedRefreshCoalesceSeconds
+      SEND_MAX_TOTAL_BYTES: sendMaxTotalBytes
+      NOTIFICATIONS_ENABLED: notificationsEnabled
+      MAIL_EVENTS: mailEvents
+      NOTIFICATIONS_RESOURCE_DATA: notificationsResourceData
+      NOTIFICATION_CERT_NAME: notificationCertName
+    }
   }
 }
 

@@ -247,37 +247,7 @@ def browser_session(sandbox: Any) -> requests.Session:
     return s
 
 
-class FormPost:
-    """What Entra's ``response_mode=form_post`` page makes the browser do: POST its hidden fields."""
-
-    def __init__(self, action: str, fields: dict[str, str]) -> None:
-        self.action = action
-        self.fields = fields
-
-    def submit(self, http: requests.Session, **kw: Any) -> requests.Response:
-        kw.setdefault("allow_redirects", False)
-        kw.setdefault("timeout", 60)
-        return http.post(self.action, data=self.fields, **kw)
-
-
-def read_form_post(resp: requests.Response) -> FormPost:
-    """Parse the auto-submitting form of a form_post response (one <form>, hidden <input>s)."""
-    from html.parser import HTMLParser
-
-    found: dict[str, Any] = {"action": None, "method": None, "fields": {}}
-
-    class Parser(HTMLParser):
-        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-            a = {k: v or "" for k, v in attrs}
-            if tag == "form" and found["action"] is None:
-                found["action"], found["method"] = a.get("action"), a.get("method", "").lower()
-            elif tag == "input" and a.get("type") == "hidden":
-                found["fields"][a["name"]] = a.get("value", "")
-
-    assert resp.status_code == 200 and "<form" in resp.text, (resp.status_code, resp.text[:500])
-    Parser().feed(resp.text)
-    assert found["method"] == "post" and found["action"], resp.text[:500]
-    return FormPost(str(found["action"]), dict(found["fields"]))
+from devstack.signin import FormPost, read_form_post  # noqa: E402 - the browser's side of form_post
 
 
 def authorize(browser: requests.Session, auth_url: str) -> FormPost:

@@ -60,18 +60,17 @@ param zoneRedundant bool = false
 @maxValue(1000)
 param alwaysReadyHttpInstances int = 0
 
-@description('Settings read by the app (shared/config.py SETTINGS, non-local ones) as [{name, value}]; the settings below are appended.')
-param appSettings array
+@description('Settings read by the app (shared/config.py SETTINGS, non-local ones) as {NAME: value}; the settings below are added.')
+param appSettings object
 
-@description('Public base URL override (custom domain / front door), without a trailing slash (main.bicep normalises it). Empty: https://<name>.azurewebsites.net.')
+@description('Public base URL override (custom domain / front door), without a trailing slash (main.bicep normalises it). Empty: https:// and the app\'s default host name.')
 param publicBaseUrl string = ''
 
-@description('DNS suffix of App Service default host names (azurewebsites.net in the public cloud).')
-param appServiceDnsSuffix string = 'azurewebsites.net'
-
-// Where the app is reachable; the Entra redirect URI is <baseUrl>/api/connect/microsoft/callback.
-// The app's default host name is <name>.<suffix> (no auto-generated unique host name is requested).
-var baseUrl = empty(publicBaseUrl) ? 'https://${name}.${appServiceDnsSuffix}' : publicBaseUrl
+// Where the app is reachable; the Entra redirect URI is <baseUrl>/api/connect/microsoft/callback. The host
+// name is the one the platform gives the site (defaultHostName), never built from the app name: App Service
+// is moving to regional default host names (<name>-<hash>.<region>-01.azurewebsites.net), which a template
+// cannot predict. So the app settings are a child resource written after the site exists (below).
+var baseUrl = empty(publicBaseUrl) ? 'https://${app.properties.defaultHostName}' : publicBaseUrl
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -123,7 +122,6 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scmMinTlsVersion: '1.2'
       http20Enabled: true
       remoteDebuggingEnabled: false
-      appSettings: concat(appSettings, derivedSettings, platformSettings)
     }
     functionAppConfig: {
       deployment: {
@@ -174,75 +172,51 @@ resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2
 }
 
 // Settings that depend on this template's resources (no secret value).
-var derivedSettings = [
-  {
-    name: 'KEY_VAULT_URL'
-    value: keyVaultUri
-  }
-  {
-    name: 'PUBLIC_BASE_URL'
-    value: baseUrl
-  }
-]
+var derivedSettings = {
+  KEY_VAULT_URL: keyVaultUri
+  PUBLIC_BASE_URL: baseUrl
+}
 
 // Platform settings: identity-based host storage (no connection string, no key), Entra-only
 // Application Insights ingestion, and the client id azure-identity (DefaultAzureCredential /
 // ManagedIdentityCredential) needs to pick the user-assigned identity.
-var platformSettings = [
-  {
-    name: 'AzureWebJobsStorage__accountName'
-    value: storage.name
-  }
-  {
-    name: 'AzureWebJobsStorage__blobServiceUri'
-    value: storage.properties.primaryEndpoints.blob
-  }
-  {
-    name: 'AzureWebJobsStorage__queueServiceUri'
-    value: storage.properties.primaryEndpoints.queue
-  }
-  {
-    name: 'AzureWebJobsStorage__tableServiceUri'
-    value: storage.properties.primaryEndpoints.table
-  }
-  {
-    name: 'AzureWebJobsStorage__credential'
-    value: 'managedidentity'
-  }
-  {
-    name: 'AzureWebJobsStorage__clientId'
-    value: identityClientId
-  }
-  {
-    name: 'AZURE_CLIENT_ID'
-    value: identityClientId
-  }
-  {
-    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
-    value: applicationInsights.properties.ConnectionString
-  }
-  {
-    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
-    value: 'Authorization=AAD;ClientId=${identityClientId}'
-  }
-  {
-    // OpenTelemetry in the Python worker (host.json "telemetryMode": "OpenTelemetry"): the host lets the
-    // worker export its own telemetry instead of forwarding its logs (no duplicates); the app configures
-    // the exporters itself (shared/telemetry.py), so PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY, which makes
-    // the worker call configure_azure_monitor() too, stays unset.
-    // https://learn.microsoft.com/azure/azure-functions/opentelemetry-howto
-    name: 'PYTHON_ENABLE_OPENTELEMETRY'
-    value: 'true'
-  }
-  {
-    // The Python worker runs synchronous functions on min(32, cores + 4) threads by default: one or
-    // two vCPUs would cap an instance at ~6 concurrent refreshes, each mostly waiting on Entra. Match
-    // the queue trigger's batchSize + newBatchThreshold (host.json: 16 + 8).
-    // https://learn.microsoft.com/azure/azure-functions/python-scale-performance-reference#use-multiple-language-worker-processes
-    name: 'PYTHON_THREADPOOL_THREAD_COUNT'
-    value: '24'
-  }
-]
+// PYTHON_ENABLE_OPENTELEMETRY: OpenTelemetry in the Python worker (host.json "telemetryMode": "OpenTelemetry"):
+// the host lets the worker export its own telemetry instead of forwarding its logs (no duplicates); the app
+// configures the exporters itself (shared/telemetry.py), so PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY, which
+// makes the worker call configure_azure_monitor() too, stays unset.
+// https://learn.microsoft.com/azure/azure-functions/opentelemetry-howto
+// PYTHON_THREADPOOL_THREAD_COUNT: the Python worker runs synchronous functions on min(32, cores + 4) threads by
+// default: one or two vCPUs would cap an instance at ~6 concurrent refreshes, each mostly waiting on Entra.
+// Match the queue trigger's batchSize + newBatchThreshold (host.json: 16 + 8).
+// https://learn.microsoft.com/azure/azure-functions/python-scale-performance-reference#use-multiple-language-worker-processes
+var platformSettings = {
+  AzureWebJobsStorage__accountName: storage.name
+  AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
+  AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
+  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identityClientId
+  AZURE_CLIENT_ID: identityClientId
+  APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identityClientId}'
+  PYTHON_ENABLE_OPENTELEMETRY: 'true'
+  PYTHON_THREADPOOL_THREAD_COUNT: '24'
+}
+
+// Every app setting, written once the site exists (PUBLIC_BASE_URL needs its defaultHostName). This resource
+// replaces the whole set: settings added by hand in the portal are removed by the next `azd provision`.
+// https://learn.microsoft.com/azure/templates/microsoft.web/sites/config-appsettings
+resource settings 'Microsoft.Web/sites/config@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_13: a web-config check; this is the appsettings config (infra/README.md)
+  // checkov:skip=CKV_AZURE_63: a web-config check; this is the appsettings config (infra/README.md)
+  // checkov:skip=CKV_AZURE_65: a web-config check; this is the appsettings config (infra/README.md)
+  // checkov:skip=CKV_AZURE_66: a web-config check; this is the appsettings config (infra/README.md)
+  // checkov:skip=CKV_AZURE_80: a web-config check; this is the appsettings config (infra/README.md)
+  // checkov:skip=CKV_AZURE_88: a web-config check; this is the appsettings config (infra/README.md)
+  parent: app
+  name: 'appsettings'
+  properties: union(appSettings, derivedSettings, platformSettings)
+}
 
 output name string = app.name
 output id string = app.id

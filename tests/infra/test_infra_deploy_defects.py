@@ -46,11 +46,16 @@ def test_no_ftps_state_on_flex_and_ftp_is_off_by_policy(templates: dict[str, dic
         "ftp", "scm"}
 
 
-def test_host_results_are_logged_so_app_insights_has_requests() -> None:
-    levels = json.loads((ROOT / "host.json").read_text())["logging"]["logLevel"]
-    order = ["Trace", "Debug", "Information", "Warning", "Error", "Critical", "None"]
-    effective = levels.get("Host.Results", levels.get("default", "Information"))
-    assert order.index(effective) <= order.index("Information"), "request rows come from Host.Results Information"
+def test_host_json_holds_no_setting_that_opentelemetry_mode_ignores() -> None:
+    """With "telemetryMode": "OpenTelemetry" the host's Application Insights logger is not used: its
+    ``logging.applicationInsights`` section (classic sampling) and the ``Host.Results`` category (the classic
+    request rows) have no effect, and request rows come from OpenTelemetry spans (docs/operations.md)."""
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["telemetryMode"] == "OpenTelemetry"
+    assert "applicationInsights" not in host["logging"]
+    assert "Host.Results" not in host["logging"]["logLevel"]
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    assert "Host.Results" in ops and "samplingSettings" in ops  # what was dropped, and why, is written down
 
 
 def test_demo_is_not_deployed(templates: dict[str, dict[str, Any]]) -> None:
@@ -202,3 +207,20 @@ def test_the_graph_bicep_option_states_its_requirements() -> None:
     text = (INFRA / "entra-app" / "main.bicep").read_text()
     assert "v0.36.1" in text and "public cloud only" in text
     assert "microsoftgraph/v1.0:1.0.0" in (INFRA / "entra-app" / "bicepconfig.json").read_text()
+
+
+def test_location_offers_only_flex_consumption_regions(templates: dict[str, dict[str, Any]]) -> None:
+    decorators = templates["main.bicep"]["parameters"]["location"]["decorators"]
+    allowed = next(d["argument"] for d in decorators if d["type"] == "allowed")
+    assert len(allowed) >= 20 and {"eastus", "westeurope", "swedencentral", "australiaeast"} <= set(allowed)
+    assert all(re.fullmatch(r"[a-z0-9]+", r) for r in allowed) and "eastus2euap" not in allowed  # no canary
+    assert "list-flexconsumption-locations" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_public_base_url_is_the_sites_default_host_name(templates: dict[str, dict[str, Any]]) -> None:
+    """Not built from the app name and a DNS suffix: App Service's regional default host names are not
+    predictable, so the value is the site's own ``defaultHostName`` (app settings written after the site)."""
+    fa = templates["modules/functionapp.bicep"]
+    assert app_settings(templates)["PUBLIC_BASE_URL"] == "baseUrl"
+    base = json.dumps(fa["variables"]["baseUrl"])
+    assert "defaultHostName" in base and "azurewebsites" not in base and "appServiceDnsSuffix" not in base

@@ -117,8 +117,11 @@ def test_workbook_json_has_the_operator_charts(ops: dict[str, Any]) -> None:
 def test_host_and_worker_run_opentelemetry() -> None:
     host = json.loads((ROOT / "host.json").read_text())
     assert host["telemetryMode"] == "OpenTelemetry"
-    app = (INFRA / "modules" / "functionapp.bicep").read_text()
-    assert "'PYTHON_ENABLE_OPENTELEMETRY'" in app and "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY'" not in app
+    from tests.infra.test_infra_bicep import app_settings, load_templates
+
+    settings = app_settings(load_templates())
+    assert settings.get("PYTHON_ENABLE_OPENTELEMETRY") == "true"
+    assert "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY" not in settings
 
 
 def test_operations_doc_explains_every_alert(ops: dict[str, Any]) -> None:

@@ -186,12 +186,13 @@ def test_throttled_graph_calls(otel: Any, host: Host, stack: dict[str, Any], bro
     c = stack["c"]
     start = c.connect.start(OWNER, return_url=None, login_hint=USER, account_id=stack["account"])
     assert c.connect.complete(authorize(browser_session, start["authUrl"]).fields).status == "connected"
-    control.inject("/v1.0/me/mailFolders", status=429, retry_after=0, count=1, user=USER)
+    # The exact path (a glob): the connect's background catch-up reads /me/mailFolders/{folder}/messages/delta.
+    control.inject("/v1.0/me/mailFolder[s]", status=429, retry_after=0, count=1, user=USER)
     r = _api(host, "GET", f"/api/accounts/{stack['account']}/folders", "list_folders",
              route={"accountId": stack["account"]})
     assert r.status_code == 200, r.get_body()[:300]
     assert _value(otel, "connector.graph.throttled", status=429, outcome="retried") >= 1
-    control.inject("/v1.0/me/mailFolders", status=429, retry_after=120, count=1, user=USER)
+    control.inject("/v1.0/me/mailFolder[s]", status=429, retry_after=120, count=1, user=USER)
     r = _api(host, "GET", f"/api/accounts/{stack['account']}/folders", "list_folders",
              route={"accountId": stack["account"]})
     assert r.status_code == 503 and r.headers.get("Retry-After"), r.get_body()[:300]
