@@ -195,9 +195,41 @@ def _rich(stack: Stack, endpoint: _Endpoint, rich: Any, accounts: list[tuple[str
     intake_ms = (time.process_time() - cpu0) / max(1, len(bodies)) * 1000
     rate, done, cpu_ms, body_ms = _drain(rich, len(bodies))
     reads = int(stack.control.counters().get("graph", 0)) - graph0
+    sent_reads, sent_events = _rich_sent(stack, endpoint, rich, accounts, max(1, per_account // 10))
     return {"notifications": float(len(bodies)), "intake_cpu_ms": intake_ms, "rate": rate,
             "process_cpu_ms": cpu_ms, "worker_cpu_ms": body_ms, "graph_requests": float(reads),
-            "events": float(done)}
+            "events": float(done), "sent_graph_requests": float(sent_reads), "sent_events": float(sent_events)}
+
+
+def _rich_sent(stack: Stack, endpoint: _Endpoint, rich: Any, accounts: list[tuple[str, str, str]],
+               per_account: int) -> tuple[int, int]:
+    """Mail sent through the API and from Outlook, announced from rich notifications: (Graph requests while the
+    worker handled them, message.sent events)."""
+    from shared.mail import parse_send_request
+
+    with endpoint.lock:
+        endpoint.captured = []
+    for owner, aid, user in accounts:
+        for i in range(per_account):
+            request = parse_send_request({"to": ["someone@example.com"], "subject": f"bench {i}",
+                                          "trackingId": f"bench-{i}"}, max_total=1024)
+            rich.mail.send(owner, aid, request, idempotency_key=None, body_hash="bench")
+            stack.control.outlook(user, "send", message={"subject": f"typed {i}", "body": {"content": "x"},
+                                                         "toRecipients": [{"emailAddress": {"address": "y@x.com"}}]})
+    total = 2 * per_account * len(accounts)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with endpoint.lock:
+            if len(endpoint.captured or []) >= total:
+                break
+        time.sleep(0.05)  # the sandbox posts from its own pool
+    with endpoint.lock:
+        bodies, endpoint.captured = list(endpoint.captured or []), None
+    for body in bodies:
+        rich.notifications.intake.accept(json.loads(body))
+    graph0 = int(stack.control.counters().get("graph", 0))
+    _, done, _, _ = _drain(rich, len(bodies))
+    return int(stack.control.counters().get("graph", 0)) - graph0, done
 
 
 def _catch_up(stack: Stack, c: Any, owner: str, aid: str, user: str, n: int,
@@ -298,7 +330,9 @@ def run(accounts_n: int = 12, per_account: int = 250, catch_up_n: int = 500) -> 
   validation token and decrypting; the worker then processes **{rich['rate']:.0f} events/s** at
   **{rich['worker_cpu_ms']:.2f} ms of worker CPU per event** (bar 5 ms; plain path above: {cpu_ms:.2f} ms;
   whole bench process {rich['process_cpu_ms']:.2f} ms),
-  with **{int(rich['graph_requests'])} Graph requests** for {int(rich['events'])} `message.received` (bar 0).
+  with **{int(rich['graph_requests'])} Graph requests** for {int(rich['events'])} `message.received` (bar 0), and
+  **{int(rich['sent_graph_requests'])} Graph requests** for {int(rich['sent_events'])} rich `message.sent` (half sent
+  through the API, half from Outlook; the origin comes from the API's sent marks).
 * **Every notification dropped**: {sent} messages arrived in the Inbox or were sent from Outlook (Sent Items)
   while the sandbox dropped every change notification; one maintenance job's delta catch-up of both folders
   announced **{got}/{sent} ({100 * got / max(1, sent):.0f}%)** in {catch_s:.1f} s.

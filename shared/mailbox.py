@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from shared.crypto import RingSource
     from shared.graph import GraphClient
     from shared.mail import AnswerRequest, SendRequest
+    from shared.sent_marks import SentMarks
     from shared.storage import Table
     from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
@@ -84,7 +85,7 @@ class MailOps:
 
     def __init__(self, *, graph: GraphClient, tokens: TokenManager, accounts: AccountStore, idempotency: Table,
                  key_ring: RingSource, context: Mapping[str, str], telemetry: Telemetry,
-                 download_max: int = DOWNLOAD_MAX) -> None:
+                 download_max: int = DOWNLOAD_MAX, sent_marks: SentMarks | None = None) -> None:
         self._graph = graph
         self._tokens = tokens
         self._accounts = accounts
@@ -93,6 +94,7 @@ class MailOps:
         self._context = dict(context)
         self._telemetry = telemetry
         self._download_max = download_max
+        self._sent_marks = sent_marks  # rich message.sent: what this API sent, by Sent Items id
 
     def _as(self, owner: str, account_id: str) -> _As:
         account = self._accounts.get_account(owner, account_id)  # 404 account_not_found for another owner
@@ -114,11 +116,15 @@ class MailOps:
 
         def action() -> dict[str, str | None]:
             with self._measured_send(request.attachment_bytes):
-                result = send(self._graph, who.token, who.mailbox, request, context=self._context)
+                result = send(self._graph, who.token, who.mailbox, request, context=self._context,
+                              record=self._recorder(account_id, request.tracking_id))
             who.used()
             return result
 
         return run_once(self._idempotency, owner, account_id, idempotency_key, body_hash, action)
+
+    def _recorder(self, account_id: str, tracking_id: str) -> Callable[[str], None] | None:
+        return self._sent_marks.recorder(account_id, tracking_id) if self._sent_marks is not None else None
 
     @contextmanager
     def _measured_send(self, nbytes: int) -> Iterator[None]:
@@ -161,7 +167,8 @@ class MailOps:
 
         def action() -> dict[str, str | None]:
             result: dict[str, str | None] = answer(self._graph, who.token, who.mailbox, mid, req,
-                                                   context=self._context)
+                                                   context=self._context,
+                                                   record=self._recorder(account_id, req.tracking_id))
             who.used()
             return result
 

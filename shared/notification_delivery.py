@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -55,6 +56,7 @@ from shared.tokens import AccountTokenSource
 
 if TYPE_CHECKING:
     from shared.graph import GraphClient, TokenSource
+    from shared.sent_marks import SentMarks
     from shared.storage import Row, Table
     from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
@@ -65,26 +67,38 @@ log = logging.getLogger("connector.notifications")
 #: ``message.sent``: the summary and our trackingId property
 #: (https://learn.microsoft.com/graph/api/singlevaluelegacyextendedproperty-get).
 SENT_EXPAND = f"singleValueExtendedProperties($filter=id eq '{TRACKING_PROPERTY}')"
-_JOB_ONLY = ("parentFolderId", "changeKey", "flag", "categories")  # in a rich job's summary, not in the event's
+# In a rich job's summary (or added here), not in the event's.
+_JOB_ONLY = ("parentFolderId", "changeKey", "flag", "categories", "_trackingId")
 FOLDER_CACHE_MAX = 10_000  # mailboxes whose well-known folder ids a worker process remembers
+# A rich created job needs the account only to know it is still connected and active: that answer is reused for
+# this long by a worker process (one table read per account and 30 s, not per event). A disconnect or a dead
+# grant is therefore seen up to this late, like an event already queued when it happened.
+ACCOUNT_REUSE_S = 30.0
+ACCOUNT_CACHE_MAX = 10_000
 
 
 class NotificationDelivery:
     def __init__(self, *, graph: GraphClient, tokens: TokenManager, accounts: AccountStore, seen: Table,
-                 webhooks: Webhooks, telemetry: Telemetry) -> None:
+                 webhooks: Webhooks, telemetry: Telemetry, sent_marks: SentMarks | None = None) -> None:
         self._graph = graph
         self._tokens = tokens
         self._accounts = accounts
         self._seen = seen
         self._webhooks = webhooks
         self._telemetry = telemetry  # connector.notification.lag (docs/operations.md)
+        self._sent_marks = sent_marks  # rich message.sent: the origin without a Graph read
         self._folders: dict[str, dict[str, str]] = {}  # mailbox → {folder id: well-known name}
         self._folders_lock = threading.Lock()
+        self._recent: dict[str, tuple[Account, float]] = {}  # account id → (account, reusable until)
+        self._recent_lock = threading.Lock()
 
     def run(self, job: Job) -> str:
-        """A ``changes`` job: the hot path needs only the account (one read)."""
+        """A ``changes`` job: the hot path needs only the account (one read; none for a rich created job whose
+        account was read in the last :data:`ACCOUNT_REUSE_S`, since it makes no Graph call)."""
+        graph_free = (job.change == "created" and all(m in job.resources for m in job.ids)
+                      and (job.feed == INBOX or self._sent_marks is not None))
         try:
-            acc = self._accounts.get_account(job.owner, job.account_id)
+            acc = self._recent_account(job) if graph_free else self._accounts.get_account(job.owner, job.account_id)
         except NotFoundError:
             return "gone"  # disconnected: its rows went with it
         if acc.status != ACTIVE:  # reauth_required: a re-connect catches up what arrives meanwhile
@@ -104,17 +118,44 @@ class NotificationDelivery:
             self._note_event(token.account, now)
         return "delivered" if sent else "duplicate"
 
+    def _recent_account(self, job: Job) -> Account:
+        now = time.monotonic()
+        with self._recent_lock:
+            hit = self._recent.get(job.account_id)
+        if hit is not None and hit[1] > now and hit[0].owner == job.owner:
+            return hit[0]
+        acc = self._accounts.get_account(job.owner, job.account_id)
+        self._remember(acc, now + ACCOUNT_REUSE_S)
+        return acc
+
+    def _remember(self, acc: Account, until: float | None = None) -> None:
+        with self._recent_lock:
+            if until is None:  # a newer copy of a remembered account (lastEventAt written)
+                if acc.id not in self._recent:
+                    return
+                until = self._recent[acc.id][1]
+            if len(self._recent) >= ACCOUNT_CACHE_MAX:
+                self._recent.clear()
+            self._recent[acc.id] = (acc, until)
+
     # -- one message each --------------------------------------------------------------------------
     def _created(self, acc: Account, token: TokenSource, feed: str, mid: str, now: dt.datetime,
                  given: dict[str, object] | None = None) -> int:
-        """``message.received`` (Inbox) or ``message.sent`` (Sent Items) of a created message. A received message
-        Graph sent the summary of (rich notifications) is not read; a sent one is, for its origin: our trackingId
-        is an extended property, which Graph returns only through ``$expand``, not in resource data."""
+        """``message.received`` (Inbox) or ``message.sent`` (Sent Items) of a created message. A message Graph sent
+        the summary of (rich notifications) is not read: a sent one's origin comes from :mod:`shared.sent_marks`
+        (our trackingId is an extended property, which Graph returns only through ``$expand``, not in resource
+        data); without marks (rich notifications turned on just now) it is read once."""
         key = mid if feed == INBOX else f"{feed}|{mid}"
         if not self._claim(acc.id, key):
             return 0
+        from_resource = given is not None and (feed == INBOX or self._sent_marks is not None)
         try:
-            msg = given if given is not None and feed == INBOX else self._read(acc, token, mid, sent=feed == SENT)
+            if given is not None and feed == INBOX:
+                msg: dict[str, object] | None = given
+            elif given is not None and self._sent_marks is not None:
+                msg = {**given, "_trackingId": self._sent_marks.tracking_id(acc.id, mid) or ""}
+            else:
+                msg = self._read(acc, token, mid, sent=feed == SENT)
         except Exception:
             self._release(acc.id, key)
             raise
@@ -124,8 +165,7 @@ class NotificationDelivery:
         if too_old(msg, now):  # e.g. old mail moved back into the Inbox: not new mail
             self._mark(acc.id, key, "old")
             return 0
-        return self._emit(acc, key, msg, event=SENT_EVENT if feed == SENT else RECEIVED,
-                          summarized=msg is given)
+        return self._emit(acc, key, msg, event=SENT_EVENT if feed == SENT else RECEIVED, summarized=from_resource)
 
     def _updated(self, acc: Account, token: TokenSource, mid: str, now: dt.datetime,
                  given: dict[str, object] | None = None) -> int:
@@ -307,7 +347,7 @@ class NotificationDelivery:
         if last is not None and now - last < LAST_EVENT_EVERY:
             return
         try:  # best effort, and only lastEventAt: this copy's status may be stale (pending → active meanwhile)
-            self._accounts.set_last_event(acc, now)
+            self._remember(self._accounts.set_last_event(acc, now))
         except ConnectorError as e:
             log.debug("lastEventAt of %s not written: %s", acc.id, e.code)
 
@@ -329,7 +369,9 @@ def _categories(value: object) -> list[str]:
 
 
 def _tracking_id(msg: dict[str, object]) -> str | None:
-    """Our trackingId property on the message, if this API sent it."""
+    """Our trackingId property on the message (or its sent mark), if this API sent it."""
+    if "_trackingId" in msg:
+        return str(msg["_trackingId"]) or None
     props = msg.get("singleValueExtendedProperties")
     for p in props if isinstance(props, list) else []:
         if isinstance(p, dict) and str(p.get("id", "")).lower() == TRACKING_PROPERTY.lower():

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from shared.notification_worker import NotificationWorker
     from shared.notifications import NotificationConfig
     from shared.rich_notifications import NotificationCertificates
+    from shared.sent_marks import SentMarks
     from shared.storage import Queue, Storage
     from shared.subscription_lifecycle import SubscriptionLifecycle, SubscriptionReconciler
     from shared.subscriptions import SubscriptionStore
@@ -35,10 +36,12 @@ if TYPE_CHECKING:
 class NotificationParts:
     def __init__(self, settings: Settings, *, storage: Storage, key_ring: RingSource, graph: GraphClient,
                  tokens: TokenManager, accounts: AccountStore, webhooks: Webhooks, telemetry: Telemetry,
-                 certificates: NotificationCertificates, session: requests.Session) -> None:
+                 certificates: NotificationCertificates, session: requests.Session,
+                 sent_marks: SentMarks | None = None) -> None:
         self._settings = settings
         self._certificates = certificates  # rich notifications: our encryption certificate's versions
         self._session = session  # Microsoft's signing keys (validation tokens)
+        self._sent_marks = sent_marks
         self._storage = storage
         self._key_ring = key_ring
         self._graph = graph
@@ -93,7 +96,7 @@ class NotificationParts:
 
         return NotificationDelivery(graph=self._graph, tokens=self._tokens, accounts=self._accounts,
                                     seen=self._storage.table(SEEN_TABLE), webhooks=self._webhooks,
-                                    telemetry=self._telemetry)
+                                    telemetry=self._telemetry, sent_marks=self._sent_marks)
 
     @cached_property
     def subscriptions(self) -> SubscriptionLifecycle:
@@ -115,5 +118,8 @@ class NotificationParts:
     def worker(self) -> NotificationWorker:
         """The queue trigger's body."""
         from shared.notification_worker import NotificationWorker
+        from shared.subscription_lifecycle import SubscriptionFailures
 
-        return NotificationWorker(lifecycle=self.subscriptions, delivery=self.delivery)
+        failures = SubscriptionFailures(self.config, accounts=self._accounts, store=self.store, index=self.index,
+                                        queue=self._queue)
+        return NotificationWorker(lifecycle=self.subscriptions, delivery=self.delivery, failures=failures)

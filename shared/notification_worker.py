@@ -13,7 +13,7 @@ from shared.notifications import FAILED_RETRY, TRANSIENT, Job
 
 if TYPE_CHECKING:
     from shared.notification_delivery import NotificationDelivery
-    from shared.subscription_lifecycle import SubscriptionLifecycle
+    from shared.subscription_lifecycle import SubscriptionFailures, SubscriptionLifecycle
 
 log = logging.getLogger("connector.notifications")
 
@@ -21,9 +21,11 @@ log = logging.getLogger("connector.notifications")
 class NotificationWorker:
     """The queue trigger's body: a ``changes`` job goes to delivery, every other job to the subscriptions."""
 
-    def __init__(self, *, lifecycle: SubscriptionLifecycle, delivery: NotificationDelivery) -> None:
+    def __init__(self, *, lifecycle: SubscriptionLifecycle, delivery: NotificationDelivery,
+                 failures: SubscriptionFailures) -> None:
         self._lifecycle = lifecycle
         self._delivery = delivery
+        self._failures = failures
 
     def process(self, raw: bytes) -> str:
         """Run one job. Returns what happened (for logs and tests)."""
@@ -35,15 +37,15 @@ class NotificationWorker:
         try:
             outcome = self._delivery.run(job) if job.kind == "changes" else self._lifecycle.run(job)
         except ReauthRequiredError:
-            outcome = self._lifecycle.failed(job, "reauth_required", retry=None)
+            outcome = self._failures.failed(job, "reauth_required", retry=None)
         except TRANSIENT as e:
-            outcome = self._lifecycle.retry_later(job, e)
+            outcome = self._failures.retry_later(job, e)
         except Exception as e:  # ours, or e.g. a second DeltaExpiredError, a link outside Graph, a bad answer
             code = e.code if isinstance(e, ConnectorError) else "internal_error"
             log.warning("notification job %s for %s failed: %s (%s)", job.kind, job.account_id, code,
                         type(e).__name__)
             # One unreadable message is not a broken subscription; the safety catch-up tries it again.
-            outcome = "failed" if job.kind == "changes" else self._lifecycle.failed(job, code, retry=FAILED_RETRY)
+            outcome = "failed" if job.kind == "changes" else self._failures.failed(job, code, retry=FAILED_RETRY)
         log.info(json.dumps({"event": "notifications.job", "kind": job.kind, "accountId": job.account_id,
                              "outcome": outcome}))
         return outcome

@@ -154,6 +154,43 @@ class NotificationCertificates:
         return hit
 
 
+class LocalCertificate:
+    """The local stand-in for the Key Vault certificate: a PEM file with an RSA key and its certificate
+    (``NOTIFICATION_CERT_PATH``; ``make dev`` makes one). One version, named by its thumbprint."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._cert: CertificateVersion | None = None
+
+    def newest(self) -> CertificateVersion:
+        from shared.errors import SecretUnavailableError
+
+        if self._cert is not None:
+            return self._cert
+        if not self._path:
+            raise SecretUnavailableError(
+                "Rich notifications need a certificate: KEY_VAULT_URL is not configured and NOTIFICATION_CERT_PATH "
+                "is not set.", secret_name="NOTIFICATION_CERT_PATH", vault=None, reason="not_set",
+                hint="Set KEY_VAULT_URL (Azure) or NOTIFICATION_CERT_PATH (local development: make dev makes one).")
+        from shared.certificate_rotation import CertificateVersion
+        from shared.client_credentials import CertificateError, parse_certificate
+
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                cert = parse_certificate(f.read())
+        except (OSError, CertificateError) as exc:
+            raise SecretUnavailableError(
+                f"NOTIFICATION_CERT_PATH is not a usable certificate ({type(exc).__name__}).",
+                secret_name="NOTIFICATION_CERT_PATH", vault=None, reason="malformed",
+                hint="A PEM file with an RSA private key and its certificate.") from None
+        self._cert = CertificateVersion("local-" + cert.thumbprint_sha256[:32], cert)
+        return self._cert
+
+    def version(self, version: str) -> CertificateVersion | None:
+        newest = self.newest()
+        return newest if version == newest.version else None
+
+
 class ValidationTokens:
     """Checks a batch's ``validationTokens`` against Microsoft's published signing keys."""
 

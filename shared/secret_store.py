@@ -186,9 +186,8 @@ class SecretStore:
         self._locks = {name: threading.Lock() for name in names}
         self._cache: dict[str, _Entry] = {}
         self._env_ring: KeyRing | None = None
-        self._versions: dict[str, CertificateVersion | None] = {}  # notification certificate versions read
+        self._versions: dict[tuple[str, str], CertificateVersion | None] = {}  # certificate versions read
         self._versions_lock = threading.Lock()
-        self._local_cert: CertificateVersion | None = None
 
     def __repr__(self) -> str:
         source = self._vault or "environment"
@@ -239,34 +238,25 @@ class SecretStore:
             return self._env_ring
         return self._get(self._settings.token_keys_secret_name, self._as_key_ring)
 
-    def newest_certificate(self) -> CertificateVersion:
-        """The newest version of Key Vault certificate ``MS_CLIENT_CERT_NAME``, read as its secret (cached)."""
+    def newest_certificate(self, name: str | None = None) -> CertificateVersion:
+        """The newest version of a Key Vault certificate (``MS_CLIENT_CERT_NAME`` unless named), read as its secret
+        (cached)."""
+        name = name or self._settings.client_cert_name
         if not self._vault:
             raise SecretUnavailableError(
-                "MS_CLIENT_CREDENTIAL=certificate needs KEY_VAULT_URL.", secret_name=self._settings.client_cert_name,
+                f"The Key Vault certificate {name} needs KEY_VAULT_URL.", secret_name=name,
                 vault=None, reason="not_set", hint="Set KEY_VAULT_URL (locally: python -m devstack.keyvault).")
-        return self._get(self._settings.client_cert_name, self._as_certificate)
+        return self._get(name, self._as_certificate)
 
-    def notification_certificate(self) -> CertificateVersion:
-        """The newest version of the rich-notification certificate: Key Vault ``NOTIFICATION_CERT_NAME`` (cached),
-        or locally the PEM file ``NOTIFICATION_CERT_PATH``."""
-        if not self._vault:
-            return self._local_notification_certificate()
-        return self._get(self._settings.notification_cert_name, self._as_certificate)
-
-    def notification_certificate_version(self, version: str) -> CertificateVersion | None:
-        """One version of it, or None when there is no such version: an earlier version still opens the
-        notifications of subscriptions made with it until they expire. Versions never change, so each is read
+    def certificate_version(self, name: str, version: str) -> CertificateVersion | None:
+        """One version of Key Vault certificate ``name``, or None when there is no such version (an earlier
+        notification certificate still opens what was encrypted to it). Versions never change: each is read
         from the vault once."""
-        newest = self.notification_certificate()
-        if version == newest.version:
-            return newest
         if not self._vault or not _KV_VERSION.fullmatch(version):
             return None
         with self._versions_lock:
-            if version in self._versions:
-                return self._versions[version]
-        name = self._settings.notification_cert_name
+            if (name, version) in self._versions:
+                return self._versions[(name, version)]
         try:
             found: CertificateVersion | None = self._as_certificate(name, self._fetch(name, version))
         except SecretUnavailableError as exc:
@@ -276,29 +266,8 @@ class SecretStore:
         with self._versions_lock:
             if len(self._versions) >= 64:
                 self._versions.clear()
-            self._versions[version] = found
+            self._versions[(name, version)] = found
         return found
-
-    def _local_notification_certificate(self) -> CertificateVersion:
-        path = self._settings.notification_cert_path
-        if not path:
-            raise SecretUnavailableError(
-                "Rich notifications need a certificate: KEY_VAULT_URL is not configured and NOTIFICATION_CERT_PATH is "
-                "not set.", secret_name="NOTIFICATION_CERT_PATH", vault=None, reason="not_set",
-                hint="Set KEY_VAULT_URL (Azure) or NOTIFICATION_CERT_PATH (local development: make dev makes one).")
-        if self._local_cert is None:
-            from shared.client_credentials import CertificateError, parse_certificate
-
-            try:
-                with open(path, encoding="utf-8") as f:
-                    cert = parse_certificate(f.read())
-            except (OSError, CertificateError) as exc:
-                raise SecretUnavailableError(
-                    f"NOTIFICATION_CERT_PATH is not a usable certificate ({type(exc).__name__}).",
-                    secret_name="NOTIFICATION_CERT_PATH", vault=None, reason="malformed",
-                    hint="A PEM file with an RSA private key and its certificate.") from None
-            self._local_cert = CertificateVersion("local-" + cert.thumbprint_sha256[:32], cert)
-        return self._local_cert
 
     def webhook_secret(self) -> str:
         """The webhook HMAC secret: ``WEBHOOK_SECRET`` locally, Key Vault ``WEBHOOK_SECRET_NAME`` otherwise."""

@@ -4,7 +4,7 @@ forwards in a conversation, by Graph's direct action or its reply draft + the sa
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from shared.accounts import iso, utcnow
 from shared.errors import ConnectorError, MicrosoftError, UpstreamUnavailableError, ValidationError
@@ -29,9 +29,13 @@ SendResult = dict[str, str | None]  # status, trackingId, sentAt (and an answer'
 
 
 def send(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, *,
-         context: Mapping[str, str]) -> SendResult:
+         context: Mapping[str, str], record: Callable[[str], None] | None = None) -> SendResult:
+    """``record``: called with the draft's (immutable) id just before it is sent; given, the message is sent
+    through a draft even when it would fit ``sendMail`` (:mod:`shared.sent_marks`), unless it keeps no Sent Items
+    copy (then nothing will be notified of it)."""
     plan = plan_attachments(req)
-    if not plan.needs_draft:
+    via_draft = plan.needs_draft or (record is not None and req.save_to_sent_items)
+    if not via_draft:
         payload = {"message": message_payload(req, inline=plan.inline), "saveToSentItems": req.save_to_sent_items}
         graph.request("POST", "me/sendMail", mailbox=mailbox, token=token, safe=False, data=dumps(payload),
                       headers={"Content-Type": "application/json"}, context=context)
@@ -42,23 +46,24 @@ def send(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest,
             raise ValidationError("saveToSentItems", "saveToSentItems=false is only possible when the attachments "
                                   "fit in one Graph request (about 3 MB in all): Graph keeps messages with larger "
                                   "attachments in Sent Items.")
-        _send_from_draft(graph, token, mailbox, req, plan, context)
+        _send_from_draft(graph, token, mailbox, req, plan, context, record)
     return {"status": "sent", "trackingId": req.tracking_id, "sentAt": iso(utcnow())}
 
 
 def _send_from_draft(graph: GraphClient, token: TokenSource, mailbox: str, req: SendRequest, plan: AttachmentPlan,
-                     context: Mapping[str, str]) -> None:
+                     context: Mapping[str, str], record: Callable[[str], None] | None) -> None:
     # https://learn.microsoft.com/graph/outlook-large-attachments
     # Creating a draft delivers nothing, so it is safe to retry (safe=True) and a failure before
     # the final send means "nothing was sent".
     draft = graph.request("POST", "me/messages", mailbox=mailbox, token=token, safe=True,
                           data=dumps(message_payload(req, inline=plan.inline)),
                           headers={"Content-Type": "application/json"}, context=context).json()
-    send_draft(graph, token, mailbox, draft["id"], plan, context)
+    send_draft(graph, token, mailbox, draft["id"], plan, context, record=record)
 
 
 def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: str, plan: AttachmentPlan,
-               context: Mapping[str, str], *, prepare: Json | None = None) -> None:
+               context: Mapping[str, str], *, prepare: Json | None = None,
+               record: Callable[[str], None] | None = None) -> None:
     """Finish a draft and send it once: PATCH ``prepare`` (if any), attach the files the draft still lacks
     (POSTs below 3 MB, upload sessions above), then ``POST /messages/{id}/send``. Before that final
     send any failure deletes the draft (nothing was sent); after it, the draft is kept for inspection."""
@@ -79,6 +84,8 @@ def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: s
                 json={"AttachmentItem": {"attachmentType": "file", "name": att.name, "size": att.size,
                                          "contentType": att.content_type}}).json()
             _upload(graph, mailbox, session["uploadUrl"], att, context)
+        if record is not None:
+            record(draft_id)  # before the send: its Sent Items copy is notified as soon as it exists
         sending = True  # from here on a failure may hide a delivery: keep the draft for inspection
         graph.request("POST", f"me/messages/{draft_id}/send", mailbox=mailbox, token=token, safe=False,
                       headers={"Content-Length": "0"}, context=context)
@@ -96,7 +103,7 @@ def send_draft(graph: GraphClient, token: TokenSource, mailbox: str, draft_id: s
 
 
 def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str, req: AnswerRequest, *,
-           context: Mapping[str, str]) -> SendResult:
+           context: Mapping[str, str], record: Callable[[str], None] | None = None) -> SendResult:
     """Reply, reply-all or forward in the conversation of ``message_id``, delivering once.
 
     Graph's direct action (``POST /messages/{id}/reply``…, 202, no body) when everything fits one request
@@ -106,7 +113,7 @@ def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str
     """
     plan = plan_answer(req)
     result: SendResult = {"status": "sent", "trackingId": req.tracking_id}
-    if not plan.needs_draft and (req.kind == "forward" or not req.extra_recipients):
+    if record is None and not plan.needs_draft and (req.kind == "forward" or not req.extra_recipients):
         graph.request("POST", f"me/messages/{message_id}/{req.kind}", mailbox=mailbox, token=token, safe=False,
                       data=dumps(answer_payload(req, inline=plan.inline)),
                       headers={"Content-Type": "application/json"}, context=context)
@@ -121,7 +128,7 @@ def answer(graph: GraphClient, token: TokenSource, mailbox: str, message_id: str
             raise _nothing_sent(e) from None  # at worst an unsent draft exists; nothing was delivered
         raise
     prepare = None if req.kind == "forward" or not req.extra_recipients else _added_recipients(draft, req)
-    send_draft(graph, token, mailbox, draft["id"], plan, context, prepare=prepare)
+    send_draft(graph, token, mailbox, draft["id"], plan, context, prepare=prepare, record=record)
     # The draft was created with immutable ids, so its id names the Sent Items copy once it is sent
     # (https://learn.microsoft.com/graph/outlook-immutable-id, "Immutable ID with sending mail").
     conversation, sent_id = draft.get("conversationId"), draft.get("id")

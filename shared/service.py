@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from shared.oauth import OAuthClient
     from shared.refresh import Refresher
     from shared.secret_store import SecretStore
+    from shared.sent_marks import SentMarks
     from shared.telemetry import Telemetry
     from shared.tokens import TokenManager
     from shared.webhooks import Webhooks
@@ -167,7 +168,16 @@ class Connector:
 
         return MailOps(graph=self.graph, tokens=self.tokens, accounts=self.accounts,
                        idempotency=self.storage.table(IDEMPOTENCY_TABLE), key_ring=self.secrets.key_ring,
-                       context=self.graph_context, telemetry=self.telemetry)
+                       context=self.graph_context, telemetry=self.telemetry, sent_marks=self.sent_marks)
+
+    @cached_property
+    def sent_marks(self) -> SentMarks | None:
+        """What the API sent, by Sent Items id: only with rich notifications and message.sent (shared.sent_marks)."""
+        from shared.sent_marks import SentMarks
+        from shared.storage import SEEN_TABLE
+
+        on = self.settings.notifications_on and self.settings.notifications_resource_data
+        return SentMarks(self.storage.table(SEEN_TABLE)) if on and "message.sent" in self.settings.mail_events else None
 
     @cached_property
     def account_ops(self) -> AccountOps:
@@ -200,14 +210,19 @@ class Connector:
     def notifications(self) -> NotificationParts:
         """The intake, worker, subscriptions and delivery of inbound mail (shared.notification_parts)."""
         from shared.notification_parts import NotificationParts
-        from shared.rich_notifications import NotificationCertificates
+        from shared.rich_notifications import LocalCertificate, NotificationCertificates
 
-        certificates = NotificationCertificates(newest=self.secrets.notification_certificate,
-                                                version=self.secrets.notification_certificate_version)
+        name = self.settings.notification_cert_name
+        if self.settings.key_vault_url:  # Key Vault NOTIFICATION_CERT_NAME, every version
+            certificates = NotificationCertificates(newest=lambda: self.secrets.newest_certificate(name),
+                                                    version=lambda v: self.secrets.certificate_version(name, v))
+        else:  # locally: NOTIFICATION_CERT_PATH
+            local = LocalCertificate(self.settings.notification_cert_path)
+            certificates = NotificationCertificates(newest=local.newest, version=local.version)
         return NotificationParts(self.settings, storage=self.storage, key_ring=self.secrets.key_ring,
                                  graph=self.graph, tokens=self.tokens, accounts=self.accounts,
                                  webhooks=self.webhooks, telemetry=self.telemetry, certificates=certificates,
-                                 session=self.session)
+                                 session=self.session, sent_marks=self.sent_marks)
 
 
 _lock = threading.Lock()

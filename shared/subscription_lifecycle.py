@@ -356,14 +356,28 @@ class SubscriptionLifecycle:
         return "disabled"
 
     def _summary(self, acc: Account, summary: NotificationSummary) -> None:
-        if summary == acc.notifications:
-            return
-        try:  # best effort: the account JSON's view of what the state rows say
-            self._accounts.set_notifications(acc, summary)
-        except ConnectorError as e:
-            log.debug("notifications summary of %s not written: %s", acc.id, e.code)
+        _write_summary(self._accounts, acc, summary)
 
-    # -- failures and the index -------------------------------------------------------------------
+    def _reindex(self, owner: str, account_id: str, states: dict[str, SubscriptionState], due: dt.datetime,
+                 rearm: str = "") -> None:
+        _move(self._index, owner, account_id, states, due, rearm)
+
+    def _unindex(self, owner: str, account_id: str, states: dict[str, SubscriptionState], rearm: str = "") -> None:
+        _move(self._index, owner, account_id, states, None, rearm)
+
+
+class SubscriptionFailures:
+    """A subscription job that failed (the queue worker's failure classes): retried with backoff, or status
+    ``failed`` with the next attempt in the due-time index."""
+
+    def __init__(self, config: NotificationConfig, *, accounts: AccountStore, store: SubscriptionStore,
+                 index: DueIndex, queue: Callable[[], Queue]) -> None:
+        self.config = config
+        self._accounts = accounts
+        self._store = store
+        self._index = index
+        self._queue = queue
+
     def _states_for_bookkeeping(self, job: Job) -> dict[str, SubscriptionState]:
         """The account's feed states (the first configured feed's, new, when it has none): where a failure and
         the next due time are written."""
@@ -378,15 +392,12 @@ class SubscriptionLifecycle:
         states = self._states_for_bookkeeping(job)
         now = utcnow()
         due = now + retry if retry is not None else None
-        if due is not None:
-            self._reindex(job.owner, job.account_id, states, due, job.rearm)
-        else:
-            self._unindex(job.owner, job.account_id, states, job.rearm)
+        _move(self._index, job.owner, job.account_id, states, due, job.rearm)
         for state in states.values():
             self._store.save(replace(state, due_at=due, failures=state.failures + 1, last_error=code))
         try:
             acc = self._accounts.get_account(job.owner, job.account_id)
-            self._summary(acc, replace(acc.notifications, status=NOTIFY_FAILED))
+            _write_summary(self._accounts, acc, replace(acc.notifications, status=NOTIFY_FAILED))
         except ConnectorError:
             pass
         return "failed"
@@ -399,7 +410,7 @@ class SubscriptionLifecycle:
         if attempt >= MAX_TRANSIENT_ATTEMPTS or delay >= REARM.total_seconds():
             states = self._states_for_bookkeeping(job)
             due = utcnow() + GIVE_UP_RETRY
-            self._reindex(job.owner, job.account_id, states, due, job.rearm)
+            _move(self._index, job.owner, job.account_id, states, due, job.rearm)
             for state in states.values():
                 self._store.save(replace(state, due_at=due, last_error=e.code))
             return "deferred"
@@ -408,12 +419,21 @@ class SubscriptionLifecycle:
                     e.code, attempt, delay)
         return "retry_scheduled"
 
-    def _reindex(self, owner: str, account_id: str, states: dict[str, SubscriptionState], due: dt.datetime,
-                 rearm: str = "") -> None:
-        self._index.move_row(owner, account_id, due, stale=_buckets(states.values()) | {rearm})
 
-    def _unindex(self, owner: str, account_id: str, states: dict[str, SubscriptionState], rearm: str = "") -> None:
-        self._index.move_row(owner, account_id, None, stale=_buckets(states.values()) | {rearm})
+def _move(index: DueIndex, owner: str, account_id: str, states: dict[str, SubscriptionState],
+          due: dt.datetime | None, rearm: str = "") -> None:
+    """The account's index row to ``due`` (None: removed), wherever its feeds' rows say it may be now."""
+    index.move_row(owner, account_id, due, stale=_buckets(states.values()) | {rearm})
+
+
+def _write_summary(accounts: AccountStore, acc: Account, summary: NotificationSummary) -> None:
+    if summary == acc.notifications:
+        return
+    try:  # best effort: the account JSON's view of what the state rows say
+        accounts.set_notifications(acc, summary)
+    except ConnectorError as e:
+        log.debug("notifications summary of %s not written: %s", acc.id, e.code)
+
 
 class SubscriptionReconciler:
     """Daily: subscribe active accounts that lack a feed's subscription (existing accounts, lost jobs, a changed

@@ -302,7 +302,7 @@ class _CountingTransport(WrappingTransport):
         return self._inner.send(request, **kwargs)
 
 
-def in_process(host: Host, transport: _CountingTransport | None = None) -> Any:
+def in_process(host: Host, transport: WrappingTransport | None = None) -> Any:
     from shared.config import load_settings
     from shared.service import Connector
     from shared.storage import Storage

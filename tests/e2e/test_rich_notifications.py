@@ -121,3 +121,82 @@ def test_forged_and_tampered_rich_batches_produce_nothing(host: Host, browser_se
     assert [e for e in events(webhooks, aid, "message.received") if e["doc"]["data"]["message"]["id"] == fake_id] == []
     assert len(received(webhooks, aid)) == 1
     assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
+
+
+def test_a_busy_mailbox_costs_one_account_read_per_reuse_window(host: Host, browser_session: Any,
+                                                                 control: Any) -> None:
+    """Rich Inbox jobs make no Graph call, so a worker reuses its answer to "is the account still connected?"
+    for ACCOUNT_REUSE_S instead of reading the account row for every event."""
+    from devstack.transport import WrappingTransport
+    from shared.notifications import SUMMARY_FIELDS
+
+    class Reads(WrappingTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.account_reads = 0
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            if request.method == "GET" and "/accounts(" in request.url:
+                self.account_reads += 1
+            return self._inner.send(request, **kwargs)
+
+    owner = "owner-rich-reuse"
+    aid = connected(host, browser_session, owner, ADELE)
+    reads = Reads()
+    c = in_process(host, reads)
+    summary = {k: None for k in SUMMARY_FIELDS}
+    for i in range(5):
+        mid = f"AAkALgRichReuse{i:04d}xxxxxxxx"
+        job = Job("changes", owner, aid, "sid", (mid,), resources={mid: {**summary, "id": mid, "subject": f"r{i}"}})
+        assert c.notifications.worker.process(job.to_message()) == "delivered"
+    assert reads.account_reads == 1
+    assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
+
+
+def test_rich_message_sent_knows_its_origin_without_a_graph_read(host: Host, browser_session: Any,
+                                                                 control: Any, webhooks: WebhookReceiver) -> None:
+    """With rich notifications and message.sent, the API sends through a draft whose immutable id is its Sent
+    Items copy's, marking it first; a rich message.sent then needs no Graph read for its origin."""
+    from shared.mail import parse_send_request
+    from shared.notifications import SUMMARY_FIELDS
+
+    owner = "owner-rich-sent"
+    aid = connected(host, browser_session, owner, ADELE)
+    c = rich_connector(host)
+    wait_for(lambda: queues_idle(host), what="the connect's jobs")
+    control.notification_switches(drop=-1)  # the jobs below are run here, not by the host from notifications
+    request = parse_send_request({"to": ["x@example.com"], "subject": "Tracked rich", "trackingId": "crm-rich-1"},
+                                 max_total=1024)
+    assert c.mail.send(owner, aid, request, idempotency_key=None, body_hash="h")["status"] == "sent"
+    [api_sent] = [m for m in c.mail.find(owner, aid, _query("sentitems"), None)["messages"]
+                  if m["subject"] == "Tracked rich"]
+    from shared.mail import parse_answer_request
+
+    [inbox] = control.seed_messages(ADELE, [{"subject": "Answer me"}])
+    reply = parse_answer_request("reply", {"comment": "Sure", "trackingId": "crm-rich-2"}, max_total=1024)
+    assert c.mail.answer(owner, aid, inbox, reply, idempotency_key=None, body_hash="r")["messageId"]
+    [replied] = [m for m in c.mail.find(owner, aid, _query("sentitems"), None)["messages"]
+                 if m["subject"] == "RE: Answer me"]
+    typed = control.outlook(ADELE, "send", message={"subject": "Typed rich", "body": {"content": "x"},
+                                                    "toRecipients": [{"emailAddress": {"address": "y@example.com"}}]})
+    summary = {k: None for k in SUMMARY_FIELDS}
+    before = graph_calls(control)
+    for mid, subject in ((api_sent["id"], "Tracked rich"), (typed["immutableId"], "Typed rich"),
+                         (replied["id"], "RE: Answer me")):
+        job = Job("changes", owner, aid, "sid", (mid,), feed="sent",
+                  resources={mid: {**summary, "id": mid, "subject": subject}})
+        assert c.notifications.worker.process(job.to_message()) == "delivered"
+    assert graph_calls(control) == before  # neither origin needed Graph
+    mine = one(webhooks, aid, "message.sent", "the API's", id=api_sent["id"])
+    assert mine["origin"] == "api" and mine["trackingId"] == "crm-rich-1"
+    answered = one(webhooks, aid, "message.sent", "the API's reply", id=replied["id"])
+    assert answered["origin"] == "api" and answered["trackingId"] == "crm-rich-2"
+    other = one(webhooks, aid, "message.sent", "Outlook's", id=typed["immutableId"])
+    assert other["origin"] == "mailbox" and other["trackingId"] is None
+    assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
+
+
+def _query(folder: str) -> Any:
+    from shared.messages import MessageQuery
+
+    return MessageQuery(folder=folder, top=10)
