@@ -321,7 +321,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEND_MAX_TOTAL_BYTES", str(100 * 1024 * 1024), attr="send_max_total_bytes",
             parse=_int_between(1, 150 * 1024 * 1024), doc="Cap on one send request's attachments; beyond it, 413."),
     Setting("NOTIFICATIONS_ENABLED", "auto", attr="notifications_enabled", parse=_on_off_auto,
-            doc="Inbound mail: Graph change notifications become `message.received` webhooks (`true`, `false` or "
+            doc="Mailbox events: Graph change notifications become `message.*` webhooks (`true`, `false` or "
                 "`auto`: on when `PUBLIC_BASE_URL` is https or Graph is the local sandbox); see `docs/webhooks.md`."),
     Setting("MAIL_EVENTS", "message.received,message.sent", attr="mail_events", parse=_mail_events,
             doc="Mailbox events to produce (comma-separated): `message.received` (Inbox), `message.sent` (Sent Items, "

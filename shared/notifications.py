@@ -1,13 +1,15 @@
-"""Inbound mail: Graph change notifications become signed ``message.received`` webhooks.
+"""Mailbox events: Graph change notifications become signed ``message.received``, ``message.sent``,
+``message.updated`` and ``message.deleted`` webhooks (``MAIL_EVENTS`` chooses; one subscription per :class:`Feed`).
 
 Three parts, each following Microsoft's documented behaviour, share the queue ``notification-jobs``:
 
-* **Intake** (:mod:`shared.notification_intake`): the anonymous endpoints check a notification batch, find
-  each notification's subscription by its ``clientState`` and enqueue jobs; the endpoint answers 202.
+* **Intake** (:mod:`shared.notification_intake`): the anonymous endpoints check a notification batch (rich ones:
+  validation tokens and decryption, :mod:`shared.rich_notifications`), find each notification's subscription by
+  its ``clientState`` and enqueue jobs; the endpoint answers 202.
 * **Subscriptions** (:mod:`shared.subscription_lifecycle`): create, renew, reauthorize, recreate and delete
   Graph subscriptions; the maintenance timer and the daily reconciliation.
-* **Delivery** (:mod:`shared.notification_delivery`): read each new message's summary and emit
-  ``message.received`` once per message id; the delta catch-up.
+* **Delivery** (:mod:`shared.notification_delivery`): read each message's summary (unless a rich notification
+  carried it) and emit its event once per change; the per-folder delta catch-up.
 
 This module holds what they share: the queue message (:class:`Job`), the event's summary and the time
 constants. The queue worker (:mod:`shared.notification_worker`) runs each job on its part.

@@ -1,4 +1,4 @@
-"""Inbound mail: Graph's notification endpoints, the processing queue trigger and the timers.
+"""Mailbox events: Graph's notification endpoints, the processing queue trigger and the timers.
 
 ``POST /api/notifications/microsoft`` and ``…/lifecycle`` are anonymous (Graph calls them). They:
 
