@@ -29,6 +29,7 @@ from shared.accounts import (
     account_type_for,
     iso,
     new_account_id,
+    parse_iso,
     utcnow,
 )
 from shared.errors import ConflictError, ConnectorError, NotFoundError, OAuthError, ReauthRequiredError, ValidationError
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("connector.connect")
 Json = dict[str, object]
 #: A mailbox claim not released by then was abandoned (the callback's process died).
-MAILBOX_CLAIM_STALE_S = 30.0
+MAILBOX_CLAIM_STALE = dt.timedelta(seconds=30)
 MAILBOX_CLAIM_WAIT_S = 20.0
 MAILBOX_CLAIM_PURPOSE = "connect-mailbox-claim/v1"
 
@@ -191,13 +192,16 @@ class ConnectFlow:
         deadline = time.monotonic() + MAILBOX_CLAIM_WAIT_S
 
         def abandoned(current: Row) -> bool:
-            at = current.get("at")
-            return not isinstance(at, str) or at <= (iso(utcnow() - _seconds(MAILBOX_CLAIM_STALE_S)) or "")
+            try:
+                at = parse_iso(current.get("at")) if isinstance(current.get("at"), str) else None
+            except ValueError:
+                at = None  # not a time we wrote: nobody's live claim
+            return at is None or at <= utcnow() - MAILBOX_CLAIM_STALE
 
         while True:
             now = utcnow()  # the claim's time is when it is taken, not when we started waiting for it
             row = {"PartitionKey": pk, "RowKey": "connect", "at": iso(now),
-                   "expiresAt": (now + _seconds(MAILBOX_CLAIM_STALE_S)).isoformat()}
+                   "expiresAt": iso(now + MAILBOX_CLAIM_STALE)}  # the clean-up timer's format (expiresAt lt …)
             held = self._claims.claim(row, take_over=abandoned).etag
             if held is not None:
                 break
@@ -241,10 +245,6 @@ class ConnectFlow:
             last_error=None, sealed_tokens=self._accounts.seal_tokens(owner, account_id, tokens),
             refresh_due_at=self._next_due(tokens, now),
         )
-
-
-def _seconds(s: float) -> dt.timedelta:
-    return dt.timedelta(seconds=s)
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
