@@ -46,6 +46,7 @@ from shared.notifications import (
     UPDATED_FIELDS,
     Feed,
     Job,
+    bounded_categories,
     message_summary,
     parse_time,
     seen_key,
@@ -67,8 +68,7 @@ log = logging.getLogger("connector.notifications")
 #: ``message.sent``: the summary and our trackingId property
 #: (https://learn.microsoft.com/graph/api/singlevaluelegacyextendedproperty-get).
 SENT_EXPAND = f"singleValueExtendedProperties($filter=id eq '{TRACKING_PROPERTY}')"
-# In a rich job's summary (or added here), not in the event's.
-_JOB_ONLY = ("parentFolderId", "changeKey", "flag", "categories", "_trackingId")
+_JOB_ONLY = ("parentFolderId", "changeKey", "flag", "categories")  # in a rich job's summary, not in the event's
 FOLDER_CACHE_MAX = 10_000  # mailboxes whose well-known folder ids a worker process remembers
 # A rich created job needs the account only to know it is still connected and active: that answer is reused for
 # this long by a worker process (one table read per account and 30 s, not per event). A disconnect or a dead
@@ -148,14 +148,13 @@ class NotificationDelivery:
         key = mid if feed == INBOX else f"{feed}|{mid}"
         if not self._claim(acc.id, key):
             return 0
-        from_resource = given is not None and (feed == INBOX or self._sent_marks is not None)
+        summarized = given is not None and (feed == INBOX or self._sent_marks is not None)
+        tracking: str | None = None
         try:
-            if given is not None and feed == INBOX:
-                msg: dict[str, object] | None = given
-            elif given is not None and self._sent_marks is not None:
-                msg = {**given, "_trackingId": self._sent_marks.tracking_id(acc.id, mid) or ""}
-            else:
-                msg = self._read(acc, token, mid, sent=feed == SENT)
+            msg = given if summarized else self._read(acc, token, mid, sent=feed == SENT)
+            if feed == SENT and msg is not None:
+                tracking = (self._sent_marks.tracking_id(acc.id, mid) if summarized and self._sent_marks is not None
+                            else _tracking_id(msg))
         except Exception:
             self._release(acc.id, key)
             raise
@@ -165,7 +164,8 @@ class NotificationDelivery:
         if too_old(msg, now):  # e.g. old mail moved back into the Inbox: not new mail
             self._mark(acc.id, key, "old")
             return 0
-        return self._emit(acc, key, msg, event=SENT_EVENT if feed == SENT else RECEIVED, summarized=from_resource)
+        return self._emit(acc, key, msg, event=SENT_EVENT if feed == SENT else RECEIVED, summarized=summarized,
+                          tracking=tracking)
 
     def _updated(self, acc: Account, token: TokenSource, mid: str, now: dt.datetime,
                  given: dict[str, object] | None = None) -> int:
@@ -281,12 +281,13 @@ class NotificationDelivery:
 
     # -- emitting ----------------------------------------------------------------------------------
     def _emit(self, acc: Account, key: str, msg: dict[str, object], *, event: str, source: str = "notification",
-              folders: dict[str, str] | None = None, summarized: bool = False) -> int:
-        """Enqueue the event (``summarized``: ``msg`` is a job's summary already, not Graph's message). A message
-        the queue refuses (not a transient failure) is marked ``rejected`` and skipped, so it can never stop a
-        catch-up; a transient failure releases the claim."""
+              folders: dict[str, str] | None = None, summarized: bool = False, tracking: str | None = None) -> int:
+        """Enqueue the event (``summarized``: ``msg`` is a job's summary already, not Graph's message;
+        ``tracking``: a ``message.sent``'s trackingId when this API sent it). A message the queue refuses (not a
+        transient failure) is marked ``rejected`` and skipped, so it can never stop a catch-up; a transient
+        failure releases the claim."""
         try:
-            if self._enqueue(acc, msg, event, folders, summarized) is None:
+            if self._enqueue(acc, msg, event, folders, summarized, tracking) is None:
                 self._release(acc.id, key)  # webhooks off: nothing was announced
                 return 0
         except TRANSIENT:
@@ -303,17 +304,16 @@ class NotificationDelivery:
             self._telemetry.notification_lag((dt.datetime.now(dt.UTC) - received).total_seconds(), source=source)
         return 1
 
-    def _enqueue(self, acc: Account, msg: dict[str, object], event: str,
-                 folders: dict[str, str] | None, summarized: bool) -> str | None:
+    def _enqueue(self, acc: Account, msg: dict[str, object], event: str, folders: dict[str, str] | None,
+                 summarized: bool, tracking: str | None) -> str | None:
         if event == DELETED:
             return self._webhooks.enqueue_message_event(event, acc.id, {"id": msg["id"]})
         summary = ({k: v for k, v in msg.items() if k not in _JOB_ONLY} if summarized else message_summary(msg))
         if event == UPDATED:
             folder = str(msg.get("parentFolderId") or "")
             summary.update({"folder": (folders or {}).get(folder, folder), "flag": _flag(msg.get("flag")),
-                            "categories": _categories(msg.get("categories"))})
+                            "categories": bounded_categories(msg.get("categories"))})
         if event == SENT_EVENT:
-            tracking = _tracking_id(msg)
             return self._webhooks.enqueue_message_event(event, acc.id, summary, origin="api" if tracking else "mailbox",
                                                         trackingId=tracking)
         return self._webhooks.enqueue_message_event(event, acc.id, summary)
@@ -364,14 +364,8 @@ def _flag(value: object) -> dict[str, object]:
     return out
 
 
-def _categories(value: object) -> list[str]:
-    return [c[:255] for c in value[:50] if isinstance(c, str)] if isinstance(value, list) else []
-
-
 def _tracking_id(msg: dict[str, object]) -> str | None:
-    """Our trackingId property on the message (or its sent mark), if this API sent it."""
-    if "_trackingId" in msg:
-        return str(msg["_trackingId"]) or None
+    """Our trackingId property on the message, if this API sent it."""
     props = msg.get("singleValueExtendedProperties")
     for p in props if isinstance(props, list) else []:
         if isinstance(p, dict) and str(p.get("id", "")).lower() == TRACKING_PROPERTY.lower():

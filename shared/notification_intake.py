@@ -150,7 +150,6 @@ class NotificationIntake:
         self._queue = queue
         self._rich = rich
         self._cache: dict[str, tuple[Pointer, float]] = {}
-        self.rich_rejected = 0  # batches dropped by a failed rich-notification check (this process)
         self._cache_lock = threading.Lock()
 
     def accept(self, doc: object) -> tuple[int, int]:
@@ -165,7 +164,6 @@ class NotificationIntake:
             # Nothing in the batch is trusted; 202 all the same, so a sender learns nothing from the answer.
             log.warning(json.dumps({"event": "notifications.rich_rejected", "dropped": len(changes),
                                     "reason": str(e)}))
-            self.rich_rejected += 1
             return 0, len(changes)
         jobs: dict[tuple[str, str, str, str, str], dict[str, None]] = {}  # ids in arrival order, each once
         lifecycle: dict[str, Job] = {}

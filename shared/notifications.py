@@ -187,10 +187,14 @@ def resource_summary(resource: dict[str, object]) -> dict[str, object]:
             out[k] = str(resource[k])[:MAX_TEXT]
     if isinstance(resource.get("flag"), dict):
         out["flag"] = resource["flag"]
-    categories = resource.get("categories")
-    if isinstance(categories, list):
-        out["categories"] = [c[:255] for c in categories[:50] if isinstance(c, str)]
+    if isinstance(resource.get("categories"), list):
+        out["categories"] = bounded_categories(resource["categories"])
     return out
+
+
+def bounded_categories(value: object) -> list[str]:
+    """At most 50 categories of at most 255 characters (an event always fits a queue message)."""
+    return [c[:255] for c in value[:50] if isinstance(c, str)] if isinstance(value, list) else []
 
 
 def _cut(value: object) -> object:

@@ -141,7 +141,8 @@ class SubscriptionLifecycle:
                             e.code if isinstance(e, ConnectorError) else type(e).__name__)
         try:
             self._unindex(account.owner, account.id, states)
-            self._store.delete_account(account.owner, account.id, {key for key, _ in pointers})
+            self._store.delete_account(account.owner, account.id, states=states.values(),
+                                       keys={key for key, _ in pointers})
         except ConnectorError as e:
             log.warning("rows of disconnected %s not deleted (%s); the daily reconciliation will", account.id, e.code)
 
@@ -206,14 +207,14 @@ class SubscriptionLifecycle:
             feed = self.config.feed(state.feed) if state is not None else None
             if state is None or feed is None:
                 return "stale"
-            states[feed.name] = self._store.save(self._on_lifecycle(acc, token, feed, state, job, now))
+            states[feed.name] = self._on_lifecycle(acc, token, feed, state, job, now)
         else:
             for name in set(states) - {f.name for f in self.config.feeds}:  # MAIL_EVENTS no longer needs it
                 self._drop_feed(acc, token, states.pop(name))
             for feed in self.config.feeds:
                 state = states.get(feed.name) or SubscriptionState(acc.owner, acc.id, feed=feed.name)
                 state = self._subscribe(acc, token, feed, state, now, force=job.kind == "ensure")
-                states[feed.name] = self._store.save(self._delivery.catch_up(acc, token, feed, state, now))
+                states[feed.name] = self._delivery.catch_up(acc, token, feed, state, now)
         self._settle(token.account, states, now, rearm=job.rearm)
         return job.event or job.kind
 
@@ -224,7 +225,7 @@ class SubscriptionLifecycle:
             states = self._store.states_of(job.owner, job.account_id)
             self._unindex(job.owner, job.account_id, states, job.rearm)
             if states:
-                self._store.delete_account(job.owner, job.account_id)
+                self._store.delete_account(job.owner, job.account_id, states=states.values())
             return "gone"
         if acc.status != ACTIVE:  # reauth_required: a re-connect subscribes again (on_connected)
             if job.rearm:

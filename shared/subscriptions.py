@@ -37,6 +37,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -124,18 +125,13 @@ class SubscriptionStore:
             return None
 
     def states_of(self, owner: str, account_id: str) -> dict[str, SubscriptionState]:
-        """Every feed's state of the account (the Inbox row, then one range read of the others)."""
-        found = {}
-        inbox = self.get(owner, account_id)
-        if inbox is not None:
-            found[INBOX] = inbox
-        lo = account_id + _FEED
-        for row in self._table.query("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-                                     parameters={"pk": owner_partition(owner), "lo": lo, "hi": lo + "~"}):
-            name = str(row["RowKey"])[len(lo):]
-            if "|" not in name:
-                found[name] = _state_from(row)
-        return found
+        """Every feed's state of the account: one range read from the Inbox row (the account id) to the other
+        feeds' (``|feed|…``); the account's claim and pointer-list rows in between are skipped."""
+        rows = self._table.query("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                                 parameters={"pk": owner_partition(owner), "lo": account_id,
+                                             "hi": account_id + _FEED + "~"})
+        states = (_state_from(row) for row in rows if _is_state_key(str(row["RowKey"])))
+        return {state.feed: state for state in states if state.account_id == account_id}
 
     def save(self, state: SubscriptionState) -> SubscriptionState:
         """Write the state row (upsert: the worker of one account is the only writer that matters;
@@ -150,14 +146,16 @@ class SubscriptionStore:
         self.drop_pointer(state.owner, state.account_id, state.client_key)
         self._table.delete_if_present(pk, rk + _CREATING)
 
-    def delete_account(self, owner: str, account_id: str, keys: set[str] | None = None) -> None:
-        """Every feed's state row, every pointer and every creation claim of the account (``keys``: the pointer
-        keys already listed, so they are not listed again)."""
+    def delete_account(self, owner: str, account_id: str, *, states: Iterable[SubscriptionState] | None = None,
+                       keys: set[str] | None = None) -> None:
+        """Every feed's state row, every pointer and every creation claim of the account (``states``, ``keys``:
+        the states and pointer keys already read, so they are not read again)."""
         pk = owner_partition(owner)
-        for state in self.states_of(owner, account_id).values():
-            self.delete(state)
+        found = list(states if states is not None else self.states_of(owner, account_id).values())
         listed = keys if keys is not None else {key for key, _ in self.pointers_of(owner, account_id)}
-        for key in listed - {""}:
+        for state in found:
+            self._table.delete_if_present(pk, state_key(account_id, state.feed))
+        for key in (listed | {state.client_key for state in found}) - {""}:
             self.drop_pointer(owner, account_id, key)
         for feed in FEED_NAMES:  # a disconnect holds every feed's claim
             self._table.delete_if_present(pk, state_key(account_id, feed) + _CREATING)
