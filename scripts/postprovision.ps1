@@ -1,23 +1,5 @@
-# azd postprovision hook (Windows / PowerShell). Creates the token key ring and the webhook
+# azd postprovision hook (Windows / PowerShell 7). Creates the token key ring and the webhook
 # secret in Key Vault if they do not exist yet; never overwrites them. The logic lives in
 # postprovision.py.
-$ErrorActionPreference = 'Stop'
-
-# Needs PowerShell 7 (pwsh), as azure.yaml's `shell: pwsh` says; Windows PowerShell 5.1 is not used.
-# The Python launcher first (`py -3`: the python.org installer's way, and it never opens the Microsoft
-# Store stub that a bare `python` can be on a new Windows machine), then python, then python3.
-$python = $null
-$pyArgs = @()
-if (Get-Command 'py' -ErrorAction SilentlyContinue) { $python = 'py'; $pyArgs = @('-3') }
-else {
-    foreach ($candidate in @('python', 'python3')) {
-        if (Get-Command $candidate -ErrorAction SilentlyContinue) { $python = $candidate; break }
-    }
-}
-if (-not $python) {
-    Write-Error 'postprovision: Python 3 is required (py -3, python or python3 on PATH)'
-    exit 2
-}
-
-& $python @pyArgs (Join-Path $PSScriptRoot 'postprovision.py')
+& (Join-Path $PSScriptRoot 'run_hook.ps1') -Hook 'postprovision.py'
 exit $LASTEXITCODE

@@ -639,7 +639,9 @@ def test_azure_yaml() -> None:
     assert os.access(ROOT / "scripts" / "postprovision.sh", os.X_OK)
     # The platform builds the package (Linux wheels for Python 3.11), whatever machine runs azd deploy.
     assert re.search(r"^    host: function\n(?:    #.*\n)*    remoteBuild: true$", text, re.M), text
-    ps1 = (ROOT / "scripts" / "postprovision.ps1").read_text()
+    # The hooks' wrappers share one Python launcher per shell (scripts/run_hook.*).
+    assert "run_hook.ps1" in (ROOT / "scripts" / "postprovision.ps1").read_text()
+    ps1 = (ROOT / "scripts" / "run_hook.ps1").read_text()
     assert "PowerShell 7" in ps1 and ps1.index("'py'") < ps1.index("'python'") and "@('-3')" in ps1
     # The app tag azd uses to find the function app matches the service name.
     assert "var serviceName = 'api'" in (INFRA / "main.bicep").read_text()
