@@ -290,14 +290,16 @@ def test_reconnect_catches_up_what_arrived_meanwhile(host: Host, browser_session
 
 
 class _CountingTransport(WrappingTransport):
-    """The real azure-core transport, counting reads of the ``subscriptions`` table (the intake's lookups)."""
+    """The real azure-core transport, counting reads of one table (by default ``subscriptions``: the intake's
+    lookups)."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: str = "subscriptions") -> None:
         super().__init__()
+        self._marker = f"/{table}("
         self.reads = 0
 
     def send(self, request: Any, **kwargs: Any) -> Any:
-        if request.method == "GET" and "/subscriptions(" in request.url:
+        if request.method == "GET" and self._marker in request.url:
             self.reads += 1
         return self._inner.send(request, **kwargs)
 

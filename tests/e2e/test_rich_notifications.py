@@ -127,29 +127,19 @@ def test_a_busy_mailbox_costs_one_account_read_per_reuse_window(host: Host, brow
                                                                  control: Any) -> None:
     """Rich Inbox jobs make no Graph call, so a worker reuses its answer to "is the account still connected?"
     for ACCOUNT_REUSE_S instead of reading the account row for every event."""
-    from devstack.transport import WrappingTransport
     from shared.notifications import SUMMARY_FIELDS
-
-    class Reads(WrappingTransport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.account_reads = 0
-
-        def send(self, request: Any, **kwargs: Any) -> Any:
-            if request.method == "GET" and "/accounts(" in request.url:
-                self.account_reads += 1
-            return self._inner.send(request, **kwargs)
+    from tests.e2e.test_notifications import _CountingTransport
 
     owner = "owner-rich-reuse"
     aid = connected(host, browser_session, owner, ADELE)
-    reads = Reads()
+    reads = _CountingTransport("accounts")
     c = in_process(host, reads)
     summary = {k: None for k in SUMMARY_FIELDS}
     for i in range(5):
         mid = f"AAkALgRichReuse{i:04d}xxxxxxxx"
         job = Job("changes", owner, aid, "sid", (mid,), resources={mid: {**summary, "id": mid, "subject": f"r{i}"}})
         assert c.notifications.worker.process(job.to_message()) == "delivered"
-    assert reads.account_reads == 1
+    assert reads.reads == 1
     assert host.api("DELETE", f"/api/accounts/{aid}", sub=owner).status_code == 204
 
 
