@@ -227,8 +227,9 @@ def _rich_sent(stack: Stack, endpoint: _Endpoint, rich: Any, accounts: list[tupl
         bodies, endpoint.captured = list(endpoint.captured or []), None
     for body in bodies:
         rich.notifications.intake.accept(json.loads(body))
+    jobs = _raw_queue(rich, "notification-jobs").get_queue_properties().approximate_message_count
     graph0 = int(stack.control.counters().get("graph", 0))
-    _, done, _, _ = _drain(rich, len(bodies))
+    _, done, _, _ = _drain(rich, jobs)  # as many jobs as the intake made (one batch may carry several items)
     return int(stack.control.counters().get("graph", 0)) - graph0, done
 
 
