@@ -94,6 +94,26 @@ class SandboxControl:
     def expire_access_tokens(self, user: str) -> int:
         return int(self._call("POST", f"/users/{self._u(user)}/expire_access_tokens")["expired"])
 
+    def admin_consented(self, tenant: str, client_id: str) -> bool:
+        return bool(self._call("GET", f"/tenants/{self._u(tenant)}/consent", params={"client_id": client_id})
+                    ["consented"])
+
+    def remove_admin_consent(self, tenant: str, client_id: str, *, expire_tokens: bool = True) -> int:
+        """The tenant's administrator deletes the app's service principal; returns the app tokens ended."""
+        return int(self._call("DELETE", f"/tenants/{self._u(tenant)}/consent",
+                              params={"client_id": client_id, "expire_tokens": str(expire_tokens).lower()})["expired"])
+
+    def set_app_scope(self, tenant: str, client_id: str, mailboxes: list[str] | None) -> None:
+        """Scope the app to ``mailboxes`` in ``tenant`` (RBAC for Applications); None removes the scope."""
+        if mailboxes is None:
+            self._call("DELETE", f"/tenants/{self._u(tenant)}/app_scope", params={"client_id": client_id})
+        else:
+            self._call("PUT", f"/tenants/{self._u(tenant)}/app_scope",
+                       json={"client_id": client_id, "mailboxes": mailboxes})
+
+    def set_app_roles(self, client_id: str, roles: list[str]) -> None:
+        self._call("POST", f"/clients/{self._u(client_id)}/app_roles", json={"roles": roles})
+
     def set_conditional_access(self, user: str, blocked: bool) -> None:
         self._call("POST", f"/users/{self._u(user)}/conditional_access", json={"blocked": blocked})
 

@@ -20,7 +20,7 @@ from .state import (
     RegisteredCertificate,
     SandboxState,
 )
-from .users import CONTOSO_TENANT_ID, TEST_USERS, TestUser
+from .users import CONTOSO_TENANT_ID, TEST_USERS, TestUser, resolve_tenant
 
 bp = Blueprint("control", __name__, url_prefix="/_sandbox")
 
@@ -219,6 +219,63 @@ def revoke_grants(upn: str) -> Response:
 def expire_access_tokens(upn: str) -> Response:
     user = _user(upn)
     return jsonify({"user": user.upn, "expired": _state().expire_access_tokens(user.upn)})
+
+
+def _tenant(tenant: str) -> str:
+    tid = resolve_tenant(tenant)
+    if tid is None or tid in ("common", "organizations", "consumers"):
+        raise ControlError(f"unknown tenant {tenant!r}", 404)
+    return tid
+
+
+@bp.route("/tenants/<tenant>/consent", methods=["GET", "DELETE"])
+def tenant_consent(tenant: str) -> Response:
+    """GET: has an administrator consented for ``client_id``? DELETE: an administrator deletes the app's
+    service principal (consent removed): the next client-credentials request answers AADSTS7000229.
+    ``expire_tokens`` also ends the application tokens already issued (as if they had run out)."""
+    tid = _tenant(tenant)
+    client_id = request.args.get("client_id", "")
+    state = _state()
+    with state.lock:
+        if request.method == "GET":
+            return jsonify({"tenant": tid, "consented": (tid, client_id) in state.admin_consented})
+        state.admin_consented.discard((tid, client_id))
+        expired = 0
+        if request.args.get("expire_tokens", "true") == "true":
+            for rec in state.access_tokens.values():
+                if rec.app and rec.user.tid == tid and rec.client_id == client_id and not rec.expired:
+                    rec.expired = True
+                    expired += 1
+    return jsonify({"tenant": tid, "consented": False, "expired": expired})
+
+
+@bp.route("/tenants/<tenant>/app_scope", methods=["PUT", "DELETE"])
+def app_scope(tenant: str) -> Response:
+    """An administrator scopes the app to some mailboxes (RBAC for Applications): ``{"client_id",
+    "mailboxes": [upn…]}``; DELETE removes the scope (every mailbox of the tenant reachable again)."""
+    tid = _tenant(tenant)
+    state = _state()
+    if request.method == "DELETE":
+        with state.lock:
+            state.app_scopes.pop((tid, request.args.get("client_id", "")), None)
+        return jsonify({"tenant": tid, "scope": None})
+    body = _body()
+    client_id = _get(body, "client_id", str)
+    boxes = _get(body, "mailboxes", list)
+    members = frozenset(_user(str(b)).upn for b in boxes)
+    with state.lock:
+        state.app_scopes[(tid, client_id)] = members
+    return jsonify({"tenant": tid, "scope": sorted(members)})
+
+
+@bp.post("/clients/<client_id>/app_roles")
+def set_app_roles(client_id: str) -> Response:
+    """The application permissions the registration declares (what admin consent grants)."""
+    roles = _get(_body(), "roles", list)
+    state = _state()
+    with state.lock:
+        _client(state, client_id).app_roles = tuple(str(r) for r in roles)
+    return jsonify({"client_id": client_id, "roles": [str(r) for r in roles]})
 
 
 @bp.post("/users/<upn>/conditional_access")

@@ -162,12 +162,14 @@ def _delta(ctx: _Ctx, folder: str) -> tuple[int, Any]:
 
 
 @bp.get("/v1.0/me/mailFolders/<folder>/messages/delta")
+@bp.get("/v1.0/users/<uid>/mailFolders/<folder>/messages/delta")
 @graph_call(scopes=READ_SCOPES)
 def folder_delta(ctx: _Ctx, folder: str) -> tuple[int, Any]:
     return _delta(ctx, folder)
 
 
 @bp.get("/v1.0/me/mailFolders('<folder>')/messages/delta")
+@bp.get("/v1.0/users/<uid>/mailFolders('<folder>')/messages/delta")
 @graph_call(scopes=READ_SCOPES)
 def folder_delta_quoted(ctx: _Ctx, folder: str) -> tuple[int, Any]:
     return _delta(ctx, folder)

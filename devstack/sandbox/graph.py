@@ -38,7 +38,7 @@ from .mailbox import (
 from .scopes import has_any
 from .state import AccessTokenRecord, SandboxState
 from .tokens import GRAPH_APP_ID
-from .users import TestUser
+from .users import TestUser, find_in_tenant
 
 bp = Blueprint("graph", __name__)
 
@@ -89,11 +89,44 @@ class _Ctx:
         self.rec = rec
         self.request_id = request_id
         self.client_request_id = client_request_id
+        self.target: TestUser | None = None  # the mailbox addressed (/me or /users/{id}); else the caller
 
     @property
     def user(self) -> TestUser:
+        """The user whose mailbox the request addresses."""
+        if self.target is not None:
+            return self.target
         assert self.rec is not None
         return self.rec.user
+
+
+# Outside an administrator's scope (Exchange Online RBAC for Applications / Application Access Policy).
+# https://learn.microsoft.com/graph/auth-limit-mailbox-access
+APP_SCOPE_DENIED = ("Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy "
+                    "settings.")
+
+
+def resolve_target(rec: AccessTokenRecord, uid: str | None) -> TestUser:
+    """The mailbox a request addresses: ``/me`` is the signed-in user (never valid with an application token);
+    ``/users/{id | userPrincipalName}`` is any user of the token's tenant for an application token within the
+    administrator's scope, and only the signed-in user for a delegated token without ``.Shared`` permissions."""
+    state = _sb()
+    if uid is None:
+        if rec.app:
+            raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
+        return rec.user
+    user = find_in_tenant(rec.user.tid, uid)
+    if user is None:
+        raise GraphError(404, "ErrorInvalidUser", f"The requested user '{uid}' is invalid.")
+    if not rec.app:
+        if user.upn != rec.user.upn:
+            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        return user
+    with state.lock:
+        scope = state.app_scopes.get((rec.user.tid, rec.client_id))
+    if scope is not None and user.upn not in scope:
+        raise GraphError(403, "ErrorAccessDenied", APP_SCOPE_DENIED)
+    return user
 
 
 def _json_response(status: int, body: Any, ctx: _Ctx, headers: dict[str, str] | None = None) -> Response:
@@ -190,6 +223,8 @@ def graph_call(*, scopes: tuple[str, ...] | None = None, mailbox: bool = True,
             entered = False
             try:
                 ctx.rec = _authenticate(state)
+                if "uid" in kwargs or request.path.rstrip("/") == "/v1.0/me" or request.path.startswith("/v1.0/me/"):
+                    ctx.target = resolve_target(ctx.rec, kwargs.pop("uid", None))
                 upn = ctx.user.upn
                 with state.lock:
                     state.counters[f"graph_user:{upn}"] += 1
@@ -287,6 +322,7 @@ def me(ctx: _Ctx) -> tuple[int, Any]:
 
 
 @bp.get("/v1.0/me/mailFolders")
+@bp.get("/v1.0/users/<uid>/mailFolders")
 @graph_call(scopes=READ_SCOPES)
 def list_folders(ctx: _Ctx) -> tuple[int, Any]:
     state = _sb()
@@ -305,6 +341,7 @@ def _folder_or_404(mb: Mailbox, ref: str) -> str:
 
 
 @bp.get("/v1.0/me/mailFolders/<folder>")
+@bp.get("/v1.0/users/<uid>/mailFolders/<folder>")
 @graph_call(scopes=READ_SCOPES)
 def get_folder(ctx: _Ctx, folder: str) -> tuple[int, Any]:
     state = _sb()
@@ -535,12 +572,14 @@ def _expanded_property() -> str | None:
 
 
 @bp.get("/v1.0/me/messages")
+@bp.get("/v1.0/users/<uid>/messages")
 @graph_call(scopes=READ_SCOPES)
 def list_messages(ctx: _Ctx) -> tuple[int, Any]:
     return _list_messages(ctx, None)
 
 
 @bp.get("/v1.0/me/mailFolders/<folder>/messages")
+@bp.get("/v1.0/users/<uid>/mailFolders/<folder>/messages")
 @graph_call(scopes=READ_SCOPES)
 def list_folder_messages(ctx: _Ctx, folder: str) -> tuple[int, Any]:
     return _list_messages(ctx, folder)
@@ -568,6 +607,7 @@ def _message_or_404(mb: Mailbox, mid: str) -> dict[str, Any]:
 
 
 @bp.get("/v1.0/me/messages/<mid>")
+@bp.get("/v1.0/users/<uid>/messages/<mid>")
 @graph_call(scopes=READ_SCOPES)
 def get_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
@@ -584,6 +624,7 @@ def get_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
 
 
 @bp.patch("/v1.0/me/messages/<mid>")
+@bp.patch("/v1.0/users/<uid>/messages/<mid>")
 @graph_call(scopes=WRITE_SCOPES)
 def update_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     body = _body_json()
@@ -598,6 +639,7 @@ def update_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
 
 
 @bp.delete("/v1.0/me/messages/<mid>")
+@bp.delete("/v1.0/users/<uid>/messages/<mid>")
 @graph_call(scopes=WRITE_SCOPES)
 def delete_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
@@ -618,6 +660,7 @@ def _attachment_or_404(msg: dict[str, Any], aid: str) -> dict[str, Any]:
 
 
 @bp.get("/v1.0/me/messages/<mid>/attachments")
+@bp.get("/v1.0/users/<uid>/messages/<mid>/attachments")
 @graph_call(scopes=READ_SCOPES)
 def list_attachments(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     state = _sb()
@@ -630,6 +673,7 @@ def list_attachments(ctx: _Ctx, mid: str) -> tuple[int, Any]:
 
 
 @bp.get("/v1.0/me/messages/<mid>/attachments/<aid>")
+@bp.get("/v1.0/users/<uid>/messages/<mid>/attachments/<aid>")
 @graph_call(scopes=READ_SCOPES)
 def get_attachment(ctx: _Ctx, mid: str, aid: str) -> tuple[int, Any]:
     state = _sb()
@@ -639,6 +683,7 @@ def get_attachment(ctx: _Ctx, mid: str, aid: str) -> tuple[int, Any]:
 
 
 @bp.get("/v1.0/me/messages/<mid>/attachments/<aid>/$value")
+@bp.get("/v1.0/users/<uid>/messages/<mid>/attachments/<aid>/$value")
 @graph_call(scopes=READ_SCOPES)
 def get_attachment_value(ctx: _Ctx, mid: str, aid: str) -> Response:
     # Raw bytes of a file attachment. https://learn.microsoft.com/en-us/graph/api/attachment-get#request-2
@@ -658,6 +703,7 @@ def get_attachment_value(ctx: _Ctx, mid: str, aid: str) -> Response:
 
 
 @bp.post("/v1.0/me/messages/<mid>/attachments")
+@bp.post("/v1.0/users/<uid>/messages/<mid>/attachments")
 @graph_call(scopes=WRITE_SCOPES)
 def add_attachment(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     body = _body_json()
@@ -913,6 +959,7 @@ def deliver_to_sandbox_users(state: SandboxState, sender: Mailbox, fields: dict[
 
 
 @bp.post("/v1.0/me/sendMail")
+@bp.post("/v1.0/users/<uid>/sendMail")
 @graph_call(scopes=SEND_SCOPES)
 def send_mail(ctx: _Ctx) -> tuple[int, Any]:
     # POST /me/sendMail answers 202 Accepted with no body. https://learn.microsoft.com/en-us/graph/api/user-sendmail
@@ -952,6 +999,7 @@ def send_mail(ctx: _Ctx) -> tuple[int, Any]:
 # Drafts, upload sessions, send
 # ---------------------------------------------------------------------------------------------
 @bp.post("/v1.0/me/messages")
+@bp.post("/v1.0/users/<uid>/messages")
 @graph_call(scopes=WRITE_SCOPES)
 def create_draft(ctx: _Ctx) -> tuple[int, Any]:
     # Create a draft: 201 Created with the message. https://learn.microsoft.com/en-us/graph/api/user-post-messages
@@ -976,6 +1024,7 @@ def create_draft(ctx: _Ctx) -> tuple[int, Any]:
 
 
 @bp.post("/v1.0/me/messages/<mid>/attachments/createUploadSession")
+@bp.post("/v1.0/users/<uid>/messages/<mid>/attachments/createUploadSession")
 @graph_call(scopes=WRITE_SCOPES)
 def create_upload_session(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     # https://learn.microsoft.com/en-us/graph/api/attachment-createuploadsession
@@ -1120,6 +1169,7 @@ def _accept_chunk(ctx: _Ctx, sess: UploadSession) -> Response:
 
 
 @bp.post("/v1.0/me/messages/<mid>/send")
+@bp.post("/v1.0/users/<uid>/messages/<mid>/send")
 @graph_call(scopes=SEND_SCOPES)
 def send_draft(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     # https://learn.microsoft.com/en-us/graph/api/message-send : 202 Accepted, draft moves to Sent Items.
@@ -1278,6 +1328,7 @@ for _action in ANSWER_ACTIONS:
 
 
 @bp.post("/v1.0/me/messages/<mid>/move")
+@bp.post("/v1.0/users/<uid>/messages/<mid>/move")
 @graph_call(scopes=WRITE_SCOPES)
 def move_message(ctx: _Ctx, mid: str) -> tuple[int, Any]:
     # https://learn.microsoft.com/en-us/graph/api/message-move : 201 Created with the message, under a new id.

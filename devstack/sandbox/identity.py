@@ -24,7 +24,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from . import tokens
 from .assertions import check_client_assertion
 from .errors import aadsts_body, aadsts_response
-from .scopes import OIDC_SCOPES, InvalidScopeError, parse_scopes, resource_scopes
+from .scopes import GRAPH_DEFAULT_SCOPE, OIDC_SCOPES, InvalidScopeError, parse_scopes, resource_scopes
 from .state import (
     CODE_LIFETIME_S,
     RT_INACTIVITY_S,
@@ -380,6 +380,9 @@ def _complete(params: dict[str, str], tenant: str, user: TestUser, scopes: list[
             f"exist in tenant '{TENANT_NAMES.get(str(resolved), tenant)}' and cannot access the application "
             f"'{params['client_id']}' in that tenant.",
         )
+    if user.shared:
+        # A shared mailbox's account is disabled for sign-in.
+        return _error_page(50057, "The user account is disabled.")
     with state.lock:
         blocked = state.ca_blocked.get(user.upn, False)
         consented = (user.tid, params["client_id"]) in state.admin_consented
@@ -445,8 +448,12 @@ def _issue_code(params: dict[str, str], user: TestUser, scopes: list[str]) -> Re
 @bp.get("/<tenant>/v2.0/adminconsent")
 @bp.get("/<tenant>/adminconsent")
 def admin_consent(tenant: str) -> Response:
-    # Admin consent endpoint: redirects with admin_consent=True&tenant=...&state=...
-    # https://learn.microsoft.com/en-us/entra/identity-platform/v2-admin-consent
+    """Admin consent (https://learn.microsoft.com/entra/identity-platform/v2-admin-consent): a Global
+    Administrator signs in and grants the app's permissions for the whole tenant; the browser returns with
+    ``admin_consent=True&tenant=…&scope=…&state=…``, or ``error``/``error_description``.
+
+    Sandbox shortcut, as on ``/authorize``: a ``login_hint`` naming a test user signs in without a page.
+    """
     state, _ = _sb()
     resolved = resolve_tenant(tenant)
     client_id = request.args.get("client_id", "")
@@ -459,16 +466,47 @@ def admin_consent(tenant: str) -> Response:
     redirect_uri = request.args.get("redirect_uri") or client.redirect_uris[0]
     if redirect_uri not in client.redirect_uris:
         return _error_page(50011, f"The redirect URI '{redirect_uri}' specified in the request does not match.")
-    tid = resolved if resolved != "organizations" else next(iter(ADMIN_CONSENT_TENANTS))
+    hint = (request.args.get("login_hint") or "").strip().lower()
+    user = find_user(hint)
+    if user is None:
+        return _admin_signin_page(hint)
+    back = {k: request.args[k] for k in ("state",) if k in request.args}
+    sep = "&" if "?" in redirect_uri else "?"
+    if user.shared:
+        return _error_page(50057, "The user account is disabled.")
+    if user.personal or (resolved != "organizations" and user.tid != resolved):
+        return _error_page(50020, f"User account '{user.upn}' from identity provider "
+                           f"'https://sts.windows.net/{user.tid}/' does not exist in tenant "
+                           f"'{TENANT_NAMES.get(str(resolved), tenant)}'.")
+    if not user.admin:
+        # A user who is not an administrator cannot grant tenant-wide consent; Entra returns the browser with
+        # an error instead of a grant.
+        text = ("AADSTS90093: This application requires application permissions to another application. Consent "
+                "for application permissions can only be performed by an administrator.")
+        return _redirect(redirect_uri + sep + urlencode({"error": "access_denied", "error_description": text,
+                                                         **back}))
+    if request.args.get("decision") == "cancel":
+        return _redirect(redirect_uri + sep + urlencode({"error": "access_denied", "error_subcode": "cancel",
+                                                         "error_description": "AADSTS65004: User declined to "
+                                                         "consent to access the app.", **back}))
     with state.lock:
-        state.admin_consented.add((tid, client_id))
-    values = {"admin_consent": "True", "tenant": tid}
+        state.admin_consented.add((user.tid, client_id))
+    values = {"admin_consent": "True", "tenant": user.tid}
     if "scope" in request.args:
         values["scope"] = request.args["scope"]
-    if "state" in request.args:
-        values["state"] = request.args["state"]
-    sep = "&" if "?" in redirect_uri else "?"
+    values.update(back)
     return _redirect(redirect_uri + sep + urlencode(values))
+
+
+def _admin_signin_page(hint: str) -> Response:
+    links = "".join(
+        f"<a href='?{html.escape(urlencode({**request.args, 'login_hint': u.upn}))}'>"
+        f"<button type='button'>{html.escape(u.display_name)} &lt;{html.escape(u.upn)}&gt;"
+        f"{' (administrator)' if u.admin else ''}</button></a><br>"
+        for u in TEST_USERS.values() if not u.personal
+    )
+    note = f"<p class='err'>No test user matches '{html.escape(hint)}'.</p>" if hint else ""
+    return _page("Permissions requested: accept for your organization", f"{note}{links}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +568,8 @@ def token(tenant: str) -> Response:
         return _grant_code(client_id)
     if grant_type == "refresh_token":
         return _grant_refresh(client_id)
+    if grant_type == "client_credentials":
+        return _grant_client_credentials(client_id, tenant)
     return _err(400, "unsupported_grant_type", 70003, f"The app requested an unsupported grant type '{grant_type}'.")
 
 
@@ -709,6 +749,53 @@ def _grant_refresh(client_id: str) -> Response:
         user = rec.user
     return _issue_tokens(client_id, user, scopes, nonce=None, grant_time=grant_time, rt_scopes=rec.scopes,
                          rotated_from=rec)
+
+
+def _grant_client_credentials(client_id: str, tenant: str) -> Response:
+    """Client-credentials grant: an application token for one tenant with the app roles an administrator
+    consented to (https://learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow)."""
+    state, key = _sb()
+    tid = resolve_tenant(tenant) or ""
+    if tid in ("common", "organizations", "consumers"):
+        # The client-credentials grant needs a tenant: https://learn.microsoft.com/entra/identity-platform/reference-error-codes
+        return _err(400, "invalid_request", 9001023, "The grant type isn't supported over the /common or "
+                    "/consumers endpoints. Please use the /organizations or tenant-specific endpoint.")
+    scope = (request.form.get("scope") or "").strip()
+    if not scope:
+        return _missing("scope")
+    if scope.split() != [GRAPH_DEFAULT_SCOPE]:
+        return _err(400, "invalid_scope", 1002012,
+                    f"The provided value for scope {scope} is not valid. Client credential flows must have a scope "
+                    "value with /.default suffixed to the resource identifier (application ID URI).")
+    with state.lock:
+        consented = (tid, client_id) in state.admin_consented
+        client = state.clients[client_id]
+        now = state.now()
+    if not consented:
+        # No service principal in the tenant (never consented, or removed by an administrator).
+        return _err(401, "invalid_client", 7000229,
+                    f"The client application {client_id} is missing service principal in the tenant {tid}. "
+                    "See instructions here: https://go.microsoft.com/fwlink/?linkid=2225119")
+    expires_in = state.access_token_lifetime_s or 3599
+    sp = TestUser(upn="", display_name=client.name, oid=_service_principal_id(tid, client_id), tid=tid,
+                  has_mailbox=False)
+    roles = list(client.app_roles)
+    at = tokens.app_token(key, client_id=client_id, app_name=client.name, tenant_id=tid, principal_id=sp.oid,
+                          roles=roles, now=int(now), expires_in=expires_in)
+    with state.lock:
+        state.access_tokens[at] = AccessTokenRecord(client_id, sp, roles, now + expires_in, app=True)
+        state.issued.append(at)
+        state.counters["app_tokens_issued"] += 1
+    resp = jsonify({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in,
+                    "access_token": at})
+    resp.headers["Cache-Control"] = "no-store, no-cache"
+    resp.headers["Pragma"] = "no-cache"
+    return resp
+
+
+def _service_principal_id(tid: str, client_id: str) -> str:
+    digest = hashlib.sha256(f"sp|{tid}|{client_id}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}"
 
 
 def _issue_tokens(client_id: str, user: TestUser, scopes: list[str], *, nonce: str | None,

@@ -11,6 +11,7 @@ import re
 
 OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
 GRAPH_RESOURCE = "https://graph.microsoft.com/"
+GRAPH_DEFAULT_SCOPE = GRAPH_RESOURCE + ".default"  # the only scope the client-credentials grant accepts
 # The permissions configured on the sandbox app registration (used for ".default").
 APP_CONFIGURED_SCOPES = ("User.Read", "Mail.ReadWrite", "Mail.Send")
 KNOWN_GRAPH_SCOPES = {

@@ -58,6 +58,8 @@ class ClientApp:
     secrets: dict[str, bool] = field(default_factory=dict)  # secret -> valid (False = expired)
     certificates: dict[str, RegisteredCertificate] = field(default_factory=dict)  # by SHA-256 thumbprint
     federated: list[FederatedCredential] = field(default_factory=list)
+    # Application permissions on Graph the registration declares (granted by admin consent).
+    app_roles: tuple[str, ...] = ("Mail.ReadWrite", "Mail.Send")
 
 
 @dataclass
@@ -94,10 +96,11 @@ class RefreshTokenRecord:
 @dataclass
 class AccessTokenRecord:
     client_id: str
-    user: TestUser
-    scopes: list[str]
+    user: TestUser  # for an application token: the app's service principal in the tenant (no mailbox)
+    scopes: list[str]  # delegated scopes, or an application token's roles
     expires_at: float
     expired: bool = False
+    app: bool = False  # client-credentials (app-only) token
 
 
 @dataclass
@@ -165,6 +168,9 @@ class SandboxState:
             self.tokens_valid_from: dict[str, float] = {}  # upn -> revocation time
             self.ca_blocked: dict[str, bool] = {u.upn: u.ca_blocked for u in TEST_USERS.values()}
             self.admin_consented: set[tuple[str, str]] = set()  # (tenant id, client id)
+            # Exchange Online RBAC for Applications / Application Access Policy: the mailboxes (UPNs) an
+            # application may reach in a tenant; absent = every mailbox of the tenant.
+            self.app_scopes: dict[tuple[str, str], frozenset[str]] = {}
             self.strict_rotation = True
             self.clock_offset = 0.0
             self.token_latency_ms = 0

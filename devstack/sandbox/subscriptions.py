@@ -42,11 +42,11 @@ import requests
 from flask import Blueprint
 
 from .errors import GraphError
-from .graph import READ_SCOPES, _body_json, _Ctx, _host, _sb, graph_call, immutable_ids
+from .graph import READ_SCOPES, _body_json, _Ctx, _host, _sb, graph_call, immutable_ids, resolve_target
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
-    from .state import SandboxState
+    from .state import AccessTokenRecord, SandboxState
 
 bp = Blueprint("subscriptions", __name__)
 
@@ -336,10 +336,6 @@ def _resource_folder(ctx: _Ctx, resource: Any) -> str | None:
     if not m:
         raise GraphError(400, "ExtensionError", f"Operation: Create; Exception: [Status Code: BadRequest; Reason: "
                          f"The resource '{resource}' is not supported for change notifications.]")
-    user = m.group("user")
-    if user and user.lower() not in (ctx.user.upn.lower(), ctx.user.oid.lower(), ctx.user.me_id.lower()):
-        raise GraphError(403, "ExtensionError", "Operation: Create; Exception: [Status Code: Forbidden; Reason: "
-                         "Access is denied.]")
     if m.group("all"):
         return None
     mb = _sb().mailboxes[ctx.user.upn]
@@ -396,8 +392,28 @@ def _encryption(body: dict[str, Any], select: list[str] | None) -> tuple[str, st
     return cert, cert_id
 
 
+def _subscribed_user(ctx: _Ctx, resource: object) -> None:
+    """The mailbox a subscription's resource names becomes the request's target: ``me/…`` for a delegated
+    token; ``users/{id}/…`` for the signed-in user, or with an application token any mailbox of the tenant
+    within the administrator's scope. Graph wraps the refusal as ExtensionError."""
+    m = _RESOURCE.match(resource.strip()) if isinstance(resource, str) else None
+    assert ctx.rec is not None
+    if m is None:
+        return  # _resource_folder names the resource that is not supported
+    try:
+        ctx.target = resolve_target(ctx.rec, m.group("user"))
+    except GraphError as e:
+        reason = "Forbidden" if e.status == 403 else "NotFound" if e.status == 404 else "BadRequest"
+        raise GraphError(e.status, "ExtensionError", f"Operation: Create; Exception: [Status Code: {reason}; "
+                         f"Reason: {e.message}]") from None
+    if not ctx.user.has_mailbox:
+        raise GraphError(404, "MailboxNotEnabledForRESTAPI",
+                         "The mailbox is either inactive, soft-deleted, or is hosted on-premise.")
+
+
 def _new_subscription(ctx: _Ctx, body: dict[str, Any]) -> Subscription:
     state = _sb()
+    _subscribed_user(ctx, body.get("resource"))
     client_state = body.get("clientState")
     if client_state is not None and (not isinstance(client_state, str) or len(client_state) > MAX_CLIENT_STATE):
         raise GraphError(400, "InvalidRequest", f"clientState must be at most {MAX_CLIENT_STATE} characters.")
@@ -422,7 +438,7 @@ def _new_subscription(ctx: _Ctx, body: dict[str, Any]) -> Subscription:
 
 
 @bp.post("/v1.0/subscriptions")
-@graph_call(scopes=READ_SCOPES)
+@graph_call(scopes=READ_SCOPES, mailbox=False)
 def create_subscription(ctx: _Ctx) -> tuple[int, Any]:
     body = _body_json()
     if not isinstance(body, dict):
@@ -438,6 +454,11 @@ def create_subscription(ctx: _Ctx) -> tuple[int, Any]:
     return 201, {"@odata.context": f"{_host()}/v1.0/$metadata#subscriptions/$entity", **sub.resource_json()}
 
 
+def _mine(rec: AccessTokenRecord, sub: Subscription) -> bool:
+    """A delegated token sees the signed-in user's subscriptions; an application token its tenant's."""
+    return sub.tid == rec.user.tid if rec.app else sub.upn == rec.user.upn
+
+
 def _own(ctx: _Ctx, sid: str) -> Subscription:
     """A live subscription of this app and user, else Graph's 404 (expired ones are gone)."""
     state = _sb()
@@ -448,7 +469,7 @@ def _own(ctx: _Ctx, sid: str) -> Subscription:
         if sub is not None and sub.expires_at <= state.now():
             del state.subscriptions[sid]
             sub = None
-    if sub is None or sub.client_id != rec.client_id or sub.upn != ctx.user.upn:
+    if sub is None or sub.client_id != rec.client_id or not _mine(rec, sub):
         raise GraphError(404, "ResourceNotFound", f"The object '{sid}' of type 'subscription' was not found.")
     return sub
 
@@ -462,7 +483,7 @@ def list_subscriptions(ctx: _Ctx) -> tuple[int, Any]:
     with state.lock:
         now = state.now()
         mine = [s.resource_json() for s in state.subscriptions.values()
-                if s.client_id == rec.client_id and s.upn == ctx.user.upn and s.expires_at > now]
+                if s.client_id == rec.client_id and _mine(rec, s) and s.expires_at > now]
     return 200, {"@odata.context": f"{_host()}/v1.0/$metadata#subscriptions", "value": mine}
 
 

@@ -128,6 +128,29 @@ def access_token(
     return key.sign(claims)
 
 
+def app_token(key: SigningKey, *, client_id: str, app_name: str, tenant_id: str, principal_id: str,
+              roles: list[str], now: int, expires_in: int) -> str:
+    """An application (app-only) Graph token from the client-credentials grant: ``roles`` instead of ``scp``,
+    ``idtyp`` = ``app``, ``oid``/``sub`` = the app's service principal in that tenant
+    (https://learn.microsoft.com/entra/identity-platform/access-token-claims-reference)."""
+    claims: dict[str, Any] = {
+        "aud": GRAPH_APP_ID,
+        "iss": f"https://sts.windows.net/{tenant_id}/",
+        "iat": now, "nbf": now, "exp": now + expires_in,
+        "app_displayname": app_name,
+        "appid": client_id, "appidacr": "1",
+        "idp": f"https://sts.windows.net/{tenant_id}/",
+        "idtyp": "app",
+        "oid": principal_id,
+        "roles": roles,
+        "sub": principal_id,
+        "tid": tenant_id,
+        "uti": b64url(secrets.token_bytes(16)),
+        "ver": "1.0",
+    }
+    return key.sign(claims)
+
+
 def refresh_token(user: TestUser) -> str:
     # Refresh tokens are opaque to clients ("0.A..." for work accounts, "M.C..." for MSA).
     prefix = "M.C5" if user.personal else "0.AX"

@@ -44,6 +44,11 @@ class TestUser:
     # Graph /me id: the oid for work accounts, a 16-hex-digit CID for personal accounts.
     graph_id: str = ""
     description: str = ""
+    # A Global Administrator of the tenant (may grant admin consent).
+    admin: bool = False
+    # A shared mailbox: its account is disabled for sign-in (AADSTS50057); reached only with application
+    # permissions through /users/{id|upn} (https://learn.microsoft.com/exchange/collaboration/shared-mailboxes).
+    shared: bool = False
 
     __test__ = False  # not a pytest test class
 
@@ -93,6 +98,26 @@ _USERS = [
         description="Consent granted for everything except Mail.Send: tokens lack Mail.Send, "
                     "sendMail answers 403 ErrorAccessDenied.",
     ),
+    TestUser(
+        upn="admin@contoso.onmicrosoft.com", display_name="Contoso Admin",
+        oid="ad000000-0000-4000-8000-00000000a008", tid=CONTOSO_TENANT_ID, admin=True,
+        description="Global Administrator of Contoso: may grant admin consent at /{tenant}/v2.0/adminconsent.",
+    ),
+    TestUser(
+        upn="support@contoso.onmicrosoft.com", display_name="Contoso Support",
+        oid="5a990000-0000-4000-8000-00000000a009", tid=CONTOSO_TENANT_ID, shared=True,
+        description="Shared mailbox: cannot sign in (AADSTS50057); reached with application permissions.",
+    ),
+    TestUser(
+        upn="sales@contoso.onmicrosoft.com", display_name="Contoso Sales",
+        oid="5a1e0000-0000-4000-8000-00000000a010", tid=CONTOSO_TENANT_ID, shared=True,
+        description="Second shared mailbox (use it outside an admin scope: 403 ErrorAccessDenied).",
+    ),
+    TestUser(
+        upn="admin@fabrikam.onmicrosoft.com", display_name="Fabrikam Admin",
+        oid="fab00000-0000-4000-8000-00000000f002", tid=FABRIKAM_TENANT_ID, admin=True,
+        description="Global Administrator of Fabrikam (the tenant that disallows user consent).",
+    ),
 ]
 
 TEST_USERS: dict[str, TestUser] = {u.upn: u for u in _USERS}
@@ -102,6 +127,15 @@ def find_user(login: str | None) -> TestUser | None:
     if not login:
         return None
     return TEST_USERS.get(login.strip().lower())
+
+
+def find_in_tenant(tid: str, ref: str) -> TestUser | None:
+    """A user of tenant ``tid`` by UPN or object id, as ``/users/{id | userPrincipalName}`` addresses one."""
+    r = ref.strip().lower()
+    for u in _USERS:
+        if u.tid == tid and r in (u.upn, u.oid, u.me_id.lower()):
+            return u
+    return None
 
 
 def resolve_tenant(segment: str) -> str | None:

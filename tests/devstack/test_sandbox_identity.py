@@ -205,7 +205,8 @@ def test_admin_consent_tenant_then_admin_grants_consent(sandbox_server, ctl, htt
 
     consent = http.get(f"{sandbox_server.url}/fabrikam.onmicrosoft.com/v2.0/adminconsent", params={
         "client_id": DEFAULT_CLIENT_ID, "redirect_uri": REDIRECT_URI, "state": "s1",
-        "scope": "https://graph.microsoft.com/.default"}, allow_redirects=False, timeout=10)
+        "scope": "https://graph.microsoft.com/.default", "login_hint": "admin@fabrikam.onmicrosoft.com"},
+        allow_redirects=False, timeout=10)
     assert query(consent.headers["Location"])["admin_consent"] == "True"
     app = new_app(sandbox_server, http)
     flow, qp = run_flow(app, http, "user@fabrikam.onmicrosoft.com")
