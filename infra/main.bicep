@@ -117,6 +117,9 @@ param msAuthorityHost string = 'https://login.microsoftonline.com'
 @description('Delegated Graph scopes requested (MS_SCOPES); offline_access is always added by the app.')
 param msScopes string = 'User.Read Mail.ReadWrite Mail.Send'
 
+@description('Application permissions for team mailboxes (MS_APP_ROLES), granted by each tenant\'s admin consent.')
+param msAppRoles string = 'Mail.ReadWrite Mail.Send'
+
 @description('Microsoft Graph base URL (GRAPH_BASE_URL).')
 param graphBaseUrl string = 'https://graph.microsoft.com/v1.0'
 
@@ -383,6 +386,7 @@ module functionApp 'modules/functionapp.bicep' = {
       MS_AUTHORITY_HOST: msAuthorityHost
       MS_TENANT: msTenant
       MS_SCOPES: msScopes
+      MS_APP_ROLES: msAppRoles
       GRAPH_BASE_URL: graphBaseUrl
       AUTH_ISSUER: authIssuer
       AUTH_AUDIENCE: authAudience

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from shared.accounts import ACTIVE, Account, AccountStore
+from shared.accounts import ACTIVE, APPLICATION, Account, AccountStore
 from shared.errors import ConnectorError, to_problem
 
 if TYPE_CHECKING:
@@ -73,6 +73,9 @@ class AccountOps:
         acc = self._accounts.get_account(owner, account_id)
         if acc.status != ACTIVE:
             raise reauth_error(acc)
+        if acc.access_type == APPLICATION:  # no grant of its own: prove the tenant's application token
+            self._tokens.application_token(acc)
+            return acc.to_public()
         with self._forced_lock:
             at = self._forced_at.get(account_id)
         if at is not None and time.monotonic() - at < self._forced_coalesce_s:
@@ -87,13 +90,18 @@ class AccountOps:
             self._forced_at[account_id] = time.monotonic()
         return saved.to_public()
 
-    def diagnose(self, owner: str, account_id: str) -> Json:
+    def diagnose(self, owner: str, account_id: str, *, probe: str | None = None) -> Json:
+        """``probe`` (team mailboxes): a mailbox of the tenant that was not added; by default one of the owner's
+        signed-in mailboxes of that tenant, if any."""
         from shared.diagnose import Diagnosis
 
         acc = self._accounts.get_account(owner, account_id)
+        if acc.access_type == APPLICATION and probe is None:
+            probe = next((a.email for a in self._accounts.list_accounts(owner) if a.tenant_id == acc.tenant_id
+                          and a.access_type != APPLICATION and a.email.lower() != acc.email.lower()), None)
         return Diagnosis(tokens=self._tokens, open_tokens=self._accounts.open_tokens, graph=self._graph,
                          admin_consent_url=self._oauth.admin_consent_url, graph_context=self._graph_context,
-                         notifications=self._notification_check).run(acc)
+                         notifications=self._notification_check).run(acc, probe=probe)
 
 
 def health_checks(*, storage: Callable[[], Storage], secrets: Callable[[], SecretStore],

@@ -22,6 +22,9 @@ from shared.storage import EntityValue, Row, Table, etag_of
 CONSUMER_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # personal Microsoft accounts
 ACTIVE = "active"
 REAUTH_REQUIRED = "reauth_required"
+#: ``accessType``: a user who signed in (``/me``), or a mailbox reached with the app's own application permissions
+#: granted by a tenant administrator (``/users/{address}``, no tokens stored: shared.tenant_access).
+DELEGATED, APPLICATION = "delegated", "application"
 
 
 def utcnow() -> dt.datetime:
@@ -106,6 +109,18 @@ class Account:
     lease_until: dt.datetime | None = None
     etag: str | None = field(default=None, repr=False)
     notifications: NotificationSummary = NotificationSummary()
+    access_type: str = DELEGATED
+    tenant_connection_id: str | None = None  # application access: the tenant connection it was added through
+
+    @property
+    def graph_root(self) -> str:
+        """The Graph path of this mailbox: ``me`` for a signed-in user; ``users/{address}`` for a team mailbox
+        (application permissions cannot use ``/me``: https://learn.microsoft.com/graph/api/user-get)."""
+        if self.access_type == APPLICATION:
+            from urllib.parse import quote
+
+            return "users/" + quote(self.email, safe="@.")
+        return "me"
 
     @property
     def mailbox_key(self) -> str:
@@ -130,6 +145,8 @@ class Account:
             "lastUsedAt": iso(self.last_used_at),
             "lastError": self.last_error,
             "notifications": self.notifications.to_json(),
+            "accessType": self.access_type,
+            **({"tenantConnectionId": self.tenant_connection_id} if self.access_type == APPLICATION else {}),
         }
 
 
@@ -190,9 +207,11 @@ class AccountStore:
         return [_from_entity(e) for e in self._table.scan()]
 
     def list_active_due_times(self) -> list[tuple[str, str, dt.datetime | None]]:
-        """(owner, account id, due time) of every active account: the daily index reconciliation."""
-        rows = self._table.query("status eq 'active'", select=["owner", "RowKey", "refreshDueAt"])
-        return [(str(e["owner"]), str(e["RowKey"]), parse_iso(e.get("refreshDueAt"))) for e in rows]
+        """(owner, account id, due time) of every active account with a grant to keep alive: the daily index
+        reconciliation (team mailboxes hold no grant: application tokens are obtained when needed)."""
+        rows = self._table.query("status eq 'active'", select=["owner", "RowKey", "refreshDueAt", "accessType"])
+        return [(str(e["owner"]), str(e["RowKey"]), parse_iso(e.get("refreshDueAt"))) for e in rows
+                if e.get("accessType") != APPLICATION]
 
     def count_by_status(self) -> dict[str, int]:
         """Accounts per status, from one scan projected to ``status`` (the daily ``connector.accounts`` metric)."""
@@ -358,6 +377,9 @@ def _to_entity(a: Account) -> dict[str, EntityValue]:
         "leaseId": a.lease_id or "",
         "leaseUntil": iso(a.lease_until) or "",
         **_notification_columns(a.notifications),
+        # Delegated accounts (the many) carry no access columns: absent means delegated.
+        **({"accessType": a.access_type, "tenantConnectionId": a.tenant_connection_id or ""}
+           if a.access_type == APPLICATION else {}),
     }
 
 
@@ -393,4 +415,6 @@ def _from_entity(e: Row) -> Account:
         etag=etag_of(e),
         notifications=NotificationSummary(s("notifStatus", NOTIFY_OFF), parse_iso(e.get("notifExpiresAt")),
                                           parse_iso(e.get("notifLastEventAt"))),
+        access_type=s("accessType", DELEGATED),
+        tenant_connection_id=s("tenantConnectionId") or None,
     )

@@ -93,6 +93,19 @@ def _tenant(name: str, value: str) -> str:
     return value
 
 
+_APP_ROLES = ("Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.Send")
+
+
+def _app_roles(name: str, value: str) -> tuple[str, ...]:
+    """Application permissions for team mailboxes: mail only, nothing tenant-wide beyond it."""
+    roles = tuple(value.split())
+    unknown = [r for r in roles if r not in _APP_ROLES]
+    if not roles or unknown:
+        raise ConfigurationError(f"{name} must list application permissions among {', '.join(_APP_ROLES)}",
+                                 setting=name)
+    return roles
+
+
 def _scopes(name: str, value: str) -> tuple[str, ...]:
     scopes = tuple(value.split())
     if not scopes:
@@ -264,6 +277,9 @@ SETTINGS: tuple[Setting, ...] = (
             doc="`common`, `organizations`, `consumers` or a tenant id."),
     Setting("MS_SCOPES", "User.Read Mail.ReadWrite Mail.Send", attr="scopes", parse=_scopes,
             doc="Delegated Graph scopes requested (`offline_access` is always added)."),
+    Setting("MS_APP_ROLES", "Mail.ReadWrite Mail.Send", attr="app_roles", parse=_app_roles,
+            doc="Application permissions for team mailboxes (admin consent; `docs/team-mailboxes.md`): the tenant "
+                "must have granted each before its mailboxes can be added."),
     Setting("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0", attr="graph_base_url", parse=_https_url,
             doc="Microsoft Graph base URL."),
     Setting("MS_CA_BUNDLE", attr="ca_bundle", parse=_pem_file, local_only=True,
@@ -415,6 +431,7 @@ class Settings:
     notifications_resource_data: bool = False
     notification_cert_name: str = "notification-cert"
     notification_cert_path: str | None = None
+    app_roles: tuple[str, ...] = ("Mail.ReadWrite", "Mail.Send")
 
     @property
     def authority(self) -> str:

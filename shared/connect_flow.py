@@ -62,6 +62,7 @@ class CallbackOutcome:
     message: str | None = None
     hint: str | None = None
     result: str | None = None  # the signed result token (shared.connect_result), on success only
+    tenant_connection_id: str | None = None  # admin consent (shared.team_mailboxes)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class ConnectIdentity:
 
 class _IssuedToken:
     """A :class:`shared.graph.TokenSource` for a token Entra just issued (the callback's ``/me``)."""
+
+    root = "me"
 
     def __init__(self, access_token: str) -> None:
         self._token = access_token
@@ -90,10 +93,13 @@ class ConnectFlow:
                  accounts: AccountStore, graph: GraphClient, index: DueIndex, claims: Table,
                  next_due: Callable[[Tokens, dt.datetime], dt.datetime],
                  on_connected: Callable[[Account, bool], Account], webhooks: Webhooks,
-                 telemetry: Telemetry) -> None:
+                 telemetry: Telemetry,
+                 admin_consent: Callable[[PendingConnect, dict[str, str], str], CallbackOutcome] | None = None) -> None:
         """``key_ring(sealed=None)``: the token key ring (re-read once for a value sealed under an unknown key).
         ``next_due(tokens, now)``: the refresh due time of fresh tokens. ``on_connected(account, reconnected)``:
-        the inbound-mail hook (never raises). ``claims``: the table of mailbox claims (the OAuth states')."""
+        the inbound-mail hook (never raises). ``claims``: the table of mailbox claims (the OAuth states').
+        ``admin_consent(pending, params, state)``: completes the callback of an admin-consent state."""
+        self._admin_consent = admin_consent
         self._identity = identity
         self._oauth = oauth
         self._key_ring = key_ring
@@ -135,6 +141,8 @@ class ConnectFlow:
         state = params.get("state")
         pending = self._oauth.consume_state(
             state, open_sealed=lambda sealed, aad: self._key_ring(sealed).open(sealed, aad=aad))
+        if pending.kind == "admin" and self._admin_consent is not None:
+            return self._admin_consent(pending, params, state or "")
         try:
             account = self._store_connection(pending, params)
         except ConnectorError as err:

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from shared.accounts import ACTIVE, CONSUMER_TENANT_ID, Account, Tokens, iso, utcnow
+from shared.accounts import ACTIVE, APPLICATION, CONSUMER_TENANT_ID, Account, Tokens, iso, utcnow
 from shared.errors import ConnectorError, OperatorError, ReauthRequiredError
 from shared.tokens import AccountTokenSource
 
@@ -69,7 +69,9 @@ class Diagnosis:
     def result(self, account_id: str) -> dict[str, object]:
         return {"accountId": account_id, "healthy": all(ch["ok"] for ch in self.checks), "checks": self.checks}
 
-    def run(self, acc: Account) -> dict[str, object]:
+    def run(self, acc: Account, *, probe: str | None = None) -> dict[str, object]:
+        """``probe``: for a team mailbox, a mailbox of its tenant that was not added, to tell whether the
+        administrator scoped the app."""
         self._record_checks(acc)
         if self._notifications is not None:
             ok, detail, hint = self._notifications(acc)
@@ -80,6 +82,9 @@ class Diagnosis:
         if got is None:
             return self.result(acc.id)
         token, acc = got
+        if acc.access_type == APPLICATION:
+            self._application_checks(acc, token, probe)
+            return self.result(acc.id)
         tokens = self._open_tokens(acc)
         self._freshness(tokens)
         granted, consent_hint = self._scopes(acc, token, tokens)
@@ -90,12 +95,55 @@ class Diagnosis:
                  "Mail.Send is not granted: sending will fail with ErrorAccessDenied.", consent_hint)
         return self.result(acc.id)
 
+    def _application_checks(self, acc: Account, token: str, probe: str | None) -> None:
+        """A team mailbox: the application permissions in the token's ``roles``, the mailbox, and whether the
+        tenant administrator scoped the app (a mailbox that was not added must be refused)."""
+        from shared.tenant_access import SCOPE_HINT, app_token_of
+
+        roles = set(app_token_of(token, utcnow()).roles)
+        hint = (f"Declare the application permission on the app registration, then ask a tenant administrator to "
+                f"consent again: {self._admin_consent_url(acc.tenant_id)}")
+        for feature, any_of, what in (("read mail", {"Mail.Read", "Mail.ReadWrite"}, "list and read messages"),
+                                      ("send mail", {"Mail.Send"}, "send mail as the mailbox")):
+            have = sorted(any_of & roles)
+            self.add(f"role:{feature}", bool(have), f"Application permission {', '.join(have)} (token roles)." if have
+                     else f"None of {', '.join(sorted(any_of))} is granted (token roles): cannot {what}.", hint)
+        source = AccountTokenSource(self._tokens, acc)
+        try:
+            self._graph.get_json("me/mailFolders/inbox", mailbox=acc.mailbox_key, token=source, context=self._context,
+                                 params={"$select": "id"})
+            self.add("mailbox", True, f"{acc.email} is reachable with the tenant's application token.")
+        except ConnectorError as e:
+            self.add("mailbox", False, f"The mailbox is not reachable: {e.code}: {e.detail}", e.hint)
+        if not probe:
+            self.add("adminScope", True, "Not checked: no mailbox of this tenant outside the ones added is known. "
+                     "Pass ?probe=<address of a mailbox the app must not reach> to check the administrator's scope.")
+            return
+        from urllib.parse import quote
+
+        try:
+            self._graph.get_json(f"users/{quote(probe, safe='@.')}/mailFolders/inbox", mailbox=f"{probe}.probe",
+                                 token=source, params={"$select": "id"})
+            self.add("adminScope", False, f"Not scoped: the app also reads {probe}, a mailbox that was not added, so "
+                     "it can read every mailbox of the tenant.", SCOPE_HINT.replace("this one is outside the scope",
+                                                                                    "it is not"))
+        except ConnectorError as e:
+            code = e.microsoft.error if e.microsoft else ""
+            if code == "ErrorAccessDenied":
+                self.add("adminScope", True, f"Scoped: the administrator limited the app to some mailboxes ({probe} "
+                         "is refused).")
+            else:
+                self.add("adminScope", False, f"Could not tell whether the app is scoped: {probe} answered {e.code}.",
+                         "Probe an existing mailbox of this tenant that the app must not reach.")
+
     def _record_checks(self, acc: Account) -> None:
         personal = acc.tenant_id == CONSUMER_TENANT_ID
         self.add("accountType", True,
                  f"Personal Microsoft account ({acc.email}); Outlook.com mailbox." if personal else
                  f"Work or school account ({acc.email}) in tenant {acc.tenant_id}.")
         self.add("status", acc.status == ACTIVE, f"Account status is {acc.status}.",
+                 "A tenant administrator must grant admin consent again (the id is kept)."
+                 if acc.access_type == APPLICATION else
                  "Start the connect flow again with accountId to re-connect (the id is kept).")
         if acc.last_error:
             err = acc.last_error

@@ -12,6 +12,7 @@
     ├── OAuthError                      the connect flow failed (state, redirect, consent)
     ├── MicrosoftError                  Entra (AADSTS) or Graph answered with an error
     │   ├── ReauthRequiredError (409)   the grant is dead: the user must re-connect
+    │   │   └── ConsentRequiredError (409)  a tenant's admin consent is gone: an administrator must consent again
     │   ├── OperatorError (500/502)     our app registration is broken (invalid_client, 7000215…)
     │   └── ThrottledError (503)        Retry-After budget spent; ``retry_after`` seconds
     ├── CryptoError (500)               a stored token failed authenticated decryption (tampered, moved)
@@ -167,6 +168,14 @@ class ReauthRequiredError(MicrosoftError):
     status = 409
     code = "reauth_required"
     title = "The mailbox must be re-connected"
+
+
+class ConsentRequiredError(ReauthRequiredError):
+    """A team mailbox's tenant no longer grants the app's application permissions (service principal deleted,
+    consent revoked): only a tenant administrator can restore it, by consenting again."""
+
+    code = "tenant_consent_required"
+    title = "A tenant administrator must consent again"
 
 
 class OperatorError(MicrosoftError):

@@ -15,6 +15,9 @@ Every Graph call, upload-session chunk PUTs included, goes through :meth:`GraphC
 * Upload-session URLs are pre-authenticated and outside ``GRAPH_BASE_URL``: they get no
   ``Authorization`` header (https://learn.microsoft.com/graph/outlook-large-attachments).
   They carry a secret in their query string, so they are never logged nor put in an error.
+* Paths are written for the signed-in user (``me/…``); the token source names the mailbox they address, and
+  :func:`mailbox_path` (the one place that decides it) turns them into ``users/{address}/…`` for a team mailbox
+  reached with application permissions, which cannot use ``/me`` (https://learn.microsoft.com/graph/api/user-get).
 * Every request sends ``Prefer: IdType="ImmutableId"``: message ids in answers, delta rounds and the
   notifications of subscriptions created with it stay the same when a message moves
   (https://learn.microsoft.com/graph/outlook-immutable-id).
@@ -47,9 +50,21 @@ MAX_CONCURRENT_PER_MAILBOX = 4
 
 
 class TokenSource(Protocol):
+    """An access token for one mailbox, and that mailbox's Graph path (``me``, or ``users/{address}``)."""
+
+    @property
+    def root(self) -> str: ...
+
     def get(self) -> str: ...
 
     def refresh(self, stale: str) -> str: ...
+
+
+def mailbox_path(root: str, path: str) -> str:
+    """``path``, written for the signed-in user (``me`` or ``me/…``), as a path of the mailbox at ``root``."""
+    if root == "me" or not (path == "me" or path.startswith("me/")):
+        return path
+    return root + path[2:]
 
 
 class _Bearer(AuthBase):
@@ -122,7 +137,8 @@ class GraphClient:
         if json is not None:  # UTF-8 is what Graph counts against its 4 MB; \uXXXX escapes would multiply it
             data = _json.dumps(json, separators=(",", ":"), ensure_ascii=False).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
-        return self._exchange(method, self.url(path), mailbox=mailbox, token=token, safe=safe, context=context,
+        return self._exchange(method, self.url(mailbox_path(token.root, path)), mailbox=mailbox, token=token,
+                              safe=safe, context=context,
                               headers=headers, timeout=self._timeout,
                               send_kw=_SendKw(params=params, data=data, stream=stream))
 

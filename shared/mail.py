@@ -176,6 +176,18 @@ def parse_recipient(value: object, field_name: str) -> Recipient:
     return Recipient(address, name)
 
 
+def mailbox_address(value: object, field_name: str = "address") -> str:
+    """One bare address (RFC 5322 addr-spec): no display name, no CR/LF or other control characters, at most
+    254 characters (RFC 5321 §4.5.3.1.3 path limit less the brackets)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field_name, f"{field_name} is required: one email address.")
+    _no_control(field_name, value)
+    address = value.strip()
+    if len(address) > 254 or not _ADDR_RE.fullmatch(address):
+        raise ValidationError(field_name, f"{field_name} must be one email address without a display name.")
+    return address
+
+
 def _recipients(body: Json, key: str, *, required: bool = False) -> list[Recipient]:
     raw = body.get(key)
     if raw is None:

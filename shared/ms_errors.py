@@ -116,6 +116,10 @@ AADSTS: dict[int, ErrorInfo] = {
                     "(docs/deploy.md).", "operator"),
     501481: ErrorInfo("pkce_mismatch", 400, "The PKCE verifier did not match. Start the connect flow again."),
     65004: ErrorInfo("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
+    # Admin consent (team mailboxes) by someone who is not an administrator of the tenant.
+    90093: ErrorInfo("admin_required", 403,
+                    "Only a tenant administrator (Global, Application or Cloud Application Administrator) can grant "
+                    "the application permissions. Ask one to open the admin-consent link."),
 }
 
 # https://learn.microsoft.com/graph/errors and the Outlook mail API error codes
@@ -132,7 +136,8 @@ GRAPH: dict[str, ErrorInfo] = {
     "ErrorAccessDenied": ErrorInfo(
         "mail_access_denied", 403,
         "The granted permissions do not allow this (e.g. Mail.Send was not consented). Re-connect with consent "
-        "for {scopes}, or ask an administrator to grant it."),
+        "for {scopes}, or ask an administrator to grant it. For a team mailbox: the tenant administrator must "
+        "include it in the app's scope (Exchange Online RBAC for Applications; docs/team-mailboxes.md)."),
     "ErrorSendAsDenied": ErrorInfo(
         "send_as_denied", 403,
         "The mailbox may not send as the given address. Send from the connected mailbox itself."),
@@ -154,6 +159,11 @@ GRAPH: dict[str, ErrorInfo] = {
         "graph_resource_not_found", 502,
         "Microsoft Graph could not find a mailbox resource the connector asked for (not a message): the mailbox "
         "may not be provisioned yet. Run the account's diagnose check."),
+    # A /users/{address} path naming no user of the tenant (a team mailbox deleted or renamed).
+    "ErrorInvalidUser": ErrorInfo(
+        "mailbox_not_found", 409,
+        "The tenant has no mailbox with this address (deleted or renamed). Add the mailbox again by its current "
+        "address."),
     "ErrorInvalidIdMalformed": ErrorInfo("invalid_id", 400, "The message or folder id is malformed."),
     "ErrorQuotaExceeded": ErrorInfo("mailbox_full", 507, "The mailbox is full. The user must free space."),
 }
@@ -261,6 +271,7 @@ _CALLBACK_MESSAGES = {
     "consent_required": "The app's permissions need consent.",
     "admin_consent_required": "This organisation requires an administrator to approve the app.",
     "app_not_authorized_in_tenant": "The app is not authorized in this organisation.",
+    "admin_required": "Only an administrator of the organisation can grant this consent.",
     "account_not_allowed": "This kind of account cannot connect to this app.",
     "blocked_by_conditional_access": "A Conditional Access policy of the organisation blocked the sign-in.",
     "mfa_required": "Multi-factor authentication is required.",

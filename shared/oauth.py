@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ from shared.config import Settings
 from shared.crypto import account_aad
 from shared.errors import (
     ConnectorError,
+    ConsentRequiredError,
     OAuthError,
     UpstreamUnavailableError,
     ValidationError,
@@ -58,6 +60,14 @@ TokenCall = Callable[["ConfidentialClientApplication"], Mapping[str, object]]
 # Entra's sign-in and consent pages, MFA included, take a user a minute or two; an authorization
 # code itself lives at most 10 minutes.
 STATE_TTL = dt.timedelta(minutes=5)
+# Admin consent: an administrator reads the list of application permissions before granting them.
+ADMIN_STATE_TTL = dt.timedelta(minutes=10)
+#: What the client-credentials grant asks for: the application permissions an administrator granted
+#: (https://learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow#get-a-token).
+GRAPH_DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
+#: Entra's answers to the client-credentials grant when the tenant no longer has the app (service principal
+#: deleted: 7000229 / 700016) or its consent (65001): only that tenant's administrator can restore it.
+TENANT_CONSENT_GONE = frozenset({7000229, 700016, 65001})
 STATE_MAC_PURPOSE = "oauth-state-partition/v1"
 MAX_PENDING_STATES_PER_OWNER = 10
 _RESERVED_SCOPES = {"openid", "profile", "offline_access"}
@@ -102,6 +112,8 @@ class PendingConnect:
     flow: dict[str, object]
     login_hint: str | None = None
     require_login_hint: bool = False
+    kind: str = "user"  # "admin": an admin-consent flow (shared.team_mailboxes)
+    tenant: str | None = None  # admin consent: the tenant it was started for, if one was named
 
     def __repr__(self) -> str:
         return f"PendingConnect(owner={self.owner!r}, account_id={self.account_id!r})"
@@ -115,8 +127,9 @@ class OAuthClient:
         self._session = session
         self._states = states_table
         self._lock = threading.Lock()
-        self._app: ConfidentialClientApplication | None = None
-        self._app_version: str | None = None  # of the client credential the MSAL app was built with
+        # MSAL apps by tenant (None: MS_TENANT's authority; a tenant id: client-credentials for that tenant),
+        # each with the version of the client credential it was built with.
+        self._apps: dict[str | None, tuple[str | None, ConfidentialClientApplication]] = {}
         # Set when Entra rejects our client credentials; cleared by the next successful token call.
         self.operator_alert: ConnectorError | None = None
 
@@ -124,19 +137,22 @@ class OAuthClient:
     def _msal_app(self) -> ConfidentialClientApplication:
         return self._msal_app_for(self._credentials.current())
 
-    def _msal_app_for(self, credential: ClientCredential) -> ConfidentialClientApplication:
+    def _msal_app_for(self, credential: ClientCredential, tenant: str | None = None) -> ConfidentialClientApplication:
         # MS_CLIENT_CREDENTIAL: the secret, {"private_key", "public_certificate"} (MSAL signs the assertion)
         # or {"client_assertion": <managed identity token callable>}; rebuilt when it is rotated (or, for a
         # certificate, when the previous version is presented while Entra does not know the newest).
         with self._lock:
-            if self._app is None or credential.version != self._app_version:
+            built = self._apps.get(tenant)
+            if built is None or credential.version != built[0]:
                 import msal
 
                 host = urlsplit(self._s.authority_host).hostname or ""
-                self._app = msal.ConfidentialClientApplication(
+                if len(self._apps) > 1000:  # tenants come and go; an app is cheap to build again
+                    self._apps.clear()
+                app = msal.ConfidentialClientApplication(
                     self._s.client_id,
                     client_credential=credential.msal,
-                    authority=self._s.authority,
+                    authority=f"{self._s.authority_host}/{tenant}" if tenant else self._s.authority,
                     http_client=self._session,
                     # MSAL asks Microsoft's instance-discovery endpoint about unknown hosts; the
                     # sandbox (or a sovereign cloud) is not in its list.
@@ -144,8 +160,9 @@ class OAuthClient:
                     token_cache=_NoTokenCache(),
                     timeout=(5, 30),
                 )
-                self._app_version = credential.version
-            return self._app
+                built = (credential.version, app)
+                self._apps[tenant] = built
+            return built[1]
 
     @property
     def resource_scopes(self) -> list[str]:
@@ -200,19 +217,41 @@ class OAuthClient:
             self.resource_scopes, redirect_uri=self._s.redirect_uri, state=state, prompt=prompt,
             login_hint=login_hint or None, domain_hint=domain_hint or None, response_mode="form_post",
         )
+        data = {"flow": flow, "returnUrl": return_url, "accountId": account_id, "loginHint": login_hint or None,
+                "requireLoginHint": require_login_hint}
+        return self._store_state(owner, partition, state, data, STATE_TTL, seal, auth_url=str(flow["auth_uri"]))
+
+    def start_admin_consent(self, owner: str, *, return_url: str | None, tenant: str | None,
+                            seal: Callable[[bytes, bytes], str], mac_key: bytes) -> dict[str, str]:
+        """Entra's v2.0 admin-consent URL for the app's application permissions, with a state like the connect
+        flow's (random, single use, owner-bound): https://learn.microsoft.com/entra/identity-platform/v2-admin-consent.
+        ``tenant``: a tenant id or verified domain, else ``organizations`` (the administrator's own tenant)."""
+        if tenant is not None and not _TENANT_RE.fullmatch(tenant):
+            raise ValidationError("tenant", "tenant must be a tenant id (GUID) or a verified domain name.")
+        if tenant is not None and tenant.lower() in ("common", "consumers"):
+            raise ValidationError("tenant", "Admin consent needs a work or school tenant: a tenant id, a domain or "
+                                  "'organizations'.")
+        return_url = self.check_return_url(return_url)
+        partition = state_partition(mac_key, owner)
+        state = secrets.token_urlsafe(32) + "." + partition[2:]
+        q = urlencode({"client_id": self._s.client_id, "scope": GRAPH_DEFAULT_SCOPE,
+                       "redirect_uri": self._s.redirect_uri, "state": state})
+        url = f"{self._s.authority_host}/{tenant or 'organizations'}/v2.0/adminconsent?{q}"
+        data = {"kind": "admin", "returnUrl": return_url, "tenant": tenant}
+        return self._store_state(owner, partition, state, data, ADMIN_STATE_TTL, seal, auth_url=url)
+
+    def _store_state(self, owner: str, partition: str, state: str, data: Mapping[str, object], ttl: dt.timedelta,
+                     seal: Callable[[bytes, bytes], str], *, auth_url: str) -> dict[str, str]:
         now = utcnow()
-        expires = now + STATE_TTL
+        expires = now + ttl
         row = _state_key(state)
-        body = json.dumps({"flow": flow, "returnUrl": return_url, "accountId": account_id,
-                           "loginHint": login_hint or None, "requireLoginHint": require_login_hint}).encode()
         self._states.create({
             "PartitionKey": partition, "RowKey": row, "owner": owner,
             "createdAt": now.isoformat(), "expiresAt": expires.isoformat(),
-            "flow": seal(body, account_aad(owner, row, "oauth-state")),
+            "flow": seal(json.dumps(data).encode(), account_aad(owner, row, "oauth-state")),
         })
         self._evict_old_states(partition)
-        return {"authUrl": flow["auth_uri"], "state": state,
-                "expiresAt": expires.isoformat().replace("+00:00", "Z")}
+        return {"authUrl": auth_url, "state": state, "expiresAt": expires.isoformat().replace("+00:00", "Z")}
 
     def _evict_old_states(self, partition: str) -> None:
         """Keep the owner's newest :data:`MAX_PENDING_STATES_PER_OWNER` pending states, run *after* our own
@@ -232,13 +271,12 @@ class OAuthClient:
         e, rk = self._take_state(state)
         expires = parse_iso(e.get("expiresAt"))
         if expires is None or expires <= utcnow():
-            minutes = int(STATE_TTL.total_seconds() // 60)
-            raise OAuthError(f"The sign-in link expired ({minutes} minutes). Start the connect flow again.",
-                             code="expired_state")
+            raise OAuthError("The sign-in link expired. Start the connect flow again.", code="expired_state")
         data = json.loads(open_sealed(str(e["flow"]), account_aad(str(e["owner"]), rk, "oauth-state")))
         return PendingConnect(owner=str(e["owner"]), return_url=data.get("returnUrl"), account_id=data.get("accountId"),
-                              flow=data["flow"], login_hint=data.get("loginHint"),
-                              require_login_hint=bool(data.get("requireLoginHint")))
+                              flow=data.get("flow") or {}, login_hint=data.get("loginHint"),
+                              require_login_hint=bool(data.get("requireLoginHint")),
+                              kind=str(data.get("kind") or "user"), tenant=data.get("tenant"))
 
     def burn_state(self, state: str | None) -> None:
         """Consume ``state`` without using it (a tampered callback): it can never complete a connect."""
@@ -281,15 +319,41 @@ class OAuthClient:
         wanted = [s for s in (scopes or tuple(self.resource_scopes)) if s.lower() not in _RESERVED_SCOPES]
         return self._call_token_endpoint(lambda app: app.acquire_token_by_refresh_token(refresh_token, wanted))
 
-    def _call_token_endpoint(self, call: TokenCall) -> TokenResult:
+    def tenant_id_of(self, domain: str) -> str | None:
+        """The tenant id of a verified domain, from its public OpenID configuration's ``issuer``
+        (``{authority}/{tenant id}/v2.0``: https://learn.microsoft.com/entra/identity-platform/v2-protocols-oidc).
+        None when Entra knows no such tenant."""
+        url = f"{self._s.authority_host}/{domain}/v2.0/.well-known/openid-configuration"
+        try:
+            resp = self._session.get(url, timeout=(5, 15))
+            issuer = resp.json().get("issuer") if resp.status_code == 200 else None
+        except (ValueError, OSError) as e:
+            raise UpstreamUnavailableError(f"Entra's OpenID configuration could not be read ({type(e).__name__}).",
+                                           hint="Transient; retry shortly.") from None
+        parts = urlsplit(issuer).path.strip("/").split("/") if isinstance(issuer, str) else []
+        return parts[0].lower() if len(parts) == 2 and parts[1] == "v2.0" else None
+
+    def app_token(self, tenant_id: str) -> TokenResult:
+        """An application token for one tenant: the client-credentials grant with the app's own credential
+        (``MS_CLIENT_CREDENTIAL``) and ``{graph}/.default``, i.e. the application permissions that tenant's
+        administrator granted. Consent gone → :class:`ConsentRequiredError`."""
+        return self._call_token_endpoint(lambda app: app.acquire_token_for_client([GRAPH_DEFAULT_SCOPE]),
+                                         tenant=tenant_id)
+
+    def _call_token_endpoint(self, call: TokenCall, *, tenant: str | None = None) -> TokenResult:
         credential = self._credentials.current()
         for attempt in range(1, MAX_CREDENTIAL_ATTEMPTS + 1):
-            raw = _invoke_token_call(call, self._msal_app_for(credential))
+            raw = _invoke_token_call(call, self._msal_app_for(credential, tenant))
             if "error" not in raw:
                 self._credentials.accept(credential)
                 self.operator_alert = None
                 return _token_result(raw)
-            err = from_token_error(raw, context=self._error_context())
+            err = from_token_error(raw, context=self._error_context(tenant))
+            if tenant and err.microsoft and TENANT_CONSENT_GONE.intersection(err.microsoft.codes):
+                raise ConsentRequiredError(
+                    "The tenant no longer grants this app its application permissions (admin consent removed or "
+                    "the app's service principal deleted).", microsoft=err.microsoft,
+                    hint=f"A tenant administrator must consent again: {self.admin_consent_url(tenant)}")
             if not is_invalid_client(err):
                 raise err
             # The secret or certificate may have been rotated in Key Vault (or the newest certificate is not on
@@ -331,6 +395,9 @@ def _invoke_token_call(call: TokenCall, app: ConfidentialClientApplication) -> d
 
 
 _PARTITION_PREFIX = "s-"
+# A tenant id (GUID) or a verified domain name (RFC 1035 labels), or "organizations".
+_TENANT_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
+                        r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}|organizations")
 
 
 def state_partition(mac_key: bytes, owner: str) -> str:

@@ -46,7 +46,21 @@ ACCOUNT_EXAMPLE = {
     "connectedAt": "2026-11-22T10:00:00Z", "lastRefreshedAt": "2026-11-22T10:00:00Z",
     "accessTokenExpiresAt": "2026-11-22T11:00:00Z", "lastUsedAt": None, "lastError": None,
     "notifications": {"status": "active", "expiresAt": "2026-11-29T09:50:00Z", "lastEventAt": "2026-11-22T10:05:00Z"},
+    "accessType": "delegated",
 }
+TEAM_ACCOUNT_EXAMPLE = {
+    **ACCOUNT_EXAMPLE, "id": "acc_9b1d0e7f22c4a5d6b7e8f901", "email": "support@contoso.onmicrosoft.com",
+    "displayName": "support@contoso.onmicrosoft.com", "scopes": ["Mail.ReadWrite", "Mail.Send"],
+    "lastRefreshedAt": None, "accessTokenExpiresAt": None, "accessType": "application",
+    "tenantConnectionId": "tc_4c1f0a9e8d7b6c5a4f3e2d1c",
+}
+TENANT_EXAMPLE = {"id": "tc_4c1f0a9e8d7b6c5a4f3e2d1c", "tenantId": "6e1b5c59-3b8a-4a64-9b58-0f3e0c0e1a11",
+                  "status": "active", "connectedAt": "2026-11-22T10:00:00Z", "mailboxCount": 1, "lastError": None}
+TENANT_ID_PARAM = {"name": "tenantConnectionId", "in": "path", "required": True,
+                   "schema": {"type": "string", "maxLength": 64}, "description": "A tenant connection's id (tc_…)."}
+_LAST_ERROR = {"oneOf": [{"type": "null"}, {"type": "object", "required": ["code", "message", "at"],
+                                            "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                                           "at": {"type": "string"}}}]}
 
 SCHEMAS: Json = {
     "Problem": {
@@ -66,7 +80,7 @@ SCHEMAS: Json = {
         "type": "object", "additionalProperties": False,
         "required": ["id", "provider", "email", "displayName", "tenantId", "accountType", "status", "scopes",
                      "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError",
-                     "notifications"],
+                     "notifications", "accessType"],
         "properties": {
             "id": {"type": "string"}, "provider": {"const": "microsoft"}, "email": {"type": "string"},
             "displayName": {"type": "string"}, "tenantId": {"type": "string"},
@@ -83,9 +97,30 @@ SCHEMAS: Json = {
                 "description": "Mailbox events (Graph change notifications → message.* webhooks).",
                 "properties": {"status": {"enum": ["active", "pending", "failed", "off"]},
                                "expiresAt": DATETIME_OR_NULL, "lastEventAt": DATETIME_OR_NULL}},
+            "accessType": {"enum": ["delegated", "application"],
+                           "description": "delegated: a user who signed in; application: a team mailbox reached with "
+                                          "the app's application permissions (admin consent)."},
+            "tenantConnectionId": {"type": "string", "description": "Team mailboxes: the tenant connection."},
         },
-        "examples": [ACCOUNT_EXAMPLE],
+        "examples": [ACCOUNT_EXAMPLE, TEAM_ACCOUNT_EXAMPLE],
     },
+    "TenantConnection": {
+        "type": "object", "additionalProperties": False,
+        "required": ["id", "tenantId", "status", "connectedAt", "mailboxCount", "lastError"],
+        "description": "A tenant whose administrator granted the app's application permissions (admin consent).",
+        "properties": {"id": {"type": "string"}, "tenantId": {"type": "string"},
+                       "status": {"enum": ["active", "consent_required"]},
+                       "connectedAt": {"type": "string", "format": "date-time"},
+                       "mailboxCount": {"type": "integer", "minimum": 0}, "lastError": _LAST_ERROR},
+        "examples": [TENANT_EXAMPLE],
+    },
+    "TenantList": {"type": "object", "required": ["tenants"], "additionalProperties": False,
+                   "properties": {"tenants": {"type": "array", "items": _ref("TenantConnection")}}},
+    "AddMailbox": {"type": "object", "required": ["address"], "additionalProperties": False,
+                   "properties": {"address": {"type": "string", "maxLength": 254, "format": "email",
+                                              "description": "A user, shared or room mailbox of the tenant: one "
+                                                             "bare address, no display name."}},
+                   "examples": [{"address": "support@contoso.onmicrosoft.com"}]},
     "AccountList": {"type": "object", "required": ["accounts"], "additionalProperties": False,
                     "properties": {"accounts": {"type": "array", "items": _ref("Account")}}},
     "ConnectStart": {"type": "object", "required": ["authUrl", "state", "expiresAt"], "additionalProperties": False,
@@ -280,6 +315,18 @@ def _connect_paths() -> Json:
                        params=[_q(k, v, "From Entra.", k == "state") for k, v in _CALLBACK_FIELDS.items()],
                        secured=False, tags=("connect",)),
         },
+        "/api/connect/microsoft/admin": {"get": _op(
+            "connect_microsoft_admin", "Team mailboxes: Entra's admin-consent URL for the app's application "
+            "permissions (a tenant administrator opens it). The callback stores a tenant connection and redirects to "
+            "returnUrl with status=connected&tenantConnectionId=…&result=… (or status=error&code=…).", {
+                "200": _json(_ref("ConnectStart"), "Send the administrator's browser to authUrl."),
+                **_errors(400, 503)},
+            params=[_q("returnUrl", {"type": "string", "maxLength": 2048},
+                       "Where the callback redirects; must match ALLOWED_RETURN_URLS."),
+                    _q("tenant", {"type": "string", "maxLength": 256},
+                       "The tenant (id or verified domain) the consent is for; default organizations (the "
+                       "administrator's own). A consent granted in another tenant is refused.")],
+            tags=("connect", "tenants"))},
         "/api/connect/microsoft/keys": {"get": _op(
             "connect_result_keys", "The JWK Set (RFC 7517) of ES256 public keys that verify the callback's "
             "result token.", {"200": _json({"type": "object", "required": ["keys"], "properties": {
@@ -303,8 +350,37 @@ def _account_paths() -> Json:
             "200": _json(_ref("Account"), "Refreshed."), **_errors(404, 409, 502, 503)}, params=acc,
             tags=("accounts",))},
         "/api/accounts/{accountId}/diagnose": {"get": _op("diagnose", "Explain a broken mailbox.", {
-            "200": _json(_ref("Diagnosis"), "Checks with verdicts and hints."), **_errors(404)}, params=acc,
+            "200": _json(_ref("Diagnosis"), "Checks with verdicts and hints."), **_errors(400, 404)},
+            params=[*acc, _q("probe", {"type": "string", "maxLength": 254},
+                             "Team mailboxes: a mailbox of the tenant that was not added, to check that the "
+                             "administrator scoped the app (refused = scoped). Default: one of the caller's "
+                             "signed-in mailboxes of that tenant.")],
             tags=("accounts",))},
+    }
+
+
+def _tenant_paths() -> Json:
+    tc = [TENANT_ID_PARAM]
+    return {
+        "/api/tenants": {"get": _op("list_tenants", "The caller's tenant connections (team mailboxes).", {
+            "200": _json(_ref("TenantList"), "Tenant connections.")}, tags=("tenants",))},
+        "/api/tenants/{tenantConnectionId}": {
+            "get": _op("get_tenant", "One tenant connection.", {
+                "200": _json(_ref("TenantConnection"), "The tenant connection."), **_errors(404)}, params=tc,
+                tags=("tenants",)),
+            "delete": _op("delete_tenant", "Remove the connection and every mailbox added through it (their "
+                          "subscriptions included).", {"204": {"description": "Deleted."}, **_errors(404, 503)},
+                          params=tc, tags=("tenants",)),
+        },
+        "/api/tenants/{tenantConnectionId}/mailboxes": {"post": _op(
+            "add_mailbox", "Add a user, shared or room mailbox of the tenant, after reaching it with the "
+            "application token. 409 mailbox_access_denied: outside the administrator's scope; 422 "
+            "mailbox_not_found; 409 tenant_consent_required: consent removed.", {
+                "201": _json(_ref("Account"), "Added (accessType application)."),
+                "200": _json(_ref("Account"), "Added before: the same account."),
+                **_errors(400, 404, 409, 413, 422, 503)},
+            params=tc, body={"required": True, "content": {"application/json": {"schema": _ref("AddMailbox")}}},
+            tags=("tenants",))},
     }
 
 
@@ -499,9 +575,24 @@ def _webhook(event: str, summary: str, data: Json, example: Json) -> Json:
                      "responses": {"2XX": {"description": "Handled (answer within 10 s; anything else is retried)."}}}}
 
 
+_TENANT_EVENTS = (
+    ("tenant.consent_required", "A tenant's admin consent is gone (consent removed or the app's service principal "
+                                "deleted): its mailboxes are reauth_required until an administrator consents again."),
+    ("tenant.recovered", "An administrator consented again: the connection and its mailboxes are active again."),
+)
+
+
 def _webhooks() -> Json:
     """OpenAPI 3.1 ``webhooks``: what the connector POSTs to ``WEBHOOK_URL``."""
     out: Json = {}
+    for event, summary in _TENANT_EVENTS:
+        out[event] = _webhook(event, summary, {
+            "type": "object", "required": ["tenantConnection", "accountIds"],
+            "properties": {"tenantConnection": _ref("TenantConnection"),
+                           "accountIds": {"type": "array", "items": {"type": "string"},
+                                          "description": "The team mailboxes whose status changed."}}},
+            {"tenantConnection": {**TENANT_EXAMPLE, "status": "consent_required" if "required" in event else "active"},
+             "accountIds": [TEAM_ACCOUNT_EXAMPLE["id"]]})
     for event, summary in _ACCOUNT_EVENTS:
         out[event] = _webhook(event, summary, {"type": "object", "required": ["account"],
                                                "properties": {"account": _ref("Account")}},
@@ -517,7 +608,7 @@ def _webhooks() -> Json:
 
 
 def document() -> Json:
-    paths = {**_connect_paths(), **_account_paths(), **_mail_paths(), **_notification_paths()}
+    paths = {**_connect_paths(), **_account_paths(), **_tenant_paths(), **_mail_paths(), **_notification_paths()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Outlook mailbox connector", "version": __version__,
@@ -525,7 +616,8 @@ def document() -> Json:
                                 "send and read mail through Microsoft Graph on the user's behalf."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": t} for t in ("connect", "accounts", "mail", "notifications", "operations", "webhooks")],
+        "tags": [{"name": t} for t in ("connect", "accounts", "tenants", "mail", "notifications", "operations",
+                                       "webhooks")],
         "paths": paths,
         "webhooks": _webhooks(),
         "components": {

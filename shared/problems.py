@@ -74,6 +74,25 @@ PROBLEMS: dict[str, tuple[str, str]] = {
                                       "sign-in; the tenant administrator must allow it."),
     "code_already_redeemed": ("Code already used", "The authorization code was redeemed; connect again."),
     "pkce_mismatch": ("PKCE mismatch", "The PKCE verifier did not match; connect again."),
+    # -- team mailboxes (admin consent, application access)
+    "admin_required": ("Administrator required", "Only a tenant administrator can grant the app's application "
+                       "permissions; an administrator opens the admin-consent link."),
+    "tenant_mismatch": ("Consent from another tenant", "The consent was granted in another tenant than the one the "
+                        "admin-consent link was started for; nothing was stored."),
+    "app_roles_missing": ("Application permissions missing", "The tenant granted the app without the application "
+                          "permissions of MS_APP_ROLES: declare them on the app registration, then consent again "
+                          "(docs/team-mailboxes.md)."),
+    "tenant_not_found": ("Tenant connection not found", "No such tenant connection for this caller (another "
+                         "owner's are never visible)."),
+    "tenant_consent_required": ("Tenant consent required", "The tenant no longer grants the app its application "
+                                "permissions (consent removed or the app's service principal deleted): a tenant "
+                                "administrator consents again; the connection and its mailboxes keep their ids "
+                                "(a `tenant.consent_required` webhook was sent)."),
+    "mailbox_access_denied": ("Mailbox outside the administrator's scope", "The tenant administrator scoped the app "
+                              "to some mailboxes (Exchange Online RBAC for Applications or an Application Access "
+                              "Policy) and this one is not included; docs/team-mailboxes.md has the PowerShell."),
+    "mailbox_not_found": ("No such mailbox", "The tenant has no Exchange Online mailbox with this address (a user, "
+                          "shared or room mailbox)."),
     # -- the grant and the app registration
     "reauth_required": ("Re-connect required", "The grant is dead (revoked, password reset, 90 days idle): the user "
                         "connects the mailbox again (an `account.reauth_required` webhook was sent)."),

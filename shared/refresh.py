@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from shared.accounts import ACTIVE, Account, AccountStore, iso, utcnow
+from shared.accounts import ACTIVE, APPLICATION, Account, AccountStore, iso, utcnow
 from shared.backoff import backoff_delay
 from shared.due_index import BUCKET, REARM, DueIndex
 from shared.errors import (
@@ -111,6 +111,8 @@ class Refresher:
             return "gone", None
         if acc.status != ACTIVE:
             return "inactive", acc
+        if acc.access_type == APPLICATION:  # no grant to keep alive: its index row is simply not re-armed
+            return "application", acc
         if acc.refresh_due_at is not None and acc.refresh_due_at > now + BUCKET:
             self._index.put(acc)  # refreshed meanwhile: make sure its next row exists
             return "not_due", acc

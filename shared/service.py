@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from shared.refresh import Refresher
     from shared.secret_store import SecretStore
     from shared.sent_marks import SentMarks
+    from shared.team_mailboxes import TeamMailboxes
     from shared.telemetry import Telemetry
+    from shared.tenant_access import TenantAccess
     from shared.tokens import TokenManager
     from shared.webhooks import Webhooks
 
@@ -126,7 +128,17 @@ class Connector:
         return TokenManager(self.accounts, self.oauth, index=self.refresh_index,
                             keepalive=dt.timedelta(days=self.settings.keepalive_days),
                             on_reauth=lambda acc, err: webhooks.emit("account.reauth_required", acc.to_public()),
-                            telemetry=self.telemetry)
+                            telemetry=self.telemetry, app_tokens=self.tenant_access)
+
+    @cached_property
+    def tenant_access(self) -> TenantAccess:
+        """Team mailboxes' application tokens (in memory) and their tenants' consent state."""
+        from shared.storage import TENANTS_TABLE
+        from shared.tenant_access import TenantAccess
+        from shared.tenants import TenantStore
+
+        return TenantAccess(oauth=self.oauth, tenants=TenantStore(self.storage.table(TENANTS_TABLE)),
+                            accounts=self.accounts, webhooks=self.webhooks)
 
     @cached_property
     def refresher(self) -> Refresher:
@@ -159,7 +171,24 @@ class Connector:
             index=self.refresh_index, claims=self.storage.table(STATES_TABLE),
             next_due=lambda t, now: tokens.next_due(t, now, active_use=False),
             on_connected=lambda acc, reconnected: lifecycle.on_connected(acc, reconnected=reconnected),
-            webhooks=self.webhooks, telemetry=self.telemetry)
+            webhooks=self.webhooks, telemetry=self.telemetry, admin_consent=self.team_mailboxes.complete)
+
+    @cached_property
+    def team_mailboxes(self) -> TeamMailboxes:
+        """Admin consent, tenant connections, and the team mailboxes added through them."""
+        from shared.connect_flow import ConnectIdentity
+        from shared.storage import TENANTS_TABLE
+        from shared.team_mailboxes import TeamMailboxes
+        from shared.tenants import TenantStore
+
+        lifecycle = self.notifications.subscriptions
+        return TeamMailboxes(
+            oauth=self.oauth, key_ring=self.secrets.key_ring,
+            identity=ConnectIdentity(issuer=self.settings.public_base_url, audience=self.settings.auth_issuer),
+            tenants=TenantStore(self.storage.table(TENANTS_TABLE)), access=self.tenant_access, accounts=self.accounts,
+            graph=self.graph, app_roles=self.settings.app_roles,
+            on_connected=lambda acc, reconnected: lifecycle.on_connected(acc, reconnected=reconnected),
+            delete_account=self.account_ops.delete_account, webhooks=self.webhooks)
 
     @cached_property
     def mail(self) -> MailOps:

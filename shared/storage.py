@@ -50,7 +50,8 @@ IDEMPOTENCY_TABLE = "idempotency"
 SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscriptions per account, and their clientState pointers
 SUBSCRIPTION_INDEX_TABLE = "subscriptionindex"  # due-time index of subscription renewal / safety catch-up
 SEEN_TABLE = "seenmessages"  # message ids already announced (message.received de-duplication)
-TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE, SUBSCRIPTIONS_TABLE,
+TENANTS_TABLE = "tenants"  # team mailboxes' tenant connections (admin consent)
+TABLES = (ACCOUNTS_TABLE, STATES_TABLE, REFRESH_INDEX_TABLE, IDEMPOTENCY_TABLE, SUBSCRIPTIONS_TABLE, TENANTS_TABLE,
           SUBSCRIPTION_INDEX_TABLE, SEEN_TABLE)
 REFRESH_QUEUE = "refresh-jobs"
 WEBHOOK_QUEUE = "webhook-deliveries"

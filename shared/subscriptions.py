@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 from shared.accounts import iso, owner_partition, parse_iso, utcnow
 from shared.crypto import RingSource, account_aad
 from shared.errors import MicrosoftError, NotFoundError
+from shared.graph import mailbox_path
 from shared.notifications import FEED_NAMES, INBOX
 from shared.storage import etag_of
 
@@ -244,12 +245,13 @@ def create(graph: GraphClient, token: TokenSource, mailbox: str, feed: Feed, *, 
     https://learn.microsoft.com/graph/api/subscription-post-subscriptions,
     https://learn.microsoft.com/graph/change-notifications-with-resource-data"""
     lifetime = RICH_LIFETIME if encryption is not None else REQUESTED_LIFETIME
+    resource = mailbox_path(token.root, feed.resource)  # users/{address}/… for a team mailbox
     body: dict[str, object] = {
         "changeType": ",".join(feed.change_types), "notificationUrl": notification_url,
-        "lifecycleNotificationUrl": lifecycle_url, "resource": feed.resource,
+        "lifecycleNotificationUrl": lifecycle_url, "resource": resource,
         "expirationDateTime": iso(now + lifetime), "clientState": client_state, "latestSupportedTlsVersion": "v1_2"}
     if encryption is not None:
-        body.update(resource=f"{feed.resource}?$select={','.join(feed.select)}", includeResourceData=True,
+        body.update(resource=f"{resource}?$select={','.join(feed.select)}", includeResourceData=True,
                     encryptionCertificate=encryption.certificate_b64, encryptionCertificateId=encryption.id)
     doc = graph.request("POST", "subscriptions", mailbox=mailbox, token=token, json=body, safe=False).json()
     return str(doc["id"]), parse_iso(doc.get("expirationDateTime")) or now + lifetime

@@ -20,14 +20,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
+from shared.accounts import ACTIVE, APPLICATION, REAUTH_REQUIRED, Account, AccountStore, Tokens, iso, utcnow
 from shared.backoff import backoff_delay
 from shared.due_index import bucket_of
 from shared.errors import (
     ConflictError,
     ConnectorError,
+    ConsentRequiredError,
     NotFoundError,
     ReauthRequiredError,
     StorageUnavailableError,
@@ -53,13 +54,20 @@ ACTIVE_USE = dt.timedelta(days=1)  # used within this window: keep its access to
 USE_RECORD_INTERVAL = dt.timedelta(hours=1)  # lastUsedAt is coarse: at most one write an hour per account
 
 
+class AppTokens(Protocol):
+    """Application tokens of a team mailbox's tenant (shared.tenant_access): never stored with the account."""
+
+    def app_token(self, account: Account, *, stale: str | None = None) -> str: ...
+
+
 class TokenManager:
     def __init__(self, store: AccountStore, oauth: OAuthClient, *, index: DueIndex, keepalive: dt.timedelta,
                  on_reauth: Callable[[Account, ReauthRequiredError], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, lease: dt.timedelta = LEASE,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, app_tokens: AppTokens | None = None) -> None:
         from shared.telemetry import OFF
 
+        self._app_tokens = app_tokens
         self._store = store
         self._telemetry = telemetry or OFF
         self._oauth = oauth
@@ -91,12 +99,22 @@ class TokenManager:
         """The access token stored on this record, as it is (no freshness check)."""
         if account.status != ACTIVE:  # e.g. the record a concurrent refresher marked reauth_required
             raise reauth_error(account)
+        if account.access_type == APPLICATION:
+            return self.application_token(account)
         return self._store.open_tokens(account).access_token
+
+    def application_token(self, account: Account, *, stale: str | None = None) -> str:
+        """A team mailbox's token: its tenant's application token (``stale``: Graph refused that one)."""
+        if self._app_tokens is None or account.status != ACTIVE:
+            raise reauth_error(account)
+        return self._app_tokens.app_token(account, stale=stale)
 
     def access_token(self, account: Account) -> tuple[str, Account]:
         """A valid access token; refreshing only when it is about to expire (no write otherwise)."""
         if account.status != ACTIVE:
             raise reauth_error(account)
+        if account.access_type == APPLICATION:
+            return self.application_token(account), account
         tokens = self._store.open_tokens(account)
         if self._fresh(tokens, utcnow()):
             return tokens.access_token, account
@@ -359,6 +377,12 @@ def _recently_used(acc: Account, now: dt.datetime) -> bool:
 
 
 def reauth_error(acc: Account) -> ReauthRequiredError:
+    if acc.access_type == APPLICATION:
+        return ConsentRequiredError(
+            "The tenant no longer grants this app access to the mailbox.",
+            hint="A tenant administrator must grant admin consent again (GET /api/connect/microsoft/admin); the "
+                 "mailbox keeps its id and its subscriptions.",
+            extra={"accountId": acc.id, "tenantConnectionId": acc.tenant_connection_id or ""})
     return ReauthRequiredError("The mailbox must be re-connected before it can be used.",
                                hint="Start the connect flow again with accountId to keep the account id.",
                                extra={"accountId": acc.id})
@@ -372,11 +396,17 @@ class AccountTokenSource:
         self.account = account
         self.adopted = False  # the last refresh() took another writer's tokens instead of redeeming (graph.py)
 
+    @property
+    def root(self) -> str:
+        return self.account.graph_root
+
     def get(self) -> str:
         token, self.account = self._m.access_token(self.account)
         return token
 
     def refresh(self, stale: str) -> str:
+        if self.account.access_type == APPLICATION:  # a new application token for the tenant
+            return self._m.application_token(self.account, stale=stale)
         # adopted: this call took tokens another writer stored instead of redeeming. Their access token
         # may have been issued before the revocation that rejected ``stale`` (a time comparison cannot
         # tell: the other writer may store it after this call began), so Graph gets one more refresh.

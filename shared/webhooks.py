@@ -1,8 +1,10 @@
 """Outbound webhooks: ``account.connected``, ``account.reauth_required``, ``account.recovered``,
-``account.disconnected``, and the mailbox events ``message.received``, ``message.sent``, ``message.updated``
-and ``message.deleted`` (docs/webhooks.md).
+``account.disconnected``, the team-mailbox tenant events ``tenant.consent_required`` and ``tenant.recovered``,
+and the mailbox events ``message.received``, ``message.sent``, ``message.updated`` and ``message.deleted``
+(docs/webhooks.md).
 
-Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; a mailbox event carries
+Body: JSON ``{"id","type","createdAt","data":{"account":Account}}``; a tenant event carries
+``"data":{"tenantConnection":TenantConnection,"accountIds":[…]}``; a mailbox event carries
 ``"data":{"accountId","message":{…}}`` instead (``message.sent`` also ``origin`` and ``trackingId``).
 Signature header, in the style of Stripe's scheme:
 ``X-Connector-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>``.
@@ -44,6 +46,7 @@ AccountJson = dict[str, object]
 log = logging.getLogger("connector.webhooks")
 
 EVENTS = ("account.connected", "account.reauth_required", "account.recovered", "account.disconnected")
+TENANT_EVENTS = ("tenant.consent_required", "tenant.recovered")  # data: {"tenantConnection", "accountIds"}
 MESSAGE_RECEIVED = "message.received"  # data: {"accountId", "message"}, not {"account"}
 MESSAGE_EVENTS = (MESSAGE_RECEIVED, "message.sent", "message.updated", "message.deleted")
 SIGNATURE_HEADER = "X-Connector-Signature"
@@ -113,12 +116,20 @@ class Webhooks:
 
     def emit(self, event: str, account: AccountJson) -> None:
         """Enqueue an event; never raises (a webhook problem must not fail the operation)."""
-        if not self.enabled:
-            return
         if event not in EVENTS:
             raise ValueError(f"unknown webhook event {event!r}")  # a programming error, not a delivery problem
-        payload = {"id": "evt_" + uuid.uuid4().hex, "type": event, "createdAt": iso(utcnow()),
-                   "data": {"account": account}}
+        self._enqueue(event, {"account": account})
+
+    def emit_tenant(self, event: str, connection: AccountJson, account_ids: list[str]) -> None:
+        """Enqueue a tenant event (:data:`TENANT_EVENTS`) about a team mailboxes' tenant connection; never raises."""
+        if event not in TENANT_EVENTS:
+            raise ValueError(f"unknown webhook event {event!r}")
+        self._enqueue(event, {"tenantConnection": connection, "accountIds": account_ids})
+
+    def _enqueue(self, event: str, data: dict[str, object]) -> None:
+        if not self.enabled:
+            return
+        payload = {"id": "evt_" + uuid.uuid4().hex, "type": event, "createdAt": iso(utcnow()), "data": data}
         message = json.dumps({"attempt": 0, "event": payload}).encode()
         try:
             self._queue().send(message)

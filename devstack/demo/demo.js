@@ -7,6 +7,7 @@ const SUB = "demo-user";
 const $ = (id) => document.getElementById(id);
 let token = null;
 let accounts = [];
+let tenants = [];
 let nextCursor = null;
 const seenIncoming = new Map(); // account id -> Set of message ids already shown
 let lastEventAt = {};
@@ -114,23 +115,67 @@ function select(id) {
 
 async function loadAccounts() {
   try {
-    accounts = (await api("GET", "/api/accounts")).accounts;
-  } catch (e) { showProblem(e); accounts = []; }
+    [accounts, tenants] = await Promise.all([api("GET", "/api/accounts").then((r) => r.accounts),
+                                             api("GET", "/api/tenants").then((r) => r.tenants)]);
+  } catch (e) { showProblem(e); accounts = []; tenants = []; }
   render();
+}
+
+async function startAdminConsent(ev) {
+  // Team mailboxes: a tenant administrator grants the app's application permissions (admin consent).
+  ev.preventDefault();
+  const q = new URLSearchParams({ returnUrl: location.origin + location.pathname });
+  if ($("tenant").value.trim()) q.set("tenant", $("tenant").value.trim());
+  try {
+    const start = await api("GET", "/api/connect/microsoft/admin?" + q);
+    location.assign(start.authUrl); // Entra's (the sandbox's) admin-consent page
+  } catch (e) { showProblem(e); }
+}
+
+async function addMailbox(t, input) {
+  try {
+    const acc = await api("POST", `/api/tenants/${encodeURIComponent(t.id)}/mailboxes`, { address: input.value.trim() });
+    sessionStorage.setItem("demoAccount", acc.id);
+    banner("ok", "Team mailbox added: " + acc.email);
+  } catch (e) { showProblem(e); }
+  await loadAccounts();
+}
+
+async function disconnectTenant(t) {
+  try { await api("DELETE", `/api/tenants/${encodeURIComponent(t.id)}`); banner("ok", "Tenant disconnected"); }
+  catch (e) { showProblem(e); }
+  await loadAccounts();
+}
+
+function renderTenants() {
+  const rows = tenants.map((t) => {
+    const input = el("input", { type: "email", class: "mailbox-address", "data-testid": "mailbox-address",
+                                placeholder: "support@contoso.onmicrosoft.com" });
+    return el("tr", { "data-tenant-id": t.id },
+      el("td", {}, t.tenantId), el("td", { class: "status status-" + t.status }, t.status), el("td", {}, t.mailboxCount),
+      el("td", {}, input, el("button", { type: "button", class: "small add-mailbox", "data-testid": "add-mailbox",
+                                         onclick: () => addMailbox(t, input) }, "Add")),
+      el("td", {}, el("button", { type: "button", class: "small", onclick: () => disconnectTenant(t) }, "Disconnect")));
+  });
+  $("tenants").tBodies[0].replaceChildren(...rows);
+  $("no-tenants").hidden = tenants.length > 0;
 }
 
 function render() {
   const sel = selected();
   const rows = accounts.map((a) => el("tr", { class: sel && sel.id === a.id ? "selected" : "", "data-account-id": a.id },
-    el("td", { class: "email" }, a.email), el("td", {}, a.displayName), el("td", { class: "type" }, a.accountType),
+    el("td", { class: "email" }, a.email), el("td", {}, a.displayName),
+    el("td", { class: "type" }, a.accessType === "application" ? "team mailbox" : a.accountType),
     el("td", { class: "status status-" + a.status }, a.status === "active" ? "active" : "re-connect needed"),
     el("td", { class: "last-error" }, a.lastError ? a.lastError.code + ": " + a.lastError.message : ""),
     el("td", {},
       el("button", { type: "button", class: "use", onclick: () => select(a.id) }, "Use"),
       el("button", { type: "button", class: "refresh", onclick: () => refreshAccount(a) }, "Refresh"),
-      el("button", { type: "button", class: "reconnect", onclick: () => startConnect(a.id) }, "Re-connect"),
+      a.accessType === "application" ? "" :
+        el("button", { type: "button", class: "reconnect", onclick: () => startConnect(a.id) }, "Re-connect"),
       el("button", { type: "button", class: "disconnect", onclick: () => disconnect(a) }, "Disconnect"))));
   $("accounts").tBodies[0].replaceChildren(...rows);
+  renderTenants();
   $("no-accounts").hidden = accounts.length > 0;
   $("send").disabled = $("load-messages").disabled = !sel;
   $("send-as").textContent = $("read-as").textContent = sel ? "as " + sel.email : "";
@@ -282,7 +327,9 @@ function readConnectResult() {
   // (docs/connect-security.md) before it trusts status=connected.
   const q = new URLSearchParams(location.search);
   if (!q.has("status")) return;
-  if (q.get("status") === "connected") {
+  if (q.get("status") === "connected" && q.has("tenantConnectionId")) {
+    banner("ok", "Tenant connected: add its shared mailboxes below.");
+  } else if (q.get("status") === "connected") {
     sessionStorage.setItem("demoAccount", q.get("accountId"));
     banner("ok", "Mailbox connected.");
   } else {
@@ -331,6 +378,7 @@ async function main() {
   } catch (e) { $("who").textContent = e.message; $("who").className = "error-text"; return; }
   $("connect-form").addEventListener("submit", (ev) => { ev.preventDefault(); startConnect(null); });
   $("connect-popup").addEventListener("click", startPopup);
+  $("tenant-form").addEventListener("submit", startAdminConsent);
   $("reload-accounts").addEventListener("click", loadAccounts);
   $("send-form").addEventListener("submit", send);
   $("messages-form").addEventListener("submit", (ev) => loadMessages(ev, false));

@@ -1323,8 +1323,10 @@ def _answer_view(ctx: _Ctx, mid: str, action: str) -> tuple[int, Any]:
 
 
 for _action in ANSWER_ACTIONS:
-    bp.add_url_rule(f"/v1.0/me/messages/<mid>/{_action}", endpoint=f"answer_{_action}", methods=["POST"],
-                    defaults={"action": _action}, view_func=graph_call(scopes=READ_SCOPES)(_answer_view))
+    _view = graph_call(scopes=READ_SCOPES)(_answer_view)
+    for _root in ("me", "users/<uid>"):
+        bp.add_url_rule(f"/v1.0/{_root}/messages/<mid>/{_action}", endpoint=f"answer_{_action}", methods=["POST"],
+                        defaults={"action": _action}, view_func=_view)
 
 
 @bp.post("/v1.0/me/messages/<mid>/move")

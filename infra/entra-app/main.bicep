@@ -10,7 +10,8 @@
 //        managedIdentityPrincipalId="$MANAGED_IDENTITY_PRINCIPAL_ID" federatedCredentialIssuer="$FEDERATED_CREDENTIAL_ISSUER"
 //
 // It creates: the application (Web redirect URI, the delegated Graph permissions the connector asks
-// for), its service principal, and - for MS_CLIENT_CREDENTIAL=managed_identity - the federated
+// for and, for team mailboxes, the application permissions of MS_APP_ROLES that a tenant administrator
+// grants through admin consent: docs/team-mailboxes.md), its service principal, and - for MS_CLIENT_CREDENTIAL=managed_identity - the federated
 // identity credential that trusts the function app's user-assigned managed identity
 // (https://learn.microsoft.com/entra/workload-id/workload-identity-federation-config-app-trust-managed-identity).
 // No secret and no certificate is created: add one in the portal if you choose those credentials.
@@ -36,6 +37,9 @@ param managedIdentityPrincipalId string = ''
 @description('Issuer of the identity\'s tokens (FEDERATED_CREDENTIAL_ISSUER output): https://login.microsoftonline.com/<tenant id>/v2.0.')
 param federatedCredentialIssuer string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
 
+@description('Declare the application permissions for team mailboxes (MS_APP_ROLES: Mail.ReadWrite, Mail.Send). Declaring grants nothing: a tenant administrator consents (docs/team-mailboxes.md).')
+param teamMailboxes bool = true
+
 @description('Audience of the federated credential (MS_CLIENT_ASSERTION_AUDIENCE).')
 param federatedCredentialAudience string = 'api://AzureADTokenExchange'
 
@@ -56,6 +60,19 @@ var delegatedScopes = {
   mailReadWrite: '024d486e-b451-40bb-833d-3e66d98c5c73'
   mailSend: 'e383f46e-2787-4529-855e-0e479a3ffac0'
 }
+// ... and of its application permissions (appRoles), granted only by admin consent: MS_APP_ROLES.
+var applicationRoles = {
+  mailReadWrite: 'e2a3a72e-5f79-4c64-b1b1-878b674786c9'
+  mailSend: 'b633e1c5-b582-4048-a93e-9f11b44c7e96'
+}
+var scopeAccess = [for scope in items(delegatedScopes): {
+  id: scope.value
+  type: 'Scope'
+}]
+var roleAccess = [for role in items(applicationRoles): {
+  id: role.value
+  type: 'Role'
+}]
 
 resource app 'Microsoft.Graph/applications@v1.0' = {
   uniqueName: appName
@@ -78,10 +95,7 @@ resource app 'Microsoft.Graph/applications@v1.0' = {
   requiredResourceAccess: [
     {
       resourceAppId: graphAppId
-      resourceAccess: [for scope in items(delegatedScopes): {
-        id: scope.value
-        type: 'Scope'
-      }]
+      resourceAccess: concat(scopeAccess, teamMailboxes && !personalAccounts ? roleAccess : [])
     }
   ]
 }

@@ -49,6 +49,17 @@ def connect_microsoft(req: func.HttpRequest, context: func.Context = NO_CONTEXT)
     return handle(req, "connect_microsoft", run, context=context)
 
 
+@bp.route(route="connect/microsoft/admin", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def connect_microsoft_admin(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
+    """Team mailboxes: Entra's admin-consent URL for the app's application permissions."""
+
+    def run(c: Connector, ctx: Context) -> JsonBody:
+        return c.team_mailboxes.start(ctx.owner, return_url=query(req, "returnUrl"),
+                                      tenant=query(req, "tenant", max_len=256))
+
+    return handle(req, "connect_microsoft_admin", run, context=context)
+
+
 @bp.route(route="connect/microsoft/keys", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def connect_result_keys(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
     """The JWK Set (RFC 7517 §5) that verifies the callback's ``result`` token (shared.connect_result)."""
@@ -103,6 +114,8 @@ def _result_params(outcome: CallbackOutcome) -> dict[str, str]:
     result: dict[str, str] = {"status": outcome.status}
     if outcome.account_id:
         result["accountId"] = outcome.account_id
+    if outcome.tenant_connection_id:
+        result["tenantConnectionId"] = outcome.tenant_connection_id
     if outcome.result:
         result["result"] = outcome.result
     if outcome.status == "error":
@@ -139,7 +152,8 @@ def _result_page(result: dict[str, str], origins: list[str]) -> func.HttpRespons
     """
     nonce = secrets.token_urlsafe(16)
     ok = result["status"] == "connected"
-    title = "Mailbox connected" if ok else "Could not connect the mailbox"
+    what = "organisation" if "tenantConnectionId" in result else "mailbox"
+    title = f"{what.capitalize()} connected" if ok else f"Could not connect the {what}"
     detail = "You can close this window." if ok else result.get("message", "")
     hint = result.get("hint")
     payload = json.dumps({"type": "outlook-connector/connect", **result}).replace("<", "\\u003c")

@@ -78,4 +78,11 @@ def list_folders(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> f
 
 @bp.route(route="accounts/{accountId}/diagnose", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def diagnose(req: func.HttpRequest, context: func.Context = NO_CONTEXT) -> func.HttpResponse:
-    return handle(req, "diagnose", lambda c, ctx: c.account_ops.diagnose(ctx.owner, ctx.account_id), context=context)
+    def run(c: Connector, ctx: Context) -> JsonBody:
+        from shared.mail import mailbox_address
+
+        raw = query(req, "probe", max_len=254)
+        probe = mailbox_address(raw, "probe") if raw is not None else None
+        return c.account_ops.diagnose(ctx.owner, ctx.account_id, probe=probe)
+
+    return handle(req, "diagnose", run, context=context)

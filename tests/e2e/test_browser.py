@@ -319,3 +319,46 @@ def test_a_narrow_window_reads_a_message_body_safely(browser: Browser, host: Hos
 def _assert(ok: bool, message: Any) -> None:
     if not ok:
         raise AssertionError(str(message))
+
+
+def test_team_mailbox_connect_add_send_and_list_in_a_browser(browser: Browser, host: Host, control: Any) -> None:
+    """An administrator connects the tenant (admin consent), then the demo adds support@, sends and lists as it."""
+    b = browser
+    support = "support@contoso.onmicrosoft.com"
+    _open_demo(b, host)
+    b.css("#connect-tenant").click()
+    b.wait(lambda: "accept for your organization" in b.d.page_source, "the sandbox admin-consent sign-in page")
+    _step(b, "admin-sign-in", lambda: _assert("(administrator)" in b.d.page_source, "the administrator is marked"))
+    b.css("a[href*='login_hint=admin%40contoso.onmicrosoft.com'] button").click()
+    b.wait(lambda: b.d.current_url.startswith(host.url + "/demo/") and b.css("#banner").is_displayed(),
+           "the return to the demo page")
+    b.wait(lambda: b.all("#tenants tbody tr"), "the tenants list")
+    _step(b, "tenant-connected", lambda: (
+        _assert(b.text("#banner").startswith("Tenant connected"), b.text("#banner")),
+        _assert("active" in b.text("#tenants tbody tr"), b.text("#tenants tbody tr")),
+    ))
+    b.css("[data-testid=mailbox-address]").send_keys(support)
+    b.css("[data-testid=add-mailbox]").click()
+    b.wait(lambda: any(a["email"] == support for a in _accounts(b)), "the team mailbox in the accounts list")
+    _step(b, "team-mailbox-added", lambda: (
+        _assert(b.text("#banner") == "Team mailbox added: " + support, b.text("#banner")),
+        _assert({"email": support, "type": "team mailbox", "status": "active"} in _accounts(b), _accounts(b)),
+        _assert(b.text("#send-as") == "as " + support, b.text("#send-as")),
+    ))
+    before = len(control.sent(support))
+    to = b.css("#send-to")
+    to.clear()
+    to.send_keys("someone@example.com")
+    subject = b.css("#send-subject")
+    subject.clear()
+    subject.send_keys("From the support desk")
+    b.css("#send").click()
+    b.wait(lambda: b.text("#send-result") not in ("", "Sending…"), "the send result")
+    sent = control.sent(support)[before:]
+    _step(b, "team-sent", lambda: (
+        _assert(b.text("#send-result").startswith("Sent at"), b.text("#send-result")),
+        _assert([s["message"]["subject"] for s in sent] == ["From the support desk"], sent),
+    ))
+    b.css("#load-messages").click()
+    b.wait(lambda: b.all("#messages li[data-message-id]"), "the shared mailbox's inbox")
+    _step(b, "team-inbox", lambda: _assert(len(b.all("#messages li[data-message-id]")) >= 1, "messages listed"))

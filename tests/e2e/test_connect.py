@@ -18,7 +18,8 @@ CONSENT = "user@fabrikam.onmicrosoft.com"
 BLOCKED = "blocked@contoso.onmicrosoft.com"
 CONSUMER_TID = "9188040d-6c67-4c5b-b112-36a304b66dad"
 ACCOUNT_FIELDS = {"id", "provider", "email", "displayName", "tenantId", "accountType", "status", "scopes",
-                  "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError", "notifications"}
+                  "connectedAt", "lastRefreshedAt", "accessTokenExpiresAt", "lastUsedAt", "lastError", "notifications",
+                  "accessType"}
 
 
 def _states(host: Host) -> list[dict[str, Any]]:

@@ -182,7 +182,7 @@ def _oauth(cred: AppCredential, monkeypatch: Any) -> Any:
     from shared.oauth import OAuthClient
 
     oauth = OAuthClient(GOOD_SETTINGS, credentials=cred, session=None, states_table=None)  # type: ignore[arg-type]
-    monkeypatch.setattr(oauth, "_msal_app_for", lambda credential: credential)  # the "app" is the credential
+    monkeypatch.setattr(oauth, "_msal_app_for", lambda credential, tenant=None: credential)  # the "app" is the credential
     return oauth
 
 

@@ -100,6 +100,8 @@ class FakeTime:
 
 
 class FakeToken:
+    root = "me"
+
     def __init__(self) -> None:
         self.current = "access-1"
         self.refreshed_from: list[str] = []
