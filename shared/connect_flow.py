@@ -56,13 +56,14 @@ class CallbackOutcome:
     """Where the callback sends the browser, and what it tells the caller's page."""
 
     return_url: str | None
-    status: str  # "connected" | "error"
+    status: str  # "connected" | "error" | "continue" (on to ``next_url``: admin consent's second leg)
     account_id: str | None = None
     code: str | None = None
     message: str | None = None
     hint: str | None = None
     result: str | None = None  # the signed result token (shared.connect_result), on success only
     tenant_connection_id: str | None = None  # admin consent (shared.team_mailboxes)
+    next_url: str | None = None  # "continue": where the browser goes next (Entra's admin-consent page)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class ConnectFlow:
         state = params.get("state")
         pending = self._oauth.consume_state(
             state, open_sealed=lambda sealed, aad: self._key_ring(sealed).open(sealed, aad=aad))
-        if pending.kind == "admin" and self._admin_consent is not None:
+        if pending.kind in ("admin", "admin_signin") and self._admin_consent is not None:
             return self._admin_consent(pending, params, state or "")
         try:
             account = self._store_connection(pending, params)

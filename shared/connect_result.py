@@ -9,7 +9,8 @@ product, not this service, holds that user agent's session. So the success redir
 * a JWT (RFC 7519) signed ES256 (ECDSA P-256 / SHA-256, RFC 7518 §3.4), header ``typ``
   ``connect-result+jwt`` (RFC 8725 §3.11, explicit typing) and ``kid``;
 * claims ``iss`` (PUBLIC_BASE_URL), ``aud`` (AUTH_ISSUER: the product that issued the caller's JWT),
-  ``sub`` (the owner), ``accountId``, ``stateHash`` (base64url SHA-256 of ``state``, no padding),
+  ``sub`` (the owner), ``accountId`` (or, for an admin consent, ``tenantConnectionId``), ``stateHash``
+  (base64url SHA-256 of ``state``, no padding),
   ``iat``, ``exp`` (+ :data:`RESULT_TTL_S`) and ``jti``.
 
 The integrator's back end verifies it with the public keys served at
@@ -62,11 +63,14 @@ def _private_key(ring: KeyRing, ring_kid: str) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(d, ec.SECP256R1())
 
 
-def sign(ring: KeyRing, *, issuer: str, audience: str, owner: str, account_id: str, state: str,
-         now: int | None = None) -> str:
-    """The ``result`` token for one completed connect, signed with the active key's derived key."""
+def sign(ring: KeyRing, *, issuer: str, audience: str, owner: str, account_id: str | None = None, state: str,
+         tenant_connection_id: str | None = None, now: int | None = None) -> str:
+    """The ``result`` token for one completed connect (``account_id``) or admin consent (``tenant_connection_id``),
+    signed with the active key's derived key."""
     iat = int(time.time()) if now is None else now
-    claims = {"iss": issuer, "aud": audience, "sub": owner, "accountId": account_id, "stateHash": state_hash(state),
+    what: dict[str, object] = ({"tenantConnectionId": tenant_connection_id} if tenant_connection_id
+                               else {"accountId": account_id})
+    claims: dict[str, object] = {"iss": issuer, "aud": audience, "sub": owner, **what, "stateHash": state_hash(state),
               "iat": iat, "exp": iat + RESULT_TTL_S, "jti": uuid.uuid4().hex}
     key = _private_key(ring, ring.active_kid)
     return jwt.encode(claims, key, algorithm=ALGORITHM,

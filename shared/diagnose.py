@@ -115,6 +115,10 @@ class Diagnosis:
             self.add("mailbox", True, f"{acc.email} is reachable with the tenant's application token.")
         except ConnectorError as e:
             self.add("mailbox", False, f"The mailbox is not reachable: {e.code}: {e.detail}", e.hint)
+        if not roles & {"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite"}:
+            self.add("adminScope", True, "Not checked: the token grants no mail permission of its own (a refusal "
+                     "would not tell whether the administrator scoped the app).")
+            return
         if not probe:
             self.add("adminScope", True, "Not checked: no mailbox of this tenant outside the ones added is known. "
                      "Pass ?probe=<address of a mailbox the app must not reach> to check the administrator's scope.")
@@ -122,8 +126,9 @@ class Diagnosis:
         from urllib.parse import quote
 
         try:
-            self._graph.get_json(f"users/{quote(probe, safe='@.')}/mailFolders/inbox", mailbox=f"{probe}.probe",
-                                 token=source, params={"$select": "id"})
+            # One read of a folder id (no mail), under a limiter key of the tenant, not of the probed mailbox.
+            self._graph.get_json(f"users/{quote(probe, safe='@.')}/mailFolders/inbox",
+                                 mailbox=f"probe.{acc.tenant_id}", token=source, params={"$select": "id"})
             self.add("adminScope", False, f"Not scoped: the app also reads {probe}, a mailbox that was not added, so "
                      "it can read every mailbox of the tenant.", SCOPE_HINT.replace("this one is outside the scope",
                                                                                     "it is not"))

@@ -118,8 +118,8 @@ AADSTS: dict[int, ErrorInfo] = {
     65004: ErrorInfo("consent_declined", 403, "The user declined consent. Connect again and accept the permissions."),
     # Admin consent (team mailboxes) by someone who is not an administrator of the tenant.
     90093: ErrorInfo("admin_required", 403,
-                    "Only a tenant administrator (Global, Application or Cloud Application Administrator) can grant "
-                    "the application permissions. Ask one to open the admin-consent link."),
+                    "Only a Global Administrator or Privileged Role Administrator of the tenant can grant the "
+                    "application permissions. Ask one to open the admin-consent link."),
 }
 
 # https://learn.microsoft.com/graph/errors and the Outlook mail API error codes

@@ -65,9 +65,10 @@ ADMIN_STATE_TTL = dt.timedelta(minutes=10)
 #: What the client-credentials grant asks for: the application permissions an administrator granted
 #: (https://learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow#get-a-token).
 GRAPH_DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
-#: Entra's answers to the client-credentials grant when the tenant no longer has the app (service principal
-#: deleted: 7000229 / 700016) or its consent (65001): only that tenant's administrator can restore it.
-TENANT_CONSENT_GONE = frozenset({7000229, 700016, 65001})
+#: Entra's answer to the client-credentials grant when the tenant no longer has the app's service principal (an
+#: administrator deleted it, or never consented): only that tenant's administrator can restore it. (700016, the
+#: application unknown to the directory, is the operator's: a wrong client id or a deleted registration.)
+TENANT_CONSENT_GONE = frozenset({7000229})
 STATE_MAC_PURPOSE = "oauth-state-partition/v1"
 MAX_PENDING_STATES_PER_OWNER = 10
 _RESERVED_SCOPES = {"openid", "profile", "offline_access"}
@@ -221,24 +222,46 @@ class OAuthClient:
                 "requireLoginHint": require_login_hint}
         return self._store_state(owner, partition, state, data, STATE_TTL, seal, auth_url=str(flow["auth_uri"]))
 
-    def start_admin_consent(self, owner: str, *, return_url: str | None, tenant: str | None,
-                            seal: Callable[[bytes, bytes], str], mac_key: bytes) -> dict[str, str]:
-        """Entra's v2.0 admin-consent URL for the app's application permissions, with a state like the connect
-        flow's (random, single use, owner-bound): https://learn.microsoft.com/entra/identity-platform/v2-admin-consent.
-        ``tenant``: a tenant id or verified domain, else ``organizations`` (the administrator's own tenant)."""
+    def start_admin_signin(self, owner: str, *, return_url: str | None, tenant: str | None,
+                           seal: Callable[[bytes, bytes], str], mac_key: bytes) -> dict[str, str]:
+        """Team mailboxes, first leg: the administrator signs in (OpenID Connect, code + PKCE, ``form_post``) so the
+        callback learns who consents and for which tenant from a signed id token; the admin-consent page follows
+        (:meth:`admin_consent_url_for`). The admin-consent redirect alone proves nothing: its ``tenant`` comes
+        through the browser (https://learn.microsoft.com/entra/identity-platform/v2-admin-consent).
+        ``tenant``: a tenant id or verified domain, else ``organizations`` (the administrator's own)."""
         if tenant is not None and not _TENANT_RE.fullmatch(tenant):
             raise ValidationError("tenant", "tenant must be a tenant id (GUID) or a verified domain name.")
-        if tenant is not None and tenant.lower() in ("common", "consumers"):
-            raise ValidationError("tenant", "Admin consent needs a work or school tenant: a tenant id, a domain or "
-                                  "'organizations'.")
         return_url = self.check_return_url(return_url)
+        partition = state_partition(mac_key, owner)
+        state = secrets.token_urlsafe(32) + "." + partition[2:]
+        authority = tenant or "organizations"
+        flow = self._msal_app_for(self._credentials.current(), authority).initiate_auth_code_flow(
+            [], redirect_uri=self._s.redirect_uri, state=state, prompt="select_account", response_mode="form_post")
+        data = {"kind": "admin_signin", "flow": flow, "returnUrl": return_url, "tenant": tenant}
+        return self._store_state(owner, partition, state, data, ADMIN_STATE_TTL, seal, auth_url=str(flow["auth_uri"]))
+
+    def redeem_admin_signin(self, pending: PendingConnect, params: dict[str, str]) -> dict[str, object]:
+        """The administrator's id token claims (MSAL checks signature, issuer, audience and nonce)."""
+        if params.get("error"):
+            raise from_authorize_error(params, context=self._error_context(pending.tenant))
+        if not params.get("code"):
+            raise ValidationError("code", "The callback has neither code nor error.")
+        authority = pending.tenant or "organizations"
+        return self._call_token_endpoint(
+            lambda app: app.acquire_token_by_auth_code_flow(pending.flow, params, scopes=[]),
+            tenant=authority).id_token_claims
+
+    def admin_consent_url_for(self, owner: str, *, tenant_id: str, return_url: str | None,
+                              seal: Callable[[bytes, bytes], str], mac_key: bytes) -> str:
+        """Second leg: Entra's v2.0 admin-consent URL for ``tenant_id`` (the signed-in administrator's), with a new
+        state that remembers that tenant: the redirect's ``tenant`` must be it."""
         partition = state_partition(mac_key, owner)
         state = secrets.token_urlsafe(32) + "." + partition[2:]
         q = urlencode({"client_id": self._s.client_id, "scope": GRAPH_DEFAULT_SCOPE,
                        "redirect_uri": self._s.redirect_uri, "state": state})
-        url = f"{self._s.authority_host}/{tenant or 'organizations'}/v2.0/adminconsent?{q}"
-        data = {"kind": "admin", "returnUrl": return_url, "tenant": tenant}
-        return self._store_state(owner, partition, state, data, ADMIN_STATE_TTL, seal, auth_url=url)
+        data = {"kind": "admin", "returnUrl": return_url, "tenant": tenant_id}
+        url = f"{self._s.authority_host}/{tenant_id}/v2.0/adminconsent?{q}"
+        return self._store_state(owner, partition, state, data, ADMIN_STATE_TTL, seal, auth_url=url)["authUrl"]
 
     def _store_state(self, owner: str, partition: str, state: str, data: Mapping[str, object], ttl: dt.timedelta,
                      seal: Callable[[bytes, bytes], str], *, auth_url: str) -> dict[str, str]:

@@ -316,9 +316,10 @@ def _connect_paths() -> Json:
                        secured=False, tags=("connect",)),
         },
         "/api/connect/microsoft/admin": {"get": _op(
-            "connect_microsoft_admin", "Team mailboxes: Entra's admin-consent URL for the app's application "
-            "permissions (a tenant administrator opens it). The callback stores a tenant connection and redirects to "
-            "returnUrl with status=connected&tenantConnectionId=…&result=… (or status=error&code=…).", {
+            "connect_microsoft_admin", "Team mailboxes: a tenant administrator (Global or Privileged Role "
+            "Administrator) opens authUrl, signs in, then grants the app's application permissions on Entra's "
+            "admin-consent page; both legs return through the callback, which stores a tenant connection and "
+            "redirects to returnUrl with status=connected&tenantConnectionId=…&result=… (or status=error&code=…).", {
                 "200": _json(_ref("ConnectStart"), "Send the administrator's browser to authUrl."),
                 **_errors(400, 503)},
             params=[_q("returnUrl", {"type": "string", "maxLength": 2048},

@@ -75,10 +75,11 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "code_already_redeemed": ("Code already used", "The authorization code was redeemed; connect again."),
     "pkce_mismatch": ("PKCE mismatch", "The PKCE verifier did not match; connect again."),
     # -- team mailboxes (admin consent, application access)
-    "admin_required": ("Administrator required", "Only a tenant administrator can grant the app's application "
-                       "permissions; an administrator opens the admin-consent link."),
-    "tenant_mismatch": ("Consent from another tenant", "The consent was granted in another tenant than the one the "
-                        "admin-consent link was started for; nothing was stored."),
+    "admin_required": ("Administrator required", "Only a Global Administrator or Privileged Role Administrator of "
+                       "the tenant can grant the app's application permissions; one of them opens the admin-consent "
+                       "link (the app registration must put directory roles in its tokens: docs/team-mailboxes.md)."),
+    "tenant_mismatch": ("Consent from another tenant", "The administrator who signed in, or the consent, belongs to "
+                        "another tenant than the one the admin-consent link was for; nothing was stored."),
     "app_roles_missing": ("Application permissions missing", "The tenant granted the app without the application "
                           "permissions of MS_APP_ROLES: declare them on the app registration, then consent again "
                           "(docs/team-mailboxes.md)."),

@@ -116,22 +116,21 @@ class TenantAccess:
         """The connection becomes ``consent_required`` (one ``tenant.consent_required``), its mailboxes
         ``reauth_required`` (``account.reauth_required`` each). Best effort: the caller raises ``err`` anyway."""
         last_error = {"code": err.code, "message": err.detail[:300], "at": iso(self._clock()) or ""}
-        changed: list[bool] = []
+        wrote = [False]  # set by the attempt whose write landed: a lost ETag race re-reads and decides again
 
         def required(c: TenantConnection) -> TenantConnection | None:
-            if c.status == CONSENT_REQUIRED:
-                return None
-            changed.append(True)
-            return replace(c, status=CONSENT_REQUIRED, last_error=last_error)
+            wrote[0] = c.status != CONSENT_REQUIRED
+            return replace(c, status=CONSENT_REQUIRED, last_error=last_error) if wrote[0] else None
 
         try:
             conn = self._tenants.update_with(self._tenants.get_connection(owner, connection_id), required)
             self._cache.pop(conn.tenant_id, None)
             moved = self._set_mailboxes(conn, REAUTH_REQUIRED, last_error)
-            if changed:
+            if wrote[0]:
                 log.warning("tenant connection %s lost its admin consent (%s)", conn.id, err.microsoft.codes
                             if err.microsoft else "")
-                self._webhooks.emit_tenant("tenant.consent_required", conn.to_public(mailbox_count=len(moved)),
+                self._webhooks.emit_tenant("tenant.consent_required",
+                                           conn.to_public(mailbox_count=len(self.mailboxes(conn))),
                                            [a.id for a in moved])
             for acc in moved:
                 self._webhooks.emit("account.reauth_required", acc.to_public())
@@ -141,17 +140,17 @@ class TenantAccess:
             log.warning("lost consent of tenant connection %s not recorded (%s)", connection_id, e.code)
 
     def consent_restored(self, conn: TenantConnection) -> tuple[TenantConnection, list[Account]]:
-        """Admin consent granted again: the connection is ``active`` (``tenant.recovered`` if it was not) and its
-        mailboxes that lost access are ``active`` again (``account.recovered`` each); returns those mailboxes."""
-        was = conn.status
+        """Admin consent granted again: the connection is ``active`` (``tenant.recovered`` if this call changed it)
+        and its mailboxes that lost access are ``active`` again (``account.recovered`` each); returns those."""
+        wrote = [False]
 
         def active(c: TenantConnection) -> TenantConnection | None:
-            return None if c.status == TENANT_ACTIVE and c.last_error is None else replace(
-                c, status=TENANT_ACTIVE, last_error=None)
+            wrote[0] = c.status != TENANT_ACTIVE
+            return replace(c, status=TENANT_ACTIVE, last_error=None) if wrote[0] or c.last_error else None
 
         saved = self._tenants.update_with(conn, active)
         recovered = self._set_mailboxes(saved, ACTIVE, None)
-        if was != TENANT_ACTIVE:
+        if wrote[0]:
             self._webhooks.emit_tenant("tenant.recovered", saved.to_public(mailbox_count=len(self.mailboxes(saved))),
                                        [a.id for a in recovered])
         for acc in recovered:
@@ -169,9 +168,21 @@ class TenantAccess:
         for acc in self.mailboxes(conn):
             if acc.status == status:
                 continue
+            wrote = [False]
             try:
-                moved.append(self._accounts.update_with(acc, lambda cur: None if cur.status == status else replace(
-                    cur, status=status, last_error=last_error)))
+                saved = self._accounts.update_with(acc, _moving(status, last_error, wrote))
             except NotFoundError:
                 continue
+            if wrote[0]:
+                moved.append(saved)
         return moved
+
+
+def _moving(status: str, last_error: dict[str, str] | None, wrote: list[bool]) -> Callable[[Account], Account | None]:
+    """The change of an account to ``status``; ``wrote[0]`` says whether the attempt that ran last changed it."""
+
+    def change(cur: Account) -> Account | None:
+        wrote[0] = cur.status != status
+        return replace(cur, status=status, last_error=last_error) if wrote[0] else None
+
+    return change

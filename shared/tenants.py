@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -34,10 +33,6 @@ class TenantConnection:
         """The TenantConnection JSON of the API (docs: GET /api/openapi.json)."""
         return {"id": self.id, "tenantId": self.tenant_id, "status": self.status,
                 "connectedAt": iso(self.connected_at), "mailboxCount": mailbox_count, "lastError": self.last_error}
-
-
-def new_connection_id() -> str:
-    return "tc_" + secrets.token_hex(12)
 
 
 def _no_connection() -> NotFoundError:

@@ -393,7 +393,7 @@ def _complete(params: dict[str, str], tenant: str, user: TestUser, scopes: list[
             "Access has been blocked by Conditional Access policies. The access policy does not allow token "
             "issuance.",
         )
-    if user.tid in ADMIN_CONSENT_TENANTS and not consented:
+    if user.tid in ADMIN_CONSENT_TENANTS and not consented and not user.admin:  # an administrator may consent
         # User consent disallowed: the user sees "Need admin approval" (AADSTS90094); returning to the app
         # without consent yields consent_required / AADSTS65001.
         # https://learn.microsoft.com/en-us/troubleshoot/entra/entra-id/app-integration/troubleshoot-consent-issues

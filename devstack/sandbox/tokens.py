@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .users import TestUser
 
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
+# Entra built-in role template ids: https://learn.microsoft.com/entra/identity/role-based-access-control/permissions-reference
+GLOBAL_ADMINISTRATOR = "62e90394-69f5-4237-9190-012177145e10"
+DEFAULT_USER_ROLE = "b79fbf4d-3ef9-4689-8143-76b194e85509"  # "User" (every member)
 
 
 def b64url(data: bytes) -> str:
@@ -94,6 +97,12 @@ def id_token(
         claims["nonce"] = nonce
     if "email" in scopes:
         claims["email"] = user.upn
+    if user.admin:
+        # Directory roles (the app registration's groupMembershipClaims includes DirectoryRole): role template ids.
+        # https://learn.microsoft.com/entra/identity-platform/id-token-claims-reference
+        claims["wids"] = [GLOBAL_ADMINISTRATOR, DEFAULT_USER_ROLE]
+    elif user.shared is False and not user.personal:
+        claims["wids"] = [DEFAULT_USER_ROLE]
     return key.sign(claims)
 
 

@@ -92,6 +92,9 @@ resource app 'Microsoft.Graph/applications@v1.0' = {
       enableIdTokenIssuance: false
     }
   }
+  // Team mailboxes: the signed-in user's directory roles in the id token (wids), so the connector can tell that
+  // the person granting admin consent is an administrator (docs/team-mailboxes.md).
+  groupMembershipClaims: teamMailboxes && !personalAccounts ? 'DirectoryRole' : 'None'
   requiredResourceAccess: [
     {
       resourceAppId: graphAppId

@@ -79,6 +79,8 @@ def connect_microsoft_callback(req: func.HttpRequest, context: func.Context = NO
         if req.method != "POST" and "code" in params:
             c.connect.refuse_code_in_url(params.get("state"))  # burns the state, then 400
         outcome = c.connect.complete(params)
+        if outcome.next_url:  # admin consent: the administrator signed in, now Entra's admin-consent page
+            return func.HttpResponse(status_code=302, headers={"Location": outcome.next_url, **_NO_LEAK})
         ctx.account_ref = outcome.account_id
         result = _result_params(outcome)
         if outcome.return_url:

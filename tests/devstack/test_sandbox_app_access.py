@@ -168,3 +168,10 @@ def test_delegated_token_reaches_only_its_own_mailbox_through_users(sandbox_serv
 def test_admin_consent_refuses_multi_tenant_aliases(sandbox_server, ctl, http, tenant):
     r = consent(sandbox_server, http, "admin@contoso.onmicrosoft.com", tenant=tenant)
     assert r.status_code == 400 and "AADSTS90002" in r.text
+
+
+def test_id_tokens_name_an_administrators_directory_roles(sandbox_server, ctl, flows):
+    global_admin = "62e90394-69f5-4237-9190-012177145e10"
+    admin = jwt.decode(flows.sign_in("admin@contoso.onmicrosoft.com")["id_token"], options={"verify_signature": False})
+    user = jwt.decode(flows.sign_in("adele@contoso.onmicrosoft.com")["id_token"], options={"verify_signature": False})
+    assert global_admin in admin["wids"] and global_admin not in user.get("wids", [])

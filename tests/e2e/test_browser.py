@@ -327,7 +327,12 @@ def test_team_mailbox_connect_add_send_and_list_in_a_browser(browser: Browser, h
     support = "support@contoso.onmicrosoft.com"
     _open_demo(b, host)
     b.css("#connect-tenant").click()
-    b.wait(lambda: "accept for your organization" in b.d.page_source, "the sandbox admin-consent sign-in page")
+    # First the administrator signs in (who consents, and for which tenant), then Entra's admin-consent page.
+    b.wait(lambda: "Pick an account" in b.d.page_source, "the sandbox sign-in page")
+    b.css("button[value='admin@contoso.onmicrosoft.com']").click()
+    b.wait(lambda: "Permissions requested" in b.d.page_source, "the sandbox consent page of the sign-in")
+    b.css("button[value='accept']").click()
+    b.wait(lambda: "accept for your organization" in b.d.page_source, "the sandbox admin-consent page")
     _step(b, "admin-sign-in", lambda: _assert("(administrator)" in b.d.page_source, "the administrator is marked"))
     b.css("a[href*='login_hint=admin%40contoso.onmicrosoft.com'] button").click()
     b.wait(lambda: b.d.current_url.startswith(host.url + "/demo/") and b.css("#banner").is_displayed(),

@@ -10,10 +10,11 @@ import os
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jwt
 import pytest
 import requests
 
-from tests.conftest import Host, WebhookReceiver, wait_for
+from tests.conftest import Host, WebhookReceiver, authorize, wait_for
 from tests.e2e.test_mail_events import matches_openapi
 from tests.e2e.test_notifications import (  # noqa: F401 - sandbox_http is a fixture
     ADELE,
@@ -26,6 +27,7 @@ from tests.e2e.test_notifications import (  # noqa: F401 - sandbox_http is a fix
 pytestmark = pytest.mark.usefixtures("sandbox_http")
 
 CONTOSO = "72f988bf-0000-4000-8000-00000000c057"
+FABRIKAM = "b6a1c2d3-0000-4000-8000-0000000fab01"
 ADMIN = "admin@contoso.onmicrosoft.com"
 SUPPORT = "support@contoso.onmicrosoft.com"
 SALES = "sales@contoso.onmicrosoft.com"
@@ -37,23 +39,32 @@ def query_of(location: str) -> dict[str, str]:
 
 
 def admin_consent(host: Host, browser: requests.Session, owner: str, *, admin: str = ADMIN,
-                  tenant: str | None = None, consent_at: str | None = None) -> dict[str, str]:
-    """The admin-consent journey: our route → Entra's adminconsent (the sandbox signs ``admin`` in) → our callback →
-    the redirect to returnUrl. ``consent_at``: the tenant segment the browser really goes to (a tampered link)."""
-    params = {"returnUrl": RETURN, **({"tenant": tenant} if tenant else {})}
-    start = host.api("GET", "/api/connect/microsoft/admin", sub=owner, params=params)
-    assert start.status_code == 200, start.text
-    url = start.json()["authUrl"]
-    if consent_at:
-        parts = urlsplit(url)
-        url = parts._replace(path=f"/{consent_at}/v2.0/adminconsent").geturl()
-    back = browser.get(url + "&login_hint=" + admin, allow_redirects=False, timeout=30)
+                  tenant: str | None = None) -> dict[str, str]:
+    """The admin-consent journey: our route → the administrator signs in (form_post to our callback) → Entra's
+    adminconsent page (the sandbox signs ``admin`` in) → our callback → the redirect to returnUrl."""
+    consent_url = signed_in(host, browser, owner, admin=admin, tenant=tenant)
+    assert consent_url.startswith(host.env["MS_AUTHORITY_HOST"] + "/"), consent_url
+    back = browser.get(consent_url + "&login_hint=" + admin, allow_redirects=False, timeout=30)
     assert back.status_code == 302, back.text[:300]
     assert back.headers["Location"].startswith(host.url + "/api/connect/microsoft/callback?")
     done = host.http.get(back.headers["Location"], allow_redirects=False, timeout=60)
     assert done.status_code == 302, done.text[:500]
     assert done.headers["Location"].startswith(RETURN + "?")
-    return {"state": start.json()["state"], "callback": back.headers["Location"], **query_of(done.headers["Location"])}
+    return {"callback": back.headers["Location"], **query_of(done.headers["Location"])}
+
+
+def signed_in(host: Host, browser: requests.Session, owner: str, *, admin: str = ADMIN,
+              tenant: str | None = None) -> str:
+    """The first leg: start, sign in as ``admin``; returns where the callback sends the browser next."""
+    params = {"returnUrl": RETURN, **({"tenant": tenant} if tenant else {})}
+    start = host.api("GET", "/api/connect/microsoft/admin", sub=owner, params=params)
+    assert start.status_code == 200, start.text
+    assert "/oauth2/v2.0/authorize?" in start.json()["authUrl"]
+    form = authorize(browser, start.json()["authUrl"] + "&login_hint=" + admin)
+    assert form.action == host.url + "/api/connect/microsoft/callback", form.action
+    leg = form.submit(host.http)
+    assert leg.status_code == 302, leg.text[:500]
+    return str(leg.headers["Location"])
 
 
 def tenant_events(webhooks: WebhookReceiver, kind: str, connection_id: str) -> list[dict[str, Any]]:
@@ -78,7 +89,8 @@ def test_a_shared_mailbox_works_beside_a_personal_one(host: Host, browser_sessio
     personal = connected(host, browser_session, owner, ADELE)
     result = admin_consent(host, browser_session, owner)
     assert result["status"] == "connected" and result["tenantConnectionId"].startswith("tc_"), result
-    assert result["result"]  # the signed result, like the connect flow's
+    claims = jwt.decode(result["result"], options={"verify_signature": False})  # the signed result, like a connect's
+    assert claims["tenantConnectionId"] == result["tenantConnectionId"] and "accountId" not in claims
     tc = result["tenantConnectionId"]
     [listed] = host.api("GET", "/api/tenants", sub=owner).json()["tenants"]
     assert listed == {"id": tc, "tenantId": CONTOSO, "status": "active", "connectedAt": listed["connectedAt"],
@@ -246,13 +258,17 @@ def test_consent_removed_then_restored_keeps_every_id(host: Host, browser_sessio
 
 def test_admin_consent_failures_store_nothing(host: Host, browser_session: requests.Session, control: Any) -> None:
     owner = "owner-consent-bad"
-    # not an administrator: Entra answers AADSTS90093 through the browser
-    start = host.api("GET", "/api/connect/microsoft/admin", sub=owner, params={"returnUrl": RETURN}).json()
-    back = browser_session.get(start["authUrl"] + "&login_hint=" + ADELE, allow_redirects=False, timeout=30)
+    # not an administrator: refused after the sign-in, before any consent page
+    not_admin = signed_in(host, browser_session, owner, admin=ADELE)
+    result = query_of(not_admin)
+    assert not_admin.startswith(RETURN) and result["status"] == "error" and result["code"] == "admin_required", result
+    # the admin-consent page refuses a user who is not an administrator (AADSTS90093): our words, not Entra's
+    consent_url = signed_in(host, browser_session, owner)
+    back = browser_session.get(consent_url + "&login_hint=" + ADELE, allow_redirects=False, timeout=30)
     done = host.http.get(back.headers["Location"], allow_redirects=False, timeout=60)
     result = query_of(done.headers["Location"])
     assert result["status"] == "error" and result["code"] == "admin_required", result
-    assert "AADSTS" not in result["message"]  # our words, not the redirect's
+    assert "AADSTS" not in result["message"]
     # replayed: the state was consumed
     replay = host.http.get(back.headers["Location"], allow_redirects=False, timeout=60)
     assert replay.status_code == 400 and replay.json()["code"] == "invalid_state"
@@ -261,9 +277,21 @@ def test_admin_consent_failures_store_nothing(host: Host, browser_session: reque
         "admin_consent": "True", "tenant": CONTOSO, "state": "x" * 43 + "." + "0" * 40}, allow_redirects=False,
         timeout=30)
     assert forged.status_code == 400
-    # a link for Fabrikam consented in Contoso: refused
-    mismatch = admin_consent(host, browser_session, owner, tenant="fabrikam.onmicrosoft.com", consent_at=CONTOSO)
-    assert mismatch["status"] == "error" and mismatch["code"] == "tenant_mismatch", mismatch
+    # another caller cannot claim a tenant by skipping the sign-in: the first leg's state wants a code
+    thief = host.api("GET", "/api/connect/microsoft/admin", sub="owner-thief", params={"returnUrl": RETURN}).json()
+    skipped = host.http.get(host.url + "/api/connect/microsoft/callback", params={
+        "admin_consent": "True", "tenant": CONTOSO, "state": thief["state"]}, allow_redirects=False, timeout=30)
+    assert query_of(skipped.headers["Location"])["status"] == "error"
+    assert host.api("GET", "/api/tenants", sub="owner-thief").json() == {"tenants": []}
+    # ... nor by changing the tenant of the consent answer: the signed-in administrator's tenant is kept
+    consent_url = signed_in(host, browser_session, owner)
+    state = parse_qs(urlsplit(consent_url).query)["state"][0]
+    swapped = host.http.get(host.url + "/api/connect/microsoft/callback", params={
+        "admin_consent": "True", "tenant": FABRIKAM, "state": state}, allow_redirects=False, timeout=30)
+    assert query_of(swapped.headers["Location"])["code"] == "tenant_mismatch"
+    # a link for Fabrikam, signed in with Contoso's administrator: Entra refuses the account (AADSTS50020)
+    mismatch = query_of(signed_in(host, browser_session, owner, tenant="fabrikam.onmicrosoft.com"))
+    assert mismatch["status"] == "error" and mismatch["code"] == "account_not_allowed", mismatch
     assert host.api("GET", "/api/tenants", sub=owner).json() == {"tenants": []}
     # bad input on the start route and the mailbox route
     for params, field in (({"returnUrl": "https://evil.example/"}, "returnUrl"),
@@ -279,3 +307,18 @@ def test_admin_consent_failures_store_nothing(host: Host, browser_session: reque
         assert r.status_code == 400 and r.json()["field"] == "address", (address, r.text)
     assert host.api("GET", f"/api/tenants/{tc}", sub=owner).json()["mailboxCount"] == 0
     assert add(host, owner, "tc_nope", SUPPORT).status_code == 404
+
+
+def test_concurrent_adds_and_consents_store_one_of_each(host: Host, browser_session: requests.Session) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    owner = "owner-races"
+    first = admin_consent(host, browser_session, owner)["tenantConnectionId"]
+    assert admin_consent(host, browser_session, owner)["tenantConnectionId"] == first
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: add(host, owner, first, SUPPORT), range(4)))
+    assert sorted(r.status_code for r in answers).count(201) <= 1, [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert [a["email"] for a in host.api("GET", "/api/accounts", sub=owner).json()["accounts"]] == [SUPPORT]
+    assert len(host.api("GET", "/api/tenants", sub=owner).json()["tenants"]) == 1
+    wait_for(lambda: queues_idle(host), timeout=60, what="the event jobs")
