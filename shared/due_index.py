@@ -1,9 +1,16 @@
 """A due-time index: find the accounts due for work without scanning all accounts.
 
 Two tables use it: ``refreshindex`` (proactive token refresh) and ``subscriptionindex`` (subscription
-renewal and the safety catch-up). PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``),
-RowKey = ``<owner partition>|<account id>``. A timer run reads only partitions ``<=`` the current
-bucket — the due rows — never the accounts table. The account record stays the truth: a stale or
+renewal and the safety catch-up). PartitionKey = the 5-minute bucket of the due time (``yyyyMMddHHmm``) and one of
+:data:`SHARDS` shards (``yyyyMMddHHmm-ss``, ``ss`` from a CRC-32 of the RowKey), RowKey = ``<owner partition>|<account
+id>``. A timer run reads only partitions before the next bucket — the due rows — never the accounts table.
+
+Why shards: Table Storage serves at most 2,000 entities/s per partition
+(https://learn.microsoft.com/azure/storage/tables/scalability-targets). With a million mailboxes, one 5-minute bucket
+holds tens of thousands of rows, and the timer re-arms all of them at once: in one partition that is well past the
+limit; over :data:`SHARDS` partitions each takes a sixteenth (``python -m bench scale`` shows the peak). Rows written
+before shards existed (PartitionKey = the bucket alone) sort before the bucket's shards and are read, moved and
+removed like the others. The account record stays the truth: a stale or
 duplicate row costs one read of the account, never a wrong refresh.
 
 Rows *move* with the due time (the row of the previous due time is removed), so refreshes outside
@@ -15,6 +22,7 @@ row when it is done, so a queue message lost to a crash brings the account back 
 from __future__ import annotations
 
 import datetime as dt
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
     from shared.storage import EntityValue, Row, Table
 
 BUCKET = dt.timedelta(minutes=5)
+SHARDS = 16  # partitions per bucket
 REARM = dt.timedelta(minutes=30)  # an enqueued account comes back this much later unless its worker finishes
 _BATCH = 100  # entity-group transactions: at most 100 operations, one partition
 
@@ -37,6 +46,15 @@ def bucket_of(t: dt.datetime) -> str:
 
 def row_key(owner: str, account_id: str) -> str:
     return f"{owner_partition(owner)}|{account_id}"
+
+
+def partition_key(bucket: str, row: str) -> str:
+    """The row's partition in ``bucket``: one of :data:`SHARDS`, fixed by the RowKey."""
+    return f"{bucket}-{zlib.crc32(row.encode()) % SHARDS:02d}"
+
+
+def bucket_of_partition(pk: str) -> str:
+    return pk[:12]
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,7 @@ class DueIndex:
         if due is not None:
             self.put_row(account.owner, account.id, due)
         if previous_bucket is not None and (due is None or previous_bucket != bucket_of(due)):
-            self._table.delete_if_present(previous_bucket, row_key(account.owner, account.id))
+            self.remove_row(previous_bucket, account.owner, account.id)
 
     def put_row(self, owner: str, account_id: str, due: dt.datetime) -> None:
         self._table.upsert(_row(bucket_of(due), owner, account_id))
@@ -76,24 +94,30 @@ class DueIndex:
             self.remove_row(bucket, owner, account_id)
 
     def remove_row(self, bucket: str, owner: str, account_id: str) -> None:
-        self._table.delete_if_present(bucket, row_key(owner, account_id))
+        rk = row_key(owner, account_id)
+        self._table.delete_if_present(partition_key(bucket, rk), rk)
 
     def remove(self, account: Account) -> None:
         if account.refresh_due_at is not None:
-            self._table.delete_if_present(bucket_of(account.refresh_due_at), row_key(account.owner, account.id))
+            self.remove_row(bucket_of(account.refresh_due_at), account.owner, account.id)
 
     def take_due(self, now: dt.datetime) -> tuple[int, list[DueAccount], str]:
         """Re-arm every row due at ``now`` and remove it from its bucket.
 
         Returns (rows read, the distinct due accounts, the re-arm bucket).
         """
-        rows = self._table.query("PartitionKey le @b", parameters={"b": bucket_of(now)},
+        # Every shard of every bucket up to now, and rows from before shards: all sort before the next bucket.
+        rows = self._table.query("PartitionKey lt @b", parameters={"b": bucket_of(now + BUCKET)},
                                  select=["PartitionKey", "RowKey", "owner", "accountId"])
         rearm = bucket_of(now + REARM)
         unique = list({str(r["RowKey"]): r for r in rows}.values())
-        for i in range(0, len(unique), _BATCH):
-            self._table.submit([("upsert", _row(rearm, str(r["owner"]), str(r["accountId"])))
-                                for r in unique[i:i + _BATCH]])
+        shards: dict[str, list[dict[str, EntityValue]]] = defaultdict(list)
+        for r in unique:
+            row = _row(rearm, str(r["owner"]), str(r["accountId"]))
+            shards[str(row["PartitionKey"])].append(row)
+        for batch_rows in shards.values():  # an entity-group transaction stays within one partition
+            for i in range(0, len(batch_rows), _BATCH):
+                self._table.submit([("upsert", row) for row in batch_rows[i:i + _BATCH]])
         self._delete_rows(rows)
         return len(rows), [DueAccount(str(r["owner"]), str(r["accountId"])) for r in unique], rearm
 
@@ -114,8 +138,9 @@ class DueIndex:
         """The worker is done with the account: drop the re-armed row unless it is the next due row."""
         due = account.refresh_due_at if account is not None and account.status == ACTIVE else None
         if due is None or bucket_of(due) != rearm:
-            self._table.delete_if_present(rearm, row_key(owner, account_id))
+            self.remove_row(rearm, owner, account_id)
 
 
 def _row(bucket: str, owner: str, account_id: str) -> dict[str, EntityValue]:
-    return {"PartitionKey": bucket, "RowKey": row_key(owner, account_id), "owner": owner, "accountId": account_id}
+    rk = row_key(owner, account_id)
+    return {"PartitionKey": partition_key(bucket, rk), "RowKey": rk, "owner": owner, "accountId": account_id}

@@ -320,8 +320,11 @@ def job(kind: str, owner: str, account_id: str, **kw: Any) -> bytes:
 
 
 def index_buckets(host: Host, account_id: str) -> list[str]:
+    from shared.due_index import bucket_of_partition
+
     table = TableClient.from_connection_string(host.env["AzureWebJobsStorage"], "subscriptionindex")
-    return [r["PartitionKey"] for r in table.list_entities() if str(r["RowKey"]).endswith("|" + account_id)]
+    return [bucket_of_partition(r["PartitionKey"]) for r in table.list_entities()
+            if str(r["RowKey"]).endswith("|" + account_id)]
 
 
 def test_a_message_with_hundreds_of_recipients_is_announced_bounded_and_catch_up_goes_on(

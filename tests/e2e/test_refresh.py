@@ -34,17 +34,19 @@ def make_due(host: Host, owner: str, account_id: str) -> None:
     from azure.data.tables import UpdateMode
 
     from shared.accounts import owner_partition
-    from shared.due_index import bucket_of, row_key
+    from shared.due_index import bucket_of, partition_key, row_key
 
     accounts, index = _tables(host)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
     pk = owner_partition(owner)
     old = accounts.get_entity(pk, account_id).get("refreshDueAt")
     if old:  # the row moves with the due time, as it does when time really passes
-        index.delete_entity(bucket_of(dt.datetime.fromisoformat(old.replace("Z", "+00:00"))), row_key(owner, account_id))
+        rk = row_key(owner, account_id)
+        index.delete_entity(partition_key(bucket_of(dt.datetime.fromisoformat(old.replace("Z", "+00:00"))), rk), rk)
     accounts.update_entity({"PartitionKey": pk, "RowKey": account_id, "refreshDueAt": past.isoformat()},
                            mode=UpdateMode.MERGE)
-    index.upsert_entity({"PartitionKey": bucket_of(past), "RowKey": row_key(owner, account_id), "owner": owner,
+    index.upsert_entity({"PartitionKey": partition_key(bucket_of(past), row_key(owner, account_id)),
+                         "RowKey": row_key(owner, account_id), "owner": owner,
                          "accountId": account_id})
 
 
@@ -261,10 +263,10 @@ def _index_rows(host: Host, owner: str, account_id: str) -> list[str]:
 
 
 def index_buckets(table: Any, owner: str, account_id: str) -> list[str]:
-    from shared.due_index import row_key
+    from shared.due_index import bucket_of_partition, row_key
 
     rows = table.query("RowKey eq @rk", parameters={"rk": row_key(owner, account_id)}, select=["PartitionKey"])
-    return sorted(str(r["PartitionKey"]) for r in rows)
+    return sorted(bucket_of_partition(str(r["PartitionKey"])) for r in rows)
 
 
 def _due_bucket(host: Host, owner: str, account_id: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shared.accounts import ACTIVE, REAUTH_REQUIRED, Account
-from shared.due_index import REARM, DueIndex, bucket_of, row_key
+from shared.due_index import REARM, SHARDS, DueIndex, bucket_of, bucket_of_partition, partition_key, row_key
 from shared.storage import Table
 from tests.conftest import storage_settings
 
@@ -34,7 +34,10 @@ def _account(i: int, due: dt.datetime | None) -> Account:
 
 
 def _rows(table: Table) -> set[tuple[str, str]]:
-    return {(str(e["PartitionKey"]), str(e["RowKey"])) for e in table.scan()}
+    """(bucket, RowKey) of every row; each row is in its bucket's shard for its RowKey."""
+    rows = {(str(e["PartitionKey"]), str(e["RowKey"])) for e in table.scan()}
+    assert all(pk == partition_key(bucket_of_partition(pk), rk) for pk, rk in rows), rows
+    return {(bucket_of_partition(pk), rk) for pk, rk in rows}
 
 
 def test_rows_move_with_the_due_time_and_leave_with_the_account(index: tuple[DueIndex, Table]) -> None:
@@ -83,3 +86,14 @@ def test_take_due_spans_more_than_one_transaction(index: tuple[DueIndex, Table])
     read, due, _ = idx.take_due(NOW)
     assert read == 150 and len(due) == 150
     assert all(pk == bucket_of(NOW + REARM) for pk, _ in _rows(table))
+    # re-armed over the bucket's shards (entity-group transactions per partition), not into one partition
+    assert len({str(e["PartitionKey"]) for e in table.scan()}) == SHARDS
+
+
+def test_rows_written_before_shards_are_still_taken(index: tuple[DueIndex, Table]) -> None:
+    idx, table = index
+    table.upsert({"PartitionKey": bucket_of(NOW - dt.timedelta(minutes=10)), "RowKey": row_key("owner-old", "acc_old"),
+                  "owner": "owner-old", "accountId": "acc_old"})
+    read, due, rearm = idx.take_due(NOW)
+    assert read == 1 and [d.account_id for d in due] == ["acc_old"]
+    assert _rows(table) == {(rearm, row_key("owner-old", "acc_old"))}
