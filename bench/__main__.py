@@ -2,7 +2,8 @@
 
 ``--write`` updates bench/results.md (a tracked file); without it the figures are only printed.
 ``python -m bench chaos [options]`` runs the soak-and-chaos run alone (see ``bench/chaos.py``, ``--help``);
-it is not part of the default run, which measures one thing at a time.
+it is not part of the default run, which measures one thing at a time. ``python -m bench scale [--quick]``: the
+scale and cost model (``bench/scale.py``, ``--help``).
 """
 
 import argparse
@@ -16,9 +17,13 @@ def main(argv: list[str]) -> int:
         from bench import chaos
 
         return chaos.main(argv[1:])
+    if argv[:1] == ["scale"]:
+        from bench import scale
+
+        return scale.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description="Run the benchmarks of the measured bars "
                                 "(figures as ratios measured in one run). `python -m bench chaos --help`: the "
-                                "load-and-faults run.")
+                                "load-and-faults run; `python -m bench scale --help`: the scale and cost model.")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help=f"benchmarks to run (default: all): {', '.join(NAMES)}")
     p.add_argument("--write", action="store_true", help="update bench/results.md with the figures")

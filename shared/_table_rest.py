@@ -31,6 +31,7 @@ import base64
 import hashlib
 import hmac
 import json
+import uuid
 from collections.abc import Mapping
 from email.utils import formatdate
 from typing import TYPE_CHECKING, TypedDict, Unpack
@@ -66,6 +67,16 @@ class RestCallOptions(TypedDict, total=False):
     retry_backoff_factor: float
     retry_backoff_max: float
     retry_on_methods: frozenset[str]
+
+
+class RequestId(SansIOHTTPPolicy):
+    """``x-ms-client-request-id`` (what Azure support traces a call by), a random UUID: azure-core's own policy
+    builds a time-based one (uuid1), several times the CPU on a path that runs five times per token refresh."""
+
+    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
+        headers = request.http_request.headers
+        if "x-ms-client-request-id" not in headers:
+            headers["x-ms-client-request-id"] = str(uuid.uuid4())
 
 
 class StorageHeaders(SansIOHTTPPolicy):

@@ -122,10 +122,12 @@ class PendingConnect:
 
 class OAuthClient:
     def __init__(self, settings: Settings, *, credentials: AppCredential, session: requests.Session,
-                 states_table: Table) -> None:
+                 states_table: Table, token_http: object | None = None) -> None:
+        """``token_http``: MSAL's ``http_client`` (shared._token_http), else ``session``."""
         self._s = settings
         self._credentials = credentials
         self._session = session
+        self._token_http = token_http or session
         self._states = states_table
         self._lock = threading.Lock()
         # MSAL apps by tenant (None: MS_TENANT's authority; a tenant id: client-credentials for that tenant),
@@ -154,7 +156,7 @@ class OAuthClient:
                     self._s.client_id,
                     client_credential=credential.msal,
                     authority=f"{self._s.authority_host}/{tenant}" if tenant else self._s.authority,
-                    http_client=self._session,
+                    http_client=self._token_http,
                     # MSAL asks Microsoft's instance-discovery endpoint about unknown hosts; the
                     # sandbox (or a sovereign cloud) is not in its list.
                     instance_discovery=host.endswith("login.microsoftonline.com"),

@@ -86,8 +86,8 @@ class Refresher:
     def enqueue_due(self, now: dt.datetime | None = None) -> dict[str, int]:
         """Timer body: move every due index row into the refresh queue. Returns counts."""
         read, due, rearm = self._index.take_due(now or utcnow())
-        for d in due:
-            self._queue.send(RefreshJob(d.owner, d.account_id, 0, rearm).to_message())
+        # Rows are re-armed first: a job that fails to be sent brings its account back on a later run.
+        self._queue.send_all([RefreshJob(d.owner, d.account_id, 0, rearm).to_message() for d in due])
         log.info(json.dumps({"event": "refresh.enqueued", "indexRowsRead": read, "enqueued": len(due)}))
         return {"read": read, "enqueued": len(due)}
 

@@ -96,8 +96,14 @@ class Connector:
     def oauth(self) -> OAuthClient:
         from shared.oauth import OAuthClient
 
+        token_http = None
+        if self._given_session is None:  # a session given (tests, tools) carries MSAL's requests too
+            from shared._http import ca_bundle_path
+            from shared._token_http import TokenHttpClient
+
+            token_http = TokenHttpClient(ca_file=ca_bundle_path(self.settings.ca_bundle))
         return OAuthClient(self.settings, credentials=self.app_credential, session=self.session,
-                           states_table=self.storage.table(STATES_TABLE))
+                           states_table=self.storage.table(STATES_TABLE), token_http=token_http)
 
     @cached_property
     def graph(self) -> GraphClient:

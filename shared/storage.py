@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from azure.data.tables import TableClient, TableEntity
     from azure.storage.queue import QueueClient
 
+    from shared._queue_rest import QueueRest
     from shared._table_rest import TableRest
     from shared.config import Settings
 
@@ -311,15 +312,36 @@ class Table:
 
 
 class Queue:
-    """One queue (base64 messages, as the Functions queue trigger expects by default)."""
+    """One queue (base64 messages, as the Functions queue trigger expects by default). Sends go over
+    :class:`shared._queue_rest.QueueRest`; the rest over the SDK client."""
 
-    def __init__(self, client: QueueClient) -> None:
+    def __init__(self, client: QueueClient, rest: QueueRest) -> None:
         self._client = client
+        self._rest = rest
         self.name = client.queue_name
 
     def send(self, message: bytes, *, visibility_timeout: int | None = None) -> None:
-        kw = _budget.get().call_kw()
-        mapped(lambda: self._client.send_message(message, visibility_timeout=visibility_timeout or None, **kw))
+        kw = _budget.get().table_kw()
+        mapped(lambda: self._rest.put(message, visibility_timeout=visibility_timeout or None, **kw))
+
+    def send_all(self, messages: list[bytes], *, workers: int = 16) -> int:
+        """Send every message, ``workers`` at a time (Queue Storage has no batch send): a timer that fans out
+        tens of thousands of jobs must fit in its schedule. Returns how many were sent; raises the first failure
+        once every message has been tried."""
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(messages) <= 1:
+            for m in messages:
+                self.send(m)
+            return len(messages)
+        with ThreadPoolExecutor(min(workers, len(messages)), thread_name_prefix=f"send-{self.name}") as pool:
+            # each task runs in a copy of the caller's context: the storage call budget travels with it
+            futures = [pool.submit(contextvars.copy_context().run, self.send, m) for m in messages]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        return len(messages)
 
     def create_if_missing(self) -> None:
         try:
@@ -345,30 +367,31 @@ def _row(e: TableEntity) -> Row:
     return Row(props, str(etag) if etag else None)
 
 
-def _rest_pipeline(transport: HttpTransport,
-                   credential: AzureNamedKeyCredential | TokenCredential | None) -> Pipeline[HttpRequest, HttpResponse]:
-    """The pipeline of :class:`~shared._table_rest.TableRest`: azure-core's retry policy with the budget
-    options (as the SDK client has), the version and date headers, then Shared Key or a bearer token
-    (``https://storage.azure.com/.default``) or nothing (a SAS in the URL)."""
+def _rest_pipeline(transport: HttpTransport, credential: AzureNamedKeyCredential | TokenCredential | None, *,
+                   queue: bool = False) -> Pipeline[HttpRequest, HttpResponse]:
+    """The pipeline of :class:`~shared._table_rest.TableRest` (or, ``queue``, :class:`~shared._queue_rest.QueueRest`):
+    azure-core's retry policy with the budget options (as the SDK client has), the version and date headers, then
+    Shared Key (the service's own form) or a bearer token (``https://storage.azure.com/.default``) or nothing (a SAS
+    in the URL)."""
     from azure.core.credentials import AzureNamedKeyCredential
     from azure.core.pipeline import Pipeline
     from azure.core.pipeline.policies import (
         BearerTokenCredentialPolicy,
         DistributedTracingPolicy,
-        RequestIdPolicy,
         RetryPolicy,
         UserAgentPolicy,
     )
 
-    from shared._table_rest import USER_AGENT, SharedKeyPolicy, StorageHeaders
+    from shared._queue_rest import QueueHeaders, QueueSharedKeyPolicy
+    from shared._table_rest import USER_AGENT, RequestId, SharedKeyPolicy, StorageHeaders
 
     # As the SDK's pipeline: an x-ms-client-request-id per call (what Azure support traces), a User-Agent,
     # and a span per attempt when tracing is on (shared/telemetry.py).
-    policies: list[object] = [RequestIdPolicy(), UserAgentPolicy(sdk_moniker=USER_AGENT),
+    policies: list[object] = [RequestId(), UserAgentPolicy(sdk_moniker=USER_AGENT),
                               RetryPolicy(timeout=BACKGROUND.total_s, **INTERACTIVE.table_kw()),
-                              DistributedTracingPolicy(), StorageHeaders()]
+                              DistributedTracingPolicy(), QueueHeaders() if queue else StorageHeaders()]
     if isinstance(credential, AzureNamedKeyCredential):
-        policies.append(SharedKeyPolicy(credential))
+        policies.append(QueueSharedKeyPolicy(credential) if queue else SharedKeyPolicy(credential))
     elif credential is not None:
         policies.append(BearerTokenCredentialPolicy(credential, "https://storage.azure.com/.default"))
     return Pipeline(transport=transport, policies=policies)  # type: ignore[arg-type]
@@ -385,6 +408,7 @@ class Storage:
         self._lock = threading.Lock()
         self._tables: dict[str, Table] = {}
         self._rest_pipeline: Pipeline[HttpRequest, HttpResponse] | None = None
+        self._queue_pipeline: Pipeline[HttpRequest, HttpResponse] | None = None
         self._queues: dict[str, Queue] = {}
         self._ensured = False
 
@@ -470,8 +494,24 @@ class Storage:
                           QueueClient(self._endpoint("queue"), name, credential=self._get_credential(),
                                       message_encode_policy=enc, message_decode_policy=dec, transport=transport,
                                       retry_policy=retry, **kw))
-                queue = self._queues[name] = Queue(client)
+                queue = self._queues[name] = Queue(client, self._queue_rest(client))
         return queue
+
+    def _queue_rest(self, client: QueueClient) -> QueueRest:
+        """Put Message on the same endpoint, credential and transport as ``client``."""
+        from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+
+        from shared._queue_rest import QueueRest
+
+        credential = client.credential
+        sas = credential.signature if isinstance(credential, AzureSasCredential) else ""
+        if hasattr(credential, "account_key"):  # the Queue SDK's own shared-key credential class
+            credential = AzureNamedKeyCredential(credential.account_name, credential.account_key)
+        if self._queue_pipeline is None:
+            self._queue_pipeline = _rest_pipeline(
+                self._shared_transport(), None if isinstance(credential, AzureSasCredential) else credential,
+                queue=True)
+        return QueueRest(pipeline=self._queue_pipeline, queue_url=client.url, sas=sas)
 
     def ensure(self) -> None:
         """Create missing tables and queues when running on a connection string (Azurite starts empty).

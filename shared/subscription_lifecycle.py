@@ -184,8 +184,7 @@ class SubscriptionLifecycle:
         if not self.enabled:
             return {"read": 0, "enqueued": 0}
         read, due, rearm = self._index.take_due(now or utcnow())
-        for d in due:
-            self._queue().send(Job("maintain", d.owner, d.account_id, rearm=rearm).to_message())
+        self._queue().send_all([Job("maintain", d.owner, d.account_id, rearm=rearm).to_message() for d in due])
         log.info(json.dumps({"event": "notifications.enqueued", "indexRowsRead": read, "enqueued": len(due)}))
         return {"read": read, "enqueued": len(due)}
 

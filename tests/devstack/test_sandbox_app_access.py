@@ -175,3 +175,37 @@ def test_id_tokens_name_an_administrators_directory_roles(sandbox_server, ctl, f
     admin = jwt.decode(flows.sign_in("admin@contoso.onmicrosoft.com")["id_token"], options={"verify_signature": False})
     user = jwt.decode(flows.sign_in("adele@contoso.onmicrosoft.com")["id_token"], options={"verify_signature": False})
     assert global_admin in admin["wids"] and global_admin not in user.get("wids", [])
+
+
+def test_msal_over_the_connectors_token_http_client(sandbox_server, ctl, http):
+    """The connector's own MSAL http_client (shared._token_http) with real MSAL: discovery, the grant, an error."""
+    from shared._http import ca_bundle_path
+    from shared._token_http import TokenHttpClient
+
+    client = TokenHttpClient(ca_file=ca_bundle_path(sandbox_server.ca_path))
+    app = msal.ConfidentialClientApplication(DEFAULT_CLIENT_ID, client_credential=DEFAULT_CLIENT_SECRET,
+                                             authority=f"{sandbox_server.url}/{CONTOSO_TENANT_ID}",
+                                             http_client=client, instance_discovery=False)
+    refused = app.acquire_token_for_client([GRAPH_DEFAULT])
+    assert refused["error_codes"] == [7000229] and "access_token" not in refused
+    consent(sandbox_server, http, "admin@contoso.onmicrosoft.com")
+    ok = msal.ConfidentialClientApplication(DEFAULT_CLIENT_ID, client_credential=DEFAULT_CLIENT_SECRET,
+                                            authority=f"{sandbox_server.url}/{CONTOSO_TENANT_ID}",
+                                            http_client=client, instance_discovery=False)
+    assert "access_token" in ok.acquire_token_for_client([GRAPH_DEFAULT])
+    # without the sandbox's CA the TLS handshake is refused: trust is what the client was given, nothing else
+    with pytest.raises(ValueError, match="Unable to get authority configuration") as refused_tls:
+        msal.ConfidentialClientApplication(
+            DEFAULT_CLIENT_ID, client_credential=DEFAULT_CLIENT_SECRET, instance_discovery=False,
+            authority=f"{sandbox_server.url}/{CONTOSO_TENANT_ID}",
+            http_client=TokenHttpClient(ca_file=ca_bundle_path(None)))
+    assert "CERTIFICATE_VERIFY_FAILED" in repr(refused_tls.value.__context__)
+
+
+def test_response_headers_are_split_on_the_first_colon_and_folded_lines_continue() -> None:
+    from shared._storage_transport import parse_header_lines
+
+    msg = parse_header_lines([b"ETag: W/\"datetime'2026'\"\r\n", b"x-ms-error-code:ResourceNotFound\r\n",
+                    b"X-Long: first\r\n", b"  second\r\n", b"Location: https://h/p?a=b:c\r\n", b"\r\n"])
+    assert msg.get("etag") == "W/\"datetime'2026'\"" and msg.get("X-MS-ERROR-CODE") == "ResourceNotFound"
+    assert msg.get("x-long") == "first second" and msg.get("location") == "https://h/p?a=b:c"

@@ -30,20 +30,19 @@ class _RefuseFirst(WrappingTransport):
 
 
 def test_an_event_not_queued_during_an_outage_is_queued_when_storage_is_back(azurite: Any) -> None:
-    from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+    from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient
 
-    from shared.storage import Queue
+    from shared.storage import Storage
     from shared.webhooks import Webhooks
+    from tests.conftest import storage_settings
 
     name = "wh" + uuid.uuid4().hex[:12]
-    transport = _RefuseFirst(n=7)  # more than one call's retries: the first enqueue fails
-    client = QueueClient.from_connection_string(
-        azurite.connection_string, name, transport=transport, retry_total=0,
-        message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy())
+    transport = _RefuseFirst(n=7)  # more than one call's retries (three attempts): the first enqueue fails
+    queue = Storage(storage_settings(azurite.connection_string), transport=transport).queue(name)  # type: ignore[arg-type]
     reader = QueueClient.from_connection_string(azurite.connection_string, name,
                                                 message_decode_policy=BinaryBase64DecodePolicy())
     reader.create_queue()
-    hooks = Webhooks("http://127.0.0.1:9/hook", "secret", queue=lambda: Queue(client), session=requests.Session(),
+    hooks = Webhooks("http://127.0.0.1:9/hook", "secret", queue=lambda: queue, session=requests.Session(),
                      sleep=lambda s: None)  # the background retry waits on backoff; the test need not
     hooks.emit("account.disconnected", {"id": "acc_1"})  # storage refuses: kept, not lost
     wait_for(lambda: reader.peek_messages(), timeout=30, what="the kept event to be queued")
