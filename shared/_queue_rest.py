@@ -42,6 +42,10 @@ API_VERSION = "2021-12-02"  # a version azure-storage-queue 12.x and Azurite bot
 _HEADERS_SIGNED = ("Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
                    "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range")
 _AUTHENTICATION_FAILED = frozenset({"AuthenticationFailed", "InvalidAuthenticationInfo"})
+# azure-core retries only idempotent methods after a lost answer; the Queue SDK retries Put Message too, and so does
+# this path: a message sent twice is a job or webhook that is de-duplicated downstream (message-id claims, the
+# event id a receiver drops), where a message not sent at all would be lost until a later retry.
+_RETRY_METHODS = frozenset({"POST"})
 
 
 class QueueHeaders(SansIOHTTPPolicy):
@@ -100,7 +104,7 @@ class QueueRest:
         body = f'<?xml version="1.0" encoding="utf-8"?><QueueMessage><MessageText>{text}</MessageText></QueueMessage>'
         request = HttpRequest("POST", f"{self._messages}?{query}" if query else self._messages,
                               headers={"Content-Type": "application/xml"}, content=body)
-        response = self._pipeline.run(request, **call).http_response
+        response = self._pipeline.run(request, retry_on_methods=_RETRY_METHODS, **call).http_response
         if not 200 <= response.status_code < 300:
             response.read()
             code = response.headers.get("x-ms-error-code", "")
