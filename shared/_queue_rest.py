@@ -21,18 +21,16 @@ Protocol references:
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Unpack
 from urllib.parse import parse_qsl, urlsplit
 
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.rest import HttpRequest
 
+from shared._table_rest import SharedKeyPolicy, raise_refusal
+
 if TYPE_CHECKING:
-    from azure.core.credentials import AzureNamedKeyCredential
     from azure.core.pipeline import Pipeline, PipelineRequest
     from azure.core.rest import HttpResponse
 
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 API_VERSION = "2021-12-02"  # a version azure-storage-queue 12.x and Azurite both speak
 _HEADERS_SIGNED = ("Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
                    "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range")
-_AUTHENTICATION_FAILED = frozenset({"AuthenticationFailed", "InvalidAuthenticationInfo"})
 # azure-core retries only idempotent methods after a lost answer; the Queue SDK retries Put Message too, and so does
 # this path: a message sent twice is a job or webhook that is de-duplicated downstream (message-id claims, the
 # event id a receiver drops), where a message not sent at all would be lost until a later retry.
@@ -57,16 +54,11 @@ class QueueHeaders(SansIOHTTPPolicy):
         headers["x-ms-date"] = formatdate(usegmt=True)
 
 
-class QueueSharedKeyPolicy(SansIOHTTPPolicy):
-    """Shared Key authorisation for the Queue service (see the module docstring for the format)."""
+class QueueSharedKeyPolicy(SharedKeyPolicy):
+    """Shared Key authorisation for the Queue service: the Table service's signing with the Queue service's string
+    to sign (see the module docstring for the format)."""
 
-    def __init__(self, credential: AzureNamedKeyCredential) -> None:
-        super().__init__()
-        self._credential = credential
-
-    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
-        r = request.http_request
-        name, key = self._credential.named_key  # read per request: the key may be rotated in place
+    def string_to_sign(self, r: HttpRequest, name: str) -> str:
         headers = {k.lower(): v for k, v in r.headers.items()}
         body = r.content if isinstance(r.content, (bytes, str)) else b""
         length = len(body.encode() if isinstance(body, str) else body)
@@ -78,13 +70,7 @@ class QueueSharedKeyPolicy(SansIOHTTPPolicy):
         url = urlsplit(r.url)
         query = sorted((k.lower(), v) for k, v in parse_qsl(url.query, keep_blank_values=True))
         resource = f"/{name}{url.path}" + "".join(f"\n{k}:{v}" for k, v in query)
-        to_sign = "\n".join((r.method, *standard)) + "\n" + ms + resource
-        try:
-            secret = base64.b64decode(key)
-        except ValueError:  # binascii.Error: as the SDK's signing error, an authentication failure
-            raise ClientAuthenticationError("The storage account key is not valid base64.") from None
-        digest = hmac.new(secret, to_sign.encode("utf-8"), hashlib.sha256).digest()
-        r.headers["Authorization"] = f"SharedKey {name}:{base64.b64encode(digest).decode()}"
+        return "\n".join((r.method, *standard)) + "\n" + ms + resource
 
 
 class QueueRest:
@@ -104,10 +90,4 @@ class QueueRest:
         body = f'<?xml version="1.0" encoding="utf-8"?><QueueMessage><MessageText>{text}</MessageText></QueueMessage>'
         request = HttpRequest("POST", f"{self._messages}?{query}" if query else self._messages,
                               headers={"Content-Type": "application/xml"}, content=body)
-        response = self._pipeline.run(request, retry_on_methods=_RETRY_METHODS, **call).http_response
-        if not 200 <= response.status_code < 300:
-            response.read()
-            code = response.headers.get("x-ms-error-code", "")
-            if response.status_code == 401 or code in _AUTHENTICATION_FAILED:
-                raise ClientAuthenticationError(response=response)
-            raise HttpResponseError(response=response)
+        raise_refusal(self._pipeline.run(request, retry_on_methods=_RETRY_METHODS, **call).http_response)

@@ -32,6 +32,7 @@ import http.client
 import select
 import ssl
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from azure.core.pipeline.transport import RequestsTransport
     from azure.core.rest import HttpRequest, HttpResponse
 
-_Key = tuple[str, str, int]
+Key = tuple[str, str, int]  # (scheme, host, port)
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 _HAS_POLL = hasattr(select, "poll")  # not on Windows (`func start` there, the operator CLI)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
@@ -63,7 +64,7 @@ class StorageTransport(HttpTransport):
         self._read_timeout = read_timeout
         self._ssl_context = ssl_context
         self._lock = threading.Lock()
-        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._pool = ConnectionPool(size=pool_size, tls=self._tls)
         self._fallback: RequestsTransport | None = None
 
     # -- HttpTransport ----------------------------------------------------------------------
@@ -77,11 +78,7 @@ class StorageTransport(HttpTransport):
         pass
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+        self._pool.close()
 
     def send(self, request: HttpRequest, **kwargs: object) -> HttpResponse:
         method, data = str(request.method), getattr(request, "data", None)
@@ -92,7 +89,7 @@ class StorageTransport(HttpTransport):
         read_s = _seconds(kwargs.get("read_timeout"), self._read_timeout)
         url = urlsplit(request.url)
         scheme = url.scheme.lower()
-        key: _Key = (scheme, url.hostname or "", url.port or (443 if scheme == "https" else 80))
+        key: Key = (scheme, url.hostname or "", url.port or (443 if scheme == "https" else 80))
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         body = data.encode("utf-8") if isinstance(data, str) else data
         headers = dict(request.headers)
@@ -101,7 +98,7 @@ class StorageTransport(HttpTransport):
             headers["Content-Length"] = str(len(body))  # bytes, not the characters azure-core counted
         replayable = method.upper() in _IDEMPOTENT or any(k.lower() == "if-match" for k in headers)
         for attempt in (1, 2):
-            conn, reused = self._acquire(key, connect_s)
+            conn, reused = self._pool.acquire(key, connect_s)
             answered = False
             try:
                 if conn.sock is None:
@@ -128,25 +125,11 @@ class StorageTransport(HttpTransport):
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise ServiceResponseError(f"{type(e).__name__}", error=e) from None
-            self._release(key, conn, raw)
+            self._pool.release(key, conn, raw)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- connections -------------------------------------------------------------------------
-    def _acquire(self, key: _Key, connect_s: float) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if not closed_by_peer(conn):
-                    return conn, True
-                conn.close()
-        scheme, host, port = key
-        conn = (http.client.HTTPSConnection(host, port, timeout=connect_s, context=self._tls()) if scheme == "https"
-                else http.client.HTTPConnection(host, port, timeout=connect_s))
-        conn.response_class = PlainHeadersResponse
-        return conn, False
-
     @staticmethod
     def _connect(conn: http.client.HTTPConnection, connect_s: float) -> None:
         conn.timeout = connect_s
@@ -156,17 +139,6 @@ class StorageTransport(HttpTransport):
             raise ServiceRequestTimeoutError(f"no connection within {connect_s:g} s", error=e) from None
         except (OSError, http.client.HTTPException) as e:
             raise ServiceRequestError(f"could not connect: {type(e).__name__}", error=e) from None
-
-    def _release(self, key: _Key, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse) -> None:
-        if raw.will_close or conn.sock is None:
-            conn.close()
-            return
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self._pool_size:
-                idle.append(conn)
-                return
-        conn.close()
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -185,6 +157,52 @@ class StorageTransport(HttpTransport):
                 self._fallback = RequestsTransport(session=new_session(None, pool_size=self._pool_size),
                                                    session_owner=False)
             return self._fallback
+
+
+class ConnectionPool:
+    """Keep-alive ``http.client`` connections per (scheme, host, port), at most ``size`` idle per key. One the server
+    closed while it was idle is dropped before reuse; new connections parse headers with :class:`PlainHeadersResponse`.
+    (This transport and MSAL's, ``shared._token_http``.)"""
+
+    def __init__(self, *, size: int, tls: Callable[[], ssl.SSLContext]) -> None:
+        self._size = size
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._idle: dict[Key, list[http.client.HTTPConnection]] = {}
+
+    def acquire(self, key: Key, connect_s: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection for ``key`` and whether it was pooled (a new one is not connected yet)."""
+        with self._lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if not closed_by_peer(conn):
+                    return conn, True
+                conn.close()
+        scheme, host, port = key
+        conn = (http.client.HTTPSConnection(host, port, timeout=connect_s, context=self._tls()) if scheme == "https"
+                else http.client.HTTPConnection(host, port, timeout=connect_s))
+        conn.response_class = PlainHeadersResponse
+        return conn, False
+
+    def release(self, key: Key, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse) -> None:
+        """Back to the pool once its answer was read, unless the server closes it or the pool is full."""
+        if raw.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._size:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
 
 class PlainHeadersResponse(http.client.HTTPResponse):

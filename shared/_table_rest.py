@@ -96,11 +96,14 @@ class SharedKeyPolicy(SansIOHTTPPolicy):
         super().__init__()
         self._credential = credential
 
+    def string_to_sign(self, r: HttpRequest, name: str) -> str:
+        return "\n".join((r.method, r.headers.get("Content-MD5", ""), r.headers.get("Content-Type", ""),
+                          r.headers["x-ms-date"], f"/{name}{urlsplit(r.url).path}"))
+
     def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
         r = request.http_request
         name, key = self._credential.named_key  # read per request: the key may be rotated in place
-        to_sign = "\n".join((r.method, r.headers.get("Content-MD5", ""), r.headers.get("Content-Type", ""),
-                             r.headers["x-ms-date"], f"/{name}{urlsplit(r.url).path}"))
+        to_sign = self.string_to_sign(r, name)
         try:
             secret = base64.b64decode(key)
         except ValueError:  # binascii.Error: as the SDK's signing error, an authentication failure
@@ -176,19 +179,24 @@ class TableRest:
         response = result.http_response
         if gone_after_retry_ok and response.status_code == 404 and result.context.get("history"):
             return response
-        if not 200 <= response.status_code < 300:
-            response.read()
-            # As azure-data-tables decides it: a refused signature or token is an authentication error
-            # (https://learn.microsoft.com/rest/api/storageservices/common-rest-api-error-codes).
-            code = response.headers.get("x-ms-error-code", "")
-            if response.status_code == 401 or code in _AUTHENTICATION_FAILED:
-                raise ClientAuthenticationError(response=response)
-            raise HttpResponseError(response=response)
+        raise_refusal(response)
         return response
 
     @staticmethod
     def _etag(response: HttpResponse) -> str:
         return str(response.headers.get("ETag") or "")
+
+
+def raise_refusal(response: HttpResponse) -> None:
+    """A non-2xx answer as azure-core's error. As the storage SDKs decide it: a refused signature or token is an
+    authentication error (https://learn.microsoft.com/rest/api/storageservices/common-rest-api-error-codes)."""
+    if 200 <= response.status_code < 300:
+        return
+    response.read()
+    code = response.headers.get("x-ms-error-code", "")
+    if response.status_code == 401 or code in _AUTHENTICATION_FAILED:
+        raise ClientAuthenticationError(response=response)
+    raise HttpResponseError(response=response)
 
 
 def _key(value: str) -> str:

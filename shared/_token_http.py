@@ -17,16 +17,12 @@ share of a refresh after storage. MSAL needs little of an HTTP client (``get`` a
 
 from __future__ import annotations
 
-import http.client
 import json
 import ssl
-import threading
 from collections.abc import Mapping
 from urllib.parse import urlencode, urlsplit
 
-from shared._storage_transport import PlainHeadersResponse, closed_by_peer
-
-_Key = tuple[str, str, int]
+from shared._storage_transport import ConnectionPool, Key
 
 
 class TokenHttpError(OSError):
@@ -52,11 +48,9 @@ class TokenResponse:
 
 class TokenHttpClient:
     def __init__(self, *, ca_file: str, timeout: tuple[float, float] = (5.0, 30.0), pool_size: int = 16) -> None:
-        self._context = ssl.create_default_context(cafile=ca_file)
+        context = ssl.create_default_context(cafile=ca_file)
         self._timeout = timeout
-        self._pool_size = pool_size
-        self._lock = threading.Lock()
-        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._pool = ConnectionPool(size=pool_size, tls=lambda: context)
 
     def get(self, url: str, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
             timeout: object = None, **_: object) -> TokenResponse:
@@ -67,18 +61,14 @@ class TokenHttpClient:
         return self._send("POST", url, params, data, headers, timeout)
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+        self._pool.close()
 
     def _send(self, method: str, url: str, params: Mapping[str, str] | None, data: object,
               headers: Mapping[str, str] | None, timeout: object) -> TokenResponse:
         connect_s, read_s = _timeouts(timeout, self._timeout)
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        key: _Key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+        key: Key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
         query = "&".join(q for q in (parts.query, urlencode(params) if params else "") if q)
         target = (parts.path or "/") + (f"?{query}" if query else "")
         sent = dict(headers or {})
@@ -97,7 +87,7 @@ class TokenHttpClient:
             if span.is_recording():
                 span.set_attributes({"http.request.method": method, "url.full": strip_url(url),
                                      "server.address": key[1], "server.port": key[2]})
-            conn = self._acquire(key, connect_s)
+            conn, _ = self._pool.acquire(key, connect_s)
             try:
                 conn.timeout = connect_s
                 if conn.sock is None:
@@ -113,33 +103,8 @@ class TokenHttpClient:
                 span.set_attribute("http.response.status_code", raw.status)
                 if raw.status >= 400:
                     span.set_status(trace.StatusCode.ERROR)
-        self._release(key, conn, raw)
+        self._pool.release(key, conn, raw)
         return TokenResponse(raw.status, text, dict(raw.getheaders()))
-
-    def _acquire(self, key: _Key, connect_s: float) -> http.client.HTTPConnection:
-        with self._lock:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if not closed_by_peer(conn):
-                    return conn
-                conn.close()
-        scheme, host, port = key
-        conn = (http.client.HTTPSConnection(host, port, timeout=connect_s, context=self._context)
-                if scheme == "https" else http.client.HTTPConnection(host, port, timeout=connect_s))
-        conn.response_class = PlainHeadersResponse
-        return conn
-
-    def _release(self, key: _Key, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse) -> None:
-        if raw.will_close or conn.sock is None:
-            conn.close()
-            return
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self._pool_size:
-                idle.append(conn)
-                return
-        conn.close()
 
 
 def _timeouts(value: object, default: tuple[float, float]) -> tuple[float, float]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from shared.account_ops import AccountOps
     from shared.app_credential import AppCredential
     from shared.auth import CallerAuth
-    from shared.connect_flow import ConnectFlow
+    from shared.connect_flow import ConnectFlow, ConnectIdentity
     from shared.due_index import DueIndex
     from shared.graph import GraphClient
     from shared.mailbox import MailOps
@@ -168,21 +168,26 @@ class Connector:
     @cached_property
     def connect(self) -> ConnectFlow:
         """Connect and callback."""
-        from shared.connect_flow import ConnectFlow, ConnectIdentity
+        from shared.connect_flow import ConnectFlow
 
         tokens, lifecycle = self.tokens, self.notifications.subscriptions
         return ConnectFlow(
-            identity=ConnectIdentity(issuer=self.settings.public_base_url, audience=self.settings.auth_issuer),
-            oauth=self.oauth, key_ring=self.secrets.key_ring, accounts=self.accounts, graph=self.graph,
-            index=self.refresh_index, claims=self.storage.table(STATES_TABLE),
+            identity=self.connect_identity, oauth=self.oauth, key_ring=self.secrets.key_ring, accounts=self.accounts,
+            graph=self.graph, index=self.refresh_index, claims=self.storage.table(STATES_TABLE),
             next_due=lambda t, now: tokens.next_due(t, now, active_use=False),
             on_connected=lambda acc, reconnected: lifecycle.on_connected(acc, reconnected=reconnected),
             webhooks=self.webhooks, telemetry=self.telemetry, admin_consent=self.team_mailboxes.complete)
 
+    @property
+    def connect_identity(self) -> ConnectIdentity:
+        """Who signs the callback's ``result`` and for whom (connect and admin consent alike)."""
+        from shared.connect_flow import ConnectIdentity
+
+        return ConnectIdentity(issuer=self.settings.public_base_url, audience=self.settings.auth_issuer)
+
     @cached_property
     def team_mailboxes(self) -> TeamMailboxes:
         """Admin consent, tenant connections, and the team mailboxes added through them."""
-        from shared.connect_flow import ConnectIdentity
         from shared.storage import TENANTS_TABLE
         from shared.team_mailboxes import TeamMailboxes
         from shared.tenants import TenantStore
@@ -190,7 +195,7 @@ class Connector:
         lifecycle = self.notifications.subscriptions
         return TeamMailboxes(
             oauth=self.oauth, key_ring=self.secrets.key_ring,
-            identity=ConnectIdentity(issuer=self.settings.public_base_url, audience=self.settings.auth_issuer),
+            identity=self.connect_identity,
             tenants=TenantStore(self.storage.table(TENANTS_TABLE)), access=self.tenant_access, accounts=self.accounts,
             graph=self.graph, app_roles=self.settings.app_roles,
             on_connected=lambda acc, reconnected: lifecycle.on_connected(acc, reconnected=reconnected),
